@@ -1,0 +1,287 @@
+"""LocalCluster: N raftstate node processes on this machine.
+
+Used by ``raftstate cluster up``, ``raftstate bench`` and the tests. Every
+node is a real ``python -m raftstate node`` process with its own config file,
+data directory and log file under ``base_dir``. Waits are conditions polled
+with deadlines (``Cluster.Status`` over gRPC), never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from raftstate.config import Member, NodeConfig
+from raftstate.v1 import cluster_pb2, cluster_pb2_grpc
+
+DEFAULT_GRPC_BASE = 7001
+DEFAULT_RAFT_BASE = 7101
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports that were free a moment ago (bound to port 0 and
+    released; another process could still take one before we use it)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def node_status(endpoint: str, timeout_s: float = 1.0) -> cluster_pb2.StatusResponse | None:
+    """``Cluster.Status`` of one node, or ``None`` if it does not answer."""
+    with grpc.insecure_channel(endpoint) as ch:
+        try:
+            res: cluster_pb2.StatusResponse = cluster_pb2_grpc.ClusterStub(ch).Status(
+                cluster_pb2.StatusRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return None
+        return res
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value; return that value.
+    Raises ``TimeoutError`` naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.1f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class NodeProcess:
+    config: NodeConfig
+    config_path: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id
+
+    @property
+    def endpoint(self) -> str:
+        return self.config.self_member.grpc
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class LocalCluster:
+    """A cluster of node processes sharing ``base_dir``."""
+
+    def __init__(
+        self,
+        base_dir: Path | str,
+        size: int = 3,
+        *,
+        host: str = "127.0.0.1",
+        grpc_ports: list[int] | None = None,
+        raft_ports: list[int] | None = None,
+        secret: str | None = None,
+        base_config: NodeConfig | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.base_dir = Path(base_dir).resolve()
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.size = size
+        self.python = python
+        ports = free_ports(2 * size, host) if grpc_ports is None or raft_ports is None else []
+        grpc_ports = grpc_ports or ports[:size]
+        raft_ports = raft_ports or ports[size:]
+        members = tuple(
+            Member(f"n{i + 1}", f"{host}:{raft_ports[i]}", f"{host}:{grpc_ports[i]}")
+            for i in range(size)
+        )
+        base = base_config or NodeConfig.default()
+        secret = secret or base.cluster_secret or secrets.token_urlsafe(24)
+        self.nodes: dict[str, NodeProcess] = {}
+        for m in members:
+            cfg = replace(
+                base,
+                node_id=m.id,
+                members=members,
+                data_dir=str(self.base_dir / m.id),
+                cluster_secret=secret,
+            )
+            cfg.validate()
+            path = self.base_dir / f"{m.id}.toml"
+            self.nodes[m.id] = NodeProcess(cfg, path, self.base_dir / f"{m.id}.log")
+
+    # ---- lifecycle --------------------------------------------------------
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [n.endpoint for n in self.nodes.values()]
+
+    def start(self, *, wait: bool = True, timeout_s: float = 30.0) -> None:
+        """Start every node; with ``wait``, return once all agree on a leader."""
+        for node_id in self.nodes:
+            self.start_node(node_id)
+        if wait:
+            self.wait_for_leader(timeout_s)
+
+    def start_node(self, node_id: str) -> NodeProcess:
+        node = self.nodes[node_id]
+        if node.running():
+            return node
+        node.config_path.write_text(node.config.to_toml())
+        log = open(node.log_path, "ab")
+        try:
+            node.proc = subprocess.Popen(
+                [self.python, "-m", "raftstate", "node", "--config", str(node.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        finally:
+            log.close()
+        return node
+
+    def signal_node(self, node_id: str, sig: int) -> None:
+        node = self.nodes[node_id]
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(sig)
+
+    def kill_node(self, node_id: str) -> None:
+        """SIGKILL the node (a crash) and reap it."""
+        node = self.nodes[node_id]
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait(timeout=10)
+
+    def stop_node(self, node_id: str, timeout_s: float = 10.0) -> None:
+        """SIGTERM the node, SIGKILL it if it has not exited by the deadline."""
+        node = self.nodes[node_id]
+        if node.proc is None:
+            return
+        if node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGCONT)
+            node.proc.terminate()
+            try:
+                node.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait(timeout=10)
+
+    def restart_node(self, node_id: str, *, kill: bool = False) -> NodeProcess:
+        (self.kill_node if kill else self.stop_node)(node_id)
+        return self.start_node(node_id)
+
+    def stop(self) -> None:
+        """Stop every node. Idempotent."""
+        for node in self.nodes.values():
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)
+                node.proc.terminate()
+        for node_id in self.nodes:
+            self.stop_node(node_id)
+
+    # ---- observation ------------------------------------------------------
+
+    def status(self, node_id: str, timeout_s: float = 1.0) -> cluster_pb2.StatusResponse | None:
+        return node_status(self.nodes[node_id].endpoint, timeout_s)
+
+    def leader(self, among: list[str] | None = None) -> str | None:
+        """The leader id if every running node in ``among`` (default: all
+        running) reports the same leader, which itself says it leads."""
+        ids = among or [n for n, p in self.nodes.items() if p.running()]
+        seen = set()
+        for node_id in ids:
+            st = self.status(node_id)
+            if st is None or not st.leader_id:
+                return None
+            seen.add(st.leader_id)
+        if len(seen) != 1:
+            return None
+        leader = seen.pop()
+        st = self.status(leader)
+        return leader if st is not None and st.role == 3 else None
+
+    def wait_for_leader(self, timeout_s: float = 30.0, among: list[str] | None = None) -> str:
+        """Wait until the running nodes (or ``among``) agree on a leader.
+        Raises ``RuntimeError`` if a node process died, ``TimeoutError``."""
+
+        def agreed() -> str | None:
+            self._check_alive()
+            return self.leader(among)
+
+        return str(wait_until(agreed, timeout_s, "a leader all running nodes agree on"))
+
+    def wait_applied(self, node_id: str, index: int, timeout_s: float = 20.0) -> None:
+        """Wait until ``node_id`` has applied at least ``index``."""
+
+        def applied() -> bool:
+            st = self.status(node_id)
+            return st is not None and st.last_applied >= index
+
+        wait_until(applied, timeout_s, f"{node_id} to apply index {index}")
+
+    def _check_alive(self) -> None:
+        for node in self.nodes.values():
+            if node.proc is not None and node.proc.poll() not in (None, -9, -15):
+                tail = node.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(
+                    f"node {node.node_id} exited with {node.proc.returncode}; log tail:\n{tail}"
+                )
+
+    def logs(self) -> Iterator[tuple[str, str]]:
+        for node in self.nodes.values():
+            if node.log_path.exists():
+                yield node.node_id, node.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_cluster(base_dir: Path, size: int = 3, **kwargs: Any) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(base_dir, size, **kwargs)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

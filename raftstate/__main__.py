@@ -1,0 +1,3 @@
+from raftstate.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The ``raftstate`` command line."""

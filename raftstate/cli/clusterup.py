@@ -1,0 +1,140 @@
+"""``raftstate cluster up``: a local cluster with embedded defaults.
+
+State lives under ``--dir`` (default ``./.raftstate``): ``cluster.toml``
+records the ports and the generated cluster secret so that a second ``up``
+restarts the same cluster with its data; ``nN/`` are the data directories and
+``nN.log`` the node logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import secrets
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+from types import FrameType
+
+from cluster.local import LocalCluster, port_is_free
+from raftstate.config import NodeConfig
+
+
+def _load_or_create(state: Path, args: argparse.Namespace) -> dict[str, object]:
+    meta_path = state / "cluster.toml"
+    if meta_path.exists():
+        with open(meta_path, "rb") as fh:
+            return tomllib.load(fh)
+    meta: dict[str, object] = {
+        "size": args.size,
+        "grpc_ports": [args.grpc_port + i for i in range(args.size)],
+        "raft_ports": [args.raft_port + i for i in range(args.size)],
+        "cluster_secret": secrets.token_urlsafe(24),
+        "durability": args.durability or "process-crash",
+    }
+    state.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Written by `raftstate cluster up`; delete this directory to start afresh.",
+        f"size = {meta['size']}",
+        f"grpc_ports = {meta['grpc_ports']}",
+        f"raft_ports = {meta['raft_ports']}",
+        f'cluster_secret = "{meta["cluster_secret"]}"',
+        f'durability = "{meta["durability"]}"',
+    ]
+    meta_path.write_text("\n".join(lines) + "\n")
+    meta_path.chmod(0o600)
+    return meta
+
+
+def _status_line(cluster: LocalCluster) -> str:
+    parts = []
+    leader = term = commit = revision = devices = None
+    for node_id in cluster.nodes:
+        st = cluster.status(node_id, timeout_s=0.5)
+        if st is None:
+            parts.append(f"{node_id}:down")
+            continue
+        role = {1: "follower", 2: "candidate", 3: "LEADER"}.get(st.role, "?")
+        parts.append(f"{node_id}:{role}")
+        if st.role == 3:
+            leader, term, commit = node_id, st.term, st.commit_index
+            revision, devices = st.revision, st.devices
+    head = (
+        f"leader={leader} term={term} commit={commit} revision={revision} devices={devices}"
+        if leader
+        else "leader=none (electing)"
+    )
+    return f"{time.strftime('%H:%M:%S')} {head} | {' '.join(parts)}"
+
+
+def cluster_up(args: argparse.Namespace) -> int:
+    state = Path(args.dir)
+    meta = _load_or_create(state, args)
+    size = int(meta["size"])  # type: ignore[call-overload]
+    grpc_ports = [int(p) for p in meta["grpc_ports"]]  # type: ignore[attr-defined]
+    raft_ports = [int(p) for p in meta["raft_ports"]]  # type: ignore[attr-defined]
+    busy = [p for p in grpc_ports + raft_ports if not port_is_free("127.0.0.1", p)]
+    if busy:
+        print(
+            f"raftstate cluster up: ports {busy} are in use; is a cluster already running? "
+            f"(stop it, or pick others with --grpc-port/--raft-port and a fresh --dir)",
+            file=sys.stderr,
+        )
+        return 2
+    base = NodeConfig.default(durability=args.durability or str(meta["durability"]))
+    base = dataclasses.replace(base, cluster_secret=str(meta["cluster_secret"]))
+    cluster = LocalCluster(
+        state, size, grpc_ports=grpc_ports, raft_ports=raft_ports, base_config=base
+    )
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    print(f"starting {size} nodes; data and logs in {state.resolve()}", flush=True)
+    cluster.start(wait=False)
+    try:
+        leader = cluster.wait_for_leader(timeout_s=60)
+    except (TimeoutError, RuntimeError) as err:
+        print(f"raftstate cluster up: {err}", file=sys.stderr)
+        cluster.stop()
+        return 1
+    endpoints = ",".join(cluster.endpoints)
+    print(f"cluster ready in {time.monotonic() - started:.1f}s, leader {leader}")
+    for node in cluster.nodes.values():
+        print(
+            f"  {node.node_id}: grpc {node.endpoint}  raft {node.config.self_member.raft}  "
+            f"pid {node.pid}  log {node.log_path}"
+        )
+    print(f"\n  export RAFTSTATE_ENDPOINTS={endpoints}")
+    print("  raftstate device heartbeat pump-1 --set temp_c=21.5")
+    print("  raftstate device get pump-1\n\nCtrl-C stops the cluster.", flush=True)
+    tty = sys.stdout.isatty()
+    deadline = None if args.for_seconds is None else time.monotonic() + args.for_seconds
+    last_print = 0.0
+    reported: set[str] = set()
+    while not stopping and (deadline is None or time.monotonic() < deadline):
+        now = time.monotonic()
+        if tty or now - last_print >= 10:
+            line = _status_line(cluster)
+            print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", flush=True)
+            last_print = now
+        for node in cluster.nodes.values():
+            if node.proc is not None and not node.running() and node.node_id not in reported:
+                reported.add(node.node_id)
+                print(
+                    f"\nnode {node.node_id} exited with {node.proc.returncode}; "
+                    f"see {node.log_path}",
+                    flush=True,
+                )
+        time.sleep(1.0)
+    print("\nstopping...", flush=True)
+    cluster.stop()
+    print(f"stopped {size} nodes after {time.monotonic() - started:.0f}s; data kept in {state}")
+    return 0

@@ -1,0 +1,335 @@
+"""Node configuration: a frozen dataclass that explains itself.
+
+Sources, lowest precedence first: defaults, a TOML file, command-line flags
+(``--set field=value``), then ``RAFTSTATE_<FIELD>`` environment variables.
+:meth:`NodeConfig.validate` raises :class:`~raftstate.errors.ConfigError`
+naming the field and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raftstate.errors import ConfigError
+
+ENV_PREFIX = "RAFTSTATE_"
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+TRANSPORTS = ("tcp",)
+DURABILITY = ("process-crash", "fsync")
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One voting member: its id, Raft transport address and gRPC address."""
+
+    id: str
+    raft: str
+    grpc: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything one node needs. Timers are in milliseconds."""
+
+    node_id: str = ""
+    members: tuple[Member, ...] = ()
+    data_dir: str = ".raftstate/node"
+    #: gRPC listen address; defaults to this member's ``grpc`` address.
+    grpc_listen: str = ""
+    #: Raft transport listen address; defaults to this member's ``raft``
+    #: address (set it when the advertised address is a NAT or port-forward).
+    raft_listen: str = ""
+    transport: str = "tcp"
+    #: Shared secret that authenticates and encrypts node-to-node traffic.
+    cluster_secret: str = ""
+    #: Allow running the Raft transport without ``cluster_secret`` (tests, demos).
+    allow_insecure_transport: bool = False
+    #: "process-crash": an acknowledged heartbeat is in the OS page cache of a
+    #: majority (survives kill -9 of any or all processes). "fsync": it is on
+    #: stable storage of a majority (survives power loss), at a latency cost.
+    durability: str = "process-crash"
+    #: Leader's AppendEntries/heartbeat period (pysyncobj appendEntriesPeriod).
+    heartbeat_ms: int = 50
+    election_timeout_min_ms: int = 600
+    election_timeout_max_ms: int = 1200
+    #: Check-quorum: a leader with no answer from a majority for this long
+    #: steps down (pysyncobj leaderFallbackTimeout, 30 s by default there).
+    leader_step_down_ms: int = 800
+    #: Upper bound on the tick thread's sleep (pysyncobj autoTickPeriod).
+    tick_ms: int = 20
+    #: pysyncobj connection timers.
+    connection_timeout_ms: int = 1500
+    connection_retry_ms: int = 250
+    #: Group commit: a batch is sealed after this long, or earlier when full,
+    #: or at once when no earlier batch is still waiting to commit.
+    batch_max_delay_ms: float = 5.0
+    batch_max_heartbeats: int = 512
+    batch_max_bytes: int = 256 * 1024
+    #: Batches proposed and not yet committed, per node.
+    max_inflight_batches: int = 4
+    #: Heartbeats waiting on a node before new ones get RESOURCE_EXHAUSTED.
+    max_pending_heartbeats: int = 20_000
+    #: Snapshot + log truncation once the log has this many entries ...
+    compaction_min_entries: int = 20_000
+    #: ... or this long after the previous snapshot.
+    compaction_min_time_s: int = 600
+    default_ttl_s: int = 30
+    #: Deadline for requests that carry none.
+    default_request_timeout_ms: int = 5000
+    log_level: str = "INFO"
+
+    # ---- construction ---------------------------------------------------------
+
+    @classmethod
+    def default(cls, **overrides: Any) -> NodeConfig:
+        """The embedded defaults, with ``overrides`` applied (not validated)."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def for_tests(cls, **overrides: Any) -> NodeConfig:
+        """Fast timers for tests on a loaded two-core machine."""
+        fast: dict[str, Any] = dict(
+            heartbeat_ms=40,
+            election_timeout_min_ms=400,
+            election_timeout_max_ms=800,
+            leader_step_down_ms=600,
+            connection_timeout_ms=1000,
+            connection_retry_ms=100,
+            allow_insecure_transport=False,
+        )
+        fast.update(overrides)
+        return dataclasses.replace(cls(), **fast)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        flags: Mapping[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> NodeConfig:
+        """Build a config from a TOML file, then flags, then the environment,
+        and validate it. Raises ``ConfigError``."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with open(path, "rb") as fh:
+                    values.update(tomllib.load(fh))
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for key, raw in (flags or {}).items():
+            values[key] = _coerce(key, raw)
+        env = os.environ if environ is None else environ
+        for f in dataclasses.fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name in env and f.name != "members":
+                values[f.name] = _coerce(f.name, env[name])
+        cfg = cls.from_mapping(values)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> NodeConfig:
+        """Build (without validating) from plain values, e.g. parsed TOML."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{key}: unknown setting")
+            if key == "members":
+                kwargs[key] = _members(value)
+            else:
+                kwargs[key] = _typed(key, known[key].type, value)
+        return cls(**kwargs)
+
+    def to_toml(self) -> str:
+        """Render as TOML that :meth:`load` reads back to an equal config."""
+        lines = []
+        for f in dataclasses.fields(self):
+            if f.name == "members":
+                continue
+            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        for m in self.members:
+            lines += [
+                "",
+                "[[members]]",
+                f'id = "{m.id}"',
+                f'raft = "{m.raft}"',
+                f'grpc = "{m.grpc}"',
+            ]
+        return "\n".join(lines) + "\n"
+
+    # ---- derived --------------------------------------------------------------
+
+    @property
+    def self_member(self) -> Member:
+        for m in self.members:
+            if m.id == self.node_id:
+                return m
+        raise ConfigError(f"node_id: {self.node_id!r} is not one of members")
+
+    @property
+    def grpc_bind(self) -> str:
+        return self.grpc_listen or self.self_member.grpc
+
+    @property
+    def raft_bind(self) -> str:
+        return self.raft_listen or self.self_member.raft
+
+    # ---- validation -----------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first field that breaks a rule."""
+        if not _NODE_ID.match(self.node_id):
+            raise ConfigError("node_id: must be 1-64 characters from [A-Za-z0-9._-]")
+        if not self.members:
+            raise ConfigError("members: at least one member is required")
+        ids = [m.id for m in self.members]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("members: member ids must be unique")
+        raft_addrs = [m.raft for m in self.members]
+        if len(set(raft_addrs)) != len(raft_addrs):
+            raise ConfigError("members: raft addresses must be unique")
+        for m in self.members:
+            if not _NODE_ID.match(m.id):
+                raise ConfigError(
+                    f"members.id: {m.id!r} must be 1-64 characters from [A-Za-z0-9._-]"
+                )
+            _check_hostport(f"members[{m.id}].raft", m.raft)
+            _check_hostport(f"members[{m.id}].grpc", m.grpc)
+        if self.node_id not in ids:
+            raise ConfigError(f"node_id: {self.node_id!r} is not one of members {ids}")
+        if self.grpc_listen:
+            _check_hostport("grpc_listen", self.grpc_listen)
+        if self.raft_listen:
+            _check_hostport("raft_listen", self.raft_listen)
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport: must be one of {', '.join(TRANSPORTS)}")
+        if self.durability not in DURABILITY:
+            raise ConfigError(f"durability: must be one of {', '.join(DURABILITY)}")
+        if not self.cluster_secret and not self.allow_insecure_transport:
+            raise ConfigError(
+                "cluster_secret: required (or set allow_insecure_transport = true for a demo)"
+            )
+        if self.cluster_secret and len(self.cluster_secret) < 16:
+            raise ConfigError("cluster_secret: must be at least 16 characters")
+        if not self.data_dir:
+            raise ConfigError("data_dir: must not be empty")
+        _positive(
+            self,
+            "heartbeat_ms",
+            "tick_ms",
+            "connection_retry_ms",
+            "batch_max_heartbeats",
+            "batch_max_bytes",
+            "max_inflight_batches",
+            "max_pending_heartbeats",
+            "compaction_min_time_s",
+            "default_ttl_s",
+            "default_request_timeout_ms",
+        )
+        if self.batch_max_delay_ms < 0:
+            raise ConfigError("batch_max_delay_ms: must not be negative")
+        if self.election_timeout_min_ms <= 3 * self.heartbeat_ms:
+            raise ConfigError("election_timeout_min_ms: must exceed 3 × heartbeat_ms")
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms:
+            raise ConfigError("election_timeout_max_ms: must exceed election_timeout_min_ms")
+        if self.leader_step_down_ms <= 2 * self.heartbeat_ms:
+            raise ConfigError("leader_step_down_ms: must exceed 2 × heartbeat_ms")
+        if self.connection_timeout_ms < self.election_timeout_max_ms:
+            raise ConfigError("connection_timeout_ms: must be at least election_timeout_max_ms")
+        if self.tick_ms > self.heartbeat_ms:
+            raise ConfigError("tick_ms: must not exceed heartbeat_ms")
+        if self.compaction_min_entries < 2:
+            raise ConfigError("compaction_min_entries: must be at least 2")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("log_level: must be DEBUG, INFO, WARNING or ERROR")
+
+
+def _positive(cfg: NodeConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}: must be positive")
+
+
+def _check_hostport(name: str, value: str) -> None:
+    m = _HOSTPORT.match(value)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise ConfigError(f"{name}: {value!r} is not host:port")
+
+
+def _members(value: Any) -> tuple[Member, ...]:
+    if isinstance(value, str):  # "id=raft=grpc,id=raft=grpc" from a flag
+        out = []
+        for part in filter(None, value.split(",")):
+            pieces = part.split("=")
+            if len(pieces) != 3:
+                raise ConfigError("members: expected id=raft_host:port=grpc_host:port,...")
+            out.append(Member(*pieces))
+        return tuple(out)
+    if not isinstance(value, list):
+        raise ConfigError("members: must be an array of tables with id, raft, grpc")
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"id", "raft", "grpc"}:
+            raise ConfigError("members: each member needs exactly id, raft and grpc")
+        out.append(Member(str(item["id"]), str(item["raft"]), str(item["grpc"])))
+    return tuple(out)
+
+
+def _typed(key: str, annotation: Any, value: Any) -> Any:
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(annotation), str)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: must be an integer")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: must be a {kind.__name__}")
+    return value
+
+
+def _coerce(key: str, raw: str) -> Any:
+    """Turn a flag or environment string into the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    if key not in fields:
+        raise ConfigError(f"{key}: unknown setting")
+    if key == "members":
+        return raw
+    kind = str(fields[key].type)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: {raw!r} is not a number") from None
+    if kind == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: {raw!r} is not true or false")
+    return raw
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+__all__ = ["Member", "NodeConfig"]

@@ -1,0 +1,116 @@
+"""The raftstate error hierarchy.
+
+Every error a caller can see is a :class:`RaftStateError`. Each class knows the
+gRPC status code it travels as and whether retrying the same request can
+succeed. The server converts them to a status in exactly one place
+(``raftstate.server``); the SDK converts statuses back with :func:`from_status`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RaftStateError(Exception):
+    """Root of all raftstate errors."""
+
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    retriable: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(RaftStateError):
+    """A request field is malformed. ``field`` names it. Never retriable."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class NotFound(RaftStateError):
+    """The device does not exist (as of the read's revision)."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(RaftStateError):
+    """The cluster cannot serve the request right now (no leader, lost quorum,
+    node shutting down, or the outcome of a write is unknown). Safe to retry:
+    heartbeats are idempotent by (device_id, seq)."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    retriable = True
+
+
+class NotLeader(Unavailable):
+    """This node is not the leader. ``leader_hint`` is the leader's gRPC
+    address when known, else the empty string."""
+
+    def __init__(self, message: str, leader_hint: str = "") -> None:
+        super().__init__(message)
+        self.leader_hint = leader_hint
+
+
+class DeadlineExceeded(RaftStateError):
+    """The caller's deadline passed before the request completed. For a
+    heartbeat the outcome is unknown; retrying with the same seq is safe."""
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    retriable = True
+
+
+class ResourceExhausted(RaftStateError):
+    """The node's proposal queue is full. Retriable after backoff."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retriable = True
+
+
+class DecodeError(RaftStateError):
+    """Bytes from the log or a snapshot could not be decoded."""
+
+    grpc_code = grpc.StatusCode.DATA_LOSS
+
+
+class ConfigError(RaftStateError):
+    """A configuration value is missing or breaks a rule; the message names
+    the field and the rule."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+LEADER_HINT_KEY = "raftstate-leader"
+
+_BY_CODE: dict[grpc.StatusCode, type[RaftStateError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DATA_LOSS: DecodeError,
+}
+
+
+def from_status(code: grpc.StatusCode, details: str, leader_hint: str = "") -> RaftStateError:
+    """Rebuild the error a server raised from its gRPC status.
+
+    ``INVALID_ARGUMENT`` details have the form ``"field: problem"``. A status
+    this module does not know becomes a plain :class:`RaftStateError` carrying
+    that code, and is not retriable.
+    """
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, problem = details.partition(": ")
+        return InvalidArgument(field, problem or details)
+    if code == grpc.StatusCode.UNAVAILABLE and leader_hint:
+        return NotLeader(details, leader_hint)
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(details)
+    err = RaftStateError(f"{code.name}: {details}")
+    err.grpc_code = code
+    return err

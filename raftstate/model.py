@@ -1,0 +1,160 @@
+"""The device model: limits, validation and the typed values passed around.
+
+Validation happens once, on the node that receives a request, before anything
+is proposed to Raft; the state machine trusts what is in the log. Every
+rejection is an :class:`~raftstate.errors.InvalidArgument` naming the field.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from raftstate.errors import InvalidArgument
+
+DEVICE_ID_MAX = 128
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REPORTED_MAX_ENTRIES = 64
+REPORTED_MAX_BYTES = 8 * 1024
+REPORTED_KEY_MAX = 256
+TTL_MAX_S = 7 * 24 * 3600
+SEQ_MAX = 2**64 - 1
+PAGE_SIZE_DEFAULT = 100
+PAGE_SIZE_MAX = 1000
+
+
+class Consistency(enum.IntEnum):
+    """Read consistency; values match ``raftstate.v1.Consistency``."""
+
+    LINEARIZABLE = 1
+    SERIALIZABLE = 2
+
+
+class OnlineFilter(enum.IntEnum):
+    """Values match ``raftstate.v1.OnlineFilter``."""
+
+    ALL = 1
+    ONLINE = 2
+    OFFLINE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One validated heartbeat, as it will be recorded in the log."""
+
+    device_id: str
+    seq: int
+    reported: Mapping[str, str]
+    ttl_s: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResult:
+    """What applying one heartbeat did. ``revision`` is the device's revision
+    after the heartbeat (unchanged for a duplicate)."""
+
+    revision: int
+    duplicate: bool
+    stored_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """A read-only copy of one device's stored state."""
+
+    device_id: str
+    seq: int
+    reported: Mapping[str, str]
+    revision: int
+    first_seen_ms: int
+    last_seen_ms: int
+    heartbeats: int
+    ttl_s: int
+
+    def online(self, now_ms: int) -> bool:
+        """True while ``now_ms`` (the serving node's clock) is before
+        ``last_seen_ms + ttl_s``."""
+        return now_ms < self.last_seen_ms + self.ttl_s * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePage:
+    """One page of a listing. ``next_after`` is the last device id on the
+    page when more may follow, else ``None``."""
+
+    devices: list[DeviceView] = field(default_factory=list)
+    next_after: str | None = None
+
+
+def validate_device_id(device_id: str, field_name: str = "device_id") -> str:
+    """Return ``device_id`` or raise ``InvalidArgument``."""
+    if not device_id:
+        raise InvalidArgument(field_name, "must not be empty")
+    if len(device_id) > DEVICE_ID_MAX:
+        raise InvalidArgument(field_name, f"longer than {DEVICE_ID_MAX} characters")
+    if DEVICE_ID_RE.fullmatch(device_id) is None:
+        raise InvalidArgument(field_name, "may only contain A-Z a-z 0-9 . _ : -")
+    return device_id
+
+
+def validate_heartbeat(
+    device_id: str, seq: int, reported: Mapping[str, str], ttl_s: int
+) -> Heartbeat:
+    """Check one heartbeat against the limits and return it as a value.
+
+    Raises ``InvalidArgument`` naming the first field that breaks a rule.
+    """
+    validate_device_id(device_id)
+    if seq <= 0:
+        raise InvalidArgument("seq", "must be at least 1")
+    if seq > SEQ_MAX:
+        raise InvalidArgument("seq", "must fit in 64 bits")
+    if len(reported) > REPORTED_MAX_ENTRIES:
+        raise InvalidArgument(
+            "reported", f"has {len(reported)} entries, at most {REPORTED_MAX_ENTRIES} allowed"
+        )
+    total = 0
+    for key, value in reported.items():
+        if not key:
+            raise InvalidArgument("reported", "keys must not be empty")
+        if len(key) > REPORTED_KEY_MAX:
+            raise InvalidArgument("reported", f"key longer than {REPORTED_KEY_MAX} characters")
+        total += len(key.encode()) + len(value.encode())
+    if total > REPORTED_MAX_BYTES:
+        raise InvalidArgument(
+            "reported", f"is {total} bytes of keys and values, at most {REPORTED_MAX_BYTES}"
+        )
+    if ttl_s < 0 or ttl_s > TTL_MAX_S:
+        raise InvalidArgument("ttl_s", f"must be between 0 and {TTL_MAX_S} seconds")
+    return Heartbeat(device_id, seq, reported, ttl_s)
+
+
+def validate_consistency(value: int) -> Consistency:
+    """Map a wire enum value to :class:`Consistency`; 0 means LINEARIZABLE."""
+    if value == 0:
+        return Consistency.LINEARIZABLE
+    try:
+        return Consistency(value)
+    except ValueError:
+        raise InvalidArgument("consistency", f"unknown value {value}") from None
+
+
+def validate_filter(value: int) -> OnlineFilter:
+    """Map a wire enum value to :class:`OnlineFilter`; 0 means ALL."""
+    if value == 0:
+        return OnlineFilter.ALL
+    try:
+        return OnlineFilter(value)
+    except ValueError:
+        raise InvalidArgument("filter", f"unknown value {value}") from None
+
+
+def validate_page_size(value: int) -> int:
+    """Return the effective page size; 0 means the default."""
+    if value == 0:
+        return PAGE_SIZE_DEFAULT
+    if value > PAGE_SIZE_MAX:
+        raise InvalidArgument("page_size", f"must be at most {PAGE_SIZE_MAX}")
+    return value

@@ -1,0 +1,128 @@
+"""One raftstate node process: Raft (tick thread) + gRPC (uvloop loop).
+
+``run_node(cfg)`` builds the device table, starts pysyncobj, serves gRPC
+until SIGTERM/SIGINT, then shuts down in order: stop taking requests, fail
+what is still pending with UNAVAILABLE, stop Raft.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+import uvloop
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from raftstate.config import NodeConfig
+from raftstate.errors import ConfigError
+from raftstate.proposer import Proposer
+from raftstate.raftnode import RaftNode
+from raftstate.server import ClusterService, DeviceStateService, NodeServices, track_health
+from raftstate.statemachine import DeviceTable
+from raftstate.v1 import cluster_pb2_grpc, device_pb2_grpc
+
+log = logging.getLogger("raftstate.node")
+
+GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
+
+
+class Node:
+    """A running node. Create with :meth:`start` inside the event loop."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.table = DeviceTable(cfg.default_ttl_s)
+        self.raft: RaftNode | None = None
+        self.proposer: Proposer | None = None
+        self.server: grpc.aio.Server | None = None
+        self._health_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start Raft and the gRPC server. Raises ``ConfigError`` when a port
+        cannot be bound."""
+        loop = asyncio.get_running_loop()
+        # RaftNode's constructor waits for its transport to bind; keep the loop free.
+        self.raft = await loop.run_in_executor(None, RaftNode, self.cfg, self.table)
+        self.proposer = Proposer(self.cfg, self.raft.propose, loop)
+        services = NodeServices(self.cfg, self.table, self.raft, self.proposer)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        device_pb2_grpc.add_DeviceStateServicer_to_server(DeviceStateService(services), self.server)
+        cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(services), self.server)
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, self.server)
+        try:
+            port = self.server.add_insecure_port(self.cfg.grpc_bind)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            self.raft.destroy()
+            raise ConfigError(f"grpc_listen: cannot bind {self.cfg.grpc_bind} (in use?)")
+        await self.server.start()
+        self._health_task = asyncio.create_task(track_health(services, health))
+        log.info(
+            "node %s serving gRPC on %s, raft on %s, data in %s, durability %s",
+            self.cfg.node_id,
+            self.cfg.grpc_bind,
+            self.cfg.raft_bind,
+            self.cfg.data_dir,
+            self.cfg.durability,
+        )
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Stop serving and release every resource. Idempotent."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        if self.proposer is not None:
+            self.proposer.close()
+        if self.raft is not None:
+            raft, self.raft = self.raft, None
+            await asyncio.get_running_loop().run_in_executor(None, raft.destroy_synchronous)
+
+
+async def _serve(cfg: NodeConfig) -> None:
+    node = Node(cfg)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ready node={cfg.node_id} grpc={cfg.grpc_bind} raft={cfg.raft_bind}", flush=True)
+    await stop.wait()
+    log.info("node %s stopping", cfg.node_id)
+    await node.stop()
+
+
+def configure_logging(level: str, node_id: str = "") -> None:
+    fmt = (
+        "%(asctime)s %(levelname)s "
+        + (f"node={node_id} " if node_id else "")
+        + "%(name)s: %(message)s"
+    )
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    # pysyncobj logs every reconnect attempt at WARNING; keep it for DEBUG runs.
+    if level.upper() != "DEBUG":
+        logging.getLogger("pysyncobj").setLevel(logging.ERROR)
+
+
+def run_node(cfg: NodeConfig) -> int:
+    """Run one node until signalled. Returns the process exit code."""
+    configure_logging(cfg.log_level, cfg.node_id)
+    try:
+        uvloop.run(_serve(cfg))
+    except ConfigError as err:
+        print(f"raftstate node: {err.message}", file=sys.stderr)
+        return 2
+    return 0

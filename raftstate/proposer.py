@@ -1,0 +1,181 @@
+"""The event-loop side of writes: batching, proposing, retrying, answering.
+
+Theory of operation
+-------------------
+1. A request handler calls :meth:`Proposer.submit` with a validated heartbeat
+   (or :meth:`Proposer.barrier` for a read barrier) and awaits the future.
+2. The :class:`~raftstate.batcher.Batcher` decides when pending items become
+   one ``HeartbeatBatch`` entry; the proposer encodes it, stamps it with this
+   node's wall clock and hands it to pysyncobj (leader: appended; follower:
+   forwarded to the leader by pysyncobj over the Raft transport).
+3. pysyncobj calls back on its tick thread once the entry is committed and
+   applied *on this node*; the callback hops to the loop with
+   ``call_soon_threadsafe`` and resolves each item's future with its result.
+4. If pysyncobj reports a failure (no leader, leader changed, queue full,
+   outcome unknown) the items are proposed again after a short pause, until
+   the caller's deadline. Re-proposing is always safe: a heartbeat whose
+   ``(device_id, seq)`` was already applied is a no-op "duplicate" whose
+   stored seq equals the heartbeat's, which the caller reads as success.
+
+Only the loop thread touches the batcher and the pending items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from raftstate.batcher import Batcher
+from raftstate.config import NodeConfig
+from raftstate.errors import ResourceExhausted, Unavailable
+from raftstate.model import Heartbeat, HeartbeatResult
+from raftstate.raftnode import SUCCESS, ProposeCallback
+from raftstate.statemachine import encode_batch
+
+log = logging.getLogger("raftstate.proposer")
+
+RETRY_DELAY_S = 0.02
+#: Rough per-heartbeat encoded overhead beyond the reported bytes.
+_RECORD_OVERHEAD = 32
+
+
+@dataclass(slots=True)
+class _Item:
+    heartbeat: Heartbeat | None  # None: a read barrier
+    future: asyncio.Future[HeartbeatResult | None]
+
+
+class Proposer:
+    """Turns heartbeats into committed log entries. Loop thread only."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        propose: Callable[[bytes, ProposeCallback], None],
+        loop: asyncio.AbstractEventLoop,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self._propose = propose
+        self._loop = loop
+        self._clock_ms = clock_ms
+        self._batcher: Batcher[_Item] = Batcher(
+            max_delay=cfg.batch_max_delay_ms / 1000,
+            max_items=cfg.batch_max_heartbeats,
+            max_bytes=cfg.batch_max_bytes,
+            max_inflight=cfg.max_inflight_batches,
+        )
+        self._max_pending = cfg.max_pending_heartbeats
+        self._waiting = 0
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0
+        self._closed = False
+        self.entries_proposed = 0
+        self.entries_retried = 0
+
+    def submit(self, hb: Heartbeat) -> asyncio.Future[HeartbeatResult | None]:
+        """Queue a heartbeat; the future resolves once it is committed and
+        applied here. Raises ``ResourceExhausted`` when too many are waiting,
+        ``Unavailable`` while shutting down."""
+        if self._waiting >= self._max_pending:
+            raise ResourceExhausted(
+                f"{self._waiting} heartbeats are waiting to commit on this node; retry later"
+            )
+        size = (
+            len(hb.device_id)
+            + _RECORD_OVERHEAD
+            + sum(len(k) + len(v) for k, v in hb.reported.items())
+        )
+        return self._enqueue(_Item(hb, self._loop.create_future()), size)
+
+    def barrier(self) -> asyncio.Future[HeartbeatResult | None]:
+        """A future that resolves once an entry proposed after this call has
+        been committed and applied on this node (a read barrier)."""
+        return self._enqueue(_Item(None, self._loop.create_future()), _RECORD_OVERHEAD)
+
+    def close(self) -> None:
+        """Fail everything still pending with ``Unavailable``."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for item in self._batcher.drain():
+            if not item.future.done():
+                item.future.set_exception(Unavailable("node is shutting down"))
+
+    # ---- internals ------------------------------------------------------------
+
+    def _enqueue(self, item: _Item, size: int) -> asyncio.Future[HeartbeatResult | None]:
+        if self._closed:
+            raise Unavailable("node is shutting down")
+        self._waiting += 1
+        item.future.add_done_callback(self._on_item_done)
+        self._send(self._batcher.add(item, size, self._loop.time()))
+        return item.future
+
+    def _on_item_done(self, _fut: asyncio.Future[HeartbeatResult | None]) -> None:
+        self._waiting -= 1
+
+    def _send(self, batches: list[list[_Item]]) -> None:
+        for items in batches:
+            live = [i for i in items if not i.future.done()]
+            if not live:
+                self._send(self._batcher.finished(self._loop.time()))
+                continue
+            entry = encode_batch(
+                (i.heartbeat for i in live if i.heartbeat is not None), self._clock_ms()
+            )
+            self.entries_proposed += 1
+            self._propose(entry, self._callback_for(live))
+        self._arm_timer()
+
+    def _callback_for(self, items: list[_Item]) -> ProposeCallback:
+        call = self._loop.call_soon_threadsafe
+
+        def on_result(results: list[HeartbeatResult] | None, err: int) -> None:
+            # Tick thread: hop to the loop and return at once.
+            try:
+                call(self._on_result, items, results, err)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+        return on_result
+
+    def _on_result(
+        self, items: list[_Item], results: list[HeartbeatResult] | None, err: int
+    ) -> None:
+        if err == SUCCESS and results is not None:
+            it = iter(results)
+            for item in items:
+                value = next(it) if item.heartbeat is not None else None
+                if not item.future.done():
+                    item.future.set_result(value)
+        else:
+            self.entries_retried += 1
+            log.debug("batch of %d failed with pysyncobj reason %d; retrying", len(items), err)
+            self._loop.call_later(RETRY_DELAY_S, self._requeue, items)
+        self._send(self._batcher.finished(self._loop.time()))
+
+    def _requeue(self, items: list[_Item]) -> None:
+        if self._closed:
+            return
+        now = self._loop.time()
+        for item in items:
+            if not item.future.done():
+                self._send(self._batcher.add(item, _RECORD_OVERHEAD, now))
+
+    def _arm_timer(self) -> None:
+        deadline = self._batcher.deadline()
+        if deadline is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._send(self._batcher.poll(self._loop.time()))

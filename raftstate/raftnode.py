@@ -1,0 +1,296 @@
+"""pysyncobj wiring: the Raft engine underneath the device table.
+
+We extend pysyncobj without modifying it:
+
+* one ``@replicated`` method, :meth:`RaftNode.apply_batch`, whose only
+  argument is a protobuf ``HeartbeatBatch`` (bytes);
+* snapshots through pysyncobj's custom serializer hooks, written as a
+  protobuf ``Snapshot`` (never a pickle of our objects);
+* pysyncobj's timers mapped from :class:`~raftstate.config.NodeConfig`,
+  including ``leaderFallbackTimeout`` as check-quorum;
+* for ``durability = "fsync"``, a journal subclass that msyncs every append
+  and fsyncs term/vote before pysyncobj can answer a peer.
+
+Threading: pysyncobj's tick thread owns all Raft state and calls
+``apply_batch`` and the serializer hooks. Other threads may call
+:meth:`propose` (pysyncobj queues it and wakes the tick thread through its
+pipe notifier) and read the properties of :meth:`snapshot_status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pysyncobj.syncobj as _pso
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
+from pysyncobj.journal import FileJournal
+
+from raftstate.config import NodeConfig
+from raftstate.errors import ConfigError, DecodeError
+from raftstate.model import HeartbeatResult
+from raftstate.statemachine import DeviceTable
+from raftstate.v1 import storage_pb2
+
+log = logging.getLogger("raftstate.raft")
+
+JOURNAL_FILE = "raft.journal"
+SNAPSHOT_FILE = "snapshot.bin"
+
+ProposeCallback = Callable[[list[HeartbeatResult] | None, int], None]
+
+
+class Role(enum.IntEnum):
+    """Values match ``raftstate.v1.Role``."""
+
+    FOLLOWER = 1
+    CANDIDATE = 2
+    LEADER = 3
+
+
+#: pysyncobj's FAIL_REASON codes, for callers of :meth:`RaftNode.propose`.
+SUCCESS = FAIL_REASON.SUCCESS
+QUEUE_FULL = FAIL_REASON.QUEUE_FULL
+
+
+@dataclass(frozen=True, slots=True)
+class RaftStatus:
+    """A point-in-time view of this node's Raft state."""
+
+    role: Role
+    term: int
+    commit_index: int
+    last_applied: int
+    leader_raft_address: str | None
+    connected: frozenset[str]
+    match_index: dict[str, int]
+
+
+def syncobj_conf(cfg: NodeConfig, table: DeviceTable) -> SyncObjConf:
+    """Translate our config into pysyncobj's. See docs/architecture.md for
+    why each value is what it is."""
+    data = Path(cfg.data_dir)
+    codec = SnapshotCodec(table, fsync=cfg.durability == "fsync")
+    return SyncObjConf(
+        password=cfg.cluster_secret or None,
+        autoTick=True,
+        autoTickPeriod=cfg.tick_ms / 1000,
+        # Propose and replicate at once instead of on the appendEntriesPeriod
+        # timer: group commit in our batcher already amortises the per-entry
+        # cost, and the timer would add up to heartbeat_ms to every commit.
+        appendEntriesUseBatch=False,
+        appendEntriesPeriod=cfg.heartbeat_ms / 1000,
+        raftMinTimeout=cfg.election_timeout_min_ms / 1000,
+        raftMaxTimeout=cfg.election_timeout_max_ms / 1000,
+        leaderFallbackTimeout=cfg.leader_step_down_ms / 1000,
+        connectionTimeout=cfg.connection_timeout_ms / 1000,
+        connectionRetryTime=cfg.connection_retry_ms / 1000,
+        # Fail fast when there is no leader; the proposer retries on its own
+        # schedule within each request's deadline.
+        commandsWaitLeader=False,
+        journalFile=str(data / JOURNAL_FILE),
+        fullDumpFile=str(data / SNAPSHOT_FILE),
+        logCompactionMinEntries=cfg.compaction_min_entries,
+        logCompactionMinTime=cfg.compaction_min_time_s,
+        serializer=codec.write,
+        deserializer=codec.read,
+        # With a custom serializer pysyncobj never forks; say so explicitly.
+        useFork=False,
+        bindAddress=cfg.raft_bind,
+        bindRetryTime=0.2,
+        maxBindRetries=25,
+        dynamicMembershipChange=False,
+    )
+
+
+class RaftNode(SyncObj):  # type: ignore[misc]
+    """A pysyncobj node whose state machine is a :class:`DeviceTable`."""
+
+    def __init__(self, cfg: NodeConfig, table: DeviceTable) -> None:
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        self.table = table
+        self.cfg = cfg
+        self._by_raft = {m.raft: m for m in cfg.members}
+        me = cfg.self_member
+        others = [m.raft for m in cfg.members if m.id != me.id]
+        conf = syncobj_conf(cfg, table)
+        journal_cls = DurableFileJournal if cfg.durability == "fsync" else None
+        with _journal_class(journal_cls):
+            super().__init__(me.raft, others, conf)
+        try:
+            self.waitBinded()
+        except Exception:
+            self.destroy()
+            raise ConfigError(
+                f"raft_listen: cannot bind {cfg.raft_bind} (in use, or not an address of this host)"
+            ) from None
+
+    @replicated  # type: ignore[untyped-decorator]
+    def apply_batch(self, entry: bytes) -> list[HeartbeatResult]:
+        """Apply one committed HeartbeatBatch. Runs on the tick thread only."""
+        return self.table.apply(entry)
+
+    def propose(self, entry: bytes, callback: ProposeCallback) -> None:
+        """Queue ``entry`` for replication. ``callback(results, fail_reason)``
+        runs later on the tick thread. Safe to call from any thread."""
+        self.apply_batch(entry, callback=callback)
+
+    def status(self) -> RaftStatus:
+        """Read this node's Raft state. Safe from any thread (a snapshot of
+        values the tick thread may change right after)."""
+        st: dict[str, Any] = self.getStatus()
+        leader = st["leader"]
+        role = {0: Role.FOLLOWER, 1: Role.CANDIDATE, 2: Role.LEADER}[st["state"]]
+        connected = frozenset(
+            k.removeprefix("partner_node_status_server_")
+            for k, v in st.items()
+            if k.startswith("partner_node_status_server_") and v == 2
+        )
+        match = {
+            k.removeprefix("match_idx_server_"): int(v)
+            for k, v in st.items()
+            if k.startswith("match_idx_server_")
+        }
+        return RaftStatus(
+            role=role,
+            term=int(st["raft_term"]),
+            commit_index=int(st["commit_idx"]),
+            last_applied=int(st["last_applied"]),
+            leader_raft_address=str(leader) if leader is not None else None,
+            connected=connected,
+            match_index=match if role is Role.LEADER else {},
+        )
+
+    def leader_raft_address(self) -> str | None:
+        """The last known leader's Raft address, or ``None``. Thread-safe."""
+        leader = self._getLeader()
+        return leader.id if leader is not None else None
+
+    def is_leader(self) -> bool:
+        return bool(self._isLeader())
+
+
+class SnapshotCodec:
+    """pysyncobj's serializer/deserializer hooks, writing protobuf."""
+
+    def __init__(self, table: DeviceTable, *, fsync: bool) -> None:
+        self.table = table
+        self.fsync = fsync
+
+    def write(self, path: str, data: tuple[Any, Any, Any]) -> None:
+        """Called by pysyncobj on the tick thread with ``(last_entry,
+        prev_entry, cluster)``; the table is at ``last_entry``."""
+        last, prev, cluster = data
+        snap = self.table.to_snapshot()
+        snap.last_entry.CopyFrom(_entry(last))
+        snap.prev_entry.CopyFrom(_entry(prev))
+        snap.cluster.extend(sorted(str(n) for n in cluster))
+        with open(path, "wb") as fh:
+            fh.write(snap.SerializeToString())
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        log.info(
+            "snapshot written: %d devices, revision %d, index %d",
+            len(snap.devices),
+            snap.revision,
+            snap.last_entry.index,
+        )
+
+    def read(self, path: str) -> tuple[Any, Any, list[str]]:
+        """Called by pysyncobj to restore: loads the table, returns the Raft
+        fields pysyncobj stored. Raises ``DecodeError`` on a corrupt file."""
+        snap = storage_pb2.Snapshot()
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        try:
+            snap.ParseFromString(raw)
+        except Exception as exc:
+            raise DecodeError(f"{path} is not a raftstate snapshot: {exc}") from exc
+        self.table.restore(snap)
+        log.info(
+            "snapshot restored: %d devices, revision %d, index %d",
+            len(snap.devices),
+            snap.revision,
+            snap.last_entry.index,
+        )
+        last = (snap.last_entry.command, snap.last_entry.index, snap.last_entry.term)
+        prev = (snap.prev_entry.command, snap.prev_entry.index, snap.prev_entry.term)
+        return last, prev, list(snap.cluster)
+
+
+def _entry(e: tuple[bytes, int, int]) -> storage_pb2.RaftEntry:
+    command, index, term = e
+    return storage_pb2.RaftEntry(command=bytes(command), index=index, term=term)
+
+
+class DurableFileJournal(FileJournal):  # type: ignore[misc]
+    """pysyncobj's file journal, made durable before every acknowledgement.
+
+    pysyncobj appends to an mmap and never syncs it. Here every append or
+    truncation is followed by ``msync`` (``mmap.flush``), and a term/vote
+    change by an fsync of the meta file and its directory, all on the tick
+    thread before pysyncobj sends the message that depends on it.
+    """
+
+    def __init__(self, journal_file: str) -> None:
+        super().__init__(journal_file)
+        self._meta_path = journal_file + ".meta"
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        super().add(command, idx, term)
+        self.flush()
+
+    def deleteEntriesFrom(self, entry_from: int) -> None:  # noqa: N802 - pysyncobj's name
+        super().deleteEntriesFrom(entry_from)
+        self.flush()
+
+    def clear(self) -> None:
+        super().clear()
+        self.flush()
+
+    def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802
+        super().setCurrentTerm(term, voted_for)
+        _fsync_path(self._meta_path)
+        _fsync_path(os.path.dirname(os.path.abspath(self._meta_path)))
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_journal_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _journal_class(cls: type[FileJournal] | None) -> Iterator[None]:
+    """Make pysyncobj build its journal from ``cls`` while a SyncObj is
+    constructed. pysyncobj has no journal parameter, only a module-level
+    factory; the swap is scoped and locked so concurrent constructions in one
+    process cannot see each other's choice."""
+    if cls is None:
+        yield
+        return
+    original = _pso.createJournal
+
+    def factory(path: str | None) -> Any:
+        return cls(path) if path is not None else original(path)
+
+    with _journal_lock:
+        _pso.createJournal = factory
+        try:
+            yield
+        finally:
+            _pso.createJournal = original

@@ -1,0 +1,50 @@
+"""The raftstate device SDK.
+
+>>> from raftstate.sdk import DeviceClient
+>>> with DeviceClient("127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003") as client:
+...     ack = client.heartbeat("pump-17", {"temp_c": "21.5"})
+...     device = client.get("pump-17")
+
+A gateway pipelines many devices' heartbeats on one stream:
+
+>>> async with AsyncDeviceClient(endpoints) as client, client.stream() as stream:
+...     acks = await asyncio.gather(*(stream.send(d, state) for d, state in batch))
+"""
+
+from raftstate.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    NotLeader,
+    RaftStateError,
+    ResourceExhausted,
+    Unavailable,
+)
+from raftstate.model import Consistency, OnlineFilter
+from raftstate.sdk.client import AsyncDeviceClient
+from raftstate.sdk.retry import Backoff
+from raftstate.sdk.stream import HeartbeatStream
+from raftstate.sdk.sync import DeviceClient, SyncHeartbeatStream
+from raftstate.sdk.types import ClusterStatus, Device, DevicePage, HeartbeatAck, MemberStatus
+
+__all__ = [
+    "AsyncDeviceClient",
+    "Backoff",
+    "ClusterStatus",
+    "Consistency",
+    "DeadlineExceeded",
+    "Device",
+    "DeviceClient",
+    "DevicePage",
+    "HeartbeatAck",
+    "HeartbeatStream",
+    "InvalidArgument",
+    "MemberStatus",
+    "NotFound",
+    "NotLeader",
+    "OnlineFilter",
+    "RaftStateError",
+    "ResourceExhausted",
+    "SyncHeartbeatStream",
+    "Unavailable",
+]

@@ -1,0 +1,312 @@
+"""AsyncDeviceClient: the asyncio device SDK.
+
+Theory of operation
+-------------------
+* **Finding the leader.** The client knows a list of endpoints. It asks them
+  for ``Cluster.Status`` and sends requests to the leader's gRPC address,
+  which saves the follower-to-leader hop. Any node would do: followers
+  forward writes to the leader over the Raft transport.
+* **Retrying safely.** ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED`` and a
+  per-attempt ``DEADLINE_EXCEEDED`` are retried with exponential backoff and
+  full jitter, on the next endpoint, until one overall deadline. Everything
+  else (``INVALID_ARGUMENT``, ``NOT_FOUND``) is raised at once.
+* **Never applying a heartbeat twice.** A heartbeat's seq is fixed before
+  the first attempt and every retry re-sends the same seq. The cluster
+  applies a given ``(device_id, seq)`` at most once and answers a repeat as a
+  duplicate; a duplicate whose ``stored_seq`` equals our seq is our own
+  earlier attempt, so the heartbeat is acknowledged.
+* **Choosing seqs.** Unless the caller passes one, seq is
+  ``max(previous + 1, unix time in microseconds)``: strictly increasing per
+  device within a process, and still increasing across restarts of the
+  device as long as its clock does not step back by more than the gap.
+
+All methods raise subclasses of :class:`raftstate.errors.RaftStateError`.
+Use one client per event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from raftstate.errors import (
+    LEADER_HINT_KEY,
+    DeadlineExceeded,
+    NotLeader,
+    RaftStateError,
+    Unavailable,
+    from_status,
+)
+from raftstate.model import Consistency, OnlineFilter, validate_device_id
+from raftstate.sdk.retry import Backoff
+from raftstate.sdk.types import ClusterStatus, Device, DevicePage, HeartbeatAck
+from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
+
+if TYPE_CHECKING:
+    from raftstate.sdk.stream import HeartbeatStream
+
+T = TypeVar("T")
+
+DEFAULT_DEADLINE_S = 10.0
+DEFAULT_ATTEMPT_TIMEOUT_S = 2.0
+
+
+def parse_endpoints(endpoints: str | Sequence[str]) -> list[str]:
+    """Accept ``"h:p,h:p"`` or a list; raise ``ValueError`` when empty."""
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    out = [e.strip() for e in items if e.strip()]
+    if not out:
+        raise ValueError("endpoints: at least one host:port is required")
+    return out
+
+
+class AsyncDeviceClient:
+    """Device SDK for asyncio. Create inside the loop that will use it."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        attempt_timeout_s: float = DEFAULT_ATTEMPT_TIMEOUT_S,
+        backoff: Backoff | None = None,
+        clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+    ) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        self.deadline_s = deadline_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self.backoff = backoff or Backoff()
+        self._clock_us = clock_us
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._leader: str | None = None
+        self._next = 0
+        self._last_seq: dict[str, int] = {}
+        self.retries = 0
+
+    async def __aenter__(self) -> AsyncDeviceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every channel. Idempotent."""
+        channels, self._channels = self._channels, {}
+        for ch in channels.values():
+            await ch.close()
+
+    # ---- public calls -----------------------------------------------------
+
+    def next_seq(self, device_id: str) -> int:
+        """The seq the next automatic heartbeat of ``device_id`` will use."""
+        seq = max(self._last_seq.get(device_id, 0) + 1, self._clock_us())
+        self._last_seq[device_id] = seq
+        return seq
+
+    async def heartbeat(
+        self,
+        device_id: str,
+        reported: Mapping[str, str],
+        *,
+        seq: int | None = None,
+        ttl_s: int | None = None,
+        deadline_s: float | None = None,
+    ) -> HeartbeatAck:
+        """Commit one heartbeat; return once a majority has it.
+
+        Raises ``InvalidArgument`` (never retried), or ``Unavailable`` /
+        ``DeadlineExceeded`` when the deadline passes without an answer (the
+        outcome is then unknown; calling again with the same seq is safe).
+        """
+        if seq is None:
+            validate_device_id(device_id)
+            seq = self.next_seq(device_id)
+        else:
+            self._last_seq[device_id] = max(self._last_seq.get(device_id, 0), seq)
+        request = device_pb2.HeartbeatRequest(
+            device_id=device_id, seq=seq, reported=dict(reported), ttl_s=ttl_s or 0
+        )
+        attempts = 0
+
+        async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
+            nonlocal attempts
+            attempts += 1
+            return await device_pb2_grpc.DeviceStateStub(channel).Heartbeat(
+                request, timeout=timeout
+            )
+
+        res = await self._with_retries(attempt, deadline_s)
+        return HeartbeatAck(device_id, seq, res.revision, res.duplicate, res.stored_seq, attempts)
+
+    def stream(self, *, max_in_flight: int = 256, endpoint: str | None = None) -> HeartbeatStream:
+        """A :class:`~raftstate.sdk.stream.HeartbeatStream`: heartbeats of many
+        devices pipelined on one gRPC stream, with the same retry, seq and
+        deadline rules as :meth:`heartbeat`. Use as ``async with``.
+
+        At most ``max_in_flight`` sends are in progress at once (more wait).
+        ``endpoint`` pins the first connection to that node (a gateway's
+        nearest node); otherwise the stream goes to the leader. Raises
+        ``ValueError`` if ``max_in_flight`` is below 1.
+        """
+        from raftstate.sdk.stream import HeartbeatStream
+
+        return HeartbeatStream(self, max_in_flight=max_in_flight, endpoint=endpoint)
+
+    def _note_seq(self, device_id: str, seq: int) -> None:
+        """Remember a caller-chosen seq so later automatic seqs exceed it."""
+        self._last_seq[device_id] = max(self._last_seq.get(device_id, 0), seq)
+
+    async def get(
+        self,
+        device_id: str,
+        consistency: Consistency = Consistency.LINEARIZABLE,
+        *,
+        deadline_s: float | None = None,
+    ) -> Device:
+        """Read one device. Raises ``NotFound`` if it never sent a heartbeat."""
+        request = device_pb2.GetDeviceRequest(device_id=device_id, consistency=consistency.name)
+
+        async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
+            return await device_pb2_grpc.DeviceStateStub(channel).GetDevice(
+                request, timeout=timeout
+            )
+
+        res = await self._with_retries(attempt, deadline_s)
+        return Device.from_proto(res.device)
+
+    async def list(
+        self,
+        prefix: str = "",
+        *,
+        online: OnlineFilter = OnlineFilter.ALL,
+        page_size: int = 100,
+        page_token: str = "",
+        consistency: Consistency = Consistency.LINEARIZABLE,
+        deadline_s: float | None = None,
+    ) -> DevicePage:
+        """One page of devices in id order; pass ``next_page_token`` back for more."""
+        request = device_pb2.ListDevicesRequest(
+            prefix=prefix,
+            page_size=page_size,
+            page_token=page_token,
+            filter=online.name,
+            consistency=consistency.name,
+        )
+
+        async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
+            stub = device_pb2_grpc.DeviceStateStub(channel)
+            return await stub.ListDevices(request, timeout=timeout)
+
+        res = await self._with_retries(attempt, deadline_s)
+        return DevicePage(
+            tuple(Device.from_proto(d) for d in res.devices), res.next_page_token, res.revision
+        )
+
+    async def iter_devices(self, prefix: str = "", **kwargs: Any) -> AsyncIterator[Device]:
+        """Every matching device, fetching pages as needed."""
+        token = ""
+        while True:
+            page = await self.list(prefix, page_token=token, **kwargs)
+            for d in page.devices:
+                yield d
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    async def status(self, endpoint: str | None = None, *, timeout_s: float = 2.0) -> ClusterStatus:
+        """``Cluster.Status`` of one node (default: the preferred endpoint).
+        Raises the mapped error; not retried."""
+        target = endpoint or self._pick()
+        stub = cluster_pb2_grpc.ClusterStub(self._channel(target))
+        try:
+            res = await stub.Status(cluster_pb2.StatusRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _map(e) from None
+        return ClusterStatus.from_proto(res)
+
+    async def find_leader(self, *, timeout_s: float = 2.0) -> str | None:
+        """Ask every endpoint for the leader; remember and return its address."""
+        results = await asyncio.gather(
+            *(self.status(e, timeout_s=timeout_s) for e in self.endpoints), return_exceptions=True
+        )
+        for st in results:
+            if isinstance(st, ClusterStatus) and st.leader_grpc_address:
+                self._leader = st.leader_grpc_address
+                return self._leader
+        return None
+
+    # ---- retry machinery --------------------------------------------------
+
+    async def _with_retries(
+        self,
+        attempt: Callable[[grpc.aio.Channel, float], Any],
+        deadline_s: float | None,
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (deadline_s if deadline_s is not None else self.deadline_s)
+        if self._leader is None:
+            await self.find_leader(timeout_s=min(0.5, self.attempt_timeout_s))
+        n = 0
+        while True:
+            endpoint = self._pick()
+            remaining = deadline - loop.time()
+            try:
+                return await attempt(
+                    self._channel(endpoint), max(0.001, min(self.attempt_timeout_s, remaining))
+                )
+            except grpc.aio.AioRpcError as e:
+                err = _map(e)
+            if not err.retriable:
+                raise err
+            self._on_retriable(endpoint, err)
+            delay = self.backoff.delay(n)
+            n += 1
+            if loop.time() + delay >= deadline:
+                if isinstance(err, DeadlineExceeded):
+                    raise DeadlineExceeded(
+                        f"no answer within the deadline after {n} attempts: {err.message}"
+                    )
+                raise Unavailable(f"gave up after {n} attempts: {err.message}")
+            self.retries += 1
+            await asyncio.sleep(delay)
+
+    def _on_retriable(self, endpoint: str, err: RaftStateError) -> None:
+        if isinstance(err, NotLeader) and err.leader_hint:
+            self._leader = err.leader_hint
+            return
+        # Something is wrong with this endpoint or its view; move on and
+        # re-learn the leader on the next endpoint we reach.
+        if endpoint == self._leader:
+            self._leader = None
+        self._next += 1
+
+    def _pick(self) -> str:
+        if self._leader is not None:
+            return self._leader
+        return self.endpoints[self._next % len(self.endpoints)]
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        ch = self._channels.get(endpoint)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(
+                endpoint,
+                options=[
+                    ("grpc.enable_retries", 0),
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ],
+            )
+            self._channels[endpoint] = ch
+        return ch
+
+
+def _map(e: grpc.aio.AioRpcError) -> RaftStateError:
+    hint = ""
+    for key, value in e.trailing_metadata() or ():
+        if key == LEADER_HINT_KEY:
+            hint = str(value)
+    return from_status(e.code(), e.details() or "", hint)

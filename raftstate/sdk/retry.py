@@ -1,0 +1,25 @@
+"""Exponential backoff with full jitter, as a pure object (no sleeping here).
+
+``delay(attempt)`` is ``U(0, min(cap, base * 2**attempt))`` (the "full jitter"
+scheme), so a fleet of devices retrying after the same outage spreads out
+instead of hammering the new leader in lock-step. Randomness is injected.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Retry pacing. ``base_s`` doubles per attempt up to ``cap_s``."""
+
+    base_s: float = 0.025
+    cap_s: float = 1.0
+    rng: random.Random = field(default_factory=random.Random, compare=False)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        ceiling = min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
+        return self.rng.uniform(0.0, ceiling)

@@ -1,0 +1,182 @@
+"""DeviceClient: the blocking device SDK.
+
+It runs an :class:`~raftstate.sdk.client.AsyncDeviceClient` on a private
+event loop in a daemon thread and waits for each call, so the sync and async
+SDKs share one implementation of leader finding, retries and seq handling.
+A ``DeviceClient`` may be used from several threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from raftstate.model import Consistency, OnlineFilter
+from raftstate.sdk.client import AsyncDeviceClient
+from raftstate.sdk.stream import HeartbeatStream
+from raftstate.sdk.types import ClusterStatus, Device, DevicePage, HeartbeatAck
+
+T = TypeVar("T")
+
+
+class DeviceClient:
+    """Blocking device SDK; see :class:`AsyncDeviceClient` for semantics.
+    Every method raises what its async twin raises."""
+
+    def __init__(self, endpoints: str | Sequence[str], **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="raftstate-sdk", daemon=True
+        )
+        self._thread.start()
+        self._client: AsyncDeviceClient = self._run(_make(endpoints, options))
+        self._closed = False
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        """Close channels and stop the private loop. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def heartbeat(
+        self,
+        device_id: str,
+        reported: Mapping[str, str],
+        *,
+        seq: int | None = None,
+        ttl_s: int | None = None,
+        deadline_s: float | None = None,
+    ) -> HeartbeatAck:
+        return self._run(
+            self._client.heartbeat(device_id, reported, seq=seq, ttl_s=ttl_s, deadline_s=deadline_s)
+        )
+
+    def get(
+        self,
+        device_id: str,
+        consistency: Consistency = Consistency.LINEARIZABLE,
+        *,
+        deadline_s: float | None = None,
+    ) -> Device:
+        return self._run(self._client.get(device_id, consistency, deadline_s=deadline_s))
+
+    def list(
+        self,
+        prefix: str = "",
+        *,
+        online: OnlineFilter = OnlineFilter.ALL,
+        page_size: int = 100,
+        page_token: str = "",
+        consistency: Consistency = Consistency.LINEARIZABLE,
+        deadline_s: float | None = None,
+    ) -> DevicePage:
+        return self._run(
+            self._client.list(
+                prefix,
+                online=online,
+                page_size=page_size,
+                page_token=page_token,
+                consistency=consistency,
+                deadline_s=deadline_s,
+            )
+        )
+
+    def iter_devices(self, prefix: str = "", **kwargs: Any) -> Iterator[Device]:
+        token = ""
+        while True:
+            page = self.list(prefix, page_token=token, **kwargs)
+            yield from page.devices
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def status(self, endpoint: str | None = None, *, timeout_s: float = 2.0) -> ClusterStatus:
+        return self._run(self._client.status(endpoint, timeout_s=timeout_s))
+
+    def find_leader(self, *, timeout_s: float = 2.0) -> str | None:
+        return self._run(self._client.find_leader(timeout_s=timeout_s))
+
+    def stream(
+        self, *, max_in_flight: int = 256, endpoint: str | None = None
+    ) -> SyncHeartbeatStream:
+        """Blocking twin of :meth:`AsyncDeviceClient.stream`; use as ``with``."""
+        return SyncHeartbeatStream(
+            self._loop,
+            self._run(_make_stream(self._client, max_in_flight, endpoint)),
+        )
+
+
+class SyncHeartbeatStream:
+    """A :class:`~raftstate.sdk.stream.HeartbeatStream` driven from threads.
+
+    ``send`` blocks until its ack; ``submit`` returns a
+    ``concurrent.futures.Future`` at once, so one thread can pipeline many
+    heartbeats. Both are safe to call from any number of threads and raise
+    (or resolve with) what :meth:`HeartbeatStream.send` raises.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: HeartbeatStream) -> None:
+        self._loop = loop
+        self._stream = stream
+
+    def __enter__(self) -> SyncHeartbeatStream:
+        asyncio.run_coroutine_threadsafe(self._stream.__aenter__(), self._loop).result()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        asyncio.run_coroutine_threadsafe(
+            self._stream.__aexit__(exc_type, None, None), self._loop
+        ).result()
+
+    def submit(
+        self,
+        device_id: str,
+        reported: Mapping[str, str],
+        *,
+        seq: int | None = None,
+        ttl_s: int | None = None,
+        deadline_s: float | None = None,
+    ) -> concurrent.futures.Future[HeartbeatAck]:
+        return asyncio.run_coroutine_threadsafe(
+            self._stream.send(device_id, reported, seq=seq, ttl_s=ttl_s, deadline_s=deadline_s),
+            self._loop,
+        )
+
+    def send(
+        self,
+        device_id: str,
+        reported: Mapping[str, str],
+        *,
+        seq: int | None = None,
+        ttl_s: int | None = None,
+        deadline_s: float | None = None,
+    ) -> HeartbeatAck:
+        return self.submit(
+            device_id, reported, seq=seq, ttl_s=ttl_s, deadline_s=deadline_s
+        ).result()
+
+
+async def _make_stream(
+    client: AsyncDeviceClient, max_in_flight: int, endpoint: str | None
+) -> HeartbeatStream:
+    return client.stream(max_in_flight=max_in_flight, endpoint=endpoint)
+
+
+async def _make(endpoints: str | Sequence[str], options: dict[str, Any]) -> AsyncDeviceClient:
+    return AsyncDeviceClient(endpoints, **options)

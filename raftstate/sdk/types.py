@@ -1,0 +1,110 @@
+"""Values the SDK returns. Plain frozen dataclasses, converted from protobuf
+at the boundary with ``from_proto``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from raftstate.v1 import cluster_pb2, device_pb2
+
+ROLE_NAMES = {0: "unknown", 1: "follower", 2: "candidate", 3: "leader"}
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAck:
+    """An acknowledged heartbeat: it is committed on a majority.
+
+    ``duplicate`` is true when the cluster already held this seq or a newer
+    one, so nothing changed. That happens when an earlier attempt of the
+    same heartbeat committed but its answer was lost (``stored_seq == seq``)
+    or when a newer heartbeat overtook it (``stored_seq > seq``).
+    """
+
+    device_id: str
+    seq: int
+    revision: int
+    duplicate: bool
+    stored_seq: int
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device_id: str
+    seq: int
+    reported: Mapping[str, str]
+    revision: int
+    first_seen_ms: int
+    last_seen_ms: int
+    heartbeats: int
+    ttl_s: int
+    online: bool
+
+    @classmethod
+    def from_proto(cls, d: device_pb2.Device) -> Device:
+        return cls(
+            d.device_id,
+            d.seq,
+            dict(d.reported),
+            d.revision,
+            d.first_seen_ms,
+            d.last_seen_ms,
+            d.heartbeats,
+            d.ttl_s,
+            d.online,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePage:
+    devices: tuple[Device, ...]
+    next_page_token: str
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    node_id: str
+    raft_address: str
+    grpc_address: str
+    connected: bool
+    match_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """One node's view of the cluster (``Cluster.Status``)."""
+
+    node_id: str
+    role: str
+    term: int
+    commit_index: int
+    last_applied: int
+    leader_id: str
+    leader_grpc_address: str
+    members: tuple[MemberStatus, ...]
+    revision: int
+    devices: int
+    transport: str
+    durability: str
+
+    @classmethod
+    def from_proto(cls, s: cluster_pb2.StatusResponse) -> ClusterStatus:
+        return cls(
+            node_id=s.node_id,
+            role=ROLE_NAMES.get(s.role, "unknown"),
+            term=s.term,
+            commit_index=s.commit_index,
+            last_applied=s.last_applied,
+            leader_id=s.leader_id,
+            leader_grpc_address=s.leader_grpc_address,
+            members=tuple(
+                MemberStatus(m.node_id, m.raft_address, m.grpc_address, m.connected, m.match_index)
+                for m in s.members
+            ),
+            revision=s.revision,
+            devices=s.devices,
+            transport=s.transport,
+            durability=s.durability,
+        )

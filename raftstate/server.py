@@ -1,0 +1,333 @@
+"""gRPC services: DeviceState, Cluster and the standard health service.
+
+Every handler validates its request before touching Raft and lets
+:class:`~raftstate.errors.RaftStateError` propagate; :func:`_abort` is the one
+place that turns those into gRPC statuses. Handlers run on the node's event
+loop; they never block it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from raftstate.config import NodeConfig
+from raftstate.errors import (
+    LEADER_HINT_KEY,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    NotLeader,
+    RaftStateError,
+    Unavailable,
+)
+from raftstate.model import (
+    DEVICE_ID_MAX,
+    DEVICE_ID_RE,
+    Consistency,
+    DeviceView,
+    HeartbeatResult,
+    validate_consistency,
+    validate_device_id,
+    validate_filter,
+    validate_heartbeat,
+    validate_page_size,
+)
+from raftstate.proposer import Proposer
+from raftstate.raftnode import RaftNode, Role
+from raftstate.statemachine import DeviceTable
+from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
+
+log = logging.getLogger("raftstate.server")
+
+#: The server gives up this long before the caller's deadline, so the caller
+#: receives our UNAVAILABLE ("no leader", "not committed") rather than a bare
+#: DEADLINE_EXCEEDED from its own timer.
+DEADLINE_MARGIN_S = 0.05
+
+R = TypeVar("R")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: RaftStateError) -> None:
+    """The single mapping from our errors to gRPC statuses."""
+    if isinstance(err, NotLeader) and err.leader_hint:
+        context.set_trailing_metadata(((LEADER_HINT_KEY, err.leader_hint),))
+    await context.abort(err.grpc_code, err.message)
+
+
+def _unary(
+    fn: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await fn(self, request, context)
+        except RaftStateError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable: abort raises") from err
+
+    return wrapper
+
+
+class NodeServices:
+    """State shared by the servicers of one node."""
+
+    def __init__(self, cfg: NodeConfig, table: DeviceTable, raft: RaftNode, proposer: Proposer):
+        self.cfg = cfg
+        self.table = table
+        self.raft = raft
+        self.proposer = proposer
+        self.members_by_raft = {m.raft: m for m in cfg.members}
+
+    def budget(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds this request may take, from its deadline or the default."""
+        remaining: float | None = context.time_remaining()
+        if remaining is None:
+            return self.cfg.default_request_timeout_ms / 1000
+        return max(0.0, remaining - DEADLINE_MARGIN_S)
+
+    def leader_hint(self) -> str:
+        addr = self.raft.leader_raft_address()
+        member = self.members_by_raft.get(addr) if addr else None
+        return member.grpc if member else ""
+
+    async def wait_committed(
+        self, fut: asyncio.Future[HeartbeatResult | None], budget: float, what: str
+    ) -> HeartbeatResult | None:
+        """Await a proposer future for at most ``budget`` seconds.
+
+        Raises ``Unavailable`` on timeout; the message says whether a leader
+        is known, because that is what the operator needs to look at."""
+        try:
+            return await asyncio.wait_for(fut, budget)
+        except TimeoutError:
+            if self.raft.leader_raft_address() is None:
+                raise Unavailable(f"no leader elected; {what} not committed in time") from None
+            raise Unavailable(
+                f"{what} not committed in time "
+                "(outcome unknown; retrying with the same seq is safe)"
+            ) from None
+
+    async def read_fence(self, consistency: Consistency, budget: float) -> None:
+        """Make the local table fit for a read of the given consistency.
+
+        LINEARIZABLE: commit a barrier entry proposed after the read began
+        and wait until it is applied here; everything acknowledged before the
+        read is then visible locally. SERIALIZABLE: nothing."""
+        if consistency is Consistency.LINEARIZABLE:
+            await self.wait_committed(self.proposer.barrier(), budget, "read barrier")
+
+
+def _device_pb(view: DeviceView, now: int) -> device_pb2.Device:
+    return device_pb2.Device(
+        device_id=view.device_id,
+        seq=view.seq,
+        reported=view.reported,
+        revision=view.revision,
+        first_seen_ms=view.first_seen_ms,
+        last_seen_ms=view.last_seen_ms,
+        heartbeats=view.heartbeats,
+        ttl_s=view.ttl_s,
+        online=view.online(now),
+    )
+
+
+def _result_pb(res: HeartbeatResult | None) -> device_pb2.HeartbeatResponse:
+    if res is None:  # cannot happen for a heartbeat item; keep the type honest
+        raise Unavailable("heartbeat was applied without a result")
+    return device_pb2.HeartbeatResponse(
+        revision=res.revision, duplicate=res.duplicate, stored_seq=res.stored_seq
+    )
+
+
+def encode_page_token(after: str) -> str:
+    return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument("page_token", "is not a token from a previous response") from None
+    try:
+        return validate_device_id(raw, "page_token")
+    except InvalidArgument:
+        raise InvalidArgument("page_token", "is not a token from a previous response") from None
+
+
+class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
+    def __init__(self, node: NodeServices) -> None:
+        self.node = node
+
+    @_unary
+    async def Heartbeat(  # noqa: N802 - gRPC method name
+        self, request: device_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.HeartbeatResponse:
+        hb = validate_heartbeat(request.device_id, request.seq, request.reported, request.ttl_s)
+        fut = self.node.proposer.submit(hb)
+        res = await self.node.wait_committed(fut, self.node.budget(context), "heartbeat")
+        return _result_pb(res)
+
+    async def HeartbeatStream(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[device_pb2.HeartbeatRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[device_pb2.HeartbeatAck]:
+        """Pipelined: requests are proposed as they arrive; acks go back in
+        request order, one per request, each with its own status code."""
+        queue: asyncio.Queue[
+            tuple[device_pb2.HeartbeatRequest, asyncio.Future[Any] | RaftStateError] | None
+        ] = asyncio.Queue(maxsize=4096)
+
+        async def reader() -> None:
+            async for req in request_iterator:
+                outcome: asyncio.Future[Any] | RaftStateError
+                try:
+                    hb = validate_heartbeat(req.device_id, req.seq, req.reported, req.ttl_s)
+                    outcome = self.node.proposer.submit(hb)
+                except RaftStateError as err:
+                    outcome = err
+                await queue.put((req, outcome))
+            await queue.put(None)
+
+        task = asyncio.create_task(reader())
+        per_message = self.node.cfg.default_request_timeout_ms / 1000
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                req, outcome = item
+                ack = device_pb2.HeartbeatAck(device_id=req.device_id, seq=req.seq)
+                try:
+                    if isinstance(outcome, RaftStateError):
+                        raise outcome
+                    res = await self.node.wait_committed(outcome, per_message, "heartbeat")
+                    ack.result.CopyFrom(_result_pb(res))
+                except RaftStateError as err:
+                    ack.code = err.grpc_code.value[0]
+                    ack.message = err.message
+                yield ack
+            await task  # surfaces a reader failure, if any
+        finally:
+            task.cancel()
+
+    @_unary
+    async def GetDevice(  # noqa: N802
+        self, request: device_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.GetDeviceResponse:
+        validate_device_id(request.device_id)
+        consistency = validate_consistency(request.consistency)
+        await self.node.read_fence(consistency, self.node.budget(context))
+        revision = self.node.table.revision
+        view = self.node.table.get(request.device_id)
+        if view is None:
+            raise NotFound(f"device_id: {request.device_id!r} has never sent a heartbeat")
+        return device_pb2.GetDeviceResponse(device=_device_pb(view, now_ms()), revision=revision)
+
+    @_unary
+    async def ListDevices(  # noqa: N802
+        self, request: device_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.ListDevicesResponse:
+        if request.prefix and (
+            len(request.prefix) > DEVICE_ID_MAX or DEVICE_ID_RE.fullmatch(request.prefix) is None
+        ):
+            raise InvalidArgument("prefix", "may only contain A-Z a-z 0-9 . _ : - (at most 128)")
+        limit = validate_page_size(request.page_size)
+        online = validate_filter(request.filter)
+        consistency = validate_consistency(request.consistency)
+        after = decode_page_token(request.page_token) if request.page_token else None
+        await self.node.read_fence(consistency, self.node.budget(context))
+        revision = self.node.table.revision
+        now = now_ms()
+        page = self.node.table.list(
+            prefix=request.prefix, after=after, limit=limit, online=online, now_ms=now
+        )
+        return device_pb2.ListDevicesResponse(
+            devices=[_device_pb(v, now) for v in page.devices],
+            next_page_token=encode_page_token(page.next_after) if page.next_after else "",
+            revision=revision,
+        )
+
+
+class ClusterService(cluster_pb2_grpc.ClusterServicer):
+    def __init__(self, node: NodeServices) -> None:
+        self.node = node
+
+    @_unary
+    async def Status(  # noqa: N802
+        self, request: cluster_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> cluster_pb2.StatusResponse:
+        return status_pb(self.node)
+
+
+def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
+    """This node's view of the cluster, as ``Cluster.Status`` returns it."""
+    st = node.raft.status()
+    cfg = node.cfg
+    leader = node.members_by_raft.get(st.leader_raft_address or "")
+    members = [
+        cluster_pb2.Member(
+            node_id=m.id,
+            raft_address=m.raft,
+            grpc_address=m.grpc,
+            connected=m.id == cfg.node_id or m.raft in st.connected,
+            match_index=st.match_index.get(m.raft, st.commit_index if m.id == cfg.node_id else 0)
+            if st.role is Role.LEADER
+            else 0,
+        )
+        for m in cfg.members
+    ]
+    return cluster_pb2.StatusResponse(
+        node_id=cfg.node_id,
+        role=cluster_pb2.Role.Name(int(st.role)),
+        term=st.term,
+        commit_index=st.commit_index,
+        last_applied=st.last_applied,
+        leader_id=leader.id if leader else "",
+        leader_grpc_address=leader.grpc if leader else "",
+        members=members,
+        revision=node.table.revision,
+        devices=len(node.table),
+        transport=cfg.transport,
+        durability=cfg.durability,
+    )
+
+
+async def track_health(node: NodeServices, health: Any, period_s: float = 0.2) -> None:
+    """Keep the health service current: the overall service is SERVING while
+    the process runs; ``raftstate.v1.DeviceState`` is SERVING only while this
+    node knows a leader (it can commit and serve linearizable reads)."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    await health.set("", serving)
+    last = None
+    while True:
+        state = serving if node.raft.leader_raft_address() is not None else not_serving
+        if state != last:
+            await health.set("raftstate.v1.DeviceState", state)
+            last = state
+        await asyncio.sleep(period_s)
+
+
+__all__ = [
+    "ClusterService",
+    "DeadlineExceeded",
+    "DeviceStateService",
+    "NodeServices",
+    "status_pb",
+    "track_health",
+]

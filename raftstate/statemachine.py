@@ -1,0 +1,236 @@
+"""DeviceTable: the replicated state machine.
+
+Theory of operation
+-------------------
+Every node applies the same committed log entries in the same order, so every
+node must compute the same table from them. ``apply`` is therefore pure in the
+entry: it never reads a clock (time comes from ``proposed_at_ms`` inside the
+entry), never draws random numbers and never consults anything outside the
+table.
+
+Per heartbeat ``(device_id, seq)``:
+
+1. If the device is known and ``seq <= stored seq``, nothing changes and the
+   result is a *duplicate* carrying the current revision. A retried heartbeat
+   is therefore applied at most once, whatever the network did to it.
+2. Otherwise the store-wide ``revision`` increases by one and the device's
+   record is replaced by a new immutable :class:`DeviceView` stamped with it.
+   ``last_seen_ms`` never goes backwards even if proposing nodes' clocks
+   disagree: it is ``max(previous, proposed_at_ms)``.
+
+Threading: ``apply``/``restore`` run on pysyncobj's tick thread. Readers on
+other threads see whole records, because a record is never mutated, only
+replaced in the dict (a single, atomic store under the GIL). The sorted index
+used for listings is guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import threading
+from collections.abc import Iterable
+
+from raftstate.errors import DecodeError
+from raftstate.model import DevicePage, DeviceView, Heartbeat, HeartbeatResult, OnlineFilter
+from raftstate.v1 import storage_pb2
+
+SNAPSHOT_FORMAT = 1
+
+
+class DeviceTable:
+    """The latest state of every device, plus the store-wide revision."""
+
+    def __init__(self, default_ttl_s: int = 30) -> None:
+        self.default_ttl_s = default_ttl_s
+        self.revision = 0
+        self.max_proposed_at_ms = 0
+        self._devices: dict[str, DeviceView] = {}
+        self._ids: list[str] = []
+        self._ids_lock = threading.Lock()
+
+    # ---- writes (tick thread) -------------------------------------------------
+
+    def apply(self, entry: bytes) -> list[HeartbeatResult]:
+        """Apply one ``HeartbeatBatch`` log entry; return one result per heartbeat.
+
+        An entry with no heartbeats (a read barrier) changes nothing and
+        returns ``[]``. Raises ``DecodeError`` if the bytes are not a batch.
+        """
+        batch = storage_pb2.HeartbeatBatch()
+        try:
+            batch.ParseFromString(entry)
+        except Exception as exc:  # protobuf raises its own DecodeError type
+            raise DecodeError(f"log entry is not a HeartbeatBatch: {exc}") from exc
+        now_ms = batch.proposed_at_ms
+        if now_ms > self.max_proposed_at_ms:
+            self.max_proposed_at_ms = now_ms
+        return [self._apply_one(hb, now_ms) for hb in batch.heartbeats]
+
+    def _apply_one(self, hb: storage_pb2.HeartbeatRecord, now_ms: int) -> HeartbeatResult:
+        old = self._devices.get(hb.device_id)
+        if old is not None and hb.seq <= old.seq:
+            return HeartbeatResult(old.revision, True, old.seq)
+        self.revision += 1
+        ttl_s = hb.ttl_s or (old.ttl_s if old is not None else self.default_ttl_s)
+        if old is None:
+            new = DeviceView(
+                hb.device_id, hb.seq, dict(hb.reported), self.revision, now_ms, now_ms, 1, ttl_s
+            )
+            with self._ids_lock:
+                bisect.insort(self._ids, hb.device_id)
+        else:
+            new = DeviceView(
+                hb.device_id,
+                hb.seq,
+                dict(hb.reported),
+                self.revision,
+                old.first_seen_ms,
+                max(old.last_seen_ms, now_ms),
+                old.heartbeats + 1,
+                ttl_s,
+            )
+        self._devices[hb.device_id] = new
+        return HeartbeatResult(self.revision, False, hb.seq)
+
+    # ---- reads (any thread) ---------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def get(self, device_id: str) -> DeviceView | None:
+        """Return the device's current record, or ``None``. Thread-safe."""
+        return self._devices.get(device_id)
+
+    def list(
+        self,
+        *,
+        prefix: str = "",
+        after: str | None = None,
+        limit: int = 100,
+        online: OnlineFilter = OnlineFilter.ALL,
+        now_ms: int = 0,
+        max_scan: int = 10_000,
+    ) -> DevicePage:
+        """Return up to ``limit`` devices in id order whose id starts with
+        ``prefix`` and is greater than ``after``.
+
+        ``online`` filters by ``DeviceView.online(now_ms)``. At most
+        ``max_scan`` ids are examined per call; if the scan stops early the
+        page may be short but ``next_after`` lets the caller continue.
+        Thread-safe.
+        """
+        with self._ids_lock:
+            if after is None or after < prefix:
+                pos = bisect.bisect_left(self._ids, prefix)
+            else:
+                pos = bisect.bisect_right(self._ids, after)
+            window = self._ids[pos : pos + max_scan]
+        out: list[DeviceView] = []
+        last: str | None = None
+        for device_id in window:
+            if not device_id.startswith(prefix):
+                return DevicePage(out, None)
+            last = device_id
+            view = self._devices.get(device_id)
+            if view is None:
+                continue
+            if online is OnlineFilter.ONLINE and not view.online(now_ms):
+                continue
+            if online is OnlineFilter.OFFLINE and view.online(now_ms):
+                continue
+            out.append(view)
+            if len(out) == limit:
+                break
+        more = last is not None and (len(out) == limit or len(window) == max_scan)
+        return DevicePage(out, last if more else None)
+
+    def digest(self) -> str:
+        """A SHA-256 over the revision and every record in id order; equal on
+        two nodes that applied the same entries."""
+        h = hashlib.sha256()
+        h.update(str(self.revision).encode())
+        with self._ids_lock:
+            ids = list(self._ids)
+        for device_id in ids:
+            d = self._devices[device_id]
+            h.update(
+                repr(
+                    (
+                        d.device_id,
+                        d.seq,
+                        sorted(d.reported.items()),
+                        d.revision,
+                        d.first_seen_ms,
+                        d.last_seen_ms,
+                        d.heartbeats,
+                        d.ttl_s,
+                    )
+                ).encode()
+            )
+        return h.hexdigest()
+
+    # ---- snapshots (tick thread) ----------------------------------------------
+
+    def to_snapshot(self) -> storage_pb2.Snapshot:
+        """Return the table as a ``Snapshot`` message (Raft fields left empty)."""
+        snap = storage_pb2.Snapshot(
+            format=SNAPSHOT_FORMAT,
+            revision=self.revision,
+            max_proposed_at_ms=self.max_proposed_at_ms,
+        )
+        with self._ids_lock:
+            ids = list(self._ids)
+        add = snap.devices.add
+        for device_id in ids:
+            d = self._devices[device_id]
+            add(
+                device_id=d.device_id,
+                seq=d.seq,
+                reported=d.reported,
+                revision=d.revision,
+                first_seen_ms=d.first_seen_ms,
+                last_seen_ms=d.last_seen_ms,
+                heartbeats=d.heartbeats,
+                ttl_s=d.ttl_s,
+            )
+        return snap
+
+    def restore(self, snap: storage_pb2.Snapshot) -> None:
+        """Replace the whole table with the snapshot's contents.
+
+        Raises ``DecodeError`` for an unknown snapshot format.
+        """
+        if snap.format != SNAPSHOT_FORMAT:
+            raise DecodeError(f"snapshot format {snap.format} is not {SNAPSHOT_FORMAT}")
+        devices = {r.device_id: _view(r) for r in snap.devices}
+        ids = sorted(devices)
+        self._devices = devices
+        with self._ids_lock:
+            self._ids = ids
+        self.revision = snap.revision
+        self.max_proposed_at_ms = snap.max_proposed_at_ms
+
+
+def _view(r: storage_pb2.DeviceRecord) -> DeviceView:
+    return DeviceView(
+        r.device_id,
+        r.seq,
+        dict(r.reported),
+        r.revision,
+        r.first_seen_ms,
+        r.last_seen_ms,
+        r.heartbeats,
+        r.ttl_s,
+    )
+
+
+def encode_batch(heartbeats: Iterable[Heartbeat], proposed_at_ms: int) -> bytes:
+    """Encode validated heartbeats as one ``HeartbeatBatch`` log entry. An
+    empty iterable gives a read barrier."""
+    batch = storage_pb2.HeartbeatBatch(proposed_at_ms=proposed_at_ms)
+    add = batch.heartbeats.add
+    for hb in heartbeats:
+        add(device_id=hb.device_id, seq=hb.seq, reported=hb.reported, ttl_s=hb.ttl_s)
+    out: bytes = batch.SerializeToString()
+    return out

@@ -1,0 +1,140 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONSISTENCY_UNSPECIFIED: _ClassVar[Consistency]
+    LINEARIZABLE: _ClassVar[Consistency]
+    SERIALIZABLE: _ClassVar[Consistency]
+
+class OnlineFilter(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ONLINE_FILTER_UNSPECIFIED: _ClassVar[OnlineFilter]
+    ALL: _ClassVar[OnlineFilter]
+    ONLINE: _ClassVar[OnlineFilter]
+    OFFLINE: _ClassVar[OnlineFilter]
+CONSISTENCY_UNSPECIFIED: Consistency
+LINEARIZABLE: Consistency
+SERIALIZABLE: Consistency
+ONLINE_FILTER_UNSPECIFIED: OnlineFilter
+ALL: OnlineFilter
+ONLINE: OnlineFilter
+OFFLINE: OnlineFilter
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("device_id", "seq", "reported", "ttl_s")
+    class ReportedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    seq: int
+    reported: _containers.ScalarMap[str, str]
+    ttl_s: int
+    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., reported: _Optional[_Mapping[str, str]] = ..., ttl_s: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("revision", "duplicate", "stored_seq")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    STORED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    duplicate: bool
+    stored_seq: int
+    def __init__(self, revision: _Optional[int] = ..., duplicate: _Optional[bool] = ..., stored_seq: _Optional[int] = ...) -> None: ...
+
+class HeartbeatAck(_message.Message):
+    __slots__ = ("device_id", "seq", "code", "message", "result")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    seq: int
+    code: int
+    message: str
+    result: HeartbeatResponse
+    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., result: _Optional[_Union[HeartbeatResponse, _Mapping]] = ...) -> None: ...
+
+class Device(_message.Message):
+    __slots__ = ("device_id", "seq", "reported", "revision", "first_seen_ms", "last_seen_ms", "heartbeats", "ttl_s", "online")
+    class ReportedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    seq: int
+    reported: _containers.ScalarMap[str, str]
+    revision: int
+    first_seen_ms: int
+    last_seen_ms: int
+    heartbeats: int
+    ttl_s: int
+    online: bool
+    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., reported: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., first_seen_ms: _Optional[int] = ..., last_seen_ms: _Optional[int] = ..., heartbeats: _Optional[int] = ..., ttl_s: _Optional[int] = ..., online: _Optional[bool] = ...) -> None: ...
+
+class GetDeviceRequest(_message.Message):
+    __slots__ = ("device_id", "consistency")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    consistency: Consistency
+    def __init__(self, device_id: _Optional[str] = ..., consistency: _Optional[_Union[Consistency, str]] = ...) -> None: ...
+
+class GetDeviceResponse(_message.Message):
+    __slots__ = ("device", "revision")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    device: Device
+    revision: int
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class ListDevicesRequest(_message.Message):
+    __slots__ = ("prefix", "page_size", "page_token", "filter", "consistency")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    page_size: int
+    page_token: str
+    filter: OnlineFilter
+    consistency: Consistency
+    def __init__(self, prefix: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[_Union[OnlineFilter, str]] = ..., consistency: _Optional[_Union[Consistency, str]] = ...) -> None: ...
+
+class ListDevicesResponse(_message.Message):
+    __slots__ = ("devices", "next_page_token", "revision")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
+    next_page_token: str
+    revision: int
+    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,62 @@
+"""Batcher: the group-commit policy (sans-IO, time is an input)."""
+
+from __future__ import annotations
+
+from raftstate.batcher import Batcher
+
+
+def make(**kw: int | float) -> Batcher[int]:
+    opts = dict(max_delay=0.005, max_items=4, max_bytes=1000, max_inflight=2)
+    opts.update(kw)
+    return Batcher(**opts)  # type: ignore[arg-type]
+
+
+def test_idle_batcher_proposes_immediately() -> None:
+    b = make()
+    assert b.add(1, 10, now=0.0) == [[1]]
+    assert b.inflight == 1
+
+
+def test_items_accumulate_while_a_batch_is_in_flight() -> None:
+    b = make()
+    b.add(1, 10, 0.0)
+    assert b.add(2, 10, 0.001) == []
+    assert b.add(3, 10, 0.002) == []
+    assert b.finished(0.003) == [[2, 3]]
+
+
+def test_full_batch_is_sealed_without_waiting() -> None:
+    b = make(max_inflight=1)
+    b.add(0, 10, 0.0)
+    out = []
+    for i in range(1, 5):
+        out += b.add(i, 10, 0.0)
+    assert out == [[1, 2, 3, 4]]
+
+
+def test_byte_bound_seals_before_overflow() -> None:
+    b = make(max_inflight=1, max_bytes=100)
+    b.add(0, 10, 0.0)
+    assert b.add(1, 60, 0.0) == []
+    assert b.add(2, 60, 0.0) == [[1]]
+    assert b.pending == 1
+
+
+def test_old_batch_pipelines_only_when_a_slot_is_free() -> None:
+    b = make(max_inflight=2)
+    b.add(1, 10, 0.0)  # in flight: 1
+    b.add(2, 10, 0.001)
+    assert b.deadline() == 0.001 + 0.005
+    assert b.poll(0.004) == []
+    assert b.poll(0.006) == [[2]]  # slot 2 used
+    b.add(3, 10, 0.007)
+    assert b.poll(1.0) == []  # both slots busy: waits however old it is
+    assert b.finished(1.0) == [[3]]
+
+
+def test_drain_returns_pending_and_resets() -> None:
+    b = make()
+    b.add(1, 10, 0.0)
+    b.add(2, 10, 0.0)
+    assert b.drain() == [2]
+    assert b.pending == 0 and b.deadline() is None

@@ -1,0 +1,137 @@
+"""Config validation and loading; request validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raftstate.config import Member, NodeConfig
+from raftstate.errors import ConfigError, InvalidArgument
+from raftstate.model import validate_consistency, validate_heartbeat, validate_page_size
+
+MEMBERS = (
+    Member("n1", "127.0.0.1:7101", "127.0.0.1:7001"),
+    Member("n2", "127.0.0.1:7102", "127.0.0.1:7002"),
+    Member("n3", "127.0.0.1:7103", "127.0.0.1:7003"),
+)
+
+
+def good(**kw: object) -> NodeConfig:
+    values: dict[str, object] = {"node_id": "n1", "members": MEMBERS, "cluster_secret": "s" * 20}
+    values.update(kw)
+    return dataclasses.replace(NodeConfig.default(), **values)  # type: ignore[arg-type]
+
+
+def test_defaults_and_test_timers_validate() -> None:
+    good().validate()
+    dataclasses.replace(
+        NodeConfig.for_tests(), node_id="n1", members=MEMBERS, cluster_secret="s" * 20
+    ).validate()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"election_timeout_min_ms": 100, "heartbeat_ms": 50}, "election_timeout_min_ms"),
+        ({"election_timeout_max_ms": 500}, "election_timeout_max_ms"),
+        ({"node_id": "n9"}, "node_id"),
+        ({"cluster_secret": ""}, "cluster_secret"),
+        ({"cluster_secret": "short"}, "cluster_secret"),
+        ({"durability": "maybe"}, "durability"),
+        ({"transport": "carrier-pigeon"}, "transport"),
+        ({"leader_step_down_ms": 60}, "leader_step_down_ms"),
+        ({"tick_ms": 500}, "tick_ms"),
+        ({"grpc_listen": "nohost"}, "grpc_listen"),
+    ],
+)
+def test_validate_names_the_broken_field(change: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        good(**change).validate()
+    assert exc.value.message.startswith(field + ":")
+
+
+def test_load_precedence_file_then_flags_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "n1.toml"
+    path.write_text(good(heartbeat_ms=30, election_timeout_min_ms=300).to_toml())
+    cfg = NodeConfig.load(path)
+    assert cfg.heartbeat_ms == 30 and cfg.members == MEMBERS
+    cfg = NodeConfig.load(path, flags={"heartbeat_ms": "40"})
+    assert cfg.heartbeat_ms == 40
+    cfg = NodeConfig.load(
+        path, flags={"heartbeat_ms": "40"}, environ={"RAFTSTATE_HEARTBEAT_MS": "45"}
+    )
+    assert cfg.heartbeat_ms == 45
+
+
+def test_load_rejects_unknown_keys_and_bad_types(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("bogus = 1\n" + good().to_toml())
+    with pytest.raises(ConfigError, match="bogus: unknown setting"):
+        NodeConfig.load(path)
+    path.write_text(good().to_toml().replace("heartbeat_ms = 50", 'heartbeat_ms = "fast"'))
+    with pytest.raises(ConfigError, match="heartbeat_ms: must be an integer"):
+        NodeConfig.load(path)
+    with pytest.raises(ConfigError, match="heartbeat_ms: 'x' is not a number"):
+        NodeConfig.load(None, environ={"RAFTSTATE_HEARTBEAT_MS": "x"})
+
+
+def test_malformed_config_exits_nonzero_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('node_id = "n1"\nmembers = [\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "raftstate", "node", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not valid TOML" in lines[0]
+    path.write_text(good(election_timeout_min_ms=10).to_toml())
+    proc = subprocess.run(
+        [sys.executable, "-m", "raftstate", "node", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "raftstate node: election_timeout_min_ms: must exceed 3 × heartbeat_ms"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("", 1, {}, 0), "device_id"),
+        (("x" * 129, 1, {}, 0), "device_id"),
+        (("bad id", 1, {}, 0), "device_id"),
+        (("dev/1", 1, {}, 0), "device_id"),
+        (("d", 0, {}, 0), "seq"),
+        (("d", 1, {f"k{i}": "v" for i in range(65)}, 0), "reported"),
+        (("d", 1, {"k": "v" * 8200}, 0), "reported"),
+        (("d", 1, {"": "v"}, 0), "reported"),
+        (("d", 1, {}, 10**7), "ttl_s"),
+    ],
+)
+def test_bad_heartbeats_are_rejected_naming_the_field(args: tuple, field: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        validate_heartbeat(*args)
+    assert exc.value.field == field
+
+
+def test_limits_are_inclusive() -> None:
+    validate_heartbeat("A" * 128, 2**64 - 1, {f"k{i}": "v" for i in range(64)}, 0)
+    validate_heartbeat("a.b_c:d-e", 1, {"k": "v" * (8192 - 1)}, 0)
+
+
+def test_enum_and_page_size_validation() -> None:
+    with pytest.raises(InvalidArgument, match="consistency: unknown value 7"):
+        validate_consistency(7)
+    with pytest.raises(InvalidArgument, match="page_size"):
+        validate_page_size(1001)
+    assert validate_page_size(0) == 100
