@@ -85,6 +85,9 @@ class NodeConfig:
     #: Deadline for requests that carry none.
     default_request_timeout_ms: int = 5000
     log_level: str = "INFO"
+    #: TEST-ONLY negative control: serve LINEARIZABLE reads from local state
+    #: without ReadIndex. Breaks linearizability; never set it in production.
+    unsafe_serve_local_reads: bool = False
 
     # ---- construction ---------------------------------------------------------
 

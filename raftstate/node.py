@@ -21,6 +21,7 @@ from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError
 from raftstate.proposer import Proposer
 from raftstate.raftnode import RaftNode
+from raftstate.reads import ReadIndexDriver
 from raftstate.server import ClusterService, DeviceStateService, NodeServices, track_health
 from raftstate.statemachine import DeviceTable
 from raftstate.v1 import cluster_pb2_grpc, device_pb2_grpc
@@ -45,6 +46,7 @@ class Node:
         self.table = DeviceTable(cfg.default_ttl_s)
         self.raft: RaftNode | None = None
         self.proposer: Proposer | None = None
+        self.reads: ReadIndexDriver | None = None
         self.server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task[None] | None = None
 
@@ -55,7 +57,8 @@ class Node:
         # RaftNode's constructor waits for its transport to bind; keep the loop free.
         self.raft = await loop.run_in_executor(None, RaftNode, self.cfg, self.table)
         self.proposer = Proposer(self.cfg, self.raft.propose, loop)
-        services = NodeServices(self.cfg, self.table, self.raft, self.proposer)
+        self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
+        services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         device_pb2_grpc.add_DeviceStateServicer_to_server(DeviceStateService(services), self.server)
         cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(services), self.server)
@@ -87,6 +90,8 @@ class Node:
             await self.server.stop(grace_s)
         if self.proposer is not None:
             self.proposer.close()
+        if self.reads is not None:
+            self.reads.close()
         if self.raft is not None:
             raft, self.raft = self.raft, None
             await asyncio.get_running_loop().run_in_executor(None, raft.destroy_synchronous)

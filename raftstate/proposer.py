@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 1. A request handler calls :meth:`Proposer.submit` with a validated heartbeat
-   (or :meth:`Proposer.barrier` for a read barrier) and awaits the future.
+   and awaits the future.
 2. The :class:`~raftstate.batcher.Batcher` decides when pending items become
    one ``HeartbeatBatch`` entry; the proposer encodes it, stamps it with this
    node's wall clock and hands it to pysyncobj (leader: appended; follower:
@@ -44,8 +44,8 @@ _RECORD_OVERHEAD = 32
 
 @dataclass(slots=True)
 class _Item:
-    heartbeat: Heartbeat | None  # None: a read barrier
-    future: asyncio.Future[HeartbeatResult | None]
+    heartbeat: Heartbeat
+    future: asyncio.Future[HeartbeatResult]
 
 
 class Proposer:
@@ -75,7 +75,7 @@ class Proposer:
         self.entries_proposed = 0
         self.entries_retried = 0
 
-    def submit(self, hb: Heartbeat) -> asyncio.Future[HeartbeatResult | None]:
+    def submit(self, hb: Heartbeat) -> asyncio.Future[HeartbeatResult]:
         """Queue a heartbeat; the future resolves once it is committed and
         applied here. Raises ``ResourceExhausted`` when too many are waiting,
         ``Unavailable`` while shutting down."""
@@ -90,11 +90,6 @@ class Proposer:
         )
         return self._enqueue(_Item(hb, self._loop.create_future()), size)
 
-    def barrier(self) -> asyncio.Future[HeartbeatResult | None]:
-        """A future that resolves once an entry proposed after this call has
-        been committed and applied on this node (a read barrier)."""
-        return self._enqueue(_Item(None, self._loop.create_future()), _RECORD_OVERHEAD)
-
     def close(self) -> None:
         """Fail everything still pending with ``Unavailable``."""
         self._closed = True
@@ -106,7 +101,7 @@ class Proposer:
 
     # ---- internals ------------------------------------------------------------
 
-    def _enqueue(self, item: _Item, size: int) -> asyncio.Future[HeartbeatResult | None]:
+    def _enqueue(self, item: _Item, size: int) -> asyncio.Future[HeartbeatResult]:
         if self._closed:
             raise Unavailable("node is shutting down")
         self._waiting += 1
@@ -114,7 +109,7 @@ class Proposer:
         self._send(self._batcher.add(item, size, self._loop.time()))
         return item.future
 
-    def _on_item_done(self, _fut: asyncio.Future[HeartbeatResult | None]) -> None:
+    def _on_item_done(self, _fut: asyncio.Future[HeartbeatResult]) -> None:
         self._waiting -= 1
 
     def _send(self, batches: list[list[_Item]]) -> None:
@@ -123,9 +118,7 @@ class Proposer:
             if not live:
                 self._send(self._batcher.finished(self._loop.time()))
                 continue
-            entry = encode_batch(
-                (i.heartbeat for i in live if i.heartbeat is not None), self._clock_ms()
-            )
+            entry = encode_batch((i.heartbeat for i in live), self._clock_ms())
             self.entries_proposed += 1
             self._propose(entry, self._callback_for(live))
         self._arm_timer()
@@ -146,9 +139,7 @@ class Proposer:
         self, items: list[_Item], results: list[HeartbeatResult] | None, err: int
     ) -> None:
         if err == SUCCESS and results is not None:
-            it = iter(results)
-            for item in items:
-                value = next(it) if item.heartbeat is not None else None
+            for item, value in zip(items, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(value)
         else:

@@ -33,6 +33,7 @@ import pysyncobj.syncobj as _pso
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.journal import FileJournal
+from pysyncobj.transport import TCPTransport
 
 from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError, DecodeError
@@ -111,6 +112,31 @@ def syncobj_conf(cfg: NodeConfig, table: DeviceTable) -> SyncObjConf:
     )
 
 
+MessageHandler = Callable[[Any, dict[str, Any]], None]
+#: Messages of ours carried inside pysyncobj's transport have types with this prefix.
+OWN_MESSAGE_PREFIX = "rs_"
+
+
+class RaftstateTCPTransport(TCPTransport):  # type: ignore[misc]
+    """pysyncobj's TCP transport, with a side door for raftstate's own
+    messages (ReadIndex probes and acks). Everything else goes to pysyncobj
+    unchanged. Runs on the tick thread."""
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
+        super().__init__(syncObj, selfNode, otherNodes)
+        syncObj._own_transport = self  # so RaftNode.send_raw can reach it
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+        if isinstance(message, dict):
+            kind = message.get("type")
+            if isinstance(kind, str) and kind.startswith(OWN_MESSAGE_PREFIX):
+                handler = getattr(self._syncObj, "_own_message_handler", None)
+                if handler is not None:
+                    handler(node, message)
+                return
+        super()._onMessageReceived(node, message)
+
+
 class RaftNode(SyncObj):  # type: ignore[misc]
     """A pysyncobj node whose state machine is a :class:`DeviceTable`."""
 
@@ -118,13 +144,15 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.table = table
         self.cfg = cfg
+        self._own_message_handler: MessageHandler | None = None
+        self._own_transport: Any = None
         self._by_raft = {m.raft: m for m in cfg.members}
         me = cfg.self_member
         others = [m.raft for m in cfg.members if m.id != me.id]
         conf = syncobj_conf(cfg, table)
         journal_cls = DurableFileJournal if cfg.durability == "fsync" else None
         with _journal_class(journal_cls):
-            super().__init__(me.raft, others, conf)
+            super().__init__(me.raft, others, conf, transportClass=RaftstateTCPTransport)
         try:
             self.waitBinded()
         except Exception:
@@ -168,6 +196,15 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             connected=connected,
             match_index=match if role is Role.LEADER else {},
         )
+
+    def set_message_handler(self, handler: MessageHandler | None) -> None:
+        """Receive raftstate's own messages (type ``rs_*``) on the tick thread."""
+        self._own_message_handler = handler
+
+    def send_raw(self, node: Any, message: dict[str, Any]) -> None:
+        """Send one of our messages to a peer ``Node``. Tick thread only; a
+        message to a disconnected peer is dropped (senders retransmit)."""
+        self._own_transport.send(node, message)
 
     def leader_raft_address(self) -> str | None:
         """The last known leader's Raft address, or ``None``. Thread-safe."""

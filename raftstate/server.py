@@ -44,15 +44,19 @@ from raftstate.model import (
 )
 from raftstate.proposer import Proposer
 from raftstate.raftnode import RaftNode, Role
+from raftstate.reads import ReadFailed, ReadIndexDriver
 from raftstate.statemachine import DeviceTable
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
 
 log = logging.getLogger("raftstate.server")
 
-#: The server gives up this long before the caller's deadline, so the caller
-#: receives our UNAVAILABLE ("no leader", "not committed") rather than a bare
-#: DEADLINE_EXCEEDED from its own timer.
+#: The server gives up 10% of the caller's remaining time (at least 50 ms, at
+#: most 500 ms) before its deadline, so the caller receives our UNAVAILABLE
+#: ("no leader", "not committed") rather than a bare DEADLINE_EXCEEDED.
 DEADLINE_MARGIN_S = 0.05
+DEADLINE_MARGIN_MAX_S = 0.5
+
+READ_RETRY_S = 0.02
 
 R = TypeVar("R")
 
@@ -85,11 +89,19 @@ def _unary(
 class NodeServices:
     """State shared by the servicers of one node."""
 
-    def __init__(self, cfg: NodeConfig, table: DeviceTable, raft: RaftNode, proposer: Proposer):
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        table: DeviceTable,
+        raft: RaftNode,
+        proposer: Proposer,
+        reads: ReadIndexDriver,
+    ):
         self.cfg = cfg
         self.table = table
         self.raft = raft
         self.proposer = proposer
+        self.reads = reads
         self.members_by_raft = {m.raft: m for m in cfg.members}
 
     def budget(self, context: grpc.aio.ServicerContext) -> float:
@@ -97,7 +109,8 @@ class NodeServices:
         remaining: float | None = context.time_remaining()
         if remaining is None:
             return self.cfg.default_request_timeout_ms / 1000
-        return max(0.0, remaining - DEADLINE_MARGIN_S)
+        margin = min(DEADLINE_MARGIN_MAX_S, max(DEADLINE_MARGIN_S, 0.1 * remaining))
+        return max(0.0, remaining - margin)
 
     def leader_hint(self) -> str:
         addr = self.raft.leader_raft_address()
@@ -105,8 +118,8 @@ class NodeServices:
         return member.grpc if member else ""
 
     async def wait_committed(
-        self, fut: asyncio.Future[HeartbeatResult | None], budget: float, what: str
-    ) -> HeartbeatResult | None:
+        self, fut: asyncio.Future[HeartbeatResult], budget: float, what: str
+    ) -> HeartbeatResult:
         """Await a proposer future for at most ``budget`` seconds.
 
         Raises ``Unavailable`` on timeout; the message says whether a leader
@@ -124,11 +137,33 @@ class NodeServices:
     async def read_fence(self, consistency: Consistency, budget: float) -> None:
         """Make the local table fit for a read of the given consistency.
 
-        LINEARIZABLE: commit a barrier entry proposed after the read began
-        and wait until it is applied here; everything acknowledged before the
-        read is then visible locally. SERIALIZABLE: nothing."""
-        if consistency is Consistency.LINEARIZABLE:
-            await self.wait_committed(self.proposer.barrier(), budget, "read barrier")
+        LINEARIZABLE: ReadIndex (``raftstate.reads``): the leader confirms
+        with a quorum round that started after the read arrived, and this
+        node waits until it has applied the leader's commit index from that
+        moment; everything acknowledged before the read is then visible
+        locally. Failed attempts (no leader yet, leadership moving) are
+        retried until the deadline, then ``Unavailable``. SERIALIZABLE:
+        nothing."""
+        if consistency is Consistency.SERIALIZABLE or self.cfg.unsafe_serve_local_reads:
+            return
+        end = time.monotonic() + budget
+        while True:
+            remaining = end - time.monotonic()
+            if remaining > 0:
+                try:
+                    await asyncio.wait_for(self.reads.read(end), remaining)
+                    return
+                except ReadFailed:
+                    await asyncio.sleep(min(READ_RETRY_S, max(0.0, end - time.monotonic())))
+                    continue
+                except TimeoutError:
+                    pass
+            if self.raft.leader_raft_address() is None:
+                raise Unavailable("no leader elected; linearizable read not served in time")
+            raise Unavailable(
+                "leadership could not be confirmed by a quorum in time; "
+                "linearizable read not served (a SERIALIZABLE read may be stale)"
+            )
 
 
 def _device_pb(view: DeviceView, now: int) -> device_pb2.Device:
@@ -145,9 +180,7 @@ def _device_pb(view: DeviceView, now: int) -> device_pb2.Device:
     )
 
 
-def _result_pb(res: HeartbeatResult | None) -> device_pb2.HeartbeatResponse:
-    if res is None:  # cannot happen for a heartbeat item; keep the type honest
-        raise Unavailable("heartbeat was applied without a result")
+def _result_pb(res: HeartbeatResult) -> device_pb2.HeartbeatResponse:
     return device_pb2.HeartbeatResponse(
         revision=res.revision, duplicate=res.duplicate, stored_seq=res.stored_seq
     )

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(etcd-server etcd-client)
+APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

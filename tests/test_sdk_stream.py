@@ -20,7 +20,7 @@ import pytest
 from cluster.local import LocalCluster, wait_until
 from raftstate.config import NodeConfig
 from raftstate.errors import InvalidArgument, RaftStateError, Unavailable
-from raftstate.sdk import AsyncDeviceClient, HeartbeatAck, HeartbeatStream
+from raftstate.sdk import AsyncDeviceClient, DeviceClient, HeartbeatAck, HeartbeatStream
 from raftstate.sdk.stream import InFlight, Outgoing
 from raftstate.v1 import device_pb2, device_pb2_grpc
 
@@ -342,7 +342,9 @@ def test_heartbeats_sent_without_quorum_are_acked_once_it_returns(tmp_path: Path
                 ]
                 # Nothing can commit until a second node is back.
                 await asyncio.to_thread(
-                    wait_until, lambda: stream.retries + stream.reconnects > 0, 30.0,
+                    wait_until,
+                    lambda: stream.retries + stream.reconnects > 0,
+                    30.0,
                     "the stream to notice the lost quorum",
                 )
                 assert not any(t.done() and not t.exception() for t in sends)
@@ -358,3 +360,16 @@ def test_heartbeats_sent_without_quorum_are_acked_once_it_returns(tmp_path: Path
             assert all(stored[a.device_id] == a.seq for a in acks), node_id
     finally:
         cluster.stop()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_the_blocking_stream_pipelines_from_one_thread(shared_cluster: LocalCluster) -> None:
+    with DeviceClient(shared_cluster.endpoints) as client, client.stream() as stream:
+        futures = [stream.submit(f"gw-g-{i:02d}", STATE) for i in range(40)]
+        acks = [f.result(timeout=30) for f in futures]
+        with pytest.raises(InvalidArgument):
+            stream.send("not valid!", STATE, seq=3)
+        last = stream.send("gw-g-00", STATE)
+    assert [a.device_id for a in acks] == [f"gw-g-{i:02d}" for i in range(40)]
+    assert last.seq > acks[0].seq

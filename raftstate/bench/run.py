@@ -186,8 +186,9 @@ def _run_phase(
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(procs) as pool:
         pending = pool.map_async(run_load, specs)
-        if not sequential:  # sample the servers at both ends of the window
-            time.sleep(max(0.0, start_at + warmup - time.time()))
+        # Sample the servers at both ends of the window (sequential: from the
+        # common start, once the load process has started up, to its end).
+        time.sleep(max(0.0, (start_at if sequential else start_at + warmup) - time.time()))
         cpu0 = {name: _cpu_seconds(pid) for name, pid in server_pids.items()}
         busy0 = _busy_cpu_seconds()
         if not sequential:
@@ -306,11 +307,14 @@ def _ratios(results: list[PhaseResult]) -> dict[str, float]:
     throughput("write_throughput_raftstate_unary_over_etcd_unary", "write", "write")
     # etcd's best write phase, whichever shape it was: the conservative ratio.
     rs = by.get(("raftstate", "stream"))
-    best = max((r.ops_per_s for r in results if r.system == "etcd" and r.phase != "sequential"),
-               default=0.0)
+    best = max(
+        (r.ops_per_s for r in results if r.system == "etcd" and r.phase != "sequential"),
+        default=0.0,
+    )
     if rs and best:
         out["stream_throughput_raftstate_stream_over_etcd_best_write"] = round(
-            rs.ops_per_s / best, 2)
+            rs.ops_per_s / best, 2
+        )
     rs, et = by.get(("raftstate", "sequential")), by.get(("etcd", "sequential"))
     if rs and et and rs.latency_ms.p50:
         out["sequential_p50_ms_raftstate"] = round(rs.latency_ms.p50, 3)

@@ -255,7 +255,7 @@ class HeartbeatStream:
         if not self._started or self._closing:
             raise RuntimeError("HeartbeatStream.send: use it inside 'async with client.stream()'")
         if self._fatal is not None:
-            raise self._fatal
+            raise self._fatal.with_traceback(None)
         client = self._client
         if seq is None:
             validate_device_id(device_id)
@@ -444,9 +444,7 @@ class HeartbeatStream:
         """Run one gRPC stream to ``endpoint`` until it ends. Returns the
         error that ended it, or ``None`` after a clean half-close."""
         loop = asyncio.get_running_loop()
-        stub = device_pb2_grpc.DeviceStateStub(  # type: ignore[no-untyped-call]
-            self._client._channel(endpoint)
-        )
+        stub = device_pb2_grpc.DeviceStateStub(self._client._channel(endpoint))
         call = stub.HeartbeatStream()
         conn = _Connection(endpoint, call, InFlight(), loop.time())
         self._conn = conn
