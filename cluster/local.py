@@ -119,16 +119,28 @@ class LocalCluster:
         secret: str | None = None,
         base_config: NodeConfig | None = None,
         python: str = sys.executable,
+        hosts: list[str] | None = None,
+        exec_prefix: Callable[[str], list[str]] | None = None,
     ) -> None:
+        """``hosts`` gives each node its own address (e.g. one per network
+        namespace; ports then default to 7001/7101 on every host) and
+        ``exec_prefix(node_id)`` the command that runs a node there (e.g.
+        ``ip netns exec NAME``)."""
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.size = size
         self.python = python
-        ports = free_ports(2 * size, host) if grpc_ports is None or raft_ports is None else []
-        grpc_ports = grpc_ports or ports[:size]
-        raft_ports = raft_ports or ports[size:]
+        self.exec_prefix = exec_prefix
+        if hosts is not None:
+            grpc_ports = grpc_ports or [DEFAULT_GRPC_BASE] * size
+            raft_ports = raft_ports or [DEFAULT_RAFT_BASE] * size
+        else:
+            hosts = [host] * size
+            if grpc_ports is None or raft_ports is None:
+                ports = free_ports(2 * size, host)
+                grpc_ports, raft_ports = ports[:size], ports[size:]
         members = tuple(
-            Member(f"n{i + 1}", f"{host}:{raft_ports[i]}", f"{host}:{grpc_ports[i]}")
+            Member(f"n{i + 1}", f"{hosts[i]}:{raft_ports[i]}", f"{hosts[i]}:{grpc_ports[i]}")
             for i in range(size)
         )
         base = base_config or NodeConfig.default()
@@ -173,8 +185,10 @@ class LocalCluster:
         node.config_path.write_text(node.config.to_toml())
         log = open(node.log_path, "ab")
         try:
+            prefix = self.exec_prefix(node_id) if self.exec_prefix is not None else []
             node.proc = subprocess.Popen(
-                [self.python, "-m", "raftstate", "node", "--config", str(node.config_path)],
+                [*prefix, self.python, "-m", "raftstate", "node", "--config",
+                 str(node.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

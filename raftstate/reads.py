@@ -82,7 +82,6 @@ class ReadIndexDriver:
         self._keys = itertools.count(1)
         # tick-thread state
         self._leader_term: int | None = None
-        self._barrier_term: int | None = None
         self._remote: dict[int, float] = {}  # key -> deadline, asked the leader
         self._apply_waits: list[tuple[int, int]] = []  # (read_index, key)
         self.reads_served = 0
@@ -148,7 +147,6 @@ class ReadIndexDriver:
             self._handle(self._tracker.on_step_down())
 
     def _propose_barrier(self, term: int) -> None:
-        self._barrier_term = term
 
         def done(_res: Any, err: int) -> None:  # tick thread
             self._sync()

@@ -54,7 +54,7 @@ class DeviceTable:
     def apply(self, entry: bytes) -> list[HeartbeatResult]:
         """Apply one ``HeartbeatBatch`` log entry; return one result per heartbeat.
 
-        An entry with no heartbeats (a read barrier) changes nothing and
+        An entry with no heartbeats (a new leader's barrier) changes nothing and
         returns ``[]``. Raises ``DecodeError`` if the bytes are not a batch.
         """
         batch = storage_pb2.HeartbeatBatch()
@@ -227,7 +227,7 @@ def _view(r: storage_pb2.DeviceRecord) -> DeviceView:
 
 def encode_batch(heartbeats: Iterable[Heartbeat], proposed_at_ms: int) -> bytes:
     """Encode validated heartbeats as one ``HeartbeatBatch`` log entry. An
-    empty iterable gives a read barrier."""
+    empty iterable gives a barrier entry that changes nothing."""
     batch = storage_pb2.HeartbeatBatch(proposed_at_ms=proposed_at_ms)
     add = batch.heartbeats.add
     for hb in heartbeats:

@@ -202,3 +202,14 @@ def test_without_quorum_writes_fail_unavailable_within_deadline(
         s.Heartbeat(device_pb2.HeartbeatRequest(device_id="lonely", seq=1), timeout=1.0)
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no leader" in exc.value.details()
+
+
+def test_client_without_leader_preference_reads_and_writes_through_its_node(
+    shared: LocalCluster,
+) -> None:
+    leader = shared.wait_for_leader()
+    follower = next(n for n in shared.nodes.values() if n.node_id != leader)
+    with DeviceClient([follower.endpoint], prefer_leader=False) as client:
+        ack = client.heartbeat("near-1", {"via": "follower"})
+        assert client.get("near-1").seq == ack.seq
+        assert client.status().node_id == follower.node_id

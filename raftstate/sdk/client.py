@@ -75,8 +75,14 @@ class AsyncDeviceClient:
         attempt_timeout_s: float = DEFAULT_ATTEMPT_TIMEOUT_S,
         backoff: Backoff | None = None,
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+        prefer_leader: bool = True,
     ) -> None:
+        """``prefer_leader=False`` keeps requests on the endpoints in the given
+        order (the first is the "nearest"), moving on only when one fails:
+        writes are then forwarded by that node, and linearizable reads are
+        served there through ReadIndex, spreading read load."""
         self.endpoints = parse_endpoints(endpoints)
+        self.prefer_leader = prefer_leader
         self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
         self.backoff = backoff or Backoff()
@@ -248,7 +254,7 @@ class AsyncDeviceClient:
     ) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (deadline_s if deadline_s is not None else self.deadline_s)
-        if self._leader is None:
+        if self._leader is None and self.prefer_leader:
             await self.find_leader(timeout_s=min(0.5, self.attempt_timeout_s))
         n = 0
         while True:
@@ -275,7 +281,7 @@ class AsyncDeviceClient:
             await asyncio.sleep(delay)
 
     def _on_retriable(self, endpoint: str, err: RaftStateError) -> None:
-        if isinstance(err, NotLeader) and err.leader_hint:
+        if self.prefer_leader and isinstance(err, NotLeader) and err.leader_hint:
             self._leader = err.leader_hint
             return
         # Something is wrong with this endpoint or its view; move on and
@@ -285,7 +291,7 @@ class AsyncDeviceClient:
         self._next += 1
 
     def _pick(self) -> str:
-        if self._leader is not None:
+        if self._leader is not None and self.prefer_leader:
             return self._leader
         return self.endpoints[self._next % len(self.endpoints)]
 
