@@ -34,29 +34,40 @@ class Verdict:
     notes: tuple[str, ...] = field(default=())
 
     def explain(self) -> str:
-        lines = [f"verifier: {'OK' if self.ok else 'FAILED'} at applied index "
-                 f"{self.applied_index}, {self.devices} devices"]
+        lines = [
+            f"verifier: {'OK' if self.ok else 'FAILED'} at applied index "
+            f"{self.applied_index}, {self.devices} devices"
+        ]
         lines += [f"  - {p}" for p in self.problems]
         if self.lin is not None and not self.lin.ok:
             lines.append(self.lin.explain())
         return "\n".join(lines)
 
 
-def node_table(endpoint: str, timeout_s: float = 5.0) -> dict[str, Record]:
-    """device_id -> (seq, reported, revision, heartbeats) on one node."""
+def node_table(endpoint: str, prefix: str = "", timeout_s: float = 5.0) -> dict[str, Record]:
+    """device_id -> (seq, reported, revision, heartbeats) as exactly this node
+    holds them (SERIALIZABLE: answered from its own table), every page."""
     out: dict[str, Record] = {}
     token = ""
     with grpc.insecure_channel(endpoint) as ch:
         stub = device_pb2_grpc.DeviceStateStub(ch)
         while True:
             res = stub.ListDevices(
-                device_pb2.ListDevicesRequest(page_size=1000, page_token=token,
-                                              consistency=device_pb2.SERIALIZABLE),
+                device_pb2.ListDevicesRequest(
+                    prefix=prefix,
+                    page_size=1000,
+                    page_token=token,
+                    consistency=device_pb2.SERIALIZABLE,
+                ),
                 timeout=timeout_s,
             )
             for d in res.devices:
-                out[d.device_id] = (d.seq, tuple(sorted(d.reported.items())), d.revision,
-                                    d.heartbeats)
+                out[d.device_id] = (
+                    d.seq,
+                    tuple(sorted(d.reported.items())),
+                    d.revision,
+                    d.heartbeats,
+                )
             token = res.next_page_token
             if not token:
                 return out
@@ -66,7 +77,8 @@ def _status(endpoint: str) -> cluster_pb2.StatusResponse | None:
     with grpc.insecure_channel(endpoint) as ch:
         try:
             res: cluster_pb2.StatusResponse = cluster_pb2_grpc.ClusterStub(ch).Status(
-                cluster_pb2.StatusRequest(), timeout=2)
+                cluster_pb2.StatusRequest(), timeout=2
+            )
         except grpc.RpcError:
             return None
         return res
@@ -81,8 +93,10 @@ def wait_converged(endpoints: list[str], timeout_s: float = 30.0) -> int:
         if all(s is not None for s in statuses):
             leaders = {s.leader_id for s in statuses if s is not None}
             leader = next((s for s in statuses if s is not None and s.role == 3), None)
-            if len(leaders) == 1 and leader is not None and all(
-                s is not None and s.last_applied >= leader.commit_index for s in statuses
+            if (
+                len(leaders) == 1
+                and leader is not None
+                and all(s is not None and s.last_applied >= leader.commit_index for s in statuses)
             ):
                 return leader.commit_index
         if time.monotonic() >= deadline:
@@ -104,14 +118,17 @@ def verify(
     for endpoint, table in tables.items():
         lost = {d: s for d, s in acked.items() if table.get(d, (0,))[0] < s}
         if lost:
-            problems.append(f"{endpoint} lost {len(lost)} acknowledged heartbeats, e.g. "
-                            f"{sorted(lost.items())[:3]}")
+            problems.append(
+                f"{endpoint} lost {len(lost)} acknowledged heartbeats, e.g. "
+                f"{sorted(lost.items())[:3]}"
+            )
     first_endpoint, first = next(iter(tables.items()))
     for endpoint, table in tables.items():
         if table != first:
             diff = sorted(k for k in set(table) | set(first) if table.get(k) != first.get(k))
-            problems.append(f"{endpoint} differs from {first_endpoint} on {len(diff)} devices, "
-                            f"e.g. {diff[:3]}")
+            problems.append(
+                f"{endpoint} differs from {first_endpoint} on {len(diff)} devices, e.g. {diff[:3]}"
+            )
     lin = check(history) if history is not None else None
     if lin is not None and not lin.ok:
         problems.append(f"history is not linearizable ({lin.verdict.name})")

@@ -82,7 +82,9 @@ class ReadIndexDriver:
         self._keys = itertools.count(1)
         # tick-thread state
         self._leader_term: int | None = None
-        self._remote: dict[int, float] = {}  # key -> deadline, asked the leader
+        # key -> (deadline, leader asked, when asked): follower reads in flight
+        self._remote: dict[int, tuple[float, str, float]] = {}
+        self._resend_after = resend_after
         self._apply_waits: list[tuple[int, int]] = []  # (read_index, key)
         self.reads_served = 0
         self.reads_failed = 0
@@ -180,7 +182,7 @@ class ReadIndexDriver:
                 )
                 self._handle(out)
             elif leader is not None and leader.id in self._nodes:
-                self._remote[key] = deadline
+                self._remote[key] = (deadline, leader.id, now)
                 raft.send_raw(leader, {"type": REQUEST, "id": key,
                                        "timeout": max(0.0, deadline - now)})
             else:
@@ -193,9 +195,16 @@ class ReadIndexDriver:
         self._sync()
         now = time.monotonic()
         self._handle(self._tracker.on_tick(now))
-        for key in [k for k, d in self._remote.items() if d <= now]:
-            del self._remote[key]
-            self._answer(key, False)
+        # A follower read fails early (and the caller retries with a fresh
+        # request) when its deadline passed, the leader changed, or the leader
+        # has not answered for a while (a lost message on a lossy transport).
+        leader = self._raft._getLeader()
+        leader_id = leader.id if leader is not None else None
+        patience = max(1.0, 8 * self._resend_after)
+        for key, (deadline, asked, sent) in list(self._remote.items()):
+            if deadline <= now or asked != leader_id or now - sent > patience:
+                del self._remote[key]
+                self._answer(key, False)
         self._release_applied()
 
     def _release_applied(self) -> None:

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import grpc
-
+from chaos.verify import node_table
 from cluster.local import LocalCluster
-from raftstate.v1 import device_pb2, device_pb2_grpc
 
 
-def node_devices(endpoint: str, timeout_s: float = 5.0) -> dict[str, int]:
-    """device_id -> seq as this one node sees it (SERIALIZABLE, every page)."""
-    out: dict[str, int] = {}
-    token = ""
-    with grpc.insecure_channel(endpoint) as ch:
-        stub = device_pb2_grpc.DeviceStateStub(ch)
-        while True:
-            res = stub.ListDevices(
-                device_pb2.ListDevicesRequest(
-                    page_size=1000, page_token=token, consistency=device_pb2.SERIALIZABLE
-                ),
-                timeout=timeout_s,
-            )
-            out.update({d.device_id: d.seq for d in res.devices})
-            token = res.next_page_token
-            if not token:
-                return out
+def node_devices(endpoint: str, prefix: str = "") -> dict[str, int]:
+    """device_id -> seq as exactly this node holds them."""
+    return {d: rec[0] for d, rec in node_table(endpoint, prefix).items()}
 
 
 def wait_caught_up(

@@ -14,15 +14,15 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
+from helpers import node_devices, wait_caught_up
 
 from cluster.local import LocalCluster, wait_until
 from raftstate.config import NodeConfig
 from raftstate.errors import InvalidArgument, RaftStateError, Unavailable
 from raftstate.sdk import AsyncDeviceClient, DeviceClient, HeartbeatAck, HeartbeatStream
 from raftstate.sdk.stream import InFlight, Outgoing
-from raftstate.v1 import device_pb2, device_pb2_grpc
+from raftstate.v1 import device_pb2
 
 STATE = {"temp_c": "21.5", "fw": "1.4.2"}
 
@@ -90,38 +90,6 @@ def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCl
         cluster.stop()
 
 
-def _stored_seqs(endpoint: str, prefix: str) -> dict[str, int]:
-    """Every device under ``prefix`` on exactly this node (SERIALIZABLE, so
-    the node answers from its own table without asking the leader)."""
-    out: dict[str, int] = {}
-    token = ""
-    with grpc.insecure_channel(endpoint) as ch:
-        stub = device_pb2_grpc.DeviceStateStub(ch)
-        while True:
-            page = stub.ListDevices(
-                device_pb2.ListDevicesRequest(
-                    prefix=prefix,
-                    page_size=1000,
-                    page_token=token,
-                    consistency=device_pb2.SERIALIZABLE,
-                ),
-                timeout=5.0,
-            )
-            out.update({d.device_id: d.seq for d in page.devices})
-            if not page.next_page_token:
-                return out
-            token = page.next_page_token
-
-
-def _caught_up(cluster: LocalCluster, nodes: list[str]) -> None:
-    """Wait until every node in ``nodes`` has applied the leader's commit index."""
-    leader = cluster.wait_for_leader(among=nodes)
-    status = cluster.status(leader)
-    assert status is not None, f"leader {leader} stopped answering"
-    for node_id in nodes:
-        cluster.wait_applied(node_id, status.commit_index, timeout_s=20.0)
-
-
 def _node_of(cluster: LocalCluster, endpoint: str | None) -> str:
     return next(n for n, p in cluster.nodes.items() if p.endpoint == endpoint)
 
@@ -148,9 +116,9 @@ def test_500_pipelined_heartbeats_are_acked_and_on_every_node(
     assert len(last) == 50
     assert all(not a.duplicate and a.stored_seq == a.seq for a in acks)
 
-    _caught_up(cluster, list(cluster.nodes))
+    wait_caught_up(cluster, list(cluster.nodes))
     for node_id, node in cluster.nodes.items():
-        assert _stored_seqs(node.endpoint, "gw-a-") == last, f"{node_id} differs"
+        assert node_devices(node.endpoint, "gw-a-") == last, f"{node_id} differs"
 
 
 @pytest.mark.cluster
@@ -258,9 +226,9 @@ def test_killing_the_streams_node_loses_no_acknowledged_heartbeat(
         assert all(isinstance(e, RaftStateError) for e in failures)
 
         survivors = [n for n in cluster.nodes if n != victim]
-        _caught_up(cluster, survivors)
+        wait_caught_up(cluster, survivors)
         for node_id in survivors:
-            stored = _stored_seqs(cluster.nodes[node_id].endpoint, "gw-c-")
+            stored = node_devices(cluster.nodes[node_id].endpoint, "gw-c-")
             for device_id, seqs in acked.items():
                 assert stored[device_id] >= max(seqs), f"{node_id} lost {device_id}"
                 assert stored[device_id] in sent[device_id], f"{node_id}: phantom seq"
@@ -354,9 +322,9 @@ def test_heartbeats_sent_without_quorum_are_acked_once_it_returns(tmp_path: Path
         acks, stream = asyncio.run(run())
         assert [a.device_id for a in acks] == [f"gw-f-{i:02d}" for i in range(10)]
         survivors = [leader, followers[0]]
-        _caught_up(cluster, survivors)
+        wait_caught_up(cluster, survivors)
         for node_id in survivors:
-            stored = _stored_seqs(cluster.nodes[node_id].endpoint, "gw-f-")
+            stored = node_devices(cluster.nodes[node_id].endpoint, "gw-f-")
             assert all(stored[a.device_id] == a.seq for a in acks), node_id
     finally:
         cluster.stop()
