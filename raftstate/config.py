@@ -20,8 +20,8 @@ from typing import Any
 from raftstate.errors import ConfigError
 
 ENV_PREFIX = "RAFTSTATE_"
-_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
-_NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_HOSTPORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TRANSPORTS = ("tcp",)
 DURABILITY = ("process-crash", "fsync")
 
@@ -192,7 +192,7 @@ class NodeConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first field that breaks a rule."""
-        if not _NODE_ID.match(self.node_id):
+        if not _NODE_ID.fullmatch(self.node_id):
             raise ConfigError("node_id: must be 1-64 characters from [A-Za-z0-9._-]")
         if not self.members:
             raise ConfigError("members: at least one member is required")
@@ -203,7 +203,7 @@ class NodeConfig:
         if len(set(raft_addrs)) != len(raft_addrs):
             raise ConfigError("members: raft addresses must be unique")
         for m in self.members:
-            if not _NODE_ID.match(m.id):
+            if not _NODE_ID.fullmatch(m.id):
                 raise ConfigError(
                     f"members.id: {m.id!r} must be 1-64 characters from [A-Za-z0-9._-]"
                 )
@@ -265,7 +265,7 @@ def _positive(cfg: NodeConfig, *names: str) -> None:
 
 
 def _check_hostport(name: str, value: str) -> None:
-    m = _HOSTPORT.match(value)
+    m = _HOSTPORT.fullmatch(value)
     if m is None or not 0 < int(m.group(2)) < 65536:
         raise ConfigError(f"{name}: {value!r} is not host:port")
 
