@@ -1,28 +1,43 @@
-"""``raftstate bench``: heartbeat throughput and latency, side by side with etcd.
+"""``raftstate bench``: heartbeat and read throughput and latency, side by side with etcd.
 
 For each system (raftstate, and with ``--vs-etcd`` a three-member etcd that
-the benchmark starts itself) it runs these phases (``--phases``), in order:
+the benchmark starts itself) it runs the phases chosen with ``--phases``, in
+the order of :data:`PHASES` (see :data:`PHASE_HELP`):
 
-1. **sequential**: one client, one device, one request at a time: the
-   latency floor;
-2. **write** (unary): ``--devices`` simulated devices in ``--procs`` load
-   processes, each sending its next heartbeat (etcd: Put) as a unary call to
-   the leader as soon as the last is acknowledged;
-3. **stream** (gateways): the same devices behind ``--streams`` gateways per
-   load process, spread over all endpoints. A raftstate gateway pipelines its
-   devices' heartbeats on one ``HeartbeatStream``; etcd has no streaming put,
-   so an etcd gateway pipelines its devices' concurrent unary Puts over one
-   channel of its own (shown as phase ``gateway``).
+* **sequential**: one client, one device, one request at a time: the
+  latency floor;
+* **write** (unary): ``--devices`` simulated devices in ``--procs`` load
+  processes, each sending its next heartbeat (etcd: Put) as a unary call to
+  the leader as soon as the last is acknowledged;
+* **stream** (gateways): the same devices behind ``--streams`` gateways per
+  load process, spread over all endpoints. A raftstate gateway pipelines its
+  devices' heartbeats on one ``HeartbeatStream``; etcd has no streaming put,
+  so an etcd gateway pipelines its devices' concurrent unary Puts over one
+  channel of its own (shown as phase ``gateway``);
+* **read-{lin,ser}-{leader,follower}**: closed-loop reads, linearizable
+  (raftstate: ReadIndex; etcd: linearizable Range) or serializable (the
+  node's local state), by ``--devices`` readers of pre-written devices. The
+  follower phases pin each load process's client to one follower
+  (raftstate: ``prefer_leader=False``; etcd: a channel to that member),
+  load processes dealt out over the followers;
+* **mixed**: closed loop, unary, at the leader; each device alternates a
+  heartbeat and a linearizable read of itself;
+* **read-{lin,ser}-open**: open loop at the leader: ``--read-rate`` reads
+  per second in total, sent on schedule whatever the answers do, at most
+  ``--devices`` in flight (an arrival over the bound is an error). This is
+  the comparison for "linearizable read p99 within 2x of serializable at
+  the same offered load".
 
-Phases 2 and 3 measure ``--duration`` seconds after ``--warmup``. Both
-systems are driven by the same load code over Python grpc.aio, so the ratios
-compare the servers, not the clients. CPU is measured per process inside the
-measurement window (servers from /proc, load processes from getrusage);
-``other cpu`` is what the rest of the machine used meanwhile (from
-/proc/stat), so a noisy box shows. etcd fsyncs like raftstate does
-(``--etcd-durability match``): with raftstate's default ``process-crash``
-durability etcd runs with ``--unsafe-no-fsync``. Results are printed as a
-table and saved as JSON under ``--out``, with the exact command line.
+Every phase but sequential measures ``--duration`` seconds after
+``--warmup``. Both systems are driven by the same load code over Python
+grpc.aio, so the ratios compare the servers, not the clients. CPU is measured
+per process inside the measurement window (servers from /proc, load
+processes from getrusage); ``other cpu`` is what the rest of the machine used
+meanwhile (from /proc/stat), so a noisy box shows. etcd fsyncs like raftstate
+does (``--etcd-durability match``): with raftstate's default
+``process-crash`` durability etcd runs with ``--unsafe-no-fsync``. Results
+are printed as a table and saved as JSON under ``--out``, with the exact
+command line.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -38,20 +54,86 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from raftstate.bench.load import LoadResult, LoadSpec, run_load
-from raftstate.bench.stats import LatencySummary
+from raftstate.bench.stats import (
+    LatencySummary,
+    PhaseResult,
+    ratios,
+    render_details,
+    render_table,
+    target_verdicts,
+)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PHASES = ("sequential", "write", "stream")
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseShape:
+    """How a phase drives a system: what each call does (``LoadSpec.op``),
+    the load shape (``LoadSpec.mode``) and where calls go (``"leader"``,
+    ``"follower"`` or ``"all"`` endpoints)."""
+
+    op: str
+    mode: str = "unary"
+    at: str = "leader"
+
+
+PHASE_SHAPES: dict[str, PhaseShape] = {
+    "sequential": PhaseShape("write"),
+    "write": PhaseShape("write"),
+    "stream": PhaseShape("write", mode="stream", at="all"),
+    "read-lin-leader": PhaseShape("read-linearizable"),
+    "read-lin-follower": PhaseShape("read-linearizable", at="follower"),
+    "read-ser-leader": PhaseShape("read-serializable"),
+    "read-ser-follower": PhaseShape("read-serializable", at="follower"),
+    "mixed": PhaseShape("mixed"),
+    "read-lin-open": PhaseShape("read-linearizable", mode="open"),
+    "read-ser-open": PhaseShape("read-serializable", mode="open"),
+}
+PHASES = tuple(PHASE_SHAPES)
+PHASE_HELP = {
+    "sequential": "one client, one device, --sequential heartbeats one at a time",
+    "write": "--devices devices, closed loop, unary heartbeats to the leader",
+    "stream": "the devices behind --streams gateways per process (etcd: 'gateway')",
+    "read-lin-leader": "closed-loop linearizable reads at the leader",
+    "read-lin-follower": "closed-loop linearizable reads, each process pinned to a follower",
+    "read-ser-leader": "closed-loop serializable (local) reads at the leader",
+    "read-ser-follower": "closed-loop serializable reads, each process pinned to a follower",
+    "mixed": "closed loop, 50% heartbeats / 50% linearizable reads, at the leader",
+    "read-lin-open": "open loop: --read-rate linearizable reads/s at the leader",
+    "read-ser-open": "open loop: --read-rate serializable reads/s at the leader",
+}
+#: What runs without ``--phases``: about 95 s per system on a 2-cpu machine
+#: with the default --duration and --warmup, under 4 minutes with --vs-etcd.
+DEFAULT_PHASES = (
+    "sequential",
+    "write",
+    "stream",
+    "read-lin-leader",
+    "read-lin-follower",
+    "read-lin-open",
+    "read-ser-open",
+)
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = "Benchmark heartbeats and reads on a 3-node cluster, optionally against etcd."
+    p.epilog = "phases (run in this order):\n" + "\n".join(
+        f"  {name:<18} {text}" + (" [default]" if name in DEFAULT_PHASES else "")
+        for name, text in PHASE_HELP.items()
+    )
     p.add_argument("--endpoints", help="benchmark a running cluster instead of starting one")
-    p.add_argument("--devices", type=int, default=256, help="concurrent simulated devices")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=256,
+        help="concurrent simulated devices (open-loop phases: the bound on reads in flight)",
+    )
     p.add_argument("--procs", type=int, default=2, help="load-generator processes")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
@@ -69,10 +151,22 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="gateways (HeartbeatStreams) per load process in the stream phase",
     )
     p.add_argument(
+        "--read-rate",
+        type=_positive_rate,
+        default=1000.0,
+        help="open-loop phases: reads per second offered, over all load processes",
+    )
+    p.add_argument(
+        "--arrivals",
+        choices=["poisson", "fixed"],
+        default="poisson",
+        help="open-loop phases: Poisson arrivals or a fixed interval",
+    )
+    p.add_argument(
         "--phases",
         type=_phases,
-        default=PHASES,
-        help=f"comma-separated subset of {','.join(PHASES)} (default: all)",
+        default=DEFAULT_PHASES,
+        help=f"comma-separated, from: {','.join(PHASES)} (default: {','.join(DEFAULT_PHASES)})",
     )
     p.add_argument("--vs-etcd", action="store_true", help="also run a 3-member etcd cluster")
     p.add_argument(
@@ -95,24 +189,14 @@ def _phases(text: str) -> tuple[str, ...]:
     return tuple(p for p in PHASES if p in chosen)
 
 
-@dataclass(frozen=True, slots=True)
-class PhaseResult:
-    system: str
-    phase: str
-    ops_per_s: float
-    latency_ms: LatencySummary
-    errors: int
-    load_cpu_s: float
-    #: Per server process, inside the measurement window.
-    server_cpu_s: dict[str, float]
-    seconds: float
-    error_samples: tuple[str, ...]
-    #: CPU the rest of the machine used inside the window (noise).
-    other_cpu_s: float = 0.0
-    server_cpu_us_per_op: float = 0.0
-    load_cpu_us_per_op: float = 0.0
-    loadavg_before: float = 0.0
-    reconnects: int = 0
+def _positive_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not (rate > 0 and math.isfinite(rate)):
+        raise argparse.ArgumentTypeError(f"expected reads per second above 0, got {text!r}")
+    return rate
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -134,17 +218,71 @@ def _busy_cpu_seconds() -> float:
 
 
 def phase_label(system: str, phase: str, args: argparse.Namespace) -> str:
-    """The phase's name in the table, e.g. ``stream c=256 s=8``."""
+    """The phase's name in the table, e.g. ``stream c=256 s=8``; its first
+    word is the phase name (etcd's stream phase: ``gateway``)."""
     if phase == "sequential":
         return phase
-    if phase == "write":
-        return f"write c={args.devices}"
-    gateways = max(1, args.procs) * args.streams
-    return (
-        f"stream c={args.devices} s={gateways}"
-        if system == "raftstate"
-        else f"gateway c={args.devices} g={gateways}"
-    )
+    if phase == "stream":
+        gateways = max(1, args.procs) * args.streams
+        return (
+            f"stream c={args.devices} s={gateways}"
+            if system == "raftstate"
+            else f"gateway c={args.devices} g={gateways}"
+        )
+    if PHASE_SHAPES[phase].mode == "open":
+        return f"{phase} r={args.read_rate:g}"
+    return f"{phase} c={args.devices}"
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` dealt out over ``parts`` (the first ones get the remainder)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def follower_endpoint(endpoints: list[str], proc: int) -> str:
+    """The follower load process ``proc`` is pinned to; ``endpoints[0]`` is
+    the leader, the followers are dealt out in order. Raises ``ValueError``
+    for a cluster without followers."""
+    if len(endpoints) < 2:
+        raise ValueError("follower phases need a cluster of at least 2 members")
+    return endpoints[1 + proc % (len(endpoints) - 1)]
+
+
+def load_specs(
+    system: str, phase: str, endpoints: list[str], args: argparse.Namespace, start_at: float
+) -> list[LoadSpec]:
+    """One :class:`LoadSpec` per load process for ``phase``; ``endpoints``
+    lists the leader first."""
+    shape = PHASE_SHAPES[phase]
+    sequential = phase == "sequential"
+    procs = 1 if sequential else max(1, args.procs)
+    per_proc = split_evenly(1 if sequential else args.devices, procs)
+    specs = []
+    first = 0
+    for i, n in enumerate(per_proc):
+        at = (follower_endpoint(endpoints, i),) if shape.at == "follower" else tuple(endpoints)
+        specs.append(
+            LoadSpec(
+                system,
+                at,
+                shape.op,
+                first,
+                n,
+                start_at,
+                0.5 if sequential else args.warmup,
+                600.0 if sequential else args.duration,
+                max_ops=args.sequential if sequential else 0,
+                mode=shape.mode,
+                streams=args.streams,
+                first_stream=i * args.streams,
+                pinned=shape.at == "follower",
+                rate_per_s=args.read_rate / procs,
+                poisson=args.arrivals == "poisson",
+                seed=i,
+            )
+        )
+        first += n
+    return specs
 
 
 def _run_phase(
@@ -156,31 +294,9 @@ def _run_phase(
 ) -> PhaseResult:
     sequential = phase == "sequential"
     procs = 1 if sequential else max(1, args.procs)
-    devices = 1 if sequential else args.devices
-    per_proc = [devices // procs + (1 if i < devices % procs else 0) for i in range(procs)]
     start_at = time.time() + 1.5 + 0.5 * procs
-    warmup = 0.5 if sequential else args.warmup
-    duration = 600.0 if sequential else args.duration
-    specs = []
-    first = 0
-    for i, n in enumerate(per_proc):
-        specs.append(
-            LoadSpec(
-                system,
-                tuple(endpoints),
-                "write",
-                first,
-                n,
-                start_at,
-                warmup,
-                duration,
-                max_ops=args.sequential if sequential else 0,
-                mode="stream" if phase == "stream" else "unary",
-                streams=args.streams,
-                first_stream=i * args.streams,
-            )
-        )
-        first += n
+    specs = load_specs(system, phase, endpoints, args, start_at)
+    warmup = specs[0].warmup_s
     loadavg = os.getloadavg()[0]
     t0 = time.time()
     ctx = multiprocessing.get_context("spawn")
@@ -192,7 +308,7 @@ def _run_phase(
         cpu0 = {name: _cpu_seconds(pid) for name, pid in server_pids.items()}
         busy0 = _busy_cpu_seconds()
         if not sequential:
-            time.sleep(max(0.0, start_at + warmup + duration - time.time()))
+            time.sleep(max(0.0, start_at + warmup + args.duration - time.time()))
             cpu1 = {name: _cpu_seconds(pid) for name, pid in server_pids.items()}
             busy1 = _busy_cpu_seconds()
         results: list[LoadResult] = pending.get()
@@ -205,6 +321,9 @@ def _run_phase(
     server_cpu = {k: round(cpu1[k] - cpu0[k], 2) for k in cpu0}
     load_cpu = sum(r.cpu_s for r in results)
     ops = max(len(lat), 1)
+    kinds = sorted({k for r in results for k in r.split_ms})
+    lags = LatencySummary.of([x for r in results for x in r.lags_ms])
+    open_loop = PHASE_SHAPES[phase].mode == "open"
     return PhaseResult(
         system=system,
         phase=phase_label(system, phase, args),
@@ -222,7 +341,29 @@ def _run_phase(
         load_cpu_us_per_op=round(load_cpu * 1e6 / ops, 1),
         loadavg_before=round(loadavg, 2),
         reconnects=sum(r.reconnects for r in results),
+        offered_per_s=args.read_rate if open_loop else 0.0,
+        dropped=sum(r.dropped for r in results),
+        send_lag_ms_p99=round(lags.p99, 3) if lags.count else 0.0,
+        split_latency_ms={
+            k: LatencySummary.of([x for r in results for x in r.split_ms.get(k, ())]) for k in kinds
+        },
     )
+
+
+def _leader_first(endpoints: list[str]) -> list[str]:
+    """``endpoints`` with the one every answering node names as leader first
+    (unchanged if they do not agree or the leader is not listed)."""
+    from cluster.local import node_status
+
+    named = set()
+    for e in endpoints:
+        st = node_status(e)
+        if st is not None and st.leader_grpc_address:
+            named.add(st.leader_grpc_address)
+    if len(named) != 1 or (leader := named.pop()) not in endpoints:
+        print("== warning: could not tell the leader; treating the first endpoint as leader")
+        return endpoints
+    return [leader] + [e for e in endpoints if e != leader]
 
 
 @contextlib.contextmanager
@@ -230,7 +371,7 @@ def _raftstate_cluster(
     args: argparse.Namespace, workdir: Path
 ) -> Iterator[tuple[list[str], dict[str, int]]]:
     if args.endpoints:
-        yield [e.strip() for e in args.endpoints.split(",") if e.strip()], {}
+        yield _leader_first([e.strip() for e in args.endpoints.split(",") if e.strip()]), {}
         return
     from cluster.local import LocalCluster
     from raftstate.config import NodeConfig
@@ -242,7 +383,8 @@ def _raftstate_cluster(
         pids = {f"raftstate-{n.node_id}": n.pid for n in cluster.nodes.values() if n.pid}
         leader = cluster.wait_for_leader()
         # Put the leader first: the SDK would find it anyway, but this keeps
-        # the phases comparable from the first request.
+        # the phases comparable from the first request, and the follower
+        # phases know which endpoints are followers.
         endpoints = [cluster.nodes[leader].endpoint] + [
             n.endpoint for n in cluster.nodes.values() if n.node_id != leader
         ]
@@ -271,58 +413,6 @@ def _etcd_cluster(
         etcd.stop()
 
 
-def _fmt(v: float) -> str:
-    return f"{v:8.2f}" if v < 100 else f"{v:8.0f}"
-
-
-def render_table(results: list[PhaseResult]) -> str:
-    head = (
-        f"{'system':<10} {'phase':<19} {'ops/s':>7} {'p50 ms':>8} {'p95 ms':>8} "
-        f"{'p99 ms':>8} {'max ms':>8} {'errors':>6} {'server cpu s (per proc)':>24} "
-        f"{'srv us/op':>9} {'load cpu s':>10} {'other cpu s':>11}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in results:
-        lat = r.latency_ms
-        per_proc = "+".join(f"{v:.1f}" for v in r.server_cpu_s.values())
-        server = f"{sum(r.server_cpu_s.values()):.1f} ({per_proc})"
-        lines.append(
-            f"{r.system:<10} {r.phase:<19} {r.ops_per_s:7.0f} {_fmt(lat.p50)} {_fmt(lat.p95)} "
-            f"{_fmt(lat.p99)} {_fmt(lat.max)} {r.errors:6d} {server:>24} "
-            f"{r.server_cpu_us_per_op:9.0f} {r.load_cpu_s:10.1f} {r.other_cpu_s:11.1f}"
-        )
-    return "\n".join(lines)
-
-
-def _ratios(results: list[PhaseResult]) -> dict[str, float]:
-    by = {(r.system, r.phase.split()[0]): r for r in results}
-    out: dict[str, float] = {}
-
-    def throughput(key: str, ours: str, theirs: str) -> None:
-        rs, et = by.get(("raftstate", ours)), by.get(("etcd", theirs))
-        if rs and et and et.ops_per_s:
-            out[key] = round(rs.ops_per_s / et.ops_per_s, 2)
-
-    throughput("stream_throughput_raftstate_stream_over_etcd_gateway", "stream", "gateway")
-    throughput("write_throughput_raftstate_unary_over_etcd_unary", "write", "write")
-    # etcd's best write phase, whichever shape it was: the conservative ratio.
-    rs = by.get(("raftstate", "stream"))
-    best = max(
-        (r.ops_per_s for r in results if r.system == "etcd" and r.phase != "sequential"),
-        default=0.0,
-    )
-    if rs and best:
-        out["stream_throughput_raftstate_stream_over_etcd_best_write"] = round(
-            rs.ops_per_s / best, 2
-        )
-    rs, et = by.get(("raftstate", "sequential")), by.get(("etcd", "sequential"))
-    if rs and et and rs.latency_ms.p50:
-        out["sequential_p50_ms_raftstate"] = round(rs.latency_ms.p50, 3)
-        out["sequential_p50_ms_etcd"] = round(et.latency_ms.p50, 3)
-        out["sequential_p50_etcd_over_raftstate"] = round(et.latency_ms.p50 / rs.latency_ms.p50, 2)
-    return out
-
-
 def _describe(args: argparse.Namespace) -> list[str]:
     lines = [f"raftstate durability: {args.durability} (3 nodes)"]
     if args.vs_etcd:
@@ -334,6 +424,7 @@ def _describe(args: argparse.Namespace) -> list[str]:
                 else "--unsafe-no-fsync (matches process-crash)"
             )
         )
+    lines.append(f"phases: {','.join(args.phases)}")
     if "stream" in args.phases:
         gateways = max(1, args.procs) * args.streams
         lines.append(
@@ -341,6 +432,19 @@ def _describe(args: argparse.Namespace) -> list[str]:
             f"({args.streams} per load process) spread over all endpoints; raftstate gateways "
             "pipeline on one HeartbeatStream each, etcd gateways ('gateway') pipeline concurrent "
             "unary Puts on one channel each (etcd has no streaming put)"
+        )
+    if any(p.startswith("read-") or p == "mixed" for p in args.phases):
+        lines.append(
+            f"read phases: {args.devices} readers of devices written once before the window; "
+            "'lin' = raftstate ReadIndex / etcd linearizable Range, 'ser' = the node's local "
+            "state; follower phases pin each load process to one follower (dealt out over "
+            "both); mixed alternates heartbeat and linearizable read per device"
+        )
+    if any(PHASE_SHAPES[p].mode == "open" for p in args.phases):
+        lines.append(
+            f"open-loop reads: {args.read_rate:g}/s offered in total ({args.arrivals} arrivals) "
+            f"at the leader, at most {args.devices} in flight (arrivals over that are errors); "
+            "latency from the actual send"
         )
     lines.append(
         f"load: {args.procs} processes, {args.duration:g}s measured after "
@@ -380,24 +484,30 @@ def bench_main(args: argparse.Namespace) -> int:
                     for s in r.error_samples:
                         print(f"   error sample: {s}", flush=True)
     table = render_table(results)
-    ratios = _ratios(results)
+    summary = ratios(results)
     print()
     for line in notes:
         print(line)
     print(table)
-    for k, v in ratios.items():
+    for line in render_details(results):
+        print(line)
+    for k, v in summary.items():
         print(f"{k}: {v}" + ("" if "_ms_" in k else "x"))
+    for line in target_verdicts(results):
+        print(line)
     noisy = [r for r in results if r.other_cpu_s > 0.1 * args.duration]
     if noisy:
         print(
             f"note: other processes used CPU during {len(noisy)} phase(s) (see 'other cpu s'); "
             "the box was noisy, so rerun for stable numbers"
         )
+    elapsed = time.time() - started
     record = {
         "command": _command_line(),
         "argv": sys.argv,
         "cwd": os.getcwd(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "elapsed_s": round(elapsed, 1),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -405,10 +515,15 @@ def bench_main(args: argparse.Namespace) -> int:
         },
         "setup": notes,
         "args": {k: v for k, v in vars(args).items() if k != "fn"},
-        "results": [asdict(replace(r)) for r in results],
-        "ratios": ratios,
+        "phases": list(args.phases),
+        "results": [asdict(r) for r in results],
+        "ratios": summary,
     }
     path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}.json"
     path.write_text(json.dumps(record, indent=2))
-    print(f"saved {path.resolve()}")
-    return 0 if all(r.errors == 0 for r in results) else 1
+    errors = sum(r.errors for r in results)
+    print(
+        f"saved {path.resolve()}\n{len(results)} phase(s) in {elapsed:.0f}s, "
+        + (f"{errors} error(s)" if errors else "no errors")
+    )
+    return 0 if errors == 0 else 1
