@@ -86,6 +86,7 @@ class ReadIndexDriver:
         self._remote: dict[int, tuple[float, str, float]] = {}
         self._resend_after = resend_after
         self._apply_waits: list[tuple[int, int]] = []  # (read_index, key)
+        self._answers: list[tuple[int, bool]] = []
         self.reads_served = 0
         self.reads_failed = 0
         # Created on the tick thread: pysyncobj's poller is not safe to
@@ -104,20 +105,22 @@ class ReadIndexDriver:
         fut = self._loop.create_future()
         self._futures[key] = fut
         with self._lock:
+            wake = not self._inbox
             self._inbox.append((key, deadline))
         notifier = self._notifier
-        if notifier is not None:
+        if wake and notifier is not None:  # one wake-up drains every queued read
             notifier.notify()
         return fut
 
-    def _resolve(self, key: int, ok: bool) -> None:
-        fut = self._futures.pop(key, None)
-        if fut is None or fut.done():
-            return
-        if ok:
-            fut.set_result(None)
-        else:
-            fut.set_exception(ReadFailed("read could not be confirmed by a quorum"))
+    def _resolve(self, answers: list[tuple[int, bool]]) -> None:
+        for key, ok in answers:
+            fut = self._futures.pop(key, None)
+            if fut is None or fut.done():
+                continue
+            if ok:
+                fut.set_result(None)
+            else:
+                fut.set_exception(ReadFailed("read could not be confirmed by a quorum"))
 
     def close(self) -> None:
         self._raft.removeOnTickCallback(self._on_tick)
@@ -126,12 +129,20 @@ class ReadIndexDriver:
     # ---- tick thread ------------------------------------------------------
 
     def _answer(self, key: int, ok: bool) -> None:
+        """Queue an answer; :meth:`_flush` hands all queued answers to the
+        loop in one ``call_soon_threadsafe`` (one loop wake-up per batch)."""
         if ok:
             self.reads_served += 1
         else:
             self.reads_failed += 1
+        self._answers.append((key, ok))
+
+    def _flush(self) -> None:
+        if not self._answers:
+            return
+        answers, self._answers = self._answers, []
         try:
-            self._loop.call_soon_threadsafe(self._resolve, key, ok)
+            self._loop.call_soon_threadsafe(self._resolve, answers)
         except RuntimeError:  # loop closed during shutdown
             pass
 
@@ -159,12 +170,19 @@ class ReadIndexDriver:
                     term, commit_index=self._raft.raftCommitIndex, now=time.monotonic()
                 )
                 self._handle(out)
+                self._flush()
             else:
                 self._propose_barrier(term)
 
         self._raft.propose(encode_batch([], time.time_ns() // 1_000_000), done)
 
     def _drain_inbox(self) -> None:
+        try:
+            self._drain_inbox_once()
+        finally:
+            self._flush()
+
+    def _drain_inbox_once(self) -> None:
         with self._lock:
             items = list(self._inbox)
             self._inbox.clear()
@@ -191,7 +209,7 @@ class ReadIndexDriver:
     def _on_tick(self) -> None:
         if self._notifier is None:
             self._notifier = PipeNotifier(self._raft._poller, self._drain_inbox)
-        self._drain_inbox()
+        self._drain_inbox_once()
         self._sync()
         now = time.monotonic()
         self._handle(self._tracker.on_tick(now))
@@ -206,6 +224,7 @@ class ReadIndexDriver:
                 del self._remote[key]
                 self._answer(key, False)
         self._release_applied()
+        self._flush()
 
     def _release_applied(self) -> None:
         if not self._apply_waits:
@@ -246,6 +265,12 @@ class ReadIndexDriver:
     def _on_message(self, node: Any, msg: dict[str, Any]) -> None:
         """A ReadIndex message from a peer (tick thread). Malformed messages
         from an authenticated peer are logged and dropped."""
+        try:
+            self._on_message_once(node, msg)
+        finally:
+            self._flush()
+
+    def _on_message_once(self, node: Any, msg: dict[str, Any]) -> None:
         try:
             kind = msg["type"]
             sender = node.id
