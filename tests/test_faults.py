@@ -181,3 +181,22 @@ def test_leader_that_loses_its_quorum_steps_down(
         for node_id in followers:
             cluster.signal_node(node_id, signal.SIGCONT)
     cluster.wait_for_leader(30)
+
+
+def test_five_node_cluster_commits_and_survives_two_crashes(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(size=5)
+    leader = cluster.wait_for_leader()
+    with Fleet(cluster.endpoints, devices=10) as fleet:
+        fleet.wait_for_more(100)
+        victims = [leader, next(n for n in cluster.nodes if n != leader)]
+        for node_id in victims:  # a majority of 3 out of 5 remains
+            cluster.kill_node(node_id)
+        survivors = [n for n in cluster.nodes if n not in victims]
+        cluster.wait_for_leader(30, among=survivors)
+        fleet.wait_for_more(100)
+    assert not fleet.errors, fleet.errors[:5]
+    wait_caught_up(cluster, survivors)
+    for node_id in survivors:
+        assert_acked_present(fleet.acked, node_devices(cluster.nodes[node_id].endpoint), node_id)
