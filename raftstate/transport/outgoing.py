@@ -1,0 +1,150 @@
+"""Send side of the reliable link's byte stream: bytes not sent yet, chunks
+sent but unacknowledged, and the retransmission queue.
+
+The stream is ``varint(len) || message`` per message (see
+:mod:`raftstate.transport.frames`). A chunk is cut from the unsent bytes once,
+when a frame has room for it, and from then on is one :class:`OutChunk`
+object however many frames carry it (original, redundant copies, probes,
+retransmissions): it is acknowledged as soon as any of them is, and queued
+for retransmission only when no frame carrying it is still in flight.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+from raftstate.transport.frames import MAX_CHUNKS, encode_varint, varint_size
+
+
+class OutChunk:
+    """``data`` at stream ``offset``, and its fate."""
+
+    __slots__ = ("acked", "data", "in_flight", "offset", "queued")
+
+    def __init__(self, offset: int, data: bytes) -> None:
+        self.offset = offset
+        self.data = data
+        self.acked = False
+        self.in_flight = 0  # outstanding frames carrying it
+        self.queued = False  # waiting in the retransmission queue
+
+    @property
+    def record_size(self) -> int:
+        """Bytes of its chunk record in a frame (offset, length, data)."""
+        return varint_size(self.offset) + varint_size(len(self.data)) + len(self.data)
+
+
+class OutgoingStream:
+    """The sender's stream state. Not thread-safe."""
+
+    __slots__ = ("_head_pos", "_pending", "_retx", "_seq", "_unacked", "buffered",
+                 "next_offset", "pending_bytes")  # fmt: skip
+
+    def __init__(self) -> None:
+        self._pending: deque[bytes] = deque()  # unsent pieces of the stream
+        self._head_pos = 0  # bytes of _pending[0] already cut into chunks
+        self._unacked: deque[OutChunk] = deque()  # cut, not yet acked, by offset
+        self._retx: list[tuple[int, int, OutChunk]] = []  # heap: lowest offset first
+        self._seq = 0
+        #: Stream offset of the next byte to cut.
+        self.next_offset = 0
+        #: Bytes not cut into chunks yet.
+        self.pending_bytes = 0
+        #: Bytes held: not yet cut, or cut and not yet acknowledged.
+        self.buffered = 0
+
+    def push(self, message: bytes) -> int:
+        """Append ``message`` to the stream; returns the stream bytes it took."""
+        prefix = encode_varint(len(message))
+        if len(message) <= 4096:
+            self._pending.append(prefix + bytes(message))
+        else:  # do not copy a large message just to prepend its length
+            self._pending.extend((prefix, bytes(message)))
+        size = len(prefix) + len(message)
+        self.pending_bytes += size
+        self.buffered += size
+        return size
+
+    def lowest_unacked(self) -> int:
+        """Offset of the first byte not acknowledged yet."""
+        while self._unacked and self._unacked[0].acked:
+            self._unacked.popleft()
+        return self._unacked[0].offset if self._unacked else self.next_offset
+
+    def cut(self, size: int) -> OutChunk:
+        """The next ``size`` (<= :attr:`pending_bytes`) unsent bytes as a chunk."""
+        parts: list[bytes] = []
+        left = size
+        while left:
+            head = self._pending[0]
+            avail = len(head) - self._head_pos
+            if avail <= left:
+                parts.append(head[self._head_pos :] if self._head_pos else head)
+                self._pending.popleft()
+                self._head_pos = 0
+                left -= avail
+            else:
+                parts.append(head[self._head_pos : self._head_pos + left])
+                self._head_pos += left
+                left = 0
+        self.pending_bytes -= size
+        chunk = OutChunk(self.next_offset, parts[0] if len(parts) == 1 else b"".join(parts))
+        self.next_offset += size
+        self._unacked.append(chunk)
+        return chunk
+
+    def on_frame_acked(self, chunks: list[OutChunk]) -> None:
+        """A frame carrying ``chunks`` was acknowledged."""
+        for chunk in chunks:
+            chunk.in_flight -= 1
+            if not chunk.acked:
+                chunk.acked = True
+                self.buffered -= len(chunk.data)
+
+    def on_frame_lost(self, chunks: list[OutChunk]) -> None:
+        """A frame carrying ``chunks`` was declared lost: queue each chunk no
+        other frame in flight still carries."""
+        for chunk in chunks:
+            chunk.in_flight -= 1
+            if not chunk.acked and not chunk.queued and chunk.in_flight == 0:
+                chunk.queued = True
+                self._seq += 1
+                heapq.heappush(self._retx, (chunk.offset, self._seq, chunk))
+
+    def pop_retransmits(self, room: int) -> list[OutChunk]:
+        """Queued chunks for one frame, lowest offset first (it holds back
+        delivery), while their records fit ``room`` bytes."""
+        chunks: list[OutChunk] = []
+        while self._retx and len(chunks) < MAX_CHUNKS:
+            chunk = self._retx[0][2]
+            if chunk.acked or chunk.in_flight:  # done, or a probe or copy carries it
+                heapq.heappop(self._retx)
+                chunk.queued = False
+                continue
+            if chunk.record_size > room:
+                break
+            heapq.heappop(self._retx)
+            chunk.queued = False
+            chunks.append(chunk)
+            room -= chunk.record_size
+        return chunks
+
+    def queued(self) -> list[OutChunk]:
+        """The retransmission queue, lowest offset first (not removed)."""
+        return [entry[2] for entry in sorted(self._retx)]
+
+
+def fit(candidates: list[OutChunk], room: int, taken: int = 0) -> list[OutChunk]:
+    """Unacked ``candidates`` in order, each once, whose records fit ``room``
+    bytes (one that does not fit is skipped), in a frame already holding
+    ``taken`` chunks."""
+    chunks: list[OutChunk] = []
+    for chunk in candidates:
+        if taken + len(chunks) >= MAX_CHUNKS:
+            break
+        if chunk.acked or chunk.record_size > room or chunk in chunks:
+            continue
+        chunks.append(chunk)
+        room -= chunk.record_size
+    return chunks
