@@ -182,7 +182,11 @@ class LocalCluster:
         node = self.nodes[node_id]
         if node.running():
             return node
-        node.config_path.write_text(node.config.to_toml())
+        # The config holds the cluster secret: create it private.
+        fd = os.open(node.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(node.config.to_toml())
+        node.config_path.chmod(0o600)
         log = open(node.log_path, "ab")
         try:
             prefix = self.exec_prefix(node_id) if self.exec_prefix is not None else []
