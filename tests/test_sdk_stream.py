@@ -21,7 +21,7 @@ from cluster.local import LocalCluster, wait_until
 from raftstate.config import NodeConfig
 from raftstate.errors import InvalidArgument, RaftStateError, Unavailable
 from raftstate.sdk import AsyncDeviceClient, DeviceClient, HeartbeatAck, HeartbeatStream
-from raftstate.sdk.stream import InFlight, Outgoing
+from raftstate.sdk.inflight import InFlight, Outgoing
 from raftstate.v1 import device_pb2
 
 STATE = {"temp_c": "21.5", "fw": "1.4.2"}
