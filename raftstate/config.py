@@ -22,7 +22,7 @@ from raftstate.errors import ConfigError
 ENV_PREFIX = "RAFTSTATE_"
 _HOSTPORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-TRANSPORTS = ("tcp",)
+TRANSPORTS = ("tcp", "udp")
 DURABILITY = ("process-crash", "fsync")
 
 
@@ -47,6 +47,9 @@ class NodeConfig:
     #: Raft transport listen address; defaults to this member's ``raft``
     #: address (set it when the advertised address is a NAT or port-forward).
     raft_listen: str = ""
+    #: Raft transport: "tcp" (pysyncobj's, the baseline) or "udp" (our
+    #: authenticated datagram transport, static peer addresses; needs
+    #: ``cluster_secret``).
     transport: str = "tcp"
     #: Shared secret that authenticates and encrypts node-to-node traffic.
     cluster_secret: str = ""
@@ -219,6 +222,11 @@ class NodeConfig:
             raise ConfigError(f"transport: must be one of {', '.join(TRANSPORTS)}")
         if self.durability not in DURABILITY:
             raise ConfigError(f"durability: must be one of {', '.join(DURABILITY)}")
+        if self.transport == "udp" and not self.cluster_secret:
+            raise ConfigError(
+                'cluster_secret: required for transport = "udp" (UDP is always authenticated '
+                "and encrypted; allow_insecure_transport does not apply)"
+            )
         if not self.cluster_secret and not self.allow_insecure_transport:
             raise ConfigError(
                 "cluster_secret: required (or set allow_insecure_transport = true for a demo)"

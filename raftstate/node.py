@@ -55,7 +55,9 @@ class Node:
         cannot be bound."""
         loop = asyncio.get_running_loop()
         # RaftNode's constructor waits for its transport to bind; keep the loop free.
-        self.raft = await loop.run_in_executor(None, RaftNode, self.cfg, self.table)
+        # The UDP transport's socket lives on this loop; Node.stop destroys Raft
+        # (and so closes that socket) while the loop still runs.
+        self.raft = await loop.run_in_executor(None, RaftNode, self.cfg, self.table, loop)
         self.proposer = Proposer(self.cfg, self.raft.propose, loop)
         self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
         services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)

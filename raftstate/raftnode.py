@@ -19,8 +19,10 @@ pipe notifier) and read the properties of :meth:`snapshot_status`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import os
 import threading
@@ -39,6 +41,8 @@ from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError, DecodeError
 from raftstate.model import HeartbeatResult
 from raftstate.statemachine import DeviceTable
+from raftstate.transport.udp import UdpTransport
+from raftstate.transport.udpconfig import PeerLinkStats, settings_for
 from raftstate.v1 import storage_pb2
 
 log = logging.getLogger("raftstate.raft")
@@ -117,14 +121,18 @@ MessageHandler = Callable[[Any, dict[str, Any]], None]
 OWN_MESSAGE_PREFIX = "rs_"
 
 
-class RaftstateTCPTransport(TCPTransport):  # type: ignore[misc]
-    """pysyncobj's TCP transport, with a side door for raftstate's own
-    messages (ReadIndex probes and acks). Everything else goes to pysyncobj
-    unchanged. Runs on the tick thread."""
+class OwnMessagesMixin:
+    """The side door for raftstate's own messages (type ``rs_*``: ReadIndex
+    probes, acks, grants), mixed into every transport class: those go to
+    ``RaftNode``'s handler, everything else to pysyncobj unchanged. Also
+    registers the transport so :meth:`RaftNode.send_raw` can reach it. Tick
+    thread only."""
 
-    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
-        super().__init__(syncObj, selfNode, otherNodes)
-        syncObj._own_transport = self  # so RaftNode.send_raw can reach it
+    _syncObj: Any
+
+    def __init__(self, syncObj: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N803
+        super().__init__(syncObj, *args, **kwargs)  # type: ignore[call-arg]
+        syncObj._own_transport = self
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
         if isinstance(message, dict):
@@ -134,13 +142,47 @@ class RaftstateTCPTransport(TCPTransport):  # type: ignore[misc]
                 if handler is not None:
                     handler(node, message)
                 return
-        super()._onMessageReceived(node, message)
+        super()._onMessageReceived(node, message)  # type: ignore[misc]
+
+
+class RaftstateTCPTransport(OwnMessagesMixin, TCPTransport):  # type: ignore[misc]
+    """pysyncobj's TCP transport with the ``rs_*`` side door."""
+
+
+class RaftstateUdpTransport(OwnMessagesMixin, UdpTransport):
+    """:class:`~raftstate.transport.udp.UdpTransport` with the ``rs_*`` side door."""
+
+
+def transport_factory(
+    cfg: NodeConfig, loop: asyncio.AbstractEventLoop | None
+) -> Callable[..., Any]:
+    """The ``transportClass`` pysyncobj should build for ``cfg.transport``.
+    For ``udp``, ``loop`` (a running loop on another thread) owns the socket;
+    ``None`` gives the transport a loop thread of its own."""
+    if cfg.transport == "udp":
+        settings = settings_for(
+            cfg.node_id,
+            cfg.raft_bind,
+            [(m.id, m.raft) for m in cfg.members],
+            cfg.cluster_secret,
+            dead_after=max(cfg.connection_timeout_ms / 1000, 1.5),
+        )
+        return functools.partial(RaftstateUdpTransport, settings=settings, loop=loop)
+    return RaftstateTCPTransport
 
 
 class RaftNode(SyncObj):  # type: ignore[misc]
     """A pysyncobj node whose state machine is a :class:`DeviceTable`."""
 
-    def __init__(self, cfg: NodeConfig, table: DeviceTable) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        table: DeviceTable,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """``loop``: the node's running event loop, used by the UDP transport
+        (see :func:`transport_factory`); construct on another thread, since
+        this waits for the transport to bind. Raises ``ConfigError``."""
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.table = table
         self.cfg = cfg
@@ -152,7 +194,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         conf = syncobj_conf(cfg, table)
         journal_cls = DurableFileJournal if cfg.durability == "fsync" else None
         with _journal_class(journal_cls):
-            super().__init__(me.raft, others, conf, transportClass=RaftstateTCPTransport)
+            super().__init__(me.raft, others, conf, transportClass=transport_factory(cfg, loop))
         try:
             self.waitBinded()
         except Exception:
@@ -205,6 +247,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         """Send one of our messages to a peer ``Node``. Tick thread only; a
         message to a disconnected peer is dropped (senders retransmit)."""
         self._own_transport.send(node, message)
+
+    def peer_link_stats(self) -> dict[str, PeerLinkStats]:
+        """Per-peer path stats (srtt, retransmissions, loss) keyed by member
+        id; empty for the TCP transport. Safe from any thread."""
+        transport = self._own_transport
+        return transport.peer_stats() if isinstance(transport, UdpTransport) else {}
 
     def leader_raft_address(self) -> str | None:
         """The last known leader's Raft address, or ``None``. Thread-safe."""

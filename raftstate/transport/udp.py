@@ -1,0 +1,436 @@
+"""pysyncobj over authenticated UDP, static mode (every peer at a known address).
+
+Theory of operation
+-------------------
+pysyncobj's tick thread owns Raft; an asyncio loop owns the UDP socket, the
+:class:`~raftstate.transport.envelope.SecureChannel` and one
+:class:`~raftstate.transport.reliable.ReliableLink` per peer. Neither blocks
+on the other (DESIGN.md, "Threads and loops"):
+
+* tick -> loop: :meth:`UdpTransport.send` pickles the message into a bounded
+  outbox and schedules one flush with ``call_soon_threadsafe``. The flush
+  queues every message on its peer's link (messages queued together share
+  datagrams), then transmits what the link has due, each payload sealed for
+  the peer's current session.
+* loop -> tick: a datagram goes through ``SecureChannel.receive``; only an
+  authentic DATA payload reaches the link, and only the messages the link
+  delivers (in order, exactly once) are queued for the tick thread, which is
+  woken through pysyncobj's poller (a ``PipeNotifier``) and unpickles them.
+  Nothing unauthenticated is ever unpickled.
+* Sessions: HELLOs go out at start and are resent with backoff (50 ms
+  doubling to 1 s) while a handshake is unconfirmed. Each new session gets a
+  new link; the peer is reported connected to pysyncobj then (after a
+  "disconnected" when it replaced an older session, i.e. the peer restarted).
+* Liveness: when a link is :meth:`~ReliableLink.dead` the peer is reported
+  disconnected. The channel cannot start a fresh session without a process
+  restart (a handshake's offer is fixed for the life of the process), so the
+  link keeps its state and keeps probing; it is reported connected again when
+  ACKs make progress, or replaced when the peer restarts. A half-reset link
+  is never fed.
+
+Connection events and messages reach the tick thread through one queue, in
+the order they happened, so pysyncobj never sees a message from a peer it
+believes disconnected by a later event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import pysyncobj.pickle as pso_pickle
+from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.transport import Transport, TransportNotReadyError
+
+from raftstate.transport.crypto import DropReason
+from raftstate.transport.envelope import Delivered, Dropped, HandshakeEvent, SecureChannel
+from raftstate.transport.reliable import MessageTooLarge, ReliableLink
+from raftstate.transport.udpconfig import (
+    DATAGRAM_SIZE,
+    DROP_LOG_INTERVAL,
+    HELLO_MAX_INTERVAL,
+    HELLO_MIN_INTERVAL,
+    PeerLinkStats,
+    UdpSettings,
+    split_hostport,
+)
+
+log = logging.getLogger("raftstate.transport.udp")
+_AUTH_DROPS = (DropReason.BAD_MAC, DropReason.UNKNOWN_PEER, DropReason.STALE_HELLO)
+
+
+class _Peer:
+    __slots__ = (
+        "address", "hello_handle", "hello_interval", "id", "link", "node",
+        "reported_up", "sessions", "timer", "timer_when",
+    )  # fmt: skip
+
+    def __init__(self, peer_id: str, node: Any, address: tuple[str, int]) -> None:
+        self.id = peer_id
+        self.node = node
+        self.address = address
+        self.link: ReliableLink | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_when: float | None = None
+        self.hello_handle: asyncio.TimerHandle | None = None
+        self.hello_interval = HELLO_MIN_INTERVAL
+        self.reported_up = False
+        self.sessions = 0
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: UdpTransport) -> None:
+        self._owner = owner
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._owner._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP port unreachable while a peer is down: HELLO backoff covers it
+
+
+class UdpTransport(Transport):  # type: ignore[misc]
+    """pysyncobj ``Transport`` over :class:`SecureChannel` + :class:`ReliableLink`.
+
+    ``loop``: a running asyncio loop to own the socket (the node's uvloop).
+    With ``None`` the transport runs its own loop in a daemon thread. Either
+    way the constructor must not run on that loop's thread (``waitReady``
+    waits for the bind on it). :meth:`send` and the callbacks belong to the
+    tick thread; :meth:`peer_stats` is safe from any thread."""
+
+    def __init__(
+        self,
+        syncObj: Any,  # noqa: N803 - pysyncobj's names
+        selfNode: Any,  # noqa: N803
+        otherNodes: Any,  # noqa: N803
+        *,
+        settings: UdpSettings,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(syncObj, selfNode, otherNodes)
+        self._syncObj = syncObj
+        self._settings = settings
+        self._own_thread: threading.Thread | None = None
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self._own_thread = threading.Thread(
+                target=loop.run_forever, name="raftstate-udp", daemon=True
+            )
+            self._own_thread.start()
+        self._loop = loop
+        by_address = {n.address: n for n in otherNodes}
+        self._peers: dict[str, _Peer] = {}
+        for peer_id, address in settings.peers:
+            node = by_address.get(address)
+            if node is not None:
+                self._peers[peer_id] = _Peer(peer_id, node, split_hostport(address))
+        self._node_peer = {p.node: p.id for p in self._peers.values()}
+        self._channel = SecureChannel(
+            settings.node_id, list(self._peers), settings.cluster_secret, now=time.time()
+        )
+        self._socket: asyncio.DatagramTransport | None = None
+        self._closed = False
+        self._drop_logged: dict[Any, float] = {}
+        # tick -> loop
+        self._out_lock = threading.Lock()
+        self._outbox: deque[tuple[str, bytes]] = deque()
+        self._queued_bytes = 0
+        self._flush_pending = False
+        self._refused = 0
+        # loop -> tick: ("msg", peer, bytes) | ("up", peer, b"") | ("down", peer, b"")
+        self._inbox: deque[tuple[str, str, bytes]] = deque()
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._notifier: PipeNotifier | None = None
+        self._connected: set[str] = set()  # tick thread's view
+        self._bound = asyncio.run_coroutine_threadsafe(self._open(), loop)
+        syncObj.addOnTickCallback(self._on_tick)
+
+    # ------------------------------------------------------- pysyncobj contract
+
+    @property
+    def ready(self) -> bool:
+        return self._bound.done() and not self._bound.cancelled() and not self._bound.exception()
+
+    def tryGetReady(self) -> None:  # noqa: N802
+        """Raises ``TransportNotReadyError`` once binding has failed for good."""
+        if self._bound.done() and not self.ready:
+            raise TransportNotReadyError
+
+    def waitReady(self) -> None:  # noqa: N802
+        """Wait for the socket to bind. Not on the loop's thread."""
+        try:
+            self._bound.result()
+        except Exception as exc:
+            raise TransportNotReadyError from exc
+
+    def addNode(self, node: Any) -> None:  # noqa: N802
+        pass  # static membership: peers come from the settings
+
+    def dropNode(self, node: Any) -> None:  # noqa: N802
+        pass
+
+    def send(self, node: Any, message: Any) -> bool:
+        """Queue ``message`` for ``node``. Tick thread. ``False`` when the peer
+        is not connected or the outbox is full (pysyncobj resends)."""
+        peer_id = self._node_peer.get(node)
+        if peer_id is None or peer_id not in self._connected or self._closed:
+            return False
+        data = pso_pickle.dumps(message)
+        with self._out_lock:
+            if self._queued_bytes + len(data) > self._settings.max_queued_bytes:
+                self._refused += 1
+                return False
+            self._outbox.append((peer_id, data))
+            self._queued_bytes += len(data)
+            if self._flush_pending:
+                return True
+            self._flush_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._flush_outbox)
+        except RuntimeError:  # loop closed: shutting down
+            return False
+        return True
+
+    def destroy(self) -> None:
+        """Stop timers and close the socket. Waits up to 2 s for the loop."""
+        self.setOnMessageReceivedCallback(None)
+        self.setOnNodeConnectedCallback(None)
+        self.setOnNodeDisconnectedCallback(None)
+        self._closed = True
+        self._syncObj.removeOnTickCallback(self._on_tick)
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def close() -> None:
+            self._close()
+            done.set_result(None)
+
+        try:
+            self._loop.call_soon_threadsafe(close)
+            done.result(timeout=2.0)
+        except (RuntimeError, concurrent.futures.TimeoutError):
+            pass
+        if self._own_thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._own_thread.join(timeout=2.0)
+            if not self._own_thread.is_alive():
+                self._loop.close()
+
+    def peer_stats(self) -> dict[str, PeerLinkStats]:
+        """Per-peer path stats keyed by member id. Safe from any thread."""
+        if _on_loop(self._loop):
+            return self._stats_now()
+        done: concurrent.futures.Future[dict[str, PeerLinkStats]] = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(lambda: done.set_result(self._stats_now()))
+        return done.result(timeout=2.0)
+
+    def drop_counts(self) -> dict[str, int]:
+        """Datagrams dropped by the secure channel, by reason. Loop thread."""
+        return {r.value: n for r, n in self._channel.metrics().drops.items()}
+
+    # ------------------------------------------------------- tick thread
+
+    def _on_tick(self) -> None:
+        if self._notifier is None:
+            self._notifier = PipeNotifier(self._syncObj._poller, self._drain)
+        self._drain()
+
+    def _drain(self) -> None:
+        with self._wake_lock:
+            self._wake_pending = False
+        while self._inbox and not self._closed:
+            kind, peer_id, data = self._inbox.popleft()
+            node = self._peers[peer_id].node
+            if kind == "up":
+                self._connected.add(peer_id)
+                self._onNodeConnected(node)
+            elif kind == "down":
+                self._connected.discard(peer_id)
+                self._onNodeDisconnected(node)
+            else:
+                # Authenticated by the channel and delivered by the link.
+                self._onMessageReceived(node, pso_pickle.loads(data))
+
+    # ------------------------------------------------------- loop thread
+
+    async def _open(self) -> None:
+        host, port = split_hostport(self._settings.bind)
+        for attempt in range(self._settings.bind_retries):
+            try:
+                sock, _ = await self._loop.create_datagram_endpoint(
+                    lambda: _Protocol(self), local_addr=(host, port)
+                )
+                break
+            except OSError:
+                if attempt + 1 >= self._settings.bind_retries:
+                    raise
+                await asyncio.sleep(self._settings.bind_retry_s)
+        self._socket = sock
+        for peer in self._peers.values():
+            self._send_hello(peer)
+
+    def _close(self) -> None:
+        for peer in self._peers.values():
+            for handle in (peer.timer, peer.hello_handle):
+                if handle is not None:
+                    handle.cancel()
+            peer.timer = peer.hello_handle = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def _wake_tick(self) -> None:
+        with self._wake_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        notifier = self._notifier
+        if notifier is not None:
+            try:
+                notifier.notify()
+            except OSError:
+                pass  # pipe full: a wake-up is already pending
+
+    def _flush_outbox(self) -> None:
+        with self._out_lock:
+            batch = list(self._outbox)
+            self._outbox.clear()
+            self._queued_bytes = 0
+            self._flush_pending = False
+        now = self._loop.time()
+        touched: dict[str, _Peer] = {}
+        for peer_id, data in batch:
+            peer = self._peers[peer_id]
+            if peer.link is None:
+                continue
+            try:
+                peer.link.send(data, now)  # False: buffer full; Raft resends
+            except MessageTooLarge as exc:
+                log.error("message to %s not sent: %s", peer_id, exc)
+            touched[peer_id] = peer
+        for peer in touched.values():
+            self._transmit(peer)
+
+    def _transmit(self, peer: _Peer) -> None:
+        """Send what the peer's link has due, check liveness, re-arm its timer."""
+        link, sock = peer.link, self._socket
+        if link is None or sock is None:
+            return
+        now = self._loop.time()
+        for payload in link.poll_transmit(now):
+            sock.sendto(self._channel.seal(peer.id, payload), peer.address)
+        dead = link.dead(now)
+        if dead and peer.reported_up:
+            reason = link.failure or "no ACKs"
+            log.warning("link to %s is dead (%s); still probing", peer.id, reason)
+            self._report(peer, False)
+        elif not dead and not peer.reported_up:
+            self._report(peer, True)
+        when = link.next_timeout()
+        if when == peer.timer_when:
+            return
+        if peer.timer is not None:
+            peer.timer.cancel()
+        peer.timer_when = when
+        peer.timer = None if when is None else self._loop.call_at(when, self._on_timer, peer)
+
+    def _on_timer(self, peer: _Peer) -> None:
+        peer.timer = peer.timer_when = None
+        self._transmit(peer)
+
+    def _report(self, peer: _Peer, up: bool) -> None:
+        peer.reported_up = up
+        self._inbox.append(("up" if up else "down", peer.id, b""))
+        self._wake_tick()
+
+    def _on_datagram(self, data: bytes, addr: Any) -> None:
+        if self._socket is None:
+            return
+        event = self._channel.receive(data)
+        if isinstance(event, Delivered):
+            peer = self._peers[event.peer_id]
+            if peer.link is None:
+                return
+            messages = peer.link.receive(event.payload, self._loop.time())
+            if messages:
+                self._inbox.extend(("msg", peer.id, m) for m in messages)
+                self._wake_tick()
+            self._transmit(peer)
+        elif isinstance(event, HandshakeEvent):
+            peer = self._peers[event.peer_id]
+            if event.reply is not None:
+                self._socket.sendto(event.reply, peer.address)
+            if event.established:
+                self._new_session(peer)
+            self._arm_hello(peer)
+        elif isinstance(event, Dropped):
+            self._log_drop(event, addr)
+
+    def _new_session(self, peer: _Peer) -> None:
+        if peer.timer is not None:
+            peer.timer.cancel()
+        peer.timer = peer.timer_when = None
+        if peer.reported_up:
+            self._report(peer, False)  # the peer restarted: pysyncobj sees a reconnect
+        peer.sessions += 1
+        peer.link = ReliableLink(
+            SecureChannel.max_payload(DATAGRAM_SIZE), config=self._settings.link
+        )
+        peer.hello_interval = HELLO_MIN_INTERVAL
+        self._report(peer, True)
+        log.info("session %d with %s established", peer.sessions, peer.id)
+
+    def _send_hello(self, peer: _Peer) -> None:
+        if self._socket is not None:
+            self._socket.sendto(self._channel.hello(peer.id), peer.address)
+        self._arm_hello(peer)
+
+    def _arm_hello(self, peer: _Peer) -> None:
+        if not self._channel.handshake(peer.id).needs_hello or peer.hello_handle is not None:
+            return
+        peer.hello_handle = self._loop.call_later(peer.hello_interval, self._on_hello_timer, peer)
+        peer.hello_interval = min(peer.hello_interval * 2, HELLO_MAX_INTERVAL)
+
+    def _on_hello_timer(self, peer: _Peer) -> None:
+        peer.hello_handle = None
+        if self._channel.handshake(peer.id).needs_hello:
+            self._send_hello(peer)
+
+    def _log_drop(self, event: Dropped, addr: Any) -> None:
+        if event.reason not in _AUTH_DROPS or not event.detail:
+            return
+        key = (event.peer_id or addr, event.reason)
+        now = self._loop.time()
+        if now - self._drop_logged.get(key, -DROP_LOG_INTERVAL) >= DROP_LOG_INTERVAL:
+            self._drop_logged[key] = now
+            log.warning("dropped datagram from %s: %s", addr, event.detail)
+
+    def _stats_now(self) -> dict[str, PeerLinkStats]:
+        out = {}
+        for peer in self._peers.values():
+            st = peer.link.stats() if peer.link is not None else None
+            out[peer.id] = PeerLinkStats(
+                peer_id=peer.id,
+                path="static",
+                connected=peer.reported_up,
+                srtt=st.srtt if st else None,
+                retransmissions=st.retransmissions if st else 0,
+                loss_rate=st.loss_rate if st else 0.0,
+                sessions=peer.sessions,
+            )
+        return out
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+__all__ = ["UdpTransport"]

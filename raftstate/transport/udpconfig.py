@@ -1,0 +1,67 @@
+"""Settings and stats types of the UDP transport (:mod:`raftstate.transport.udp`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from raftstate.transport.linkconfig import LinkConfig
+
+DATAGRAM_SIZE = 1200
+HELLO_MIN_INTERVAL = 0.05
+HELLO_MAX_INTERVAL = 1.0
+#: Wrong-secret (and other authentication) drops are logged at most this often per source.
+DROP_LOG_INTERVAL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class UdpSettings:
+    """What the transport needs besides pysyncobj's nodes. ``peers`` maps each
+    peer's member id to its ``host:port`` (which is also its pysyncobj node
+    address); ``bind`` is this node's listen ``host:port``."""
+
+    node_id: str
+    bind: str
+    peers: tuple[tuple[str, str], ...]
+    cluster_secret: str
+    link: LinkConfig = LinkConfig()
+    #: Pickled bytes waiting for the loop before ``send`` starts refusing.
+    max_queued_bytes: int = 32 * 1024 * 1024
+    bind_retries: int = 25
+    bind_retry_s: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLinkStats:
+    """One peer's path as this node sees it. Times in seconds."""
+
+    peer_id: str
+    path: str  # "static"
+    connected: bool
+    srtt: float | None
+    retransmissions: int
+    loss_rate: float
+    sessions: int  # sessions established with this peer since start
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def settings_for(
+    node_id: str,
+    bind: str,
+    members: Sequence[tuple[str, str]],
+    cluster_secret: str,
+    *,
+    dead_after: float,
+) -> UdpSettings:
+    """Settings for ``node_id`` among ``members`` (``(id, raft address)``)."""
+    peers = tuple((mid, addr) for mid, addr in members if mid != node_id)
+    link = LinkConfig(dead_after=dead_after)
+    return UdpSettings(node_id, bind, peers, cluster_secret, link=link)
+
+
+__all__ = ["PeerLinkStats", "UdpSettings", "settings_for", "split_hostport"]
