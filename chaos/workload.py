@@ -43,7 +43,10 @@ class Workload:
         write_deadline_s: float = 5.0,
         read_deadline_s: float = 1.0,
         history: History | None = None,
+        prefer_leader: bool = True,
     ) -> None:
+        """``prefer_leader=False`` keeps writes on ``write_endpoints`` (e.g.
+        proxies) instead of following the leader's advertised address."""
         self.history = history or History()
         self.acked: dict[str, int] = {}
         self.writes_ok = 0
@@ -52,7 +55,9 @@ class Workload:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ids = [f"{prefix}-{i:03d}" for i in range(devices)]
-        self._client = DeviceClient(list(write_endpoints), deadline_s=write_deadline_s)
+        self._client = DeviceClient(
+            list(write_endpoints), deadline_s=write_deadline_s, prefer_leader=prefer_leader
+        )
         self._read_deadline = read_deadline_s
         self._threads: list[threading.Thread] = []
         for w in range(writers):

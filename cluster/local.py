@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -121,11 +121,14 @@ class LocalCluster:
         python: str = sys.executable,
         hosts: list[str] | None = None,
         exec_prefix: Callable[[str], list[str]] | None = None,
+        node_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """``hosts`` gives each node its own address (e.g. one per network
         namespace; ports then default to 7001/7101 on every host) and
         ``exec_prefix(node_id)`` the command that runs a node there (e.g.
-        ``ip netns exec NAME``)."""
+        ``ip netns exec NAME``). ``node_overrides[node_id]`` replaces config
+        fields of that node only (e.g. its ``peer_raft``). Raises
+        ``ConfigError`` if a resulting config is invalid."""
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.size = size
@@ -154,6 +157,7 @@ class LocalCluster:
                 data_dir=str(self.base_dir / m.id),
                 cluster_secret=secret,
             )
+            cfg = replace(cfg, **dict((node_overrides or {}).get(m.id, {})))
             cfg.validate()
             path = self.base_dir / f"{m.id}.toml"
             self.nodes[m.id] = NodeProcess(cfg, path, self.base_dir / f"{m.id}.log")
@@ -170,6 +174,10 @@ class LocalCluster:
     @property
     def endpoints(self) -> list[str]:
         return [n.endpoint for n in self.nodes.values()]
+
+    def raft_address(self, node_id: str) -> str:
+        """The address ``node_id``'s Raft transport listens on."""
+        return self.nodes[node_id].config.raft_bind
 
     def start(self, *, wait: bool = True, timeout_s: float = 30.0) -> None:
         """Start every node; with ``wait``, return once all agree on a leader."""

@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ class NodeConfig:
     #: authenticated datagram transport, static peer addresses; needs
     #: ``cluster_secret``).
     transport: str = "tcp"
+    #: UDP only: member id -> the ``host:port`` this node sends that peer's
+    #: Raft traffic to, instead of the member's ``raft`` address (e.g. a
+    #: per-link proxy; peers are identified by key, not by source address, so
+    #: A->B and B->A may take different paths). TOML table ``[peer_raft]``.
+    peer_raft: dict[str, str] = field(default_factory=dict)
     #: Shared secret that authenticates and encrypts node-to-node traffic.
     cluster_secret: str = ""
     #: Allow running the Raft transport without ``cluster_secret`` (tests, demos).
@@ -153,6 +158,8 @@ class NodeConfig:
                 raise ConfigError(f"{key}: unknown setting")
             if key == "members":
                 kwargs[key] = _members(value)
+            elif key == "peer_raft":
+                kwargs[key] = _peer_raft(value)
             else:
                 kwargs[key] = _typed(key, known[key].type, value)
         return cls(**kwargs)
@@ -161,9 +168,12 @@ class NodeConfig:
         """Render as TOML that :meth:`load` reads back to an equal config."""
         lines = []
         for f in dataclasses.fields(self):
-            if f.name == "members":
+            if f.name in ("members", "peer_raft"):
                 continue
             lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        if self.peer_raft:
+            lines += ["", "[peer_raft]"]
+            lines += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in self.peer_raft.items()]
         for m in self.members:
             lines += [
                 "",
@@ -220,6 +230,17 @@ class NodeConfig:
             _check_hostport("raft_listen", self.raft_listen)
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport: must be one of {', '.join(TRANSPORTS)}")
+        for peer_id, address in self.peer_raft.items():
+            if peer_id == self.node_id or peer_id not in ids:
+                raise ConfigError(
+                    f"peer_raft: {peer_id!r} must be the id of another member ({ids})"
+                )
+            _check_hostport(f"peer_raft[{peer_id}]", address)
+        if self.peer_raft and self.transport != "udp":
+            raise ConfigError(
+                'peer_raft: only applies to transport = "udp" (pysyncobj\'s TCP transport '
+                "dials the members' raft addresses); remove it or set transport"
+            )
         if self.durability not in DURABILITY:
             raise ConfigError(f"durability: must be one of {', '.join(DURABILITY)}")
         if self.transport == "udp" and not self.cluster_secret:
@@ -297,6 +318,22 @@ def _members(value: Any) -> tuple[Member, ...]:
     return tuple(out)
 
 
+def _peer_raft(value: Any) -> dict[str, str]:
+    if isinstance(value, str):  # "id=host:port,id=host:port" from a flag or the environment
+        out: dict[str, str] = {}
+        for part in filter(None, value.split(",")):
+            peer_id, sep, address = part.partition("=")
+            if not sep:
+                raise ConfigError("peer_raft: expected id=host:port,...")
+            out[peer_id.strip()] = address.strip()
+        return out
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError('peer_raft: must be a table of member id = "host:port"')
+    return dict(value)
+
+
 def _typed(key: str, annotation: Any, value: Any) -> Any:
     kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(annotation), str)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -315,7 +352,7 @@ def _coerce(key: str, raw: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
     if key not in fields:
         raise ConfigError(f"{key}: unknown setting")
-    if key == "members":
+    if key in ("members", "peer_raft"):
         return raw
     kind = str(fields[key].type)
     try:

@@ -166,6 +166,7 @@ def transport_factory(
             [(m.id, m.raft) for m in cfg.members],
             cfg.cluster_secret,
             dead_after=max(cfg.connection_timeout_ms / 1000, 1.5),
+            send_to=cfg.peer_raft,
         )
         return functools.partial(RaftstateUdpTransport, settings=settings, loop=loop)
     return RaftstateTCPTransport

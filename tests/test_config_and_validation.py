@@ -46,6 +46,10 @@ def test_defaults_and_test_timers_validate() -> None:
         ({"leader_step_down_ms": 60}, "leader_step_down_ms"),
         ({"tick_ms": 500}, "tick_ms"),
         ({"grpc_listen": "nohost"}, "grpc_listen"),
+        ({"peer_raft": {"n2": "127.0.0.1:9002"}}, "peer_raft"),  # tcp transport
+        ({"transport": "udp", "peer_raft": {"n1": "127.0.0.1:9001"}}, "peer_raft"),
+        ({"transport": "udp", "peer_raft": {"n9": "127.0.0.1:9009"}}, "peer_raft"),
+        ({"transport": "udp", "peer_raft": {"n2": "nohost"}}, "peer_raft[n2]"),
     ],
 )
 def test_validate_names_the_broken_field(change: dict[str, object], field: str) -> None:
@@ -65,6 +69,23 @@ def test_load_precedence_file_then_flags_then_environment(tmp_path: Path) -> Non
         path, flags={"heartbeat_ms": "40"}, environ={"RAFTSTATE_HEARTBEAT_MS": "45"}
     )
     assert cfg.heartbeat_ms == 45
+
+
+def test_peer_raft_round_trips_through_toml_flags_and_environment(tmp_path: Path) -> None:
+    cfg = good(transport="udp", peer_raft={"n2": "127.0.0.1:9002", "n3": "[::1]:9003"})
+    cfg.validate()
+    path = tmp_path / "n1.toml"
+    path.write_text(cfg.to_toml())
+    assert "[peer_raft]" in path.read_text()
+    assert NodeConfig.load(path) == cfg
+    assert NodeConfig.load(path, flags={"peer_raft": "n2=127.0.0.1:9102"}).peer_raft == {
+        "n2": "127.0.0.1:9102"
+    }
+    env = {"RAFTSTATE_PEER_RAFT": "n3=127.0.0.1:9103"}
+    assert NodeConfig.load(path, environ=env).peer_raft == {"n3": "127.0.0.1:9103"}
+    path.write_text(good(transport="udp").to_toml() + "\n[peer_raft]\nn2 = 7\n")
+    with pytest.raises(ConfigError, match="peer_raft: must be a table"):
+        NodeConfig.load(path)
 
 
 def test_load_rejects_unknown_keys_and_bad_types(tmp_path: Path) -> None:

@@ -125,10 +125,12 @@ class UdpTransport(Transport):  # type: ignore[misc]
         self._loop = loop
         by_address = {n.address: n for n in otherNodes}
         self._peers: dict[str, _Peer] = {}
+        send_to = dict(settings.send_to)
         for peer_id, address in settings.peers:
             node = by_address.get(address)
             if node is not None:
-                self._peers[peer_id] = _Peer(peer_id, node, split_hostport(address))
+                target = send_to.get(peer_id, address)
+                self._peers[peer_id] = _Peer(peer_id, node, split_hostport(target))
         self._node_peer = {p.node: p.id for p in self._peers.values()}
         self._channel = SecureChannel(
             settings.node_id, list(self._peers), settings.cluster_secret, now=time.time()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from raftstate.transport.linkconfig import LinkConfig
@@ -18,13 +18,16 @@ DROP_LOG_INTERVAL = 10.0
 class UdpSettings:
     """What the transport needs besides pysyncobj's nodes. ``peers`` maps each
     peer's member id to its ``host:port`` (which is also its pysyncobj node
-    address); ``bind`` is this node's listen ``host:port``."""
+    address); ``bind`` is this node's listen ``host:port``. ``send_to``
+    overrides, per peer id, where datagrams for that peer are sent (a per-link
+    proxy); peers are recognised by their keys, never by source address."""
 
     node_id: str
     bind: str
     peers: tuple[tuple[str, str], ...]
     cluster_secret: str
     link: LinkConfig = LinkConfig()
+    send_to: tuple[tuple[str, str], ...] = ()
     #: Pickled bytes waiting for the loop before ``send`` starts refusing.
     max_queued_bytes: int = 32 * 1024 * 1024
     bind_retries: int = 25
@@ -57,11 +60,14 @@ def settings_for(
     cluster_secret: str,
     *,
     dead_after: float,
+    send_to: Mapping[str, str] | None = None,
 ) -> UdpSettings:
-    """Settings for ``node_id`` among ``members`` (``(id, raft address)``)."""
+    """Settings for ``node_id`` among ``members`` (``(id, raft address)``);
+    ``send_to``: per-peer send addresses overriding the member address."""
     peers = tuple((mid, addr) for mid, addr in members if mid != node_id)
     link = LinkConfig(dead_after=dead_after)
-    return UdpSettings(node_id, bind, peers, cluster_secret, link=link)
+    overrides = tuple(sorted((send_to or {}).items()))
+    return UdpSettings(node_id, bind, peers, cluster_secret, link=link, send_to=overrides)
 
 
 __all__ = ["PeerLinkStats", "UdpSettings", "settings_for", "split_hostport"]

@@ -1,0 +1,146 @@
+"""Chaos scenarios: three UDP-transport nodes with every link behind a proxy.
+
+Devices reach the nodes through TCP proxies, nodes reach each other through
+one UDP proxy per direction (:class:`chaos.harness.ChaosCluster`), with toxics
+from ``chaos/profiles.toml``. Each scenario runs the recorded workload through
+the device proxies, injects faults, and ends in the shared verifier reading
+the nodes directly. Waits are conditions with generous deadlines (a loaded
+two-core CI box), never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chaos.harness import ChaosCluster
+from chaos.profiles import load_profile
+from chaos.verify import verify
+from chaos.workload import Workload
+from cluster.local import node_status, wait_until
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+
+@pytest.fixture
+def chaos_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ChaosCluster]:
+    cc = ChaosCluster(tmp_path / "chaos", 3, seed=7)
+    try:
+        cc.start(timeout_s=60)
+        yield cc
+    finally:
+        cc.stop()
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed and cc.cluster is not None:
+            for node_id, text in cc.cluster.logs():
+                print(f"----- log of {node_id} (last 3000 chars) -----\n{text[-3000:]}")
+            print("----- chaos proxy -----\n" + "".join(cc.server.output)[-2000:])
+
+
+def _workload(cc: ChaosCluster) -> Workload:
+    return Workload(
+        cc.endpoints,
+        cc.endpoints,
+        devices=6,
+        writers=3,
+        prefer_leader=False,  # keep every write on its device proxy
+        write_deadline_s=10.0,
+        read_deadline_s=2.0,
+    )
+
+
+def _progress(
+    w: Workload, writes: int, timeout_s: float, what: str, *, at_least_s: float = 0.0
+) -> None:
+    """Run the workload for at least ``at_least_s`` and until ``writes`` more
+    heartbeats are acknowledged; ``TimeoutError`` after ``timeout_s``."""
+    target = w.writes_ok + writes
+    until = time.monotonic() + at_least_s
+
+    def done() -> bool:
+        return w.writes_ok >= target and time.monotonic() >= until
+
+    wait_until(done, timeout_s, f"{writes} more acked writes ({what})")
+
+
+def _new_leader(cc: ChaosCluster, old: str, timeout_s: float) -> str:
+    """Wait until the nodes other than ``old`` agree on a leader that is not ``old``."""
+    others = [n for n in cc.nodes.nodes if n != old]
+
+    def elected() -> str | None:
+        leader = cc.nodes.leader(others)
+        return leader if leader != old else None
+
+    return str(wait_until(elected, timeout_s, f"a new leader among {others}"))
+
+
+def test_workload_on_wan_then_weak_survives_leader_kill(chaos_cluster: ChaosCluster) -> None:
+    cc = chaos_cluster
+    cluster = cc.nodes
+    cc.apply(load_profile("wan"))
+    with _workload(cc) as w:
+        _progress(w, 20, 30, "wan", at_least_s=4)
+        cc.apply(load_profile("weak"))
+        _progress(w, 20, 30, "weak", at_least_s=4)
+        leader = cluster.wait_for_leader(30)
+        cluster.kill_node(leader)
+        _new_leader(cc, leader, 45)
+        _progress(w, 10, 45, "weak, old leader down", at_least_s=2)
+        cluster.start_node(leader)
+        cluster.wait_for_leader(45)
+        _progress(w, 10, 45, "weak, old leader back", at_least_s=2)
+    assert w.reads_ok > 0
+    cc.apply(load_profile("lan"))  # converge quickly; the faults are over
+    verdict = verify(cc.node_endpoints, w.acked, w.history, timeout_s=60)
+    assert verdict.ok, verdict.explain()
+    assert verdict.devices == 6
+
+
+def test_leader_isolated_at_the_node_links_steps_down(chaos_cluster: ChaosCluster) -> None:
+    cc = chaos_cluster
+    cluster = cc.nodes
+    profile = load_profile("partition")
+    cc.apply(profile)
+    (outage,) = profile.schedule
+    with _workload(cc) as w:
+        _progress(w, 10, 30, "before the partition", at_least_s=outage.at_s)
+        old = cc.resolve(outage.isolate)
+        cc.isolate(old)
+        isolated_at = time.monotonic()
+        _new_leader(cc, old, 45)
+
+        def stepped_down() -> bool:
+            st = node_status(cluster.nodes[old].endpoint)
+            return st is not None and st.role != 3
+
+        wait_until(stepped_down, 30, f"isolated {old} to step down")
+        remaining = outage.duration_s - (time.monotonic() - isolated_at)
+        _progress(w, 10, 45, "majority side", at_least_s=remaining)
+        cc.heal()
+        cluster.wait_for_leader(45)
+        _progress(w, 10, 45, "healed")
+    verdict = verify(cc.node_endpoints, w.acked, w.history, timeout_s=60)
+    assert verdict.ok, verdict.explain()
+
+
+def test_flaky_node_links_lose_nothing(chaos_cluster: ChaosCluster) -> None:
+    cc = chaos_cluster
+    profile = load_profile("flaky")
+    cc.apply(profile)
+    stop = threading.Event()
+    with _workload(cc) as w:
+        _progress(w, 10, 30, "before the outages")
+        try:
+            isolated = cc.run_schedule(profile, stop)
+        finally:
+            stop.set()
+        assert len(isolated) == len(profile.schedule)
+        assert not cc.isolated
+        cc.nodes.wait_for_leader(45)
+        _progress(w, 10, 45, "after the outages")
+    verdict = verify(cc.node_endpoints, w.acked, w.history, timeout_s=60)
+    assert verdict.ok, verdict.explain()
