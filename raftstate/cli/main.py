@@ -143,6 +143,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_chaos_bench(args: argparse.Namespace) -> int:
+    from chaos.bench import bench_main as chaos_bench_main
+
+    return chaos_bench_main(args)
+
+
+def _needs_test_extras(err: ImportError) -> int:
+    print(
+        f"raftstate chaos: {err}; install the test extras: pip install -e '.[test]'",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raftstate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -226,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark heartbeats (optionally against etcd)")
     add_bench_arguments(bench)
     bench.set_defaults(fn=cmd_bench)
+
+    chaos = sub.add_parser("chaos", help="weak-network chaos runs (needs the test extras)")
+    chsub = chaos.add_subparsers(dest="chaos_cmd", required=True)
+    cbench = chsub.add_parser(
+        "bench", help="heartbeat latency and success rate under chaos/profiles.toml profiles"
+    )
+    try:
+        from chaos.bench import add_arguments as add_chaos_bench_arguments
+    except ImportError as err:  # toxiproxy-python is a test extra
+        missing = err
+        cbench.set_defaults(fn=lambda _args: _needs_test_extras(missing))
+    else:
+        add_chaos_bench_arguments(cbench)
+        cbench.set_defaults(fn=cmd_chaos_bench)
     return p
 
 
