@@ -44,7 +44,8 @@ A frame with no chunks and no N flag is a pure ACK and is never acknowledged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 #: Values at or above this do not fit a varint.
 VARINT_LIMIT = 1 << 62
@@ -77,11 +78,11 @@ class FrameError(ValueError):
     """Bytes that are not a well-formed frame (internal; the link counts it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(NamedTuple):
     """Acknowledgement of the peer's frames: every frame below ``cum`` plus
     the half-open ``ranges`` (ascending, disjoint, non-adjacent, above
-    ``cum``). ``delay_us`` is how long the largest one was held back."""
+    ``cum``). ``delay_us`` is how long the largest one was held back.
+    (Immutable tuples: cheaper to build per frame than frozen dataclasses.)"""
 
     cum: int
     delay_us: int
@@ -99,16 +100,25 @@ class Ack:
         return any(lo <= number < hi for lo, hi in self.ranges)
 
 
-@dataclass(frozen=True, slots=True)
-class StreamChunk:
+class StreamChunk(NamedTuple):
     """``data`` at stream byte ``offset``."""
 
     offset: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class ChunkLike(Protocol):
+    """Anything with a stream ``offset`` and ``data`` (a :class:`StreamChunk`
+    or the sender's own chunk objects)."""
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+
+class Frame(NamedTuple):
     """One decoded frame. ``floor`` <= ``number``."""
 
     number: int
@@ -152,12 +162,13 @@ def decode_varint(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
     if ``buf`` ends inside it."""
     if pos >= len(buf):
         raise FrameError("truncated varint")
-    size = 1 << (buf[pos] >> 6)
+    first = buf[pos]
+    if first < 0x40:
+        return first, pos + 1
+    size = 1 << (first >> 6)
     end = pos + size
     if end > len(buf):
         raise FrameError("truncated varint")
-    if size == 1:
-        return buf[pos] & 0x3F, end
     return int.from_bytes(buf[pos:end], "big") & ((1 << (8 * size - 2)) - 1), end
 
 
@@ -171,39 +182,59 @@ def ack_ranges_size(cum: int, ranges: tuple[tuple[int, int], ...] | list[tuple[i
     return size
 
 
+def _put(out: bytearray, value: int) -> None:
+    """Append ``value`` as a varint (the one-byte case without a call)."""
+    if 0 <= value < 0x40:
+        out.append(value)
+    else:
+        out += encode_varint(value)
+
+
 def encode_frame(frame: Frame) -> bytes:
     """The wire bytes of ``frame``. Raises ``ValueError`` if a field breaks
     the format's limits (a bug in the caller, never input from the network)."""
-    if not 0 <= frame.floor <= frame.number:
+    return encode_fields(frame.number, frame.floor, frame.ack, frame.chunks, frame.ack_now)
+
+
+def encode_fields(
+    number: int, floor: int, ack: Ack | None, chunks: Sequence[ChunkLike], ack_now: bool = False
+) -> bytes:
+    """:func:`encode_frame` of ``Frame(number, floor, ack, chunks, ack_now)``
+    without building the :class:`Frame` (the sender's hot path)."""
+    if not 0 <= floor <= number:
         raise ValueError("floor must be in [0, number]")
-    if len(frame.chunks) > MAX_CHUNKS:
+    if len(chunks) > MAX_CHUNKS:
         raise ValueError("too many chunks")
-    flags = FORMAT_NIBBLE | (FLAG_ACK if frame.ack is not None else 0)
-    flags |= FLAG_ACK_NOW if frame.ack_now else 0
-    out = bytearray((flags,))
-    out += encode_varint(frame.number)
-    out += encode_varint(frame.number - frame.floor)
-    ack = frame.ack
+    flags = FORMAT_NIBBLE | (FLAG_ACK if ack is not None else 0)
+    out = bytearray((flags | FLAG_ACK_NOW if ack_now else flags,))
+    _put(out, number)
+    _put(out, number - floor)
     if ack is not None:
-        if len(ack.ranges) > MAX_ACK_RANGES:
+        ranges = ack.ranges
+        if len(ranges) > MAX_ACK_RANGES:
             raise ValueError("too many ack ranges")
-        out += encode_varint(ack.cum)
-        out += encode_varint(min(ack.delay_us, MAX_ACK_DELAY_US))
-        out += encode_varint(len(ack.ranges))
+        _put(out, ack.cum)
+        _put(out, min(ack.delay_us, MAX_ACK_DELAY_US))
+        out.append(len(ranges))  # <= 63: one byte
         prev = ack.cum
-        for lo, hi in ack.ranges:
+        for lo, hi in ranges:
             if lo <= prev or hi <= lo:
                 raise ValueError("ack ranges must ascend with gaps")
-            out += encode_varint(lo - prev - 1)
-            out += encode_varint(hi - lo - 1)
+            _put(out, lo - prev - 1)
+            _put(out, hi - lo - 1)
             prev = hi
-    out += encode_varint(len(frame.chunks))
-    for chunk in frame.chunks:
-        if not 0 < len(chunk.data) <= MAX_CHUNK_LENGTH:
+    out.append(len(chunks))  # <= 63: one byte
+    for chunk in chunks:
+        data = chunk.data
+        size = len(data)
+        if not 0 < size <= MAX_CHUNK_LENGTH:
             raise ValueError("chunk length out of range")
-        out += encode_varint(chunk.offset)
-        out += encode_varint(len(chunk.data))
-        out += chunk.data
+        _put(out, chunk.offset)
+        if size < 0x40:
+            out.append(size)
+        else:
+            out += (size | 0x4000).to_bytes(2, "big")  # <= MAX_CHUNK_LENGTH
+        out += data
     return bytes(out)
 
 
@@ -218,7 +249,11 @@ def decode_frame(payload: bytes) -> Frame:
     if flags & 0xF0 != FORMAT_NIBBLE or flags & 0x0F & ~_KNOWN_FLAGS:
         raise FrameError("unknown frame format or flags")
     number, pos = decode_varint(payload, 1)
-    floor_delta, pos = decode_varint(payload, pos)
+    if pos < len(payload) and payload[pos] < 0x40:  # the usual small floor delta
+        floor_delta = payload[pos]
+        pos += 1
+    else:
+        floor_delta, pos = decode_varint(payload, pos)
     if floor_delta > number:
         raise FrameError("floor below zero")
     ack: Ack | None = None
@@ -243,17 +278,22 @@ def decode_frame(payload: bytes) -> Frame:
     count, pos = decode_varint(payload, pos)
     if count > MAX_CHUNKS:
         raise FrameError("too many chunks")
+    total = len(payload)
     chunks: list[StreamChunk] = []
     for _ in range(count):
         offset, pos = decode_varint(payload, pos)
-        length, pos = decode_varint(payload, pos)
+        if pos < total and payload[pos] < 0x40:  # the usual one-byte length
+            length = payload[pos]
+            pos += 1
+        else:
+            length, pos = decode_varint(payload, pos)
         end = pos + length
-        if length == 0 or length > MAX_CHUNK_LENGTH or end > len(payload):
+        if length == 0 or length > MAX_CHUNK_LENGTH or end > total:
             raise FrameError("bad chunk length")
         if offset + length >= VARINT_LIMIT:
             raise FrameError("chunk past the end of the stream")
         chunks.append(StreamChunk(offset, bytes(payload[pos:end])))
         pos = end
-    if pos != len(payload):
+    if pos != total:
         raise FrameError("trailing bytes")
     return Frame(number, number - floor_delta, ack, tuple(chunks), bool(flags & FLAG_ACK_NOW))

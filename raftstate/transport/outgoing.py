@@ -20,7 +20,7 @@ from raftstate.transport.frames import MAX_CHUNKS, encode_varint, varint_size
 class OutChunk:
     """``data`` at stream ``offset``, and its fate."""
 
-    __slots__ = ("acked", "data", "in_flight", "offset", "queued")
+    __slots__ = ("acked", "data", "in_flight", "offset", "queued", "record_size")
 
     def __init__(self, offset: int, data: bytes) -> None:
         self.offset = offset
@@ -28,11 +28,8 @@ class OutChunk:
         self.acked = False
         self.in_flight = 0  # outstanding frames carrying it
         self.queued = False  # waiting in the retransmission queue
-
-    @property
-    def record_size(self) -> int:
-        """Bytes of its chunk record in a frame (offset, length, data)."""
-        return varint_size(self.offset) + varint_size(len(self.data)) + len(self.data)
+        #: Bytes of its chunk record in a frame (offset, length, data).
+        self.record_size = varint_size(offset) + varint_size(len(data)) + len(data)
 
 
 class OutgoingStream:

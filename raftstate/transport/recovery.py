@@ -226,6 +226,8 @@ class LossRecovery:
     def _check_ghosts(self, ack: Ack, now: float) -> None:
         """Count ghosts ``ack`` covers as spurious losses; forget old ones."""
         ghosts = self._ghosts
+        if not ghosts:
+            return
         expiry = now - max(self.rtt.srtt, self.rtt.latest)
         while ghosts and (len(ghosts) > MAX_GHOSTS or next(iter(ghosts.values())) < expiry):
             del ghosts[next(iter(ghosts))]

@@ -61,7 +61,6 @@ share frames), after every :meth:`~ReliableLink.receive`, and at
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 import grpc
@@ -74,11 +73,9 @@ from raftstate.transport.frames import (
     MAX_CHUNKS,
     MAX_VARINT_SIZE,
     SINGLE_CHUNK_OVERHEAD,
-    Frame,
     FrameError,
-    StreamChunk,
     decode_frame,
-    encode_frame,
+    encode_fields,
     varint_size,
 )
 from raftstate.transport.linkconfig import LinkConfig, LinkStats
@@ -129,6 +126,11 @@ class ReliableLink:
         #: redundant copies protect.
         self._recent: deque[OutChunk] = deque(maxlen=max(config.redundancy_max, 1))
         self._tail_at: float | None = None
+        #: (copies, highest loss rate they suffice for), ascending: see _copies.
+        self._copy_steps = [
+            (c, config.redundancy_target ** (1 / (c + 1)))
+            for c in range(config.redundancy, config.redundancy_max)
+        ]
         self._tail_left = 0
         self._progress_time = 0.0
         self._failure: str | None = None
@@ -195,9 +197,10 @@ class ReliableLink:
         if self._failure is not None:
             return []
         limit = self._stream.contiguous + self.config.receive_window
-        if any(c.offset + len(c.data) > limit for c in frame.chunks):
-            self._window_drops += 1  # not recorded: the peer will resend it
-            return []
+        for chunk in frame.chunks:
+            if chunk.offset + len(chunk.data) > limit:
+                self._window_drops += 1  # not recorded: the peer will resend it
+                return []
         late = frame.number < self._acks.base  # received, or given up by the peer
         if not late and self._acks.seen(frame.number):
             self._duplicates += 1
@@ -278,12 +281,11 @@ class ReliableLink:
     def next_timeout(self) -> float | None:
         """When :meth:`poll_transmit` must run next even if nothing arrives
         (ACK timer, loss timer, probe timeout, tail copy), or ``None``."""
-        rec = self._recovery
-        times = [t for t in (self._acks.deadline, rec.loss_time, self._tail_at) if t is not None]
-        pto = rec.pto_deadline()
-        if pto is not None:
-            times.append(pto)
-        return min(times) if times else None
+        first = self._recovery.pto_deadline()
+        for t in (self._acks.deadline, self._recovery.loss_time, self._tail_at):
+            if t is not None and (first is None or t < first):
+                first = t
+        return first
 
     def dead(self, now: float) -> bool:
         """True once data waited ``dead_after`` seconds with no ACK progress,
@@ -334,13 +336,11 @@ class ReliableLink:
     def _copies(self) -> int:
         """Redundant copies per chunk for the measured loss rate p: the
         fewest with p ** (copies + 1) <= target, within the configured bounds."""
-        cfg, p = self.config, self._recovery.loss_rate
-        if cfg.redundancy >= cfg.redundancy_max or p <= 0:
-            return cfg.redundancy
-        if p >= 1:
-            return cfg.redundancy_max
-        need = math.ceil(math.log(cfg.redundancy_target) / math.log(p)) - 1
-        return max(cfg.redundancy, min(need, cfg.redundancy_max))
+        p = self._recovery.loss_rate
+        for copies, most in self._copy_steps:  # p ** (copies + 1) <= target
+            if p <= most:
+                return copies
+        return self.config.redundancy_max
 
     def _tail_delay(self) -> float:
         cfg = self.config
@@ -379,37 +379,33 @@ class ReliableLink:
         Tracks it in flight if ack-eliciting."""
         number = self._next_number
         floor = self._recovery.floor(number)
-        fixed = 1 + varint_size(number) + varint_size(number - floor) + 1
-        used = sum(c.record_size for c in chunks)
-        ack = self._acks.block(now, self.max_payload - fixed - used)
-        space = self.max_payload - fixed - used - (ack[1] if ack else 0)
-        primary = list(chunks)
+        room = self.max_payload - (3 + varint_size(number) + varint_size(number - floor))
+        for c in chunks:
+            room -= c.record_size
+        ack = self._acks.block(now, room)
+        space = room - ack[1] if ack is not None else room
         if new_data:
-            head = varint_size(self._out.next_offset) + 2
-            size = min(space - head, self._out.pending_bytes, self._window_left(), self._max_chunk)
+            out = self._out
+            head = varint_size(out.next_offset) + 2
+            size = min(space - head, out.pending_bytes, self._window_left(), self._max_chunk)
             if size > 0:
-                primary.append(self._out.cut(size))
-                space -= primary[-1].record_size
-        chunks = list(primary)
+                cut = out.cut(size)
+                chunks = [*chunks, cut]
+                space -= cut.record_size
         if copies:
+            primary = chunks
             recent = [c for c in list(self._recent)[-copies:][::-1] if c not in primary]
-            extra = fit(recent, space, taken=len(chunks))
-            self._redundant += len(extra)
-            chunks += extra
+            extra = fit(recent, space, taken=len(chunks)) if recent else recent
+            if extra:
+                self._redundant += len(extra)
+                chunks = primary + extra
             self._recent.extend(primary)
-        frame = Frame(
-            number=number,
-            floor=floor,
-            ack=ack[0] if ack else None,
-            chunks=tuple(StreamChunk(c.offset, c.data) for c in chunks),
-            ack_now=ack_now,
-        )
-        payload = encode_frame(frame)
+        payload = encode_fields(number, floor, ack[0] if ack else None, chunks, ack_now)
         self._next_number += 1
         self._frames_sent += 1
         if ack is not None:
             self._acks.on_ack_sent()
-        if frame.ack_eliciting:
+        if chunks or ack_now:
             for c in chunks:
                 c.in_flight += 1
             self._recovery.on_sent(SentFrame(number, now, len(payload), chunks))

@@ -138,6 +138,8 @@ class UdpTransport(Transport):  # type: ignore[misc]
         self._socket: asyncio.DatagramTransport | None = None
         self._closed = False
         self._drop_logged: dict[Any, float] = {}
+        #: Peers whose links received this loop turn and still need a poll.
+        self._dirty: dict[str, _Peer] = {}
         # tick -> loop
         self._out_lock = threading.Lock()
         self._outbox: deque[tuple[str, bytes]] = deque()
@@ -334,12 +336,25 @@ class UdpTransport(Transport):  # type: ignore[misc]
         elif not dead and not peer.reported_up:
             self._report(peer, True)
         when = link.next_timeout()
-        if when == peer.timer_when:
-            return
+        if when is None or (peer.timer_when is not None and peer.timer_when <= when):
+            return  # a timer at least as early is armed; waking early only re-checks
         if peer.timer is not None:
             peer.timer.cancel()
         peer.timer_when = when
-        peer.timer = None if when is None else self._loop.call_at(when, self._on_timer, peer)
+        peer.timer = self._loop.call_at(when, self._on_timer, peer)
+
+    def _transmit_soon(self, peer: _Peer) -> None:
+        """Transmit for ``peer`` once the datagrams of this loop turn are in:
+        one ACK (and one poll) covers all of them."""
+        if not self._dirty:
+            self._loop.call_soon(self._transmit_dirty)
+        self._dirty[peer.id] = peer
+
+    def _transmit_dirty(self) -> None:
+        peers = list(self._dirty.values())
+        self._dirty.clear()
+        for peer in peers:
+            self._transmit(peer)
 
     def _on_timer(self, peer: _Peer) -> None:
         peer.timer = peer.timer_when = None
@@ -362,7 +377,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
             if messages:
                 self._inbox.extend(("msg", peer.id, m) for m in messages)
                 self._wake_tick()
-            self._transmit(peer)
+            self._transmit_soon(peer)
         elif isinstance(event, HandshakeEvent):
             peer = self._peers[event.peer_id]
             if event.reply is not None:
