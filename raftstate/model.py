@@ -48,6 +48,8 @@ class Heartbeat:
     seq: int
     reported: Mapping[str, str]
     ttl_s: int = 0
+    #: UTF-8 bytes of the reported keys and values (computed by validation).
+    reported_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,7 @@ def validate_heartbeat(
         )
     if ttl_s < 0 or ttl_s > TTL_MAX_S:
         raise InvalidArgument("ttl_s", f"must be between 0 and {TTL_MAX_S} seconds")
-    return Heartbeat(device_id, seq, reported, ttl_s)
+    return Heartbeat(device_id, seq, reported, ttl_s, total)
 
 
 def validate_consistency(value: int) -> Consistency:

@@ -46,6 +46,7 @@ _RECORD_OVERHEAD = 32
 class _Item:
     heartbeat: Heartbeat
     future: asyncio.Future[HeartbeatResult]
+    size: int  # encoded size estimate, for the batch byte bound
 
 
 class Proposer:
@@ -83,12 +84,8 @@ class Proposer:
             raise ResourceExhausted(
                 f"{self._waiting} heartbeats are waiting to commit on this node; retry later"
             )
-        size = (
-            len(hb.device_id)
-            + _RECORD_OVERHEAD
-            + sum(len(k) + len(v) for k, v in hb.reported.items())
-        )
-        return self._enqueue(_Item(hb, self._loop.create_future()), size)
+        size = len(hb.device_id) + _RECORD_OVERHEAD + hb.reported_bytes
+        return self._enqueue(_Item(hb, self._loop.create_future(), size))
 
     def close(self) -> None:
         """Fail everything still pending with ``Unavailable``."""
@@ -101,12 +98,12 @@ class Proposer:
 
     # ---- internals ------------------------------------------------------------
 
-    def _enqueue(self, item: _Item, size: int) -> asyncio.Future[HeartbeatResult]:
+    def _enqueue(self, item: _Item) -> asyncio.Future[HeartbeatResult]:
         if self._closed:
             raise Unavailable("node is shutting down")
         self._waiting += 1
         item.future.add_done_callback(self._on_item_done)
-        self._send(self._batcher.add(item, size, self._loop.time()))
+        self._send(self._batcher.add(item, item.size, self._loop.time()))
         return item.future
 
     def _on_item_done(self, _fut: asyncio.Future[HeartbeatResult]) -> None:
@@ -154,7 +151,7 @@ class Proposer:
         now = self._loop.time()
         for item in items:
             if not item.future.done():
-                self._send(self._batcher.add(item, _RECORD_OVERHEAD, now))
+                self._send(self._batcher.add(item, item.size, now))
 
     def _arm_timer(self) -> None:
         deadline = self._batcher.deadline()

@@ -156,3 +156,8 @@ def test_enum_and_page_size_validation() -> None:
     with pytest.raises(InvalidArgument, match="page_size"):
         validate_page_size(1001)
     assert validate_page_size(0) == 100
+
+
+def test_validation_records_reported_size_in_utf8_bytes() -> None:
+    hb = validate_heartbeat("d", 1, {"k": "é", "ab": "c"}, 0)
+    assert hb.reported_bytes == 1 + 2 + 3  # "é" is two bytes in UTF-8
