@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack)
+# coturn is the NAT lab's STUN/TURN server (cluster/natlab.py starts its own
+# turnserver inside a namespace); the system service must never run.
+APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack coturn)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -16,9 +18,24 @@ if ((${#missing[@]})); then
     echo "bootstrap: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    systemd_up=false
+    [ -d /run/systemd/system ] && systemd_up=true
+    new_coturn=false
+    [[ " ${missing[*]} " == *" coturn "* ]] && new_coturn=true
+    # On systemd, coturn's postinst enables and starts coturn.service (a
+    # turnserver on 0.0.0.0:3478). A runtime mask makes that start fail; the
+    # unit is then disabled. Without systemd, /etc/init.d/coturn starts nothing
+    # unless TURNSERVER_ENABLED=1 in /etc/default/coturn, which ships commented.
+    if $new_coturn && $systemd_up; then
+      systemctl mask --runtime --quiet coturn.service
+    fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if $new_coturn && $systemd_up; then
+      systemctl unmask --runtime --quiet coturn.service
+      systemctl disable --now --quiet coturn.service
+    fi
   else
-    echo "bootstrap: warning: ${missing[*]} missing and not root; etcd comparisons will be skipped" >&2
+    echo "bootstrap: warning: ${missing[*]} missing and not root; etcd comparisons and NAT-lab tests will be skipped" >&2
   fi
 fi
 

@@ -131,6 +131,12 @@ def cmd_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rendezvous(args: argparse.Namespace) -> int:
+    from raftstate.cli.rendezvous import rendezvous_main
+
+    return rendezvous_main(args)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from raftstate.cli.simulate import simulate
 
@@ -226,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--state", choices=["all", "online", "offline"], default="all")
             d.add_argument("--limit", type=int, default=1000)
         d.set_defaults(fn=cmd_device)
+
+    from raftstate.cli.rendezvous import add_arguments as add_rendezvous_arguments
+
+    rz = sub.add_parser("rendezvous", help="run the ICE rendezvous service for NATed nodes")
+    add_rendezvous_arguments(rz)
+    rz.set_defaults(fn=cmd_rendezvous)
 
     sim = sub.add_parser("simulate", help="run a device fleet against the cluster")
     sim.add_argument("--endpoints")

@@ -1,0 +1,460 @@
+"""The ICE rendezvous service: a TCP relay for candidate offers/answers.
+
+Theory of operation
+-------------------
+Nodes behind NATs cannot reach each other before ICE has run, so each dials
+*out* to a rendezvous server and trades its ICE offers/answers (RFC 8445 §5.3)
+through it. Signaling is latest-state (a newer offer voids older ones), so
+both ends keep only the newest undelivered message per destination and
+nothing retransmits. The wire protocol is the sans-IO
+:mod:`raftstate.transport.rendezvous_codec`; this module drives it on asyncio.
+
+Server, per TCP connection:
+
+1. Handshake within ``HANDSHAKE_TIMEOUT_S``. A failed proof or a malformed
+   frame closes the connection with a log line, rate-limited before
+   authentication (anyone can cause those): one per ``REJECT_LOG_INTERVAL_S``
+   per kind, then a count.
+2. Register the node id, closing any older connection of that id (newest
+   wins); send WELCOME, then the messages held for that id, oldest first.
+3. Answer PING with PONG. Forward a relay whose ``from`` is the session's id,
+   byte for byte, to ``to`` if connected, else hold it (latest per
+   ``(from, to)``, for ``hold_s``). Close a connection silent for
+   ``IDLE_TIMEOUT_S`` or whose send buffer passes ``MAX_WRITE_BUFFER``.
+
+Client: connect, handshake, await WELCOME, flush the outbox, relay; ping every
+``PING_INTERVAL_S``; treat a server silent for ``SERVER_SILENT_S`` as gone.
+After any failure reconnect with jittered exponential backoff in
+``[reconnect_min_s, reconnect_max_s]`` until :meth:`RendezvousClient.close`.
+A message written to a connection that then breaks is lost; the ICE agent
+retries. Both classes live on one asyncio loop and are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import ERROR, INFO, WARNING
+from typing import Any
+
+from raftstate.errors import ConfigError
+from raftstate.transport.rendezvous_codec import (
+    MAX_FRAME,
+    MAX_HANDSHAKE_FRAME,
+    NONCE_SIZE,
+    AuthenticationFailed,
+    ClientHandshake,
+    Control,
+    FrameDecoder,
+    HeldMessages,
+    InvalidMessage,
+    ProtocolError,
+    Relay,
+    RendezvousKeys,
+    SealedChannel,
+    ServerHandshake,
+    decode_message,
+    encode_frame,
+    encode_message,
+    is_node_id,
+)
+
+log = logging.getLogger("raftstate.transport.rendezvous")
+
+PING_INTERVAL_S = 10.0
+IDLE_TIMEOUT_S = 30.0
+SERVER_SILENT_S = 30.0
+HANDSHAKE_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+MAX_WRITE_BUFFER = 1 << 20
+REJECT_LOG_INTERVAL_S = 10.0
+CLIENT_LOG_INTERVAL_S = 60.0
+_READ_SIZE = 1 << 16
+_PING = encode_message(Control.PING)
+_PONG = encode_message(Control.PONG)
+_WELCOME = encode_message(Control.WELCOME)
+
+
+class _Throttle:
+    """Logs at most one line per key per ``interval`` seconds (loop time) and
+    says how many it held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def log(self, key: str, level: int, message: str, *args: object) -> None:
+        now = asyncio.get_running_loop().time()
+        if now < self._next.get(key, -math.inf):
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._next[key] = now + self.interval
+        held = self._held.pop(key, 0)
+        log.log(level, message + (f" ({held} more like this not logged)" if held else ""), *args)
+
+
+class _Frames:
+    """Frame payloads from a stream; cancel-safe between frames."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_frame: int = MAX_FRAME) -> None:
+        self._reader = reader
+        self.decoder = FrameDecoder(max_frame)
+        self._ready: deque[bytes] = deque()
+
+    async def next(self) -> bytes:
+        """The next payload. Raises ``ConnectionError`` at EOF and
+        :class:`ProtocolError` on a bad length."""
+        while not self._ready:
+            data = await self._reader.read(_READ_SIZE)
+            if not data:
+                raise ConnectionResetError("connection closed by peer")
+            self._ready.extend(self.decoder.feed(data))
+        return self._ready.popleft()
+
+
+@dataclass(slots=True, eq=False)
+class _Conn:
+    """One authenticated connection."""
+
+    node_id: str
+    channel: SealedChannel
+    writer: asyncio.StreamWriter
+    peer: str
+    replaced: bool = False
+
+    def send(self, plaintext: bytes) -> bool:
+        """Seal and queue ``plaintext``; ``False`` if the connection is closing."""
+        if self.writer.is_closing():
+            return False
+        self.writer.write(encode_frame(self.channel.seal(plaintext)))
+        return True
+
+
+def _prepare(writer: asyncio.StreamWriter) -> str:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address: {address!r} must be HOST:PORT")
+    return host, int(port)
+
+
+class RendezvousServer:
+    """The rendezvous relay. Use on one asyncio loop; not thread-safe."""
+
+    def __init__(self, cluster_secret: str, *, hold_s: float = 60.0) -> None:
+        """Raises :class:`ConfigError` for a secret under 16 characters or a
+        negative ``hold_s``."""
+        self._keys = RendezvousKeys.from_secret(cluster_secret)
+        self._held = HeldMessages(hold_s)
+        self._sessions: dict[str, _Conn] = {}
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._rejections = _Throttle(REJECT_LOG_INTERVAL_S)
+        self._idle_timeout_s = IDLE_TIMEOUT_S
+        self._handshake_timeout_s = HANDSHAKE_TIMEOUT_S
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on ``host:port`` (0: an ephemeral port) and return the bound
+        address. Raises ``OSError`` if it cannot bind, ``RuntimeError`` if
+        already started."""
+        if self._server is not None:
+            raise RuntimeError("RendezvousServer.start called twice")
+        self._server = await asyncio.start_server(self._handle, host, port)
+        bound = self._server.sockets[0].getsockname()
+        log.debug("rendezvous: listening on %s:%s", bound[0], bound[1])
+        return str(bound[0]), int(bound[1])
+
+    def connected(self) -> set[str]:
+        """Node ids with an authenticated session now."""
+        return {node_id for node_id, conn in self._sessions.items() if not conn.writer.is_closing()}
+
+    async def close(self) -> None:
+        """Stop listening and close every connection. Idempotent."""
+        server, self._server = self._server, None
+        self._closing = True
+        if server is not None:
+            server.close()
+        tasks = list(self._handlers)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or self._closing:  # accepted as we closed
+            writer.close()
+            return
+        self._handlers.add(task)
+        peer = _prepare(writer)
+        conn: _Conn | None = None
+        challenged = False
+        try:
+            frames = _Frames(reader, MAX_HANDSHAKE_FRAME)  # buffer little for strangers
+            handshake = ServerHandshake(self._keys, os.urandom(NONCE_SIZE))
+            async with asyncio.timeout(self._handshake_timeout_s):
+                writer.write(encode_frame(handshake.on_hello(await frames.next())))
+                challenged = True
+                node_id, channel = handshake.on_auth(await frames.next())
+            conn = _Conn(node_id, channel, writer, peer)
+            frames.decoder.max_frame = MAX_FRAME
+            self._admit(conn)
+            while True:
+                async with asyncio.timeout(self._idle_timeout_s):
+                    payload = await frames.next()
+                self._on_frame(conn, payload)
+        except AuthenticationFailed:
+            self._rejections.log(
+                "auth", WARNING, "rendezvous: rejected %s: its proof did not verify "
+                "(wrong cluster secret?)", peer,
+            )  # fmt: skip
+        except ProtocolError as exc:
+            if conn is None:
+                self._rejections.log(
+                    "protocol", WARNING, "rendezvous: closing %s before authentication: %s",
+                    peer, exc,
+                )  # fmt: skip
+            else:  # a holder of the secret misbehaving: always worth a line
+                log.warning("rendezvous: closing node %s at %s: %s", conn.node_id, peer, exc)
+        except TimeoutError:
+            what = f"node {conn.node_id} silent" if conn else "no handshake"
+            log.info("rendezvous: closing %s: %s for too long", peer, what)
+        except OSError as exc:
+            if conn is not None and not conn.replaced:
+                log.info("rendezvous: node %s at %s disconnected (%s)", conn.node_id, peer, exc)
+            elif conn is None and challenged:
+                # A client hangs up here when our proof fails it: secrets differ.
+                self._rejections.log(
+                    "auth", WARNING, "rendezvous: rejected by %s: it refused our proof "
+                    "(wrong cluster secret?)", peer,
+                )  # fmt: skip
+        except Exception:
+            log.exception("rendezvous: unexpected error on the connection from %s", peer)
+        finally:
+            if conn is not None and self._sessions.get(conn.node_id) is conn:
+                del self._sessions[conn.node_id]
+            await _close(writer)
+            self._handlers.discard(task)
+
+    def _admit(self, conn: _Conn) -> None:
+        old = self._sessions.get(conn.node_id)
+        self._sessions[conn.node_id] = conn
+        if old is not None:
+            old.replaced = True
+            old.writer.close()
+            log.info(
+                "rendezvous: node %s reconnected from %s; closed its connection from %s",
+                conn.node_id, conn.peer, old.peer,
+            )  # fmt: skip
+        conn.send(_WELCOME)
+        held = self._held.take(conn.node_id, asyncio.get_running_loop().time())
+        for _sender, plaintext in held:
+            conn.send(plaintext)
+        log.info(
+            "rendezvous: node %s connected from %s (%d held messages delivered)",
+            conn.node_id, conn.peer, len(held),
+        )  # fmt: skip
+
+    def _on_frame(self, conn: _Conn, payload: bytes) -> None:
+        plaintext = conn.channel.open(payload)
+        msg = decode_message(plaintext)
+        if msg is Control.PING:
+            conn.send(_PONG)
+        elif isinstance(msg, Relay):
+            if msg.sender != conn.node_id or msg.to == msg.sender:
+                raise ProtocolError(f"relay from {msg.sender!r} to {msg.to!r} on this session")
+            target = self._sessions.get(msg.to)
+            if target is not None and target.writer.transport.get_write_buffer_size() > (
+                MAX_WRITE_BUFFER
+            ):
+                log.warning("rendezvous: node %s is not reading; dropping it", target.node_id)
+                target.writer.transport.abort()
+                target = None
+            if target is None or not target.send(plaintext):
+                self._held.hold(msg.sender, msg.to, plaintext, asyncio.get_running_loop().time())
+        else:
+            raise ProtocolError(f"unexpected {msg!r} from a client")
+
+
+class RendezvousClient:
+    """One node's connection to the rendezvous server. Use on one asyncio
+    loop's thread; not thread-safe."""
+
+    def __init__(
+        self,
+        address: str,
+        node_id: str,
+        cluster_secret: str,
+        on_message: Callable[[str, dict[str, Any]], None],
+        *,
+        reconnect_min_s: float = 0.2,
+        reconnect_max_s: float = 5.0,
+        on_connected: Callable[[int], None] | None = None,
+    ) -> None:
+        """``address``: the server's ``HOST:PORT``. ``on_message(from_id, body)``
+        runs on the loop thread; what it raises is logged and dropped.
+        ``on_connected(n)`` runs there after the ``n``-th session is
+        established (messages sent on a connection that broke may be lost;
+        this is the cue to repeat what still matters). Raises
+        :class:`ConfigError` for a bad address, node id, secret or backoff."""
+        self._host, self._port = _split_address(address)
+        if not is_node_id(node_id):
+            raise ConfigError(f"node_id: {node_id!r} must be 1-64 characters of [A-Za-z0-9._-]")
+        if not 0 < reconnect_min_s <= reconnect_max_s:
+            raise ConfigError("reconnect_min_s: must be > 0 and <= reconnect_max_s")
+        self._keys = RendezvousKeys.from_secret(cluster_secret)
+        self.node_id = node_id
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._sessions = 0
+        self._min_s, self._max_s = reconnect_min_s, reconnect_max_s
+        self._outbox: dict[str, bytes] = {}
+        self._conn: _Conn | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+        self._failures = _Throttle(CLIENT_LOG_INTERVAL_S)
+        self._ping_interval_s = PING_INTERVAL_S
+        self._server_silent_s = SERVER_SILENT_S
+
+    def start(self) -> None:
+        """Connect, and keep reconnecting until :meth:`close`. Call on the
+        running loop. Raises ``RuntimeError`` off the loop or if started twice."""
+        loop = asyncio.get_running_loop()
+        if self._task is not None:
+            raise RuntimeError("RendezvousClient.start called twice")
+        self._task = loop.create_task(self._run(), name=f"rendezvous-client-{self.node_id}")
+
+    def send(self, to: str, body: dict[str, Any]) -> None:
+        """Relay ``body`` to node ``to``; never blocks. While disconnected only
+        the latest body per destination is kept and sent on reconnect. Raises
+        :class:`InvalidMessage` (a ``ValueError``) when ``to`` is this node or
+        not a node id, or ``body`` is not a JSON object under 64 KiB."""
+        if to == self.node_id:
+            raise InvalidMessage("to: a node cannot send to itself")
+        plaintext = encode_message(Relay(to=to, sender=self.node_id, body=body))
+        conn = self._conn
+        if conn is None or not conn.send(plaintext):
+            self._outbox.pop(to, None)
+            self._outbox[to] = plaintext
+
+    @property
+    def connected(self) -> bool:
+        """Whether an authenticated session with the server is open now."""
+        return self._conn is not None and not self._conn.writer.is_closing()
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection. Queued messages are
+        dropped. Idempotent."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._conn = None
+
+    async def _run(self) -> None:
+        where = f"{self._host}:{self._port}"
+        failures = 0
+        while True:
+            try:
+                await self._session()
+            except AuthenticationFailed as exc:
+                self._failures.log(
+                    "auth", ERROR,
+                    "rendezvous rejected: wrong cluster secret? %s (server %s, node %s); "
+                    "check cluster_secret on both sides", exc, where, self.node_id,
+                )  # fmt: skip
+            except ProtocolError as exc:
+                self._failures.log("protocol", WARNING, "rendezvous %s: %s", where, exc)
+            except OSError as exc:  # includes TimeoutError and ConnectionError
+                level = INFO if self._conn is not None else WARNING
+                self._failures.log("io", level, "rendezvous %s unreachable or lost: %r", where, exc)
+            except Exception:  # a bug; keep the promise to reconnect until close()
+                log.exception("rendezvous: unexpected error talking to %s", where)
+            if self._conn is not None:
+                failures = 0
+                self._conn = None
+            else:
+                failures += 1
+            base = min(self._max_s, self._min_s * 2.0 ** max(0, failures - 1))
+            await asyncio.sleep(min(self._max_s, base * (1.0 + 0.5 * self._rng.random())))
+
+    async def _session(self) -> None:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(self._host, self._port)
+        pinger: asyncio.Task[None] | None = None
+        try:
+            peer = _prepare(writer)
+            frames = _Frames(reader)
+            handshake = ClientHandshake(self._keys, self.node_id, os.urandom(NONCE_SIZE))
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                writer.write(encode_frame(handshake.hello()))
+                auth, channel = handshake.on_challenge(await frames.next())
+                writer.write(encode_frame(auth))
+                welcome = decode_message(channel.open(await frames.next()))
+                if welcome is not Control.WELCOME:
+                    raise ProtocolError(f"expected a welcome, got {welcome!r}")
+            conn = self._conn = _Conn(self.node_id, channel, writer, peer)
+            self._failures = _Throttle(CLIENT_LOG_INTERVAL_S)  # log the next failure at once
+            log.info("rendezvous: connected to %s as %s", peer, self.node_id)
+            outbox, self._outbox = self._outbox, {}
+            for plaintext in outbox.values():
+                conn.send(plaintext)
+            self._sessions += 1
+            if self._on_connected is not None:
+                try:
+                    self._on_connected(self._sessions)
+                except Exception:
+                    log.exception("rendezvous: on_connected raised")
+            pinger = asyncio.get_running_loop().create_task(self._ping(conn))
+            while True:
+                async with asyncio.timeout(self._server_silent_s):
+                    msg = decode_message(channel.open(await frames.next()))
+                if isinstance(msg, Relay):
+                    if msg.to != self.node_id:
+                        raise ProtocolError(f"got a relay addressed to {msg.to!r}")
+                    self._deliver(msg)
+                elif msg is not Control.PONG:
+                    raise ProtocolError(f"unexpected {msg!r} from the server")
+        finally:
+            if pinger is not None:
+                pinger.cancel()
+            await _close(writer)
+
+    async def _ping(self, conn: _Conn) -> None:
+        while conn.send(_PING):
+            await asyncio.sleep(self._ping_interval_s)
+
+    def _deliver(self, msg: Relay) -> None:
+        try:
+            self._on_message(msg.sender, msg.body)
+        except Exception:
+            log.exception("rendezvous: on_message raised for a message from %s", msg.sender)
+
+
+__all__ = ["RendezvousClient", "RendezvousServer"]
