@@ -23,6 +23,7 @@ ENV_PREFIX = "RAFTSTATE_"
 _HOSTPORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TRANSPORTS = ("tcp", "udp")
+REACH = ("static", "ice")
 DURABILITY = ("process-crash", "fsync")
 
 
@@ -47,10 +48,26 @@ class NodeConfig:
     #: Raft transport listen address; defaults to this member's ``raft``
     #: address (set it when the advertised address is a NAT or port-forward).
     raft_listen: str = ""
-    #: Raft transport: "tcp" (pysyncobj's, the baseline) or "udp" (our
-    #: authenticated datagram transport, static peer addresses; needs
-    #: ``cluster_secret``).
-    transport: str = "tcp"
+    #: Raft transport: "udp" (our authenticated, encrypted datagram transport;
+    #: needs ``cluster_secret``) or "tcp" (pysyncobj's, the baseline).
+    transport: str = "udp"
+    #: UDP only: how peers are reached. "static": at their ``raft`` addresses
+    #: (or ``peer_raft``). "ice": through NATs, with candidates exchanged via
+    #: the ``rendezvous`` service, STUN first and TURN relay as the fallback;
+    #: ``raft`` addresses are then only the members' names for pysyncobj.
+    reach: str = "static"
+    #: ICE: the rendezvous service (``raftstate rendezvous``), ``host:port``.
+    rendezvous: str = ""
+    #: ICE: STUN server ``host:port`` (e.g. coturn).
+    stun_server: str = ""
+    #: ICE: TURN server ``host:port`` and long-term credentials; optional,
+    #: without it peers behind symmetric NATs cannot connect.
+    turn_server: str = ""
+    turn_username: str = ""
+    turn_password: str = ""
+    #: ICE: how long one connection attempt (gather + checks) may take before
+    #: the next one (direct -> relay) starts.
+    ice_connect_timeout_ms: int = 5000
     #: UDP only: member id -> the ``host:port`` this node sends that peer's
     #: Raft traffic to, instead of the member's ``raft`` address (e.g. a
     #: per-link proxy; peers are identified by key, not by source address, so
@@ -241,6 +258,7 @@ class NodeConfig:
                 'peer_raft: only applies to transport = "udp" (pysyncobj\'s TCP transport '
                 "dials the members' raft addresses); remove it or set transport"
             )
+        self._validate_reach()
         if self.durability not in DURABILITY:
             raise ConfigError(f"durability: must be one of {', '.join(DURABILITY)}")
         if self.transport == "udp" and not self.cluster_secret:
@@ -285,6 +303,30 @@ class NodeConfig:
             raise ConfigError("compaction_min_entries: must be at least 2")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level: must be DEBUG, INFO, WARNING or ERROR")
+
+    def _validate_reach(self) -> None:
+        if self.reach not in REACH:
+            raise ConfigError(f"reach: must be one of {', '.join(REACH)}")
+        if self.reach != "ice":
+            return
+        if self.transport != "udp":
+            raise ConfigError('reach: "ice" needs transport = "udp"')
+        if self.peer_raft:
+            raise ConfigError('peer_raft: does not apply to reach = "ice"; remove it')
+        if not self.rendezvous:
+            raise ConfigError('rendezvous: required for reach = "ice" (host:port)')
+        _check_hostport("rendezvous", self.rendezvous)
+        if not self.stun_server:
+            raise ConfigError('stun_server: required for reach = "ice" (host:port)')
+        _check_hostport("stun_server", self.stun_server)
+        if self.turn_server:
+            _check_hostport("turn_server", self.turn_server)
+            if not (self.turn_username and self.turn_password):
+                raise ConfigError(
+                    "turn_username: turn_server needs turn_username and turn_password"
+                )
+        if self.ice_connect_timeout_ms < 500:
+            raise ConfigError("ice_connect_timeout_ms: must be at least 500")
 
 
 def _positive(cfg: NodeConfig, *names: str) -> None:

@@ -120,8 +120,10 @@ def configure_logging(level: str, node_id: str = "") -> None:
     )
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
     # pysyncobj logs every reconnect attempt at WARNING; keep it for DEBUG runs.
+    # aioice logs every connectivity check at INFO; ours say which path won.
     if level.upper() != "DEBUG":
         logging.getLogger("pysyncobj").setLevel(logging.ERROR)
+        logging.getLogger("aioice").setLevel(logging.WARNING)
 
 
 def run_node(cfg: NodeConfig) -> int:

@@ -42,7 +42,7 @@ from raftstate.errors import ConfigError, DecodeError
 from raftstate.model import HeartbeatResult
 from raftstate.statemachine import DeviceTable
 from raftstate.transport.udp import UdpTransport
-from raftstate.transport.udpconfig import PeerLinkStats, settings_for
+from raftstate.transport.udpconfig import IceSettings, PeerLinkStats, settings_for
 from raftstate.v1 import storage_pb2
 
 log = logging.getLogger("raftstate.raft")
@@ -167,9 +167,23 @@ def transport_factory(
             cfg.cluster_secret,
             dead_after=max(cfg.connection_timeout_ms / 1000, 1.5),
             send_to=cfg.peer_raft,
+            ice=_ice_settings(cfg),
         )
         return functools.partial(RaftstateUdpTransport, settings=settings, loop=loop)
     return RaftstateTCPTransport
+
+
+def _ice_settings(cfg: NodeConfig) -> IceSettings | None:
+    if cfg.reach != "ice":
+        return None
+    return IceSettings(
+        rendezvous=cfg.rendezvous,
+        stun_server=cfg.stun_server,
+        turn_server=cfg.turn_server,
+        turn_username=cfg.turn_username,
+        turn_password=cfg.turn_password,
+        connect_timeout=cfg.ice_connect_timeout_ms / 1000,
+    )
 
 
 class RaftNode(SyncObj):  # type: ignore[misc]

@@ -195,14 +195,18 @@ class ReadIndexDriver:
         for key, deadline in items:
             if self._leader_term is not None:
                 out = self._tracker.start_read(
-                    ("L", key), commit_index=raft.raftCommitIndex, term=self._leader_term,
-                    now=now, deadline=deadline,
+                    ("L", key),
+                    commit_index=raft.raftCommitIndex,
+                    term=self._leader_term,
+                    now=now,
+                    deadline=deadline,
                 )
                 self._handle(out)
             elif leader is not None and leader.id in self._nodes:
                 self._remote[key] = (deadline, leader.id, now)
-                raft.send_raw(leader, {"type": REQUEST, "id": key,
-                                       "timeout": max(0.0, deadline - now)})
+                raft.send_raw(
+                    leader, {"type": REQUEST, "id": key, "timeout": max(0.0, deadline - now)}
+                )
             else:
                 self._answer(key, False)
 
@@ -251,8 +255,9 @@ class ReadIndexDriver:
             elif isinstance(rid, tuple) and rid[0] == "F":
                 node = self._nodes.get(rid[1])
                 if node is not None:
-                    raft.send_raw(node, {"type": GRANT, "id": rid[2],
-                                         "read_index": grant.read_index})
+                    raft.send_raw(
+                        node, {"type": GRANT, "id": rid[2], "read_index": grant.read_index}
+                    )
         for rid in out.failed:
             if isinstance(rid, tuple) and rid[0] == "L":
                 self._answer(rid[1], False)
@@ -294,10 +299,15 @@ class ReadIndexDriver:
                     # still waiting here: fail both; the follower retries.
                     raft.send_raw(node, {"type": FAIL, "id": rid[2]})
                 else:
-                    self._handle(self._tracker.start_read(
-                        rid, commit_index=raft.raftCommitIndex, term=self._leader_term,
-                        now=now, deadline=now + timeout,
-                    ))
+                    self._handle(
+                        self._tracker.start_read(
+                            rid,
+                            commit_index=raft.raftCommitIndex,
+                            term=self._leader_term,
+                            now=now,
+                            deadline=now + timeout,
+                        )
+                    )
             elif kind == GRANT:
                 key = int(msg["id"])
                 if self._remote.pop(key, None) is not None:

@@ -312,18 +312,29 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
     st = node.raft.status()
     cfg = node.cfg
     leader = node.members_by_raft.get(st.leader_raft_address or "")
-    members = [
-        cluster_pb2.Member(
+    links = node.raft.peer_link_stats()
+    members = []
+    for m in cfg.members:
+        link = links.get(m.id)
+        me = m.id == cfg.node_id
+        match = 0
+        if st.role is Role.LEADER:
+            match = st.match_index.get(m.raft, st.commit_index if me else 0)
+        pb = cluster_pb2.Member(
             node_id=m.id,
             raft_address=m.raft,
             grpc_address=m.grpc,
-            connected=m.id == cfg.node_id or m.raft in st.connected,
-            match_index=st.match_index.get(m.raft, st.commit_index if m.id == cfg.node_id else 0)
-            if st.role is Role.LEADER
-            else 0,
+            connected=me or m.raft in st.connected,
+            match_index=match,
         )
-        for m in cfg.members
-    ]
+        if link is not None:
+            pb.path = link.path
+            pb.rtt_ms = (link.srtt or 0.0) * 1000
+            pb.loss_rate = link.loss_rate
+            pb.retransmissions = link.retransmissions
+            pb.sessions = link.sessions
+            pb.paths = link.paths
+        members.append(pb)
     return cluster_pb2.StatusResponse(
         node_id=cfg.node_id,
         role=cluster_pb2.Role.Name(int(st.role)),

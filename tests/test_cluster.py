@@ -185,7 +185,32 @@ def test_status_reports_one_leader_and_all_members(shared: LocalCluster) -> None
         assert st.leader_id == leader
         assert st.leader_grpc_address == shared.nodes[leader].endpoint
         assert sorted(m.node_id for m in st.members) == ["n1", "n2", "n3"]
-        assert st.transport == "tcp" and st.durability == "process-crash"
+        assert st.transport == "udp" and st.durability == "process-crash"
+        for m in st.members:
+            if m.node_id == node_id:
+                assert m.path == "" and m.sessions == 0
+            else:  # the link as this node sees it
+                assert m.path == "static" and m.connected and m.sessions >= 1, m
+                assert 0.0 <= m.loss_rate <= 1.0
+
+
+def test_status_reports_link_rtt_between_leader_and_followers(shared: LocalCluster) -> None:
+    """RTT is sampled from ACKed data, so it appears on links that carry Raft
+    traffic (leader <-> followers); follower <-> follower links stay idle."""
+    leader = shared.wait_for_leader()
+
+    def rtts_measured() -> bool:
+        for node_id in shared.nodes:
+            st = shared.status(node_id)
+            if st is None:
+                return False
+            peers = [m for m in st.members if m.node_id != node_id]
+            busy = peers if node_id == leader else [m for m in peers if m.node_id == leader]
+            if not all(0 < m.rtt_ms < 1000 for m in busy):
+                return False
+        return True
+
+    wait_until(rtts_measured, 10, "an RTT sample on every leader <-> follower link")
 
 
 def test_without_quorum_writes_fail_unavailable_within_deadline(

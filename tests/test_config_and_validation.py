@@ -46,10 +46,33 @@ def test_defaults_and_test_timers_validate() -> None:
         ({"leader_step_down_ms": 60}, "leader_step_down_ms"),
         ({"tick_ms": 500}, "tick_ms"),
         ({"grpc_listen": "nohost"}, "grpc_listen"),
-        ({"peer_raft": {"n2": "127.0.0.1:9002"}}, "peer_raft"),  # tcp transport
+        ({"transport": "tcp", "peer_raft": {"n2": "127.0.0.1:9002"}}, "peer_raft"),
         ({"transport": "udp", "peer_raft": {"n1": "127.0.0.1:9001"}}, "peer_raft"),
         ({"transport": "udp", "peer_raft": {"n9": "127.0.0.1:9009"}}, "peer_raft"),
         ({"transport": "udp", "peer_raft": {"n2": "nohost"}}, "peer_raft[n2]"),
+        ({"reach": "carrier-pigeon"}, "reach"),
+        ({"reach": "ice", "transport": "tcp"}, "reach"),
+        ({"reach": "ice", "stun_server": "10.0.0.1:3478"}, "rendezvous"),
+        ({"reach": "ice", "rendezvous": "10.0.0.1:7400"}, "stun_server"),
+        ({"reach": "ice", "rendezvous": "x", "stun_server": "10.0.0.1:3478"}, "rendezvous"),
+        (
+            {
+                "reach": "ice",
+                "rendezvous": "10.0.0.1:7400",
+                "stun_server": "10.0.0.1:3478",
+                "turn_server": "10.0.0.1:3478",
+            },
+            "turn_username",
+        ),
+        (
+            {
+                "reach": "ice",
+                "rendezvous": "10.0.0.1:7400",
+                "stun_server": "10.0.0.1:3478",
+                "peer_raft": {"n2": "127.0.0.1:9002"},
+            },
+            "peer_raft",
+        ),
     ],
 )
 def test_validate_names_the_broken_field(change: dict[str, object], field: str) -> None:

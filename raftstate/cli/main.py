@@ -81,10 +81,35 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{r['commit_index']:>8} {r['last_applied']:>8} {r['revision']:>9} "
             f"{r['devices']:>8} {r['leader_id'] or '-'}"
         )
+    _print_links(rows)
     leaders = {r.get("leader_id") for r in rows if "error" not in r}
     leader = leaders.pop() if len(leaders) == 1 else ""
     print(f"{healthy}/{len(rows)} nodes answering; leader: {leader or 'none agreed'}")
     return 0 if healthy and leader else 1
+
+
+def _print_links(rows: list[dict[str, Any]]) -> None:
+    """Per-peer transport links as each node sees them (UDP transport only)."""
+    links = [
+        (r["node_id"], m)
+        for r in rows
+        if "error" not in r
+        for m in r["members"]
+        if m["path"] and m["node_id"] != r["node_id"]
+    ]
+    if not links:
+        return
+    print(
+        f"\n{'link':<16} {'path':<7} {'up':<3} {'rtt ms':>7} {'loss':>6} {'retx':>7} "
+        f"{'sessions':>8} paths"
+    )
+    for src, m in links:
+        print(
+            f"{src + ' -> ' + m['node_id']:<16} {m['path']:<7} "
+            f"{'yes' if m['connected'] else 'no':<3} {m['rtt_ms']:>7.2f} "
+            f"{m['loss_rate']:>6.1%} {m['retransmissions']:>7} {m['sessions']:>8} {m['paths']}"
+        )
+    print()
 
 
 def cmd_device(args: argparse.Namespace) -> int:

@@ -70,6 +70,13 @@ class MemberStatus:
     grpc_address: str
     connected: bool
     match_index: int
+    #: UDP transport: "static", "host", "srflx", "relay" or "none"; "" otherwise.
+    path: str = ""
+    rtt_ms: float = 0.0
+    loss_rate: float = 0.0
+    retransmissions: int = 0
+    sessions: int = 0
+    paths: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +107,19 @@ class ClusterStatus:
             leader_id=s.leader_id,
             leader_grpc_address=s.leader_grpc_address,
             members=tuple(
-                MemberStatus(m.node_id, m.raft_address, m.grpc_address, m.connected, m.match_index)
+                MemberStatus(
+                    m.node_id,
+                    m.raft_address,
+                    m.grpc_address,
+                    m.connected,
+                    m.match_index,
+                    m.path,
+                    m.rtt_ms,
+                    m.loss_rate,
+                    m.retransmissions,
+                    m.sessions,
+                    m.paths,
+                )
                 for m in s.members
             ),
             revision=s.revision,

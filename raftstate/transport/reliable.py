@@ -278,6 +278,14 @@ class ReliableLink:
             out.append(self._build(now, []))
         return out
 
+    def path_changed(self, now: float) -> None:
+        """Datagrams now take a new path (an ICE rebuild): forget the probe
+        backoff so the next probe goes out at once. RTT estimates are kept;
+        the next ACKs correct them."""
+        rec = self._recovery
+        rec.pto_count = 0
+        rec.last_probe = float("-inf")
+
     def next_timeout(self) -> float | None:
         """When :meth:`poll_transmit` must run next even if nothing arrives
         (ACK timer, loss timer, probe timeout, tail copy), or ``None``."""

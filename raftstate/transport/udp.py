@@ -1,8 +1,9 @@
-"""pysyncobj over authenticated UDP, static mode (every peer at a known address).
+"""pysyncobj over authenticated UDP: static peer addresses or ICE paths.
 
 Theory of operation
 -------------------
-pysyncobj's tick thread owns Raft; an asyncio loop owns the UDP socket, the
+pysyncobj's tick thread owns Raft; an asyncio loop owns the sockets (through
+a :class:`~raftstate.transport.reach.Reach`: static addresses or ICE), the
 :class:`~raftstate.transport.envelope.SecureChannel` and one
 :class:`~raftstate.transport.reliable.ReliableLink` per peer. Neither blocks
 on the other (DESIGN.md, "Threads and loops"):
@@ -17,12 +18,15 @@ on the other (DESIGN.md, "Threads and loops"):
   delivers (in order, exactly once) are queued for the tick thread, which is
   woken through pysyncobj's poller (a ``PipeNotifier``) and unpickles them.
   Nothing unauthenticated is ever unpickled.
-* Sessions: HELLOs go out at start and are resent with backoff (50 ms
-  doubling to 1 s) while a handshake is unconfirmed. Each new session gets a
-  new link; the peer is reported connected to pysyncobj then (after a
-  "disconnected" when it replaced an older session, i.e. the peer restarted).
+* Sessions: HELLOs go out when a path comes up (at start for static peers)
+  and are resent with backoff (50 ms doubling to 1 s) while a handshake is
+  unconfirmed. Each new session gets a new link; the peer is reported
+  connected to pysyncobj then (after a "disconnected" when it replaced an
+  older session, i.e. the peer restarted).
 * Liveness: when a link is :meth:`~ReliableLink.dead` the peer is reported
-  disconnected. The channel cannot start a fresh session without a process
+  disconnected and the reach is told: ICE rebuilds the path; the session and
+  link live above the path and survive the swap, so nothing is lost or
+  replayed. The channel cannot start a fresh session without a process
   restart (a handshake's offer is fixed for the life of the process), so the
   link keeps its state and keeps probing; it is reported connected again when
   ACKs make progress, or replaced when the peer restarts. A half-reset link
@@ -49,6 +53,7 @@ from pysyncobj.transport import Transport, TransportNotReadyError
 
 from raftstate.transport.crypto import DropReason
 from raftstate.transport.envelope import Delivered, Dropped, HandshakeEvent, SecureChannel
+from raftstate.transport.reach import Reach, StaticReach
 from raftstate.transport.reliable import MessageTooLarge, ReliableLink
 from raftstate.transport.udpconfig import (
     DATAGRAM_SIZE,
@@ -57,7 +62,6 @@ from raftstate.transport.udpconfig import (
     HELLO_MIN_INTERVAL,
     PeerLinkStats,
     UdpSettings,
-    split_hostport,
 )
 
 log = logging.getLogger("raftstate.transport.udp")
@@ -66,14 +70,13 @@ _AUTH_DROPS = (DropReason.BAD_MAC, DropReason.UNKNOWN_PEER, DropReason.STALE_HEL
 
 class _Peer:
     __slots__ = (
-        "address", "hello_handle", "hello_interval", "id", "link", "node",
+        "hello_handle", "hello_interval", "id", "link", "node",
         "reported_up", "sessions", "timer", "timer_when",
     )  # fmt: skip
 
-    def __init__(self, peer_id: str, node: Any, address: tuple[str, int]) -> None:
+    def __init__(self, peer_id: str, node: Any) -> None:
         self.id = peer_id
         self.node = node
-        self.address = address
         self.link: ReliableLink | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_when: float | None = None
@@ -81,17 +84,6 @@ class _Peer:
         self.hello_interval = HELLO_MIN_INTERVAL
         self.reported_up = False
         self.sessions = 0
-
-
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, owner: UdpTransport) -> None:
-        self._owner = owner
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self._owner._on_datagram(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP port unreachable while a peer is down: HELLO backoff covers it
 
 
 class UdpTransport(Transport):  # type: ignore[misc]
@@ -125,17 +117,16 @@ class UdpTransport(Transport):  # type: ignore[misc]
         self._loop = loop
         by_address = {n.address: n for n in otherNodes}
         self._peers: dict[str, _Peer] = {}
-        send_to = dict(settings.send_to)
         for peer_id, address in settings.peers:
             node = by_address.get(address)
             if node is not None:
-                target = send_to.get(peer_id, address)
-                self._peers[peer_id] = _Peer(peer_id, node, split_hostport(target))
+                self._peers[peer_id] = _Peer(peer_id, node)
+        self._reach = _make_reach(loop, settings, list(self._peers))
         self._node_peer = {p.node: p.id for p in self._peers.values()}
         self._channel = SecureChannel(
             settings.node_id, list(self._peers), settings.cluster_secret, now=time.time()
         )
-        self._socket: asyncio.DatagramTransport | None = None
+        self._open_done = False
         self._closed = False
         self._drop_logged: dict[Any, float] = {}
         #: Peers whose links received this loop turn and still need a poll.
@@ -263,20 +254,21 @@ class UdpTransport(Transport):  # type: ignore[misc]
     # ------------------------------------------------------- loop thread
 
     async def _open(self) -> None:
-        host, port = split_hostport(self._settings.bind)
-        for attempt in range(self._settings.bind_retries):
-            try:
-                sock, _ = await self._loop.create_datagram_endpoint(
-                    lambda: _Protocol(self), local_addr=(host, port)
-                )
-                break
-            except OSError:
-                if attempt + 1 >= self._settings.bind_retries:
-                    raise
-                await asyncio.sleep(self._settings.bind_retry_s)
-        self._socket = sock
-        for peer in self._peers.values():
+        await self._reach.open(self._on_datagram, self._on_path_up)
+        self._open_done = True
+
+    def _on_path_up(self, peer_id: str) -> None:
+        """A (new) path to the peer: say HELLO if needed, resend what is due."""
+        peer = self._peers[peer_id]
+        if self._channel.handshake(peer_id).needs_hello:
+            if peer.hello_handle is not None:
+                peer.hello_handle.cancel()
+                peer.hello_handle = None
+            peer.hello_interval = HELLO_MIN_INTERVAL
             self._send_hello(peer)
+        if peer.link is not None:
+            peer.link.path_changed(self._loop.time())
+            self._transmit(peer)
 
     def _close(self) -> None:
         for peer in self._peers.values():
@@ -284,9 +276,8 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 if handle is not None:
                     handle.cancel()
             peer.timer = peer.hello_handle = None
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+        self._open_done = False
+        self._reach.close()
 
     def _wake_tick(self) -> None:
         with self._wake_lock:
@@ -322,17 +313,19 @@ class UdpTransport(Transport):  # type: ignore[misc]
 
     def _transmit(self, peer: _Peer) -> None:
         """Send what the peer's link has due, check liveness, re-arm its timer."""
-        link, sock = peer.link, self._socket
-        if link is None or sock is None:
+        link = peer.link
+        if link is None or not self._open_done:
             return
         now = self._loop.time()
+        send, seal = self._reach.send, self._channel.seal
         for payload in link.poll_transmit(now):
-            sock.sendto(self._channel.seal(peer.id, payload), peer.address)
+            send(peer.id, seal(peer.id, payload))
         dead = link.dead(now)
         if dead and peer.reported_up:
             reason = link.failure or "no ACKs"
             log.warning("link to %s is dead (%s); still probing", peer.id, reason)
             self._report(peer, False)
+            self._reach.suspect(peer.id)
         elif not dead and not peer.reported_up:
             self._report(peer, True)
         when = link.next_timeout()
@@ -366,7 +359,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         self._wake_tick()
 
     def _on_datagram(self, data: bytes, addr: Any) -> None:
-        if self._socket is None:
+        if not self._open_done:
             return
         event = self._channel.receive(data)
         if isinstance(event, Delivered):
@@ -381,7 +374,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         elif isinstance(event, HandshakeEvent):
             peer = self._peers[event.peer_id]
             if event.reply is not None:
-                self._socket.sendto(event.reply, peer.address)
+                self._reach.send(peer.id, event.reply)
             if event.established:
                 self._new_session(peer)
             self._arm_hello(peer)
@@ -403,8 +396,8 @@ class UdpTransport(Transport):  # type: ignore[misc]
         log.info("session %d with %s established", peer.sessions, peer.id)
 
     def _send_hello(self, peer: _Peer) -> None:
-        if self._socket is not None:
-            self._socket.sendto(self._channel.hello(peer.id), peer.address)
+        if self._open_done:
+            self._reach.send(peer.id, self._channel.hello(peer.id))
         self._arm_hello(peer)
 
     def _arm_hello(self, peer: _Peer) -> None:
@@ -431,16 +424,36 @@ class UdpTransport(Transport):  # type: ignore[misc]
         out = {}
         for peer in self._peers.values():
             st = peer.link.stats() if peer.link is not None else None
+            kind, built = self._reach.path_info(peer.id)
             out[peer.id] = PeerLinkStats(
                 peer_id=peer.id,
-                path="static",
+                path=kind,
                 connected=peer.reported_up,
                 srtt=st.srtt if st else None,
                 retransmissions=st.retransmissions if st else 0,
                 loss_rate=st.loss_rate if st else 0.0,
                 sessions=peer.sessions,
+                paths=built,
             )
         return out
+
+
+def _make_reach(
+    loop: asyncio.AbstractEventLoop, settings: UdpSettings, peer_ids: list[str]
+) -> Reach:
+    if settings.ice is not None:
+        from raftstate.transport.ice import IceReach  # aioice only when used
+
+        return IceReach(loop, settings.node_id, peer_ids, settings.cluster_secret, settings.ice)
+    addresses = dict(settings.peers)
+    addresses.update(settings.send_to)
+    return StaticReach(
+        loop,
+        settings.bind,
+        {pid: addresses[pid] for pid in peer_ids},
+        bind_retries=settings.bind_retries,
+        bind_retry_s=settings.bind_retry_s,
+    )
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

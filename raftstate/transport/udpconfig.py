@@ -15,6 +15,20 @@ DROP_LOG_INTERVAL = 10.0
 
 
 @dataclass(frozen=True, slots=True)
+class IceSettings:
+    """Where the rendezvous, STUN and TURN servers are (``host:port``)."""
+
+    rendezvous: str
+    stun_server: str
+    turn_server: str = ""
+    turn_username: str = ""
+    turn_password: str = ""
+    connect_timeout: float = 5.0
+    retry_min: float = 0.5
+    retry_max: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class UdpSettings:
     """What the transport needs besides pysyncobj's nodes. ``peers`` maps each
     peer's member id to its ``host:port`` (which is also its pysyncobj node
@@ -32,6 +46,9 @@ class UdpSettings:
     max_queued_bytes: int = 32 * 1024 * 1024
     bind_retries: int = 25
     bind_retry_s: float = 0.2
+    #: Reach peers over ICE (rendezvous, STUN, TURN) instead of ``peers``'
+    #: static addresses; ``bind`` and ``send_to`` are then unused.
+    ice: IceSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +56,13 @@ class PeerLinkStats:
     """One peer's path as this node sees it. Times in seconds."""
 
     peer_id: str
-    path: str  # "static"
+    path: str  # "static", or over ICE "host" | "srflx" | "relay" | "none"
     connected: bool
     srtt: float | None
     retransmissions: int
     loss_rate: float
     sessions: int  # sessions established with this peer since start
+    paths: int  # paths built to this peer since start (ICE rebuilds add one)
 
 
 def split_hostport(value: str) -> tuple[str, int]:
@@ -61,13 +79,14 @@ def settings_for(
     *,
     dead_after: float,
     send_to: Mapping[str, str] | None = None,
+    ice: IceSettings | None = None,
 ) -> UdpSettings:
     """Settings for ``node_id`` among ``members`` (``(id, raft address)``);
     ``send_to``: per-peer send addresses overriding the member address."""
     peers = tuple((mid, addr) for mid, addr in members if mid != node_id)
     link = LinkConfig(dead_after=dead_after)
     overrides = tuple(sorted((send_to or {}).items()))
-    return UdpSettings(node_id, bind, peers, cluster_secret, link=link, send_to=overrides)
+    return UdpSettings(node_id, bind, peers, cluster_secret, link=link, send_to=overrides, ice=ice)
 
 
-__all__ = ["PeerLinkStats", "UdpSettings", "settings_for", "split_hostport"]
+__all__ = ["IceSettings", "PeerLinkStats", "UdpSettings", "settings_for", "split_hostport"]

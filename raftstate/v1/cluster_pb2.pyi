@@ -19,18 +19,30 @@ CANDIDATE: Role
 LEADER: Role
 
 class Member(_message.Message):
-    __slots__ = ("node_id", "raft_address", "grpc_address", "connected", "match_index")
+    __slots__ = ("node_id", "raft_address", "grpc_address", "connected", "match_index", "path", "rtt_ms", "loss_rate", "retransmissions", "sessions", "paths")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     MATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_RATE_FIELD_NUMBER: _ClassVar[int]
+    RETRANSMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     raft_address: str
     grpc_address: str
     connected: bool
     match_index: int
-    def __init__(self, node_id: _Optional[str] = ..., raft_address: _Optional[str] = ..., grpc_address: _Optional[str] = ..., connected: _Optional[bool] = ..., match_index: _Optional[int] = ...) -> None: ...
+    path: str
+    rtt_ms: float
+    loss_rate: float
+    retransmissions: int
+    sessions: int
+    paths: int
+    def __init__(self, node_id: _Optional[str] = ..., raft_address: _Optional[str] = ..., grpc_address: _Optional[str] = ..., connected: _Optional[bool] = ..., match_index: _Optional[int] = ..., path: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., loss_rate: _Optional[float] = ..., retransmissions: _Optional[int] = ..., sessions: _Optional[int] = ..., paths: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

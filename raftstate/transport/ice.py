@@ -1,0 +1,450 @@
+"""ICE reach: one aioice connection per peer, negotiated through the rendezvous.
+
+Theory of operation
+-------------------
+For each pair of nodes the one with the smaller id is *controlling*: it
+drives every negotiation ("attempt"), the other answers.
+
+1. The controlling node opens an aioice ``Connection``, gathers candidates
+   and sends ``offer{attempt, mode, ufrag, pwd, candidates}`` through the
+   rendezvous. An attempt id is ``(boot, n)``: ``boot`` is random per process,
+   so a restarted node's offers are never mistaken for old ones.
+2. The controlled node, on an offer it has not seen, drops any negotiation in
+   progress, opens its own connection with the same ``mode``, gathers, sends
+   ``answer{attempt, ...}`` and both sides add the other's candidates, signal
+   end-of-candidates (else aioice never fails) and run ``connect()`` under
+   ``connect_timeout`` (aioice alone gives up only after ~63 s).
+3. ``mode`` is ``direct`` (STUN only) or ``relay`` (STUN + TURN). A node
+   always starts ``direct``: with TURN configured, aioice picks the relay about
+   half the time when a first direct check is lost. When a ``direct`` attempt
+   fails, the next is ``relay``; after a failed ``relay`` attempt, ``direct``
+   again. A rebuild starts with the mode that last worked.
+4. When a connection completes it becomes the peer's active path; the previous
+   one is closed. The transport is told (``path_up``) so it resends its HELLO
+   and anything due at once. The security session and the reliable link live
+   above the path and survive the swap: nothing is lost or replayed.
+5. Rebuilds: the transport calls :meth:`IceReach.suspect` when the link makes
+   no progress (its ``dead_after``); aioice closes a path whose consent checks
+   fail (~30 s). Either way the controlling side starts a new attempt, and the
+   controlled side asks for one with ``restart``. Failed attempts back off
+   from ``retry_min`` doubling to ``retry_max``. A controlled node also sends
+   ``restart`` when it starts, so a restarted node gets an offer at once.
+
+Data path: aioice's ``Connection.data_received`` is overridden to hand each
+datagram straight to the transport (no queue, no task); sending writes to the
+nominated pair's socket transport, which for a TURN relay binds a channel as
+needed. Everything here runs on the node's event loop thread, which is the
+only thread that may touch aioice objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import aioice
+
+from raftstate.transport.reach import Deliver, PathUp
+from raftstate.transport.rendezvous import RendezvousClient
+from raftstate.transport.udpconfig import IceSettings, split_hostport
+
+log = logging.getLogger("raftstate.transport.ice")
+
+DIRECT = "direct"
+RELAY = "relay"
+
+
+class _DataConnection(aioice.Connection):
+    """An aioice connection that hands data to a callback instead of a queue."""
+
+    def __init__(self, on_data: Deliver, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._on_data = on_data
+
+    def data_received(self, data: bytes, component: int) -> None:
+        self._on_data(data, self)
+
+
+class _Peer:
+    __slots__ = (
+        "active", "active_mode", "attempt", "built", "controlling", "failures", "good_mode",
+        "id", "kind", "last_restart", "mode", "negotiating", "retry", "tasks", "watch",
+    )  # fmt: skip
+
+    def __init__(self, peer_id: str, controlling: bool) -> None:
+        self.id = peer_id
+        self.controlling = controlling
+        self.active: _DataConnection | None = None
+        self.active_mode = ""
+        self.kind = "none"
+        self.built = 0
+        self.attempt: tuple[str, int] | None = None
+        self.negotiating: _DataConnection | None = None
+        self.mode = DIRECT
+        self.good_mode = DIRECT
+        self.failures = 0
+        self.retry: asyncio.TimerHandle | None = None
+        self.last_restart = -1e9
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.watch: asyncio.Task[None] | None = None
+
+
+class IceReach:
+    """:class:`~raftstate.transport.reach.Reach` over aioice; see the module doc."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        node_id: str,
+        peer_ids: list[str],
+        cluster_secret: str,
+        settings: IceSettings,
+    ) -> None:
+        self._loop = loop
+        self._node_id = node_id
+        self._settings = settings
+        self._secret = cluster_secret
+        self._boot = secrets.token_hex(6)
+        self._counter = 0
+        self._peers = {pid: _Peer(pid, node_id < pid) for pid in peer_ids}
+        self._deliver: Deliver | None = None
+        self._path_up: PathUp | None = None
+        self._rendezvous: RendezvousClient | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------ Reach
+
+    async def open(self, deliver: Deliver, path_up: PathUp) -> None:
+        self._deliver, self._path_up = deliver, path_up
+        self._rendezvous = RendezvousClient(
+            self._settings.rendezvous,
+            self._node_id,
+            self._secret,
+            self._on_signal,
+            on_connected=self._on_rendezvous_connected,
+        )
+        self._rendezvous.start()
+        for peer in self._peers.values():
+            if peer.controlling:
+                self._start_attempt(peer)
+            else:
+                self._ask_restart(peer)
+
+    def send(self, peer_id: str, datagram: bytes) -> None:
+        conn = self._peers[peer_id].active
+        if conn is None:
+            return
+        pair = conn._nominated.get(1)
+        if pair is not None:
+            pair.protocol.transport.sendto(datagram, pair.remote_addr)
+
+    def path_info(self, peer_id: str) -> tuple[str, int]:
+        peer = self._peers[peer_id]
+        return peer.kind, peer.built
+
+    def suspect(self, peer_id: str) -> None:
+        peer = self._peers[peer_id]
+        if peer.negotiating is not None or self._closed:
+            return
+        log.info("path to %s (%s) suspected dead; rebuilding", peer_id, peer.kind)
+        if peer.controlling:
+            self._start_attempt(peer)
+        else:
+            self._ask_restart(peer)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        conns: list[_DataConnection] = []
+        for peer in self._peers.values():
+            if peer.retry is not None:
+                peer.retry.cancel()
+            for task in list(peer.tasks) + ([peer.watch] if peer.watch else []):
+                task.cancel()
+            conns += [c for c in (peer.active, peer.negotiating) if c is not None]
+            peer.active = peer.negotiating = None
+            peer.kind = "none"
+        rendezvous = self._rendezvous
+        self._rendezvous = None
+
+        async def shutdown() -> None:
+            if rendezvous is not None:
+                await rendezvous.close()
+            await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+
+        self._loop.create_task(shutdown())
+
+    # ------------------------------------------------------------ negotiation
+
+    def _new_connection(self, peer: _Peer, mode: str) -> _DataConnection:
+        s = self._settings
+        stun = split_hostport(s.stun_server) if s.stun_server else None
+        turn = split_hostport(s.turn_server) if (mode == RELAY and s.turn_server) else None
+        return _DataConnection(
+            self._on_data,
+            ice_controlling=peer.controlling,
+            stun_server=stun,
+            turn_server=turn,
+            turn_username=s.turn_username or None,
+            turn_password=s.turn_password or None,
+            use_ipv6=False,
+        )
+
+    def _start_attempt(self, peer: _Peer) -> None:
+        """Controlling side: open a connection and offer it."""
+        if peer.retry is not None:
+            peer.retry.cancel()
+            peer.retry = None
+        self._drop_negotiation(peer)
+        self._counter += 1
+        peer.attempt = (self._boot, self._counter)
+        conn = self._new_connection(peer, peer.mode)
+        peer.negotiating = conn
+        self._spawn(peer, self._offer(peer, conn, peer.attempt, peer.mode))
+
+    async def _offer(
+        self, peer: _Peer, conn: _DataConnection, attempt: tuple[str, int], mode: str
+    ) -> None:
+        try:
+            await asyncio.wait_for(conn.gather_candidates(), self._settings.connect_timeout)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            log.warning("gathering candidates for %s failed: %s", peer.id, exc)
+            self._attempt_failed(peer, conn, flip=False)
+            return
+        self._signal(peer.id, "offer", attempt, mode, conn)
+        # The answer arrives through _on_signal, which runs _connect.
+        peer.retry = self._loop.call_later(
+            self._settings.connect_timeout, self._no_answer, peer, conn
+        )
+
+    def _no_answer(self, peer: _Peer, conn: _DataConnection) -> None:
+        peer.retry = None
+        if peer.negotiating is conn and not conn.remote_candidates:
+            log.info("no answer from %s to offer %s; retrying", peer.id, peer.attempt)
+            self._attempt_failed(peer, conn, flip=False)
+
+    def _on_offer(self, peer: _Peer, attempt: tuple[str, int], body: Mapping[str, Any]) -> None:
+        """Controlled side: answer a new offer."""
+        if attempt == peer.attempt:
+            return  # duplicate
+        if peer.retry is not None:
+            peer.retry.cancel()  # the offer we asked for
+            peer.retry = None
+        self._drop_negotiation(peer)
+        peer.attempt = attempt
+        mode = RELAY if body.get("mode") == RELAY else DIRECT
+        conn = self._new_connection(peer, mode)
+        peer.negotiating = conn
+        self._spawn(peer, self._answer(peer, conn, attempt, mode, body))
+
+    async def _answer(
+        self,
+        peer: _Peer,
+        conn: _DataConnection,
+        attempt: tuple[str, int],
+        mode: str,
+        offer: Mapping[str, Any],
+    ) -> None:
+        try:
+            await asyncio.wait_for(conn.gather_candidates(), self._settings.connect_timeout)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            log.warning("gathering candidates for %s failed: %s", peer.id, exc)
+            self._attempt_failed(peer, conn, flip=False)
+            return
+        self._signal(peer.id, "answer", attempt, mode, conn)
+        await self._connect(peer, conn, mode, offer)
+
+    async def _connect(
+        self, peer: _Peer, conn: _DataConnection, mode: str, remote: Mapping[str, Any]
+    ) -> None:
+        try:
+            conn.remote_username = str(remote["ufrag"])
+            conn.remote_password = str(remote["pwd"])
+            for sdp in remote.get("candidates", []):
+                await conn.add_remote_candidate(aioice.Candidate.from_sdp(str(sdp)))
+            await conn.add_remote_candidate(None)  # end-of-candidates
+            await asyncio.wait_for(conn.connect(), self._settings.connect_timeout)
+        except (TimeoutError, ConnectionError, ValueError, KeyError, OSError) as exc:
+            log.info("ICE %s to %s failed: %s", mode, peer.id, exc or type(exc).__name__)
+            self._attempt_failed(peer, conn, flip=True)
+            return
+        if peer.negotiating is not conn:
+            await conn.close()  # superseded meanwhile
+            return
+        self._activate(peer, conn, mode)
+
+    def _activate(self, peer: _Peer, conn: _DataConnection, mode: str) -> None:
+        old = peer.active
+        peer.negotiating = None
+        peer.active, peer.active_mode = conn, mode
+        peer.kind = _pair_kind(conn)
+        peer.built += 1
+        peer.good_mode = peer.mode = mode
+        peer.failures = 0
+        if peer.retry is not None:
+            peer.retry.cancel()
+            peer.retry = None
+        if peer.watch is not None:
+            peer.watch.cancel()
+        peer.watch = self._loop.create_task(self._watch(peer, conn))
+        if old is not None:
+            self._loop.create_task(old.close())
+        log.info("ICE path to %s up: %s (%s mode)", peer.id, peer.kind, mode)
+        if self._path_up is not None:
+            self._path_up(peer.id)
+
+    async def _watch(self, peer: _Peer, conn: _DataConnection) -> None:
+        """Notice aioice closing the active path (consent expired)."""
+        while await conn.get_event() is not None:
+            if conn._closed:
+                break
+        if peer.active is conn and not self._closed:
+            log.warning("ICE path to %s closed (consent lost)", peer.id)
+            peer.active, peer.kind = None, "none"
+            self.suspect(peer.id)
+
+    def _attempt_failed(self, peer: _Peer, conn: _DataConnection, *, flip: bool) -> None:
+        if peer.negotiating is not conn:
+            self._loop.create_task(conn.close())
+            return
+        self._drop_negotiation(peer)
+        if self._closed:
+            return
+        if flip and self._settings.turn_server:
+            peer.mode = RELAY if peer.mode == DIRECT else DIRECT
+        peer.failures += 1
+        delay = min(self._settings.retry_max, self._settings.retry_min * 2 ** (peer.failures - 1))
+        if flip and peer.failures == 1:
+            delay = 0.0  # the first fallback (direct -> relay) goes at once
+        if peer.retry is not None:
+            peer.retry.cancel()
+        peer.retry = self._loop.call_later(delay, self._retry, peer)
+
+    def _retry(self, peer: _Peer) -> None:
+        peer.retry = None
+        if self._closed or peer.negotiating is not None:
+            return
+        if peer.controlling:
+            self._start_attempt(peer)
+        else:
+            self._ask_restart(peer, force=True)
+
+    def _drop_negotiation(self, peer: _Peer) -> None:
+        conn, peer.negotiating = peer.negotiating, None
+        for task in list(peer.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if conn is not None:
+            self._loop.create_task(conn.close())
+
+    def _ask_restart(self, peer: _Peer, *, force: bool = False) -> None:
+        """Controlled side: ask for an offer, and ask again (backing off)
+        until one arrives; the request or the offer may be lost with a
+        rendezvous connection."""
+        now = self._loop.time()
+        if not force and now - peer.last_restart < self._settings.connect_timeout:
+            return
+        peer.last_restart = now
+        if self._rendezvous is not None:
+            self._rendezvous.send(peer.id, {"t": "restart"})
+        if peer.retry is None:
+            peer.failures += 1
+            delay = min(self._settings.retry_max, self._settings.connect_timeout * peer.failures)
+            peer.retry = self._loop.call_later(delay, self._retry, peer)
+
+    # ------------------------------------------------------------ signalling
+
+    def _signal(
+        self, to: str, kind: str, attempt: tuple[str, int], mode: str, conn: _DataConnection
+    ) -> None:
+        if self._rendezvous is None:
+            return
+        self._rendezvous.send(
+            to,
+            {
+                "t": kind,
+                "attempt": list(attempt),
+                "mode": mode,
+                "ufrag": conn.local_username,
+                "pwd": conn.local_password,
+                "candidates": [c.to_sdp() for c in conn.local_candidates],
+            },
+        )
+
+    def _on_signal(self, sender: str, body: dict[str, Any]) -> None:
+        peer = self._peers.get(sender)
+        if peer is None or self._closed:
+            log.warning("rendezvous message from unknown member %r ignored", sender)
+            return
+        kind = body.get("t")
+        if kind == "restart":
+            if not peer.controlling:
+                return
+            conn = peer.negotiating
+            if conn is None:
+                self._start_attempt(peer)
+            elif conn.remote_username is None and conn.local_candidates and peer.attempt:
+                # Our offer is out but unanswered: it may have been lost.
+                self._signal(peer.id, "offer", peer.attempt, peer.mode, conn)
+            return
+        raw = body.get("attempt")
+        if not (isinstance(raw, list) and len(raw) == 2):
+            log.warning("malformed %s from %s ignored", kind, sender)
+            return
+        attempt = (str(raw[0]), int(raw[1]))
+        if kind == "offer" and not peer.controlling:
+            self._on_offer(peer, attempt, body)
+        elif kind == "answer" and peer.controlling:
+            conn = peer.negotiating
+            if conn is None or attempt != peer.attempt or conn.remote_username is not None:
+                return  # stale or duplicate answer
+            if peer.retry is not None:
+                peer.retry.cancel()
+                peer.retry = None
+            self._spawn(peer, self._connect(peer, conn, peer.mode, body))
+
+    def _on_rendezvous_connected(self, sessions: int) -> None:
+        """A reconnect to the rendezvous: what was sent on the broken
+        connection may be lost, so repeat what is still pending: offers
+        nobody answered yet and requests for an offer."""
+        if sessions == 1 or self._closed:
+            return  # the first connection carries what open() queued
+        for peer in self._peers.values():
+            conn = peer.negotiating
+            if peer.controlling and conn is not None and conn.remote_username is None:
+                if peer.attempt is not None and conn.local_candidates:
+                    self._signal(peer.id, "offer", peer.attempt, peer.mode, conn)
+            elif not peer.controlling and peer.retry is not None:
+                self._ask_restart(peer, force=True)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _on_data(self, data: bytes, conn: Any) -> None:
+        if self._deliver is not None:
+            self._deliver(data, conn)
+
+    def _spawn(self, peer: _Peer, coro: Any) -> None:
+        task: asyncio.Task[None] = self._loop.create_task(coro)
+        peer.tasks.add(task)
+        task.add_done_callback(peer.tasks.discard)
+
+
+def _pair_kind(conn: _DataConnection) -> str:
+    """``relay`` if either end of the nominated pair is a TURN relay, else
+    ``srflx`` if either is NAT-reflexive, else ``host``."""
+    pair = conn._nominated.get(1)
+    if pair is None:
+        return "none"
+    kinds = {pair.local_candidate.type, pair.remote_candidate.type}
+    if "relay" in kinds:
+        return "relay"
+    if kinds & {"srflx", "prflx"}:
+        return "srflx"
+    return "host"
+
+
+__all__ = ["DIRECT", "RELAY", "IceReach"]

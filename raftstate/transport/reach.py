@@ -1,0 +1,112 @@
+"""How the UDP transport reaches its peers: the :class:`Reach` interface and
+its static implementation.
+
+:class:`~raftstate.transport.udp.UdpTransport` owns the security channel and
+the reliable links; a ``Reach`` owns the sockets and knows, per peer id, where
+a datagram goes. It never looks inside a datagram: everything it delivers goes
+through the channel's authentication first, so a path carrying a datagram
+proves nothing about who sent it.
+
+* :class:`StaticReach`: one socket, each peer at a configured ``host:port``
+  (LAN, chaos proxies, the local cluster).
+* :class:`~raftstate.transport.ice.IceReach`: one aioice connection per peer,
+  negotiated through the rendezvous service (nodes behind NATs).
+
+All methods run on the transport's event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from raftstate.transport.udpconfig import split_hostport
+
+#: ``deliver(datagram, source)``: ``source`` is for log lines only.
+Deliver = Callable[[bytes, Any], None]
+#: ``path_up(peer_id)``: a new path to the peer can carry datagrams.
+PathUp = Callable[[str], None]
+
+
+class Reach(Protocol):
+    async def open(self, deliver: Deliver, path_up: PathUp) -> None:
+        """Bind/start; afterwards ``deliver`` receives every datagram."""
+
+    def send(self, peer_id: str, datagram: bytes) -> None:
+        """Send one datagram to the peer, or drop it if there is no path."""
+
+    def path_info(self, peer_id: str) -> tuple[str, int]:
+        """The current path's kind (``static``, ``host``, ``srflx``, ``relay``
+        or ``none``) and how many paths to the peer were built so far."""
+
+    def suspect(self, peer_id: str) -> None:
+        """The transport's link to the peer stopped making progress."""
+
+    def close(self) -> None:
+        """Stop; idempotent."""
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._deliver(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP port unreachable while a peer is down: HELLO backoff covers it
+
+
+class StaticReach:
+    """One UDP socket bound to ``bind``; peer ``id`` lives at ``addresses[id]``."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        bind: str,
+        addresses: Mapping[str, str],
+        *,
+        bind_retries: int = 25,
+        bind_retry_s: float = 0.2,
+    ) -> None:
+        self._loop = loop
+        self._bind = bind
+        self._addresses = {pid: split_hostport(a) for pid, a in addresses.items()}
+        self._retries = bind_retries
+        self._retry_s = bind_retry_s
+        self._socket: asyncio.DatagramTransport | None = None
+
+    async def open(self, deliver: Deliver, path_up: PathUp) -> None:
+        host, port = split_hostport(self._bind)
+        for attempt in range(self._retries):
+            try:
+                sock, _ = await self._loop.create_datagram_endpoint(
+                    lambda: _Protocol(deliver), local_addr=(host, port)
+                )
+                break
+            except OSError:
+                if attempt + 1 >= self._retries:
+                    raise
+                await asyncio.sleep(self._retry_s)
+        self._socket = sock
+        for peer_id in self._addresses:
+            path_up(peer_id)
+
+    def send(self, peer_id: str, datagram: bytes) -> None:
+        if self._socket is not None:
+            self._socket.sendto(datagram, self._addresses[peer_id])
+
+    def path_info(self, peer_id: str) -> tuple[str, int]:
+        return "static", 1
+
+    def suspect(self, peer_id: str) -> None:
+        pass  # nothing to rebuild: the address is fixed
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+__all__ = ["Deliver", "PathUp", "Reach", "StaticReach"]
