@@ -269,6 +269,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         transport = self._own_transport
         return transport.peer_stats() if isinstance(transport, UdpTransport) else {}
 
+    def transport_drops(self) -> dict[str, int]:
+        """Datagrams the UDP transport dropped, by reason; empty for TCP.
+        Safe from any thread."""
+        transport = self._own_transport
+        return transport.drop_counts() if isinstance(transport, UdpTransport) else {}
+
     def leader_raft_address(self) -> str | None:
         """The last known leader's Raft address, or ``None``. Thread-safe."""
         leader = self._getLeader()

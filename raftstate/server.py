@@ -348,6 +348,7 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
         devices=len(node.table),
         transport=cfg.transport,
         durability=cfg.durability,
+        transport_drops=node.raft.transport_drops(),
     )
 
 

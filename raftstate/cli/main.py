@@ -109,6 +109,11 @@ def _print_links(rows: list[dict[str, Any]]) -> None:
             f"{'yes' if m['connected'] else 'no':<3} {m['rtt_ms']:>7.2f} "
             f"{m['loss_rate']:>6.1%} {m['retransmissions']:>7} {m['sessions']:>8} {m['paths']}"
         )
+    for r in rows:
+        drops = r.get("transport_drops") or {}
+        if drops:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(drops.items()))
+            print(f"{r['node_id']}: dropped datagrams: {counts}")
     print()
 
 

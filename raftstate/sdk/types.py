@@ -4,7 +4,7 @@ at the boundary with ``from_proto``."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from raftstate.v1 import cluster_pb2, device_pb2
 
@@ -95,6 +95,8 @@ class ClusterStatus:
     devices: int
     transport: str
     durability: str
+    #: UDP transport: datagrams dropped since start, by reason.
+    transport_drops: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, s: cluster_pb2.StatusResponse) -> ClusterStatus:
@@ -126,4 +128,5 @@ class ClusterStatus:
             devices=s.devices,
             transport=s.transport,
             durability=s.durability,
+            transport_drops=dict(s.transport_drops),
         )

@@ -225,8 +225,15 @@ class UdpTransport(Transport):  # type: ignore[misc]
         return done.result(timeout=2.0)
 
     def drop_counts(self) -> dict[str, int]:
-        """Datagrams dropped by the secure channel, by reason. Loop thread."""
-        return {r.value: n for r, n in self._channel.metrics().drops.items()}
+        """Datagrams dropped by the secure channel, by reason. Safe from any thread."""
+        if _on_loop(self._loop):
+            return self._drops_now()
+        done: concurrent.futures.Future[dict[str, int]] = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(lambda: done.set_result(self._drops_now()))
+        return done.result(timeout=2.0)
+
+    def _drops_now(self) -> dict[str, int]:
+        return {r.value: n for r, n in self._channel.metrics().drops.items() if n}
 
     # ------------------------------------------------------- tick thread
 
