@@ -525,6 +525,27 @@ def test_permanent_partition_is_declared_dead_after_dead_after() -> None:
     assert config.dead_after / config.pto_max - 1 <= probes <= 12, probes
 
 
+def test_path_change_sends_the_next_probe_at_once() -> None:
+    """After an outage the probe timer has backed off (up to pto_max); a new
+    path (ICE rebuild) must not wait that out."""
+    config = LinkConfig.for_tests()
+    pair = Pair(seed=3, profile=LinkProfile.from_rtt(0.06), config=config)
+    pair.stream([b"warm-up"] * 5, interval=0.01)
+    pair.run(1)
+    link = pair.a.link("b")
+    pair.net.partition(["a"], ["b"])
+    assert pair.a.send("b", b"stuck")
+    pair.run(3)
+    now = pair.net.now
+    backed_off = link.next_timeout()
+    assert backed_off is not None and backed_off > now
+    assert link.stats().probes >= 3  # the probe timeout has doubled a few times
+    link.path_changed(now)
+    due = link.next_timeout()
+    assert due is not None and due <= now
+    assert link.poll_transmit(now), "a probe goes out on the new path at once"
+
+
 def test_link_recovers_by_itself_after_a_short_partition_heals() -> None:
     pair = Pair(seed=2, profile=LinkProfile.from_rtt(0.06, 0.02, loss=0.03))
     before = payloads(random.Random(1), 50)
