@@ -64,10 +64,7 @@ class EtcdClient:
         channels = {ep: grpc.aio.insecure_channel(ep, options=_CHANNEL_OPTIONS) for ep in endpoints}
         leader: str | None = None
         try:
-            stubs = [
-                etcd_kv_pb2_grpc.MaintenanceStub(ch)
-                for ch in channels.values()
-            ]
+            stubs = [etcd_kv_pb2_grpc.MaintenanceStub(ch) for ch in channels.values()]
             results = await asyncio.gather(
                 *(s.Status(etcd_kv_pb2.StatusRequest(), timeout=timeout_s) for s in stubs),
                 return_exceptions=True,

@@ -21,13 +21,14 @@ Three shapes of load (``LoadSpec.mode``):
   open and pipelines its devices' heartbeats on it. etcd has no streaming
   put, so an etcd gateway pipelines its devices' concurrent unary ``Put``
   calls over one channel of its own.
-* ``"open"`` (open loop, reads only): requests are sent at ``rate_per_s``
-  whatever the answers do, at Poisson or evenly spaced arrival times
-  (:func:`arrival_offsets`). At most ``devices`` are in flight; an arrival
-  that finds the bound reached is not sent and counts as an error
-  (``dropped``). Latency runs from the actual send; how late each send was
-  against its schedule is kept as ``lags_ms`` so a generator that fell
-  behind shows.
+* ``"open"`` (open loop, reads or heartbeats): requests are sent at
+  ``rate_per_s`` whatever the answers do, at Poisson or evenly spaced
+  arrival times (:func:`arrival_offsets`), arrival ``k`` to device
+  ``k % devices`` (a heartbeat with a new seq each time). At most
+  ``devices`` are in flight; an arrival that finds the bound reached is not
+  sent and counts as an error (``dropped``). Latency runs from the actual
+  send; how late each send was against its schedule is kept as ``lags_ms``
+  so a generator that fell behind shows.
 
 Reads target devices written once before ``start_at`` (the device ids are the
 same in every phase). ``pinned`` sends everything to ``endpoints[0]``
@@ -345,10 +346,10 @@ async def _open_loop(spec: LoadSpec, op: _Op, result: LoadResult, seq0: int) -> 
     origin = time.perf_counter() + (spec.start_at - time.time())
     in_flight: set[asyncio.Task[None]] = set()
 
-    async def one(device_id: str, counted: bool) -> None:
+    async def one(device_id: str, seq: int, counted: bool) -> None:
         t0 = time.perf_counter()
         try:
-            await op(device_id, seq0, 0)
+            await op(device_id, seq, 0)
         except Exception as exc:
             _note_error(result, exc)
             if counted:
@@ -373,9 +374,12 @@ async def _open_loop(spec: LoadSpec, op: _Op, result: LoadResult, seq0: int) -> 
                 result.dropped += 1
                 result.errors += 1
                 if result.dropped == 1:
-                    _note_error(result, OverflowError(f"{limit} reads in flight; arrival not sent"))
+                    _note_error(
+                        result, OverflowError(f"{limit} requests in flight; arrival not sent")
+                    )
             continue
-        task = asyncio.create_task(one(_device_id(spec, k % spec.devices), counted))
+        # Writes: every arrival is a new seq, so none is a duplicate.
+        task = asyncio.create_task(one(_device_id(spec, k % spec.devices), seq0 + 1 + k, counted))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
     if in_flight:
@@ -396,8 +400,8 @@ async def _drive(spec: LoadSpec) -> LoadResult:
         await gateways.open()
         op: _Op = gateways.write
     else:
-        if spec.mode == "open" and not spec.op.startswith("read-"):
-            raise ValueError("mode='open' only reads")
+        if spec.mode == "open" and spec.op == "mixed":
+            raise ValueError("mode='open' reads or writes, not both")
         target = await _make_target(spec)
         op = _unary_op(spec, target)
         if spec.op != "write":

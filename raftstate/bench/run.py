@@ -38,6 +38,10 @@ does (``--etcd-durability match``): with raftstate's default
 ``process-crash`` durability etcd runs with ``--unsafe-no-fsync``. Results
 are printed as a table and saved as JSON under ``--out``, with the exact
 command line.
+
+``--transport udp,tcp`` (or a phase ``hb-open``/``transport-cost``) instead
+compares the Raft transports, one cluster per transport, interleaved in
+rounds: see :mod:`raftstate.bench.transports`.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ from raftstate.bench.stats import (
     render_table,
     target_verdicts,
 )
+from raftstate.bench.transportreport import COMPARISON_PHASE_HELP, COMPARISON_PHASES
+from raftstate.bench.transports import add_transport_arguments, compare_main, comparing
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -125,7 +131,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Benchmark heartbeats and reads on a 3-node cluster, optionally against etcd."
     p.epilog = "phases (run in this order):\n" + "\n".join(
         f"  {name:<18} {text}" + (" [default]" if name in DEFAULT_PHASES else "")
-        for name, text in PHASE_HELP.items()
+        for name, text in {**PHASE_HELP, **COMPARISON_PHASE_HELP}.items()
     )
     p.add_argument("--endpoints", help="benchmark a running cluster instead of starting one")
     p.add_argument(
@@ -165,8 +171,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--phases",
         type=_phases,
-        default=DEFAULT_PHASES,
-        help=f"comma-separated, from: {','.join(PHASES)} (default: {','.join(DEFAULT_PHASES)})",
+        default=None,
+        help=f"comma-separated, from: {','.join(PHASES + COMPARISON_PHASES)} "
+        f"(default: {','.join(DEFAULT_PHASES)}; with --transport: hb-open,write,stream,"
+        "transport-cost)",
     )
     p.add_argument("--vs-etcd", action="store_true", help="also run a 3-member etcd cluster")
     p.add_argument(
@@ -177,16 +185,18 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "process-crash); fsync: etcd's default, always fsync",
     )
     p.add_argument("--out", default="bench-results", help="directory for the JSON result")
+    add_transport_arguments(p)
 
 
 def _phases(text: str) -> tuple[str, ...]:
+    known = PHASES + COMPARISON_PHASES
     chosen = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in chosen if p not in PHASES]
+    unknown = [p for p in chosen if p not in known]
     if unknown or not chosen:
         raise argparse.ArgumentTypeError(
-            f"unknown phase(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(PHASES)}"
+            f"unknown phase(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}"
         )
-    return tuple(p for p in PHASES if p in chosen)
+    return tuple(p for p in known if p in chosen)
 
 
 def _positive_rate(text: str) -> float:
@@ -285,13 +295,15 @@ def load_specs(
     return specs
 
 
-def _run_phase(
+def run_phase(
     system: str,
     phase: str,
     endpoints: list[str],
     server_pids: dict[str, int],
     args: argparse.Namespace,
 ) -> PhaseResult:
+    """Run ``phase`` against ``endpoints`` (the leader first) and return its
+    row; ``server_pids`` are the server processes whose CPU it reports."""
     sequential = phase == "sequential"
     procs = 1 if sequential else max(1, args.procs)
     start_at = time.time() + 1.5 + 0.5 * procs
@@ -453,13 +465,17 @@ def _describe(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def _command_line() -> str:
+def command_line() -> str:
+    """The command that was run, as a shell would take it."""
     if sys.argv[1:2] == ["bench"]:
         return shlex.join(["raftstate", *sys.argv[1:]])
     return shlex.join(sys.argv)
 
 
 def bench_main(args: argparse.Namespace) -> int:
+    if comparing(args):
+        return compare_main(args)
+    args.phases = args.phases or DEFAULT_PHASES
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[PhaseResult] = []
@@ -478,7 +494,7 @@ def bench_main(args: argparse.Namespace) -> int:
                 for phase in args.phases:
                     label = phase_label(system, phase, args)
                     print(f"== {system}: {label} ...", flush=True)
-                    r = _run_phase(system, phase, endpoints, pids, args)
+                    r = run_phase(system, phase, endpoints, pids, args)
                     results.append(r)
                     print(render_table([r]).splitlines()[-1], flush=True)
                     for s in r.error_samples:
@@ -503,7 +519,7 @@ def bench_main(args: argparse.Namespace) -> int:
         )
     elapsed = time.time() - started
     record = {
-        "command": _command_line(),
+        "command": command_line(),
         "argv": sys.argv,
         "cwd": os.getcwd(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
