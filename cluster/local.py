@@ -122,18 +122,21 @@ class LocalCluster:
         hosts: list[str] | None = None,
         exec_prefix: Callable[[str], list[str]] | None = None,
         node_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        detach: bool = False,
     ) -> None:
         """``hosts`` gives each node its own address (e.g. one per network
         namespace; ports then default to 7001/7101 on every host) and
         ``exec_prefix(node_id)`` the command that runs a node there (e.g.
         ``ip netns exec NAME``). ``node_overrides[node_id]`` replaces config
-        fields of that node only (e.g. its ``peer_raft``). Raises
-        ``ConfigError`` if a resulting config is invalid."""
+        fields of that node only (e.g. its ``peer_raft``). ``detach`` starts
+        each node in its own session, so it outlives this process and its
+        terminal. Raises ``ConfigError`` if a resulting config is invalid."""
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.size = size
         self.python = python
         self.exec_prefix = exec_prefix
+        self.detach = detach
         if hosts is not None:
             grpc_ports = grpc_ports or [DEFAULT_GRPC_BASE] * size
             raft_ports = raft_ports or [DEFAULT_RAFT_BASE] * size
@@ -205,6 +208,7 @@ class LocalCluster:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=self.detach,
             )
         finally:
             log.close()

@@ -1,42 +1,49 @@
-"""NatLab: sites behind real NATs, a public segment and a coturn STUN/TURN server.
+"""NatLab: sites behind real NATs, a public namespace with coturn, and a WAN between them.
 
 Why: raftstate nodes sit behind their sites' NATs and meet through ICE (RFC
 8445), STUN (RFC 8489) and TURN (RFC 8656); this lab gives them real NAT
-mappings, filtering and relaying, in network namespaces.
+mappings, filtering and relaying, in network namespaces, and (``wan=True``,
+the default) a WAN with per-direction delay, jitter, loss and rate between
+every site and the public services.
 
 Topology (``X`` is a random free ``10.X.0.0/16``, ``i`` = 1..n, ``p`` the prefix)::
 
-    public ns {p}-pub: bridge br0 10.X.0.1/24, coturn on 10.X.0.1:3478
-        |                          |
-    root ns: {p}-h 10.X.0.2/24     router ns {p}-r{i}: wan 10.X.0.(10+i)/24, NAT
-                                                       lan 10.X.i.1/24
-                                                        |
-                                   node ns {p}-n{i}:   eth0 10.X.i.2/24
+    root ns: {p}-h 10.X.0.2 ── h0 10.X.0.1: public ns {p}-pub (coturn on 10.X.0.1:3478)
+                                  │ wan=True: point-to-point r{i}, routed through the
+                                  │           WAN emulator (see cluster/wanlab.py)
+                                  │ wan=False: one bridge br0 10.X.0.1/24 (no emulation)
+    router ns {p}-r{i}: wan 10.X.0.(10+i), NAT; lan bridge 10.X.i.1/24
+         ├── node ns   {p}-n{i}: eth0 10.X.i.2/24
+         └── device ns {p}-d{i}: eth0 10.X.i.3/24 (device load generators)
 
 Theory of operation:
 
-1. ``up()`` registers ``down()`` with ``atexit`` and creates namespaces and
-   veths, each end directly in its final namespace (only ``{p}-h`` lives in the
-   root one). IPv6 is off in the lab, so ICE gathers IPv4 candidates only, and
-   so is ``br_netfilter`` for the bridge.
+1. ``up()`` (which registers ``down()`` with ``atexit`` unless ``detach``)
+   creates namespaces and veths, each end directly in its final namespace
+   (only ``{p}-h`` lives in the root one). IPv6 is off in the lab, so ICE
+   gathers IPv4 candidates only, and so is ``br_netfilter`` for the bridges.
 2. Under the host lock shared with ``NetnsLab`` it picks a ``10.X.0.0/16`` that
-   overlaps no root route. The root namespace gets ``10.X.0.2/24``: one
-   connected route, to the public /24, never to a site LAN. The public
-   namespace does not forward, and its default route leads to a MAC nobody
-   has, so a datagram to an unroutable peer vanishes instead of failing with
-   ``ENETUNREACH`` (which makes coturn drop the allocation that sent it).
-3. A router's nftables table (:func:`render_router_ruleset`) masquerades out of
-   ``wan``: plainly for ``cone`` (endpoint-independent mapping, ports kept),
-   ``fully-random`` for ``symmetric`` (a new port per flow). Forwarding is LAN
-   to WAN, established flows and port forwards only; input from ``wan`` only
-   if established. So filtering is address- and port-dependent (RFC 4787) and
-   sites meet only through their NATs.
-4. coturn runs in the public namespace with generated long-term credentials,
+   overlaps no root route. The root namespace reaches the public addresses
+   ``10.X.0.0/24`` (coturn and every router's public side), never a site LAN.
+   A datagram to an unroutable peer vanishes in the public namespace instead
+   of failing with ``ENETUNREACH`` (which makes coturn drop the allocation
+   that sent it).
+3. A router's nftables table (:func:`~cluster.natrules.render_router_ruleset`)
+   masquerades out of ``wan``: plainly for ``cone``, ``fully-random`` for
+   ``symmetric``; it admits established flows and port forwards only, and
+   hairpins port forwards for its own LAN.
+4. With ``wan=True`` the public namespace forwards between the routers and
+   policy-routes everything from a router, and everything it sends to one,
+   through the TUN device ``wan0`` of a ``python -m chaos.wan`` process
+   that the lab starts there (:mod:`cluster.wanlab`). The root namespace's
+   traffic bypasses it.
+5. coturn runs in the public namespace with generated long-term credentials,
    no TLS/DTLS/CLI, relay ports :data:`RELAY_PORTS` and the lab's /16 allowed
    as peers; ``up()`` returns once it answers a STUN Binding request.
-5. ``down()`` stops coturn, kills what still runs in the lab, deletes ``{p}-h``
-   (and its route), the namespaces (and the other links) and the temporary
-   directory. It is idempotent and safe after a partial ``up()``.
+6. ``down()`` stops coturn and the emulator, kills what still runs in the lab,
+   deletes ``{p}-h`` (and its routes), the namespaces (and the other links)
+   and a temporary work directory. It is idempotent and safe after a partial
+   ``up()``, also from another process (``NatLab(kinds, prefix).down()``).
 
 Nothing here is thread-safe: drive one lab from one thread.
 """
@@ -44,26 +51,31 @@ Nothing here is thread-safe: drive one lab from one thread.
 from __future__ import annotations
 
 import atexit
-import enum
 import ipaddress
 import os
 import random
-import re
 import secrets
 import shutil
-import signal
-import socket
-import struct
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from chaos.profiles import DEFAULT_PROFILES, Profile, load_profile
+from chaos.wan import Impairment
+from cluster.coturn import RELAY_PORTS, STUN_PORT, Coturn
+from cluster.natrules import (
+    ConntrackEntry,
+    NatKind,
+    bridge_public_commands,
+    endpoint_commands,
+    parse_conntrack,
+    render_router_ruleset,
+    router_commands,
+    wan_macs,
+)
 from cluster.netns import (
-    _KILL_DEADLINE_S,
     _MAX_PREFIX_LEN,
     LabError,
     _host_lock,
@@ -71,117 +83,42 @@ from cluster.netns import (
     _netns_names,
     _root_routes,
     _run,
+    kill_inside,
     pick_subnet,
 )
 from cluster.netns import available as _netns_available
+from cluster.wancontrol import WanStats
+from cluster.wanlab import (
+    PUB,
+    WAN_DEV,
+    WanEmulator,
+    plan_profile,
+    render_public_routing,
+    site_name,
+)
 
-STUN_PORT = 3478
-RELAY_PORTS = (49160, 49359)
-"""coturn's relay port range, inclusive."""
+__all__ = [
+    "CONE_REMAP_PORTS",
+    "RELAY_PORTS",
+    "STUN_PORT",
+    "ConntrackEntry",
+    "NatKind",
+    "NatLab",
+    "available",
+    "parse_conntrack",
+    "render_router_ruleset",
+]
+
+CONE_REMAP_PORTS = ((20000, 29999), (30000, 39999))
+""":meth:`NatLab.remap` moves a cone router's mappings into these ranges in turn."""
 _BRIDGE_NF = ("arptables", "iptables", "ip6tables")
 _MAX_SITES = 200
-_READY_TIMEOUT_S = 10.0
-_SINK_MAC = "02:00:00:00:00:fe"
-_STUN_COOKIE = 0x2112A442
-
-
-class NatKind(enum.StrEnum):
-    """How a site's router maps ports (RFC 4787 section 4.1)."""
-
-    CONE = "cone"
-    """Endpoint-independent mapping; the source port is kept when free."""
-    SYMMETRIC = "symmetric"
-    """A fresh random port per flow: STUN-learned ports are useless, TURN works."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConntrackEntry:
-    """One conntrack flow. ``src``..``dport`` describe the original direction;
-    ``reply_*`` the reply direction, so for a masqueraded flow
-    ``(reply_dst, reply_dport)`` is the NAT's external mapping."""
-
-    proto: str
-    timeout_s: int
-    src: str
-    dst: str
-    sport: int | None
-    dport: int | None
-    reply_src: str
-    reply_dst: str
-    reply_sport: int | None
-    reply_dport: int | None
-    replied: bool
-    """False while conntrack shows ``[UNREPLIED]``."""
-
-
-_RULESET = """\
-add table ip natlab
-delete table ip natlab
-table ip natlab {{
-	chain prerouting {{
-		type nat hook prerouting priority dstnat; policy accept;
-{dnat}	}}
-	chain postrouting {{
-		type nat hook postrouting priority srcnat; policy accept;
-		oifname "wan" {masquerade}
-	}}
-	chain forward {{
-		type filter hook forward priority filter; policy drop;
-		ct state established,related accept
-		iifname "lan" oifname "wan" accept
-		iifname "wan" oifname "lan" ct status dnat accept
-	}}
-	chain input {{
-		type filter hook input priority filter; policy accept;
-		iifname "wan" ct state established,related accept
-		iifname "wan" drop
-	}}
-}}
-"""
-
-
-def render_router_ruleset(kind: NatKind, node_ip: str, forwards: Iterable[tuple[str, int]]) -> str:
-    """The ``nft -f`` script that (re)creates a router's ``ip natlab`` table in
-    one transaction. ``forwards`` holds ``(proto, port)`` pairs to DNAT from the
-    WAN address to ``node_ip``. Pure: no I/O."""
-    masquerade = "masquerade" if kind is NatKind.CONE else "masquerade fully-random"
-    dnat = "".join(
-        f'\t\tiifname "wan" {proto} dport {port} dnat to {node_ip}:{port}\n'
-        for proto, port in sorted(set(forwards))
-    )
-    return _RULESET.format(dnat=dnat, masquerade=masquerade)
-
-
-_FIELD = re.compile(r"(src|dst|sport|dport)=(\S+)")
-
-
-def parse_conntrack(text: str) -> list[ConntrackEntry]:
-    """Parse ``conntrack -L`` output (default format); lines it cannot read,
-    such as the summary, are skipped. Pure."""
-    entries = []
-    for line in text.splitlines():
-        tokens = line.split()
-        orig: dict[str, str] = {}
-        reply: dict[str, str] = {}
-        for key, value in _FIELD.findall(line):
-            (reply if key in orig else orig)[key] = value
-        if len(tokens) < 3 or not tokens[2].isdigit() or "dst" not in reply:
-            continue
-        replied = "[UNREPLIED]" not in tokens
-        entries.append(
-            ConntrackEntry(tokens[0], int(tokens[2]), *_flow(orig), *_flow(reply), replied)
-        )
-    return entries
-
-
-def _flow(fields: dict[str, str]) -> tuple[str, str, int | None, int | None]:
-    sport, dport = (int(fields[k]) if k in fields else None for k in ("sport", "dport"))
-    return fields["src"], fields["dst"], sport, dport
+_NO_IPV6 = {f"net/ipv6/conf/{c}/disable_ipv6": 1 for c in ("all", "default")}
 
 
 def available() -> str | None:
-    """``None`` if a NAT lab can run here, else the reason it cannot (for
-    ``pytest.skip``). Never raises."""
+    """``None`` if a NAT lab (with its WAN) can run here, else the reason it
+    cannot (for ``pytest.skip``). Never raises."""
     reason = _netns_available()
     if reason is not None:
         return reason
@@ -190,20 +127,29 @@ def available() -> str | None:
             return (
                 f"`{tool}` is not installed (apt-get install {package}; see scripts/bootstrap.sh)"
             )
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing (the WAN emulator needs a TUN device)"
     return None
 
 
 class NatLab:
-    """Sites behind NATs, a public segment and coturn; see the module doc.
+    """Sites behind NATs, a public namespace with coturn and a WAN; see the module doc.
 
     Site indices run from 1 to ``n_sites``. Methods other than ``up``/``down``
     raise ``LabError`` if the lab is not up or a command fails, and
-    ``ValueError`` for a site index out of range."""
+    ``ValueError`` for a site index out of range. ``detach=True`` makes a lab
+    that outlives this process: no ``atexit`` teardown, and coturn and the
+    emulator run in their own sessions. ``workdir`` (default: a temporary
+    directory that ``down()`` removes) holds coturn's and the emulator's logs."""
 
     def __init__(
         self,
         kinds: Iterable[NatKind | str] = ("cone", "cone", "symmetric"),
         prefix: str | None = None,
+        *,
+        wan: bool = True,
+        detach: bool = False,
+        workdir: str | Path | None = None,
     ) -> None:
         self.kinds = tuple(NatKind(k) for k in kinds)
         if not 1 <= len(self.kinds) <= _MAX_SITES:
@@ -217,13 +163,18 @@ class NatLab:
         if len(prefix) > _MAX_PREFIX_LEN:
             raise ValueError(f"prefix {prefix!r} is longer than {_MAX_PREFIX_LEN} characters")
         self.prefix = prefix
+        self.wan = wan
+        self.detach = detach
         self.turn_username = "raftstate"
         self.turn_password = secrets.token_hex(12)
         self.turn_realm = f"{prefix}.natlab"
+        self._given_workdir = None if workdir is None else Path(workdir).resolve()
         self._subnet: ipaddress.IPv4Network | None = None
         self._forwards: dict[int, set[tuple[str, int]]] = {}
+        self._remaps: dict[int, int] = {}
         self._workdir: Path | None = None
-        self._turnserver: subprocess.Popen[bytes] | None = None
+        self._turnserver: Coturn | None = None
+        self._emulator: WanEmulator | None = None
         self._up = False
 
     # --- names and addresses -------------------------------------------------
@@ -250,12 +201,12 @@ class NatLab:
 
     @property
     def public_ip(self) -> str:
-        """The public services' address (coturn), ``10.X.0.1``."""
+        """The public services' address (coturn, the rendezvous), ``10.X.0.1``."""
         return self._addr(0, 1)
 
     @property
     def host_ip(self) -> str:
-        """The root namespace's address on the public segment, ``10.X.0.2``."""
+        """The root namespace's address in the lab, ``10.X.0.2``."""
         return self._addr(0, 2)
 
     @property
@@ -264,16 +215,41 @@ class NatLab:
         return f"{self.public_ip}:{STUN_PORT}"
 
     @property
-    def turn_log(self) -> Path:
-        """coturn's log file (it lives until ``down()``)."""
+    def workdir(self) -> Path:
+        """Where coturn's and the emulator's files live while the lab is up."""
         if self._workdir is None:
             raise LabError("the lab is not up")
-        return self._workdir / "turnserver.log"
+        return self._workdir
+
+    @property
+    def turn_log(self) -> Path:
+        """coturn's log file (it lives until ``down()``)."""
+        return self.workdir / "turnserver.log"
+
+    @property
+    def wan_log(self) -> Path:
+        """The WAN emulator's stdout and stderr (JSON lines)."""
+        return self.workdir / "wan.log"
 
     @property
     def turnserver_pid(self) -> int | None:
         """coturn's process id while the lab is up, else ``None``."""
         return None if self._turnserver is None else self._turnserver.pid
+
+    @property
+    def wan_pid(self) -> int | None:
+        """The WAN emulator's process id while the lab is up, else ``None``."""
+        return None if self._emulator is None else self._emulator.pid
+
+    @property
+    def wan_realtime(self) -> bool:
+        """Whether the WAN emulator runs under ``SCHED_FIFO`` (see :mod:`cluster.wanlab`)."""
+        return self._emulator is not None and self._emulator.realtime
+
+    @property
+    def wan_control_port(self) -> int | None:
+        """The emulator's control port on ``127.0.0.1`` inside the public namespace."""
+        return None if self._emulator is None else self._emulator.control_port
 
     def netns(self, i: int) -> str:
         """Name of site ``i``'s node namespace (valid before ``up()``)."""
@@ -285,42 +261,86 @@ class NatLab:
         self._check_site(i)
         return f"{self.prefix}-r{i}"
 
+    def device_netns(self, i: int) -> str:
+        """Name of site ``i``'s device namespace (valid before ``up()``)."""
+        self._check_site(i)
+        return f"{self.prefix}-d{i}"
+
     def node_ip(self, i: int) -> str:
         """Site ``i``'s node address, ``10.X.i.2`` (private: unroutable elsewhere)."""
         self._check_site(i)
         return self._addr(i, 2)
+
+    def device_ip(self, i: int) -> str:
+        """Site ``i``'s device address, ``10.X.i.3``, on the node's LAN."""
+        self._check_site(i)
+        return self._addr(i, 3)
 
     def router_public_ip(self, i: int) -> str:
         """Site ``i``'s router WAN address, ``10.X.0.(10+i)``: its NAT's public side."""
         self._check_site(i)
         return self._addr(0, 10 + i)
 
+    def lan(self, i: int) -> ipaddress.IPv4Network:
+        """Site ``i``'s LAN, ``10.X.i.0/24``."""
+        self._check_site(i)
+        return ipaddress.IPv4Network(f"{self._addr(i, 0)}/24")
+
+    def site_name(self, i: int) -> str:
+        """Site ``i``'s name in the WAN emulator, ``"s{i}"``; the public
+        services are ``"pub"``."""
+        self._check_site(i)
+        return site_name(i)
+
     def exec_prefix(self, i: int) -> list[str]:
         """Argv prefix that runs a command inside site ``i``'s node namespace."""
         return ["ip", "netns", "exec", self.netns(i)]
+
+    def device_exec_prefix(self, i: int) -> list[str]:
+        """Argv prefix that runs a command inside site ``i``'s device namespace."""
+        return ["ip", "netns", "exec", self.device_netns(i)]
 
     def public_exec_prefix(self) -> list[str]:
         """Argv prefix that runs a command in the public namespace (it may bind
         ``10.X.0.1`` on any port but 3478 and :data:`RELAY_PORTS`)."""
         return ["ip", "netns", "exec", self.public_netns]
 
+    def all_netns(self) -> list[str]:
+        """Every namespace the lab makes (valid before ``up()``)."""
+        sites = self._sites()
+        return [
+            self.public_netns,
+            *(self.router_netns(i) for i in sites),
+            *(self.netns(i) for i in sites),
+            *(self.device_netns(i) for i in sites),
+        ]
+
     # --- lifecycle -----------------------------------------------------------
 
     def up(self) -> None:
-        """Build the lab and start coturn. Raises ``LabError`` if a command
-        fails or coturn does not answer (after undoing what was built), or if
-        a namespace or link with this prefix already exists (touching nothing;
-        a stale lab is removed with ``NatLab(kinds, prefix).down()``)."""
+        """Build the lab, start the WAN emulator (``wan=True``) and coturn.
+        Raises ``LabError`` if a command fails or a server does not start
+        (after undoing what was built), or if a namespace or link with this
+        prefix already exists (touching nothing; a stale lab is removed with
+        ``NatLab(kinds, prefix).down()``)."""
         if self._up:
             raise LabError(f"lab {self.prefix} is already up")
-        in_use = sorted(set(_netns_names()) & set(self._all_netns()))
+        in_use = sorted(set(_netns_names()) & set(self.all_netns()))
         if _link_exists(self.host_ifname):
             in_use.append(f"link {self.host_ifname}")
         if in_use:
             raise LabError(f"prefix {self.prefix!r} is in use: {', '.join(in_use)}")
-        atexit.register(self.down)
+        if not self.detach:
+            atexit.register(self.down)
         try:
+            if self._given_workdir is None:
+                self._workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+            else:
+                self._workdir = self._given_workdir
+                self._workdir.mkdir(parents=True, exist_ok=True)
             self._build()
+            if self.wan:
+                self._start_wan()
             self._start_turnserver()
         except BaseException:
             try:
@@ -336,17 +356,15 @@ class NatLab:
         or the root veth is still there afterwards."""
         atexit.unregister(self.down)
         self._up = False
+        if self._emulator is not None:
+            self._emulator.stop()
+            self._emulator = None
         if self._turnserver is not None:
-            self._turnserver.terminate()
-            try:
-                self._turnserver.wait(timeout=_KILL_DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                self._turnserver.kill()
-                self._turnserver.wait()
+            self._turnserver.stop()
             self._turnserver = None
-        names = self._all_netns()
+        names = self.all_netns()
         present = set(_netns_names()) & set(names)
-        _kill_inside(present)
+        kill_inside(present)
         if _link_exists(self.host_ifname):
             _run(["ip", "link", "del", self.host_ifname], check=False)
         for name in names:
@@ -355,11 +373,12 @@ class NatLab:
         leftovers = sorted(set(_netns_names()) & set(names))
         if _link_exists(self.host_ifname):
             leftovers.append(f"link {self.host_ifname}")
-        if self._workdir is not None:
+        if self._workdir is not None and self._given_workdir is None:
             shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+        self._workdir = None
         self._subnet = None
         self._forwards.clear()
+        self._remaps.clear()
         if leftovers:
             raise LabError(f"lab {self.prefix} left behind: {', '.join(leftovers)}")
 
@@ -375,12 +394,13 @@ class NatLab:
     ) -> None:
         self.down()
 
-    # --- operations ----------------------------------------------------------
+    # --- NAT operations ------------------------------------------------------
 
     def port_forward(self, i: int, proto: str, port: int) -> None:
         """DNAT ``router_public_ip(i):port`` to ``node_ip(i):port`` for ``proto``
-        (``"tcp"`` or ``"udp"``), so the root namespace can reach a node's
-        listener through its NAT. Adding the same forward twice is harmless."""
+        (``"tcp"`` or ``"udp"``), from the WAN side (the root namespace, other
+        sites) and, hairpinned, from site ``i``'s own LAN. Adding the same
+        forward twice is harmless."""
         self._require_up()
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be 'tcp' or 'udp', got {proto!r}")
@@ -405,6 +425,24 @@ class NatLab:
         if res.returncode != 0 and " 0 flow entries" not in res.stderr:  # exit 1: none found
             raise LabError(f"`{' '.join(cmd)}` failed: {res.stderr.strip()}")
 
+    def remap(self, i: int) -> tuple[int, int] | None:
+        """Give site ``i``'s NAT new external ports mid-run, then forget every
+        flow (:meth:`flush_conntrack`). A symmetric router picks new random
+        ports anyway. A cone router switches its masquerade to the next range
+        of :data:`CONE_REMAP_PORTS` (alternating, so every mapping moves); it
+        stays endpoint-independent (Linux reuses a source's mapping for its
+        later flows). Returns the cone router's range now in use, else
+        ``None``. Established TCP flows through the router break, as when a
+        real NAT reboots."""
+        self._require_up()
+        ports = None
+        if self.kinds[i - 1] is NatKind.CONE:
+            self._remaps[i] = self._remaps.get(i, 0) + 1
+            ports = self._cone_ports(i)
+            self._load_ruleset(i, self._forwards.get(i, set()))
+        self.flush_conntrack(i)
+        return ports
+
     def conntrack_entries(self, i: int, proto: str | None = None) -> list[ConntrackEntry]:
         """Site ``i``'s router conntrack flows, optionally only ``proto``'s."""
         self._require_up()
@@ -416,6 +454,53 @@ class NatLab:
         self._require_up()
         return self._router_run(i, ["nft", "list", "table", "ip", "natlab"])
 
+    # --- WAN operations (wan=True) -------------------------------------------
+
+    def impair(
+        self, src: int | str, dst: int | str, *, both: bool = False, **fields: float
+    ) -> None:
+        """Replace the impairment of the direction ``src`` -> ``dst`` (and back
+        if ``both``). Ends are site indices or ``"pub"``; ``fields`` are
+        :class:`~chaos.wan.Impairment` fields (``delay_ms``, ``jitter_ms``,
+        ``loss``, ``loss_correlation``, ``duplicate``, ``reorder``,
+        ``reorder_extra_ms``, ``rate_kbit``, ``queue_limit_ms``); none means a
+        perfect link. Raises ``ValueError`` (``ImpairmentError``) for a bad
+        field or end, ``OSError`` if the emulator does not answer."""
+        a, b = self._wan_end(src), self._wan_end(dst)
+        if a == b:
+            raise ValueError(f"src and dst are the same ({src!r})")
+        directions = [(a, b), (b, a)] if both else [(a, b)]
+        self._wan().impair(directions, Impairment.from_mapping(fields))
+
+    def impair_profile(
+        self, name: str, *, pub_legs: str = "split", path: str | Path = DEFAULT_PROFILES
+    ) -> Profile:
+        """Apply profile ``name``'s node-link impairment to every site <-> site
+        direction and, split over the two legs of a relayed path (or whole,
+        ``pub_legs="full"``), to every site <-> pub direction; see
+        :func:`cluster.wanlab.plan_profile`. Replaces every earlier
+        impairment (blackholes stay). A profile's outage ``schedule`` is not
+        run: use :meth:`blackhole`/:meth:`heal`. Returns the profile. Raises
+        ``ProfileError`` for an unknown profile, ``OSError`` as :meth:`impair`."""
+        wan = self._wan()
+        profile = load_profile(name, path)
+        wan.apply_plan(plan_profile(profile, self.n_sites, pub_legs=pub_legs))
+        return profile
+
+    def blackhole(self, i: int) -> None:
+        """Drop every WAN packet to and from site ``i`` (other sites and the
+        public services); its LAN and the root namespace's access stay."""
+        self._wan().blackhole(self.site_name(i))
+
+    def heal(self) -> None:
+        """Undo every :meth:`blackhole`; impairments stay."""
+        self._wan().heal()
+
+    def wan_stats(self) -> WanStats:
+        """The emulator's counters and every direction's impairment. Raises
+        ``OSError`` if it does not answer."""
+        return self._wan().stats()
+
     # --- internals -----------------------------------------------------------
 
     def _check_site(self, i: int) -> None:
@@ -424,10 +509,6 @@ class NatLab:
 
     def _sites(self) -> range:
         return range(1, self.n_sites + 1)
-
-    def _all_netns(self) -> list[str]:
-        routers = [self.router_netns(i) for i in self._sites()]
-        return [self.public_netns, *routers, *(self.netns(i) for i in self._sites())]
 
     def _addr(self, third: int, fourth: int) -> str:
         return str(self.subnet.network_address + third * 256 + fourth)
@@ -439,87 +520,115 @@ class NatLab:
     def _router_run(self, i: int, cmd: list[str]) -> str:
         return _run(["ip", "netns", "exec", self.router_netns(i), *cmd])
 
+    def _cone_ports(self, i: int) -> tuple[int, int] | None:
+        n = self._remaps.get(i, 0)
+        return None if n == 0 else CONE_REMAP_PORTS[(n - 1) % len(CONE_REMAP_PORTS)]
+
     def _load_ruleset(self, i: int, forwards: Iterable[tuple[str, int]]) -> None:
-        script = render_router_ruleset(self.kinds[i - 1], self.node_ip(i), forwards)
+        script = render_router_ruleset(
+            self.kinds[i - 1], self.node_ip(i), forwards,
+            ports=self._cone_ports(i), hairpin=(self.router_public_ip(i), str(self.lan(i))),
+        )  # fmt: skip
         _run(["ip", "netns", "exec", self.router_netns(i), "nft", "-f", "-"], stdin=script)
+
+    def _wan_end(self, end: int | str) -> str:
+        if end == PUB:
+            return PUB
+        if isinstance(end, int) and not isinstance(end, bool):
+            return self.site_name(end)
+        raise ValueError(f"a WAN end is a site index or {PUB!r}, got {end!r}")
+
+    def _wan(self) -> WanEmulator:
+        self._require_up()
+        if self._emulator is None:
+            raise LabError(f"lab {self.prefix} has no WAN emulator (it was built with wan=False)")
+        return self._emulator
 
     def _build(self) -> None:
         pub = self.public_netns
-        no_ipv6 = {f"net/ipv6/conf/{c}/disable_ipv6": 1 for c in ("all", "default")}
-        for ns in self._all_netns():
+        for ns in self.all_netns():
             _run(["ip", "netns", "add", ns])
-            _set_sysctls(ns, no_ipv6)
+            _set_sysctls(ns, _NO_IPV6)
         _set_sysctls(pub, {f"net/bridge/bridge-nf-call-{t}": 0 for t in _BRIDGE_NF})
         # Names are validated letters, digits and dashes, so splitting on spaces is safe.
         _run(f"ip link add {self.host_ifname} type veth peer name h0 netns {pub}".split())
         for i in self._sites():
-            r, n = self.router_netns(i), self.netns(i)
-            _set_sysctls(r, {"net/ipv4/ip_forward": 1})
-            _run(f"ip link add wan netns {r} type veth peer name s{i} netns {pub}".split())
-            _run(f"ip link add lan netns {r} type veth peer name eth0 netns {n}".split())
+            r = self.router_netns(i)
+            _set_sysctls(r, {
+                "net/ipv4/ip_forward": 1,
+                # Hairpinned flows leave by the interface they came in on; a
+                # redirect would send the device straight to the node.
+                "net/ipv4/conf/all/send_redirects": 0,
+                "net/ipv4/conf/default/send_redirects": 0,
+                **{f"net/bridge/bridge-nf-call-{t}": 0 for t in _BRIDGE_NF},
+            })  # fmt: skip
+            if self.wan:
+                mac_r, mac_p = wan_macs(i)
+                peer = f"peer name r{i} address {mac_p} netns {pub}"
+                _run(f"ip link add wan netns {r} address {mac_r} type veth {peer}".split())
+            else:
+                _run(f"ip link add wan netns {r} type veth peer name s{i} netns {pub}".split())
+            for ifname, ns in (("ln", self.netns(i)), ("ld", self.device_netns(i))):
+                _run(f"ip link add {ifname} netns {r} type veth peer name eth0 netns {ns}".split())
         with _host_lock():
             self._subnet = pick_subnet(random.SystemRandom(), _root_routes())
-            _run(["ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_ifname])
+            plen = 29 if self.wan else 24
+            _run(["ip", "addr", "add", f"{self.host_ip}/{plen}", "dev", self.host_ifname])
             _run(["ip", "link", "set", self.host_ifname, "up"])
-        sink = self._addr(0, 254)
-        ports = ["h0", *(f"s{i}" for i in self._sites())]
-        script = {pub: ["link set lo up", "link add br0 type bridge", "link set br0 up"]}
-        script[pub] += [f"link set {port} master br0 up" for port in ports]
-        script[pub] += [
-            f"addr add {self.public_ip}/24 dev br0",
-            f"neigh add {sink} lladdr {_SINK_MAC} dev br0 nud permanent",
-            f"route add default via {sink}",
-        ]
+        if self.wan:
+            routers = [(f"r{i}", self.router_public_ip(i), wan_macs(i)[0]) for i in self._sites()]
+            sink = self._addr(0, 6)
+            script = {pub: render_public_routing(self.public_ip, self.host_ip, sink, routers)}
+        else:
+            ports = ["h0", *(f"s{i}" for i in self._sites())]
+            script = {pub: bridge_public_commands(self.public_ip, self._addr(0, 254), ports)}
         for i in self._sites():
-            script[self.router_netns(i)] = [
-                "link set lo up",
-                f"addr add {self.router_public_ip(i)}/24 dev wan",
-                f"addr add {self._addr(i, 1)}/24 dev lan",
-                "link set wan up",
-                "link set lan up",
-                f"route add default via {self.public_ip}",
-            ]
-            script[self.netns(i)] = [
-                "link set lo up",
-                f"addr add {self.node_ip(i)}/24 dev eth0",
-                "link set eth0 up",
-                f"route add default via {self._addr(i, 1)}",
-            ]
+            gateway = self._addr(i, 1)
+            public_mac = wan_macs(i)[1] if self.wan else None
+            script[self.router_netns(i)] = router_commands(
+                gateway, self.router_public_ip(i), self.public_ip, public_mac=public_mac
+            )
+            script[self.netns(i)] = endpoint_commands(self.node_ip(i), gateway)
+            script[self.device_netns(i)] = endpoint_commands(self.device_ip(i), gateway)
         for ns, commands in script.items():
             _run(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(commands) + "\n")
+        if self.wan:
+            # Written-back packets arrive on wan0 from the sites' (and this
+            # namespace's own) addresses: no reverse-path filter, local sources ok.
+            ifnames = ["all", "default", "h0", WAN_DEV, *(f"r{i}" for i in self._sites())]
+            conf = {f"net/ipv4/conf/{n}/rp_filter": 0 for n in ifnames}
+            conf |= {"net/ipv4/ip_forward": 1, f"net/ipv4/conf/{WAN_DEV}/accept_local": 1}
+            # Early demux would tie a packet from a router to coturn's or the
+            # rendezvous's socket before routing, and ip_forward drops packets
+            # that have a socket: they must reach wan0 first.
+            conf |= {f"net/ipv4/{p}_early_demux": 0 for p in ("ip", "tcp", "udp")}
+            _set_sysctls(pub, conf | {"net/ipv4/conf/all/send_redirects": 0})
+            route = f"{self.subnet[0]}/24 via {self.public_ip} dev {self.host_ifname}"
+            _run(["ip", "route", "add", *route.split()])
         for i in self._sites():
             self._load_ruleset(i, ())
 
+    def _start_wan(self) -> None:
+        sites = {
+            site_name(i): [f"{self.router_public_ip(i)}/32", str(self.lan(i))]
+            for i in self._sites()
+        }
+        sites[PUB] = [f"{self.public_ip}/32"]
+        self._emulator = WanEmulator(self.public_netns, sites, self.wan_log)
+        try:
+            self._emulator.start(detach=self.detach)
+        except RuntimeError as exc:
+            raise LabError(str(exc)) from exc
+
     def _start_turnserver(self) -> None:
-        self._workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
-        lo, hi = RELAY_PORTS
-        # -n: no /etc/turnserver.conf, whose denied-peer-ip lines (if a host has
-        # them) would refuse the lab's private peers; allowed-peer-ip wins anyway.
-        argv = [
-            *self.public_exec_prefix(),
-            "turnserver", "-n", "--no-tls", "--no-dtls", "--no-cli",
-            "--listening-ip", self.public_ip, "--listening-port", str(STUN_PORT),
-            "--relay-ip", self.public_ip, "--min-port", str(lo), "--max-port", str(hi),
-            "--lt-cred-mech", "--realm", self.turn_realm,
-            "--user", f"{self.turn_username}:{self.turn_password}",
-            "--allowed-peer-ip", f"{self.subnet[0]}-{self.subnet[-1]}",
-            "--userdb", str(self._workdir / "turndb"),
-            "--pidfile", str(self._workdir / "turnserver.pid"),
-            "--log-file", "stdout",
-        ]  # fmt: skip
-        with open(self.turn_log, "wb") as log:
-            self._turnserver = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + _READY_TIMEOUT_S
-        while not _stun_answers(self.host_ip, (self.public_ip, STUN_PORT), timeout_s=0.1):
-            code = self._turnserver.poll()
-            if code is not None or time.monotonic() >= deadline:
-                lines = self.turn_log.read_text(errors="replace").splitlines()
-                notes = [ln for ln in lines if re.search("error|unrecognized", ln, re.I)]
-                tail = "\n".join(notes[:10] or lines[-20:])
-                state = f"exited with status {code}" if code is not None else "did not answer"
-                raise LabError(f"turnserver {state}; its log says:\n{tail}")
+        self._turnserver = Coturn(
+            self.public_netns, self.public_ip, self.subnet, self.workdir,
+            username=self.turn_username, password=self.turn_password, realm=self.turn_realm,
+        )  # fmt: skip
+        try:
+            self._turnserver.start(probe_from=self.host_ip, detach=self.detach)
+        except RuntimeError as exc:
+            raise LabError(str(exc)) from exc
 
 
 def _set_sysctls(ns: str, values: dict[str, int]) -> None:
@@ -529,37 +638,3 @@ def _set_sysctls(ns: str, values: dict[str, int]) -> None:
         f"[ ! -e /proc/sys/{k} ] || echo {v} > /proc/sys/{k}\n" for k, v in values.items()
     )
     _run(["ip", "netns", "exec", ns, "sh", "-ec", script])
-
-
-def _kill_inside(namespaces: Iterable[str]) -> None:
-    """SIGKILL every process in ``namespaces`` and wait (as ``NetnsLab`` does)."""
-    pids: set[int] = set()
-    for ns in namespaces:
-        out = _run(["ip", "netns", "pids", ns], check=False)
-        pids.update(int(tok) for tok in out.split() if tok.isdigit())
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + _KILL_DEADLINE_S
-    for ns in namespaces:
-        while _run(["ip", "netns", "pids", ns], check=False).split():
-            if time.monotonic() >= deadline:
-                break  # down() reports the namespace as left behind.
-            time.sleep(0.02)
-
-
-def _stun_answers(local_ip: str, server: tuple[str, int], timeout_s: float) -> bool:
-    """Whether ``server`` answers one STUN Binding request (RFC 8489 section 5)
-    sent from ``local_ip`` within ``timeout_s``."""
-    txid = secrets.token_bytes(12)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((local_ip, 0))
-        sock.settimeout(timeout_s)
-        sock.sendto(struct.pack("!HHI12s", 0x0001, 0, _STUN_COOKIE, txid), server)
-        try:
-            data = sock.recv(2048)
-        except OSError:
-            return False
-    return data[:2] == b"\x01\x01" and data[8:20] == txid

@@ -284,7 +284,7 @@ class NetnsLab:
         self._up = False
         names = self._all_netns()
         present = set(_netns_names()) & set(names)
-        self._kill_inside(present)
+        kill_inside(present)
         if self.router_netns in present:
             self._ns_run(
                 self.router_netns, ["nft", "delete", "table", "inet", self.table], check=False
@@ -426,22 +426,26 @@ class NetnsLab:
         _run(["ip", "link", "set", self.host_ifname, "up"])
         _run(f"ip route add {self.subnet} via {self._addr(0, 1)} dev {self.host_ifname}".split())
 
-    def _kill_inside(self, namespaces: Iterable[str]) -> None:
-        pids: set[int] = set()
-        for ns in namespaces:
-            out = _run(["ip", "netns", "pids", ns], check=False)
-            pids.update(int(tok) for tok in out.split() if tok.isdigit())
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + _KILL_DEADLINE_S
-        for ns in namespaces:
-            while _run(["ip", "netns", "pids", ns], check=False).split():
-                if time.monotonic() >= deadline:
-                    break  # down() reports the namespace as left behind.
-                time.sleep(0.02)
+
+def kill_inside(namespaces: Iterable[str]) -> None:
+    """SIGKILL every process in ``namespaces`` and wait until they are gone
+    (up to 3 s; a namespace that keeps a process is reported by the caller)."""
+    namespaces = list(namespaces)
+    pids: set[int] = set()
+    for ns in namespaces:
+        out = _run(["ip", "netns", "pids", ns], check=False)
+        pids.update(int(tok) for tok in out.split() if tok.isdigit())
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + _KILL_DEADLINE_S
+    for ns in namespaces:
+        while _run(["ip", "netns", "pids", ns], check=False).split():
+            if time.monotonic() >= deadline:
+                break  # the caller reports the namespace as left behind
+            time.sleep(0.02)
 
 
 def _check_node(i: int, n_nodes: int) -> None:

@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # coturn is the NAT lab's STUN/TURN server (cluster/natlab.py starts its own
-# turnserver inside a namespace); the system service must never run.
-APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack coturn)
+# turnserver inside a namespace); the system service must never run. ping
+# measures the WAN lab's delays (tests/test_wanlab.py, docs/wanlab.md).
+APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack coturn iputils-ping)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

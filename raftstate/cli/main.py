@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_rendezvous_arguments(rz)
     rz.set_defaults(fn=cmd_rendezvous)
 
+    from raftstate.cli.lab import add_lab_parser
+
+    add_lab_parser(sub)
+
     sim = sub.add_parser("simulate", help="run a device fleet against the cluster")
     sim.add_argument("--endpoints")
     sim.add_argument("--devices", type=int, default=100)
