@@ -295,6 +295,13 @@ class ReliableLink:
                 first = t
         return first
 
+    def stalled(self, now: float) -> float:
+        """Seconds data has been waiting without ACK progress; 0 when
+        nothing waits."""
+        if self._out.buffered == 0:
+            return 0.0
+        return max(0.0, now - self._progress_time)
+
     def dead(self, now: float) -> bool:
         """True once data waited ``dead_after`` seconds with no ACK progress,
         or the peer broke the protocol. The driver then resets the session."""

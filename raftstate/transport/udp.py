@@ -60,6 +60,8 @@ from raftstate.transport.udpconfig import (
     DROP_LOG_INTERVAL,
     HELLO_MAX_INTERVAL,
     HELLO_MIN_INTERVAL,
+    SUSPECT_MIN_S,
+    SUSPECT_RTTS,
     PeerLinkStats,
     UdpSettings,
 )
@@ -70,7 +72,7 @@ _AUTH_DROPS = (DropReason.BAD_MAC, DropReason.UNKNOWN_PEER, DropReason.STALE_HEL
 
 class _Peer:
     __slots__ = (
-        "hello_handle", "hello_interval", "id", "link", "node",
+        "hello_handle", "hello_interval", "id", "link", "node", "suspected",
         "reported_up", "sessions", "timer", "timer_when",
     )  # fmt: skip
 
@@ -83,6 +85,7 @@ class _Peer:
         self.hello_handle: asyncio.TimerHandle | None = None
         self.hello_interval = HELLO_MIN_INTERVAL
         self.reported_up = False
+        self.suspected = False
         self.sessions = 0
 
 
@@ -335,6 +338,12 @@ class UdpTransport(Transport):  # type: ignore[misc]
             self._reach.suspect(peer.id)
         elif not dead and not peer.reported_up:
             self._report(peer, True)
+        stall = link.stalled(now)
+        if stall == 0.0:
+            peer.suspected = False
+        elif not peer.suspected and stall >= max(SUSPECT_MIN_S, SUSPECT_RTTS * (link.srtt or 0)):
+            peer.suspected = True  # once per stall; the reach rebuilds the path
+            self._reach.suspect(peer.id)
         when = link.next_timeout()
         if when is None or (peer.timer_when is not None and peer.timer_when <= when):
             return  # a timer at least as early is armed; waking early only re-checks

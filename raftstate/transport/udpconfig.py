@@ -10,6 +10,11 @@ from raftstate.transport.linkconfig import LinkConfig
 DATAGRAM_SIZE = 1200
 HELLO_MIN_INTERVAL = 0.05
 HELLO_MAX_INTERVAL = 1.0
+#: A link whose data waits this long without ACK progress (at least
+#: SUSPECT_MIN_S, or SUSPECT_RTTS smoothed RTTs) has its path rebuilt (ICE);
+#: well before it is declared dead (``dead_after``) and reported to Raft.
+SUSPECT_MIN_S = 0.6
+SUSPECT_RTTS = 4
 #: Wrong-secret (and other authentication) drops are logged at most this often per source.
 DROP_LOG_INTERVAL = 10.0
 
