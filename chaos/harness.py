@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from toxiproxy import Toxiproxy  # type: ignore[import-untyped]
 from toxiproxy.api import APIConsumer  # type: ignore[import-untyped]
@@ -131,7 +131,7 @@ class ChaosCluster:
 
     # ---- lifecycle --------------------------------------------------------
 
-    def __enter__(self) -> ChaosCluster:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

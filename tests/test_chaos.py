@@ -6,10 +6,20 @@ from ``chaos/profiles.toml``. Each scenario runs the recorded workload through
 the device proxies, injects faults, and ends in the shared verifier reading
 the nodes directly. Waits are conditions with generous deadlines (a loaded
 two-core CI box), never fixed sleeps.
+
+``pytest -m chaos`` runs the CI subset: wan then weak with the leader
+killed, the leader partitioned, flaky links, and ``bad`` with the leader
+paused (SIGSTOP/SIGCONT), plus the bench smoke test. The full matrix, every
+profile of :data:`MATRIX_PROFILES` with every process fault of
+:data:`MATRIX_FAULTS`, is one command::
+
+    RAFTSTATE_CHAOS=full pytest -m chaos
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +29,18 @@ import pytest
 
 from chaos.harness import ChaosCluster
 from chaos.profiles import load_profile
+from chaos.tcpcluster import TcpChaosCluster
 from chaos.verify import verify
 from chaos.workload import Workload
 from cluster.local import node_status, wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+MATRIX_PROFILES = ("wan", "weak", "bad")
+MATRIX_FAULTS = ("kill-leader", "pause-leader", "restart-follower")
+#: The matrix cells CI runs; the others need RAFTSTATE_CHAOS=full.
+CI_CELLS = frozenset({("bad", "pause-leader")})
+FULL_MATRIX = os.environ.get("RAFTSTATE_CHAOS", "") == "full"
 
 
 @pytest.fixture
@@ -144,3 +161,98 @@ def test_flaky_node_links_lose_nothing(chaos_cluster: ChaosCluster) -> None:
         _progress(w, 10, 45, "after the outages")
     verdict = verify(cc.node_endpoints, w.acked, w.history, timeout_s=60)
     assert verdict.ok, verdict.explain()
+
+
+def _matrix() -> list[object]:
+    skip = pytest.mark.skip(reason="full matrix only: RAFTSTATE_CHAOS=full pytest -m chaos")
+    return [
+        pytest.param(
+            profile,
+            fault,
+            id=f"{profile}-{fault}",
+            marks=() if FULL_MATRIX or (profile, fault) in CI_CELLS else (skip,),
+        )
+        for profile in MATRIX_PROFILES
+        for fault in MATRIX_FAULTS
+    ]
+
+
+def _inject(cc: ChaosCluster, w: Workload, fault: str, profile: str) -> None:
+    """One process fault under load, waiting (with deadlines) until the
+    cluster has a leader and commits again after each step."""
+    cluster = cc.nodes
+    leader = cluster.wait_for_leader(45)
+    if fault == "kill-leader":
+        cluster.kill_node(leader)
+        _new_leader(cc, leader, 45)
+        _progress(w, 5, 60, f"{profile}, leader {leader} killed", at_least_s=1)
+        cluster.start_node(leader)
+    elif fault == "pause-leader":
+        cluster.signal_node(leader, signal.SIGSTOP)
+        try:
+            _new_leader(cc, leader, 45)
+            _progress(w, 5, 60, f"{profile}, leader {leader} paused", at_least_s=1)
+        finally:
+            cluster.signal_node(leader, signal.SIGCONT)
+    elif fault == "restart-follower":
+        follower = cc.resolve("follower")
+        cluster.restart_node(follower)
+        _progress(w, 5, 60, f"{profile}, follower {follower} restarting")
+    else:
+        raise ValueError(f"unknown fault {fault!r}")
+    cluster.wait_for_leader(60)
+
+
+@pytest.mark.parametrize(("profile", "fault"), _matrix())
+def test_profile_with_a_process_fault_loses_nothing(
+    chaos_cluster: ChaosCluster, profile: str, fault: str
+) -> None:
+    cc = chaos_cluster
+    cc.apply(load_profile(profile))
+    with _workload(cc) as w:
+        _progress(w, 10, 60, f"{profile}, before the fault", at_least_s=2)
+        _inject(cc, w, fault, profile)
+        _progress(w, 10, 60, f"{profile}, after the fault")
+    assert w.reads_ok > 0
+    cc.apply(load_profile("lan"))  # converge quickly; the faults are over
+    verdict = verify(cc.node_endpoints, w.acked, w.history, timeout_s=60)
+    assert verdict.ok, verdict.explain()
+
+
+def test_tcp_pair_proxies_cut_off_exactly_one_node(tmp_path: Path) -> None:
+    """pysyncobj's TCP transport through one proxy per node pair: isolating the
+    leader leaves the other two connected, they elect a leader, and healing
+    reconnects everyone (what lets ``chaos bench`` run outages on TCP)."""
+    with TcpChaosCluster(tmp_path / "tcp", 3) as cc:
+        assert sorted(cc.node_proxies) == [("n2", "n1"), ("n3", "n1"), ("n3", "n2")]
+        cc.apply(load_profile("wan"))
+        assert not cc.skipped
+        cc.apply(load_profile("weak"))
+        assert cc.skipped == ("packet_loss", "reorder")
+        old = cc.nodes.wait_for_leader(45)
+        cc.isolate(old)
+        new = _new_leader(cc, old, 45)
+        a, b = (n for n in cc.nodes.nodes if n != old)
+
+        def peers_connected(node_id: str) -> dict[str, bool] | None:
+            st = node_status(cc.nodes.nodes[node_id].endpoint)
+            if st is None:
+                return None
+            return {m.node_id: m.connected for m in st.members if m.node_id != node_id}
+
+        wait_until(
+            lambda: peers_connected(a) == {b: True, old: False},
+            30,
+            f"{a} connected to {b} only",
+        )
+        cc.heal()
+        wait_until(
+            lambda: all(
+                (seen := peers_connected(n)) is not None and all(seen.values())
+                for n in cc.nodes.nodes
+            ),
+            45,
+            "every pair reconnected",
+        )
+        assert cc.nodes.wait_for_leader(45) in cc.nodes.nodes
+        assert new != old
