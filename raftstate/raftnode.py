@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from pysyncobj.transport import TCPTransport
 from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError, DecodeError
 from raftstate.model import HeartbeatResult
+from raftstate.nextindex import ResetGuard
 from raftstate.statemachine import DeviceTable
 from raftstate.transport.udp import UdpTransport
 from raftstate.transport.udpconfig import IceSettings, PeerLinkStats, settings_for
@@ -142,6 +144,10 @@ class OwnMessagesMixin:
                 if handler is not None:
                     handler(node, message)
                 return
+            if kind == "next_node_idx":
+                guard = getattr(self._syncObj, "_filter_next_index", None)
+                if guard is not None:
+                    message = guard(node, message)
         super()._onMessageReceived(node, message)  # type: ignore[misc]
 
 
@@ -202,6 +208,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self.table = table
         self.cfg = cfg
         self._own_message_handler: MessageHandler | None = None
+        self._reset_guard = ResetGuard()
         self._own_transport: Any = None
         self._by_raft = {m.raft: m for m in cfg.members}
         me = cfg.self_member
@@ -253,6 +260,25 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             connected=connected,
             match_index=match if role is Role.LEADER else {},
         )
+
+    def _filter_next_index(self, node: Any, message: dict[str, Any]) -> dict[str, Any]:
+        """Tick thread: pass a ``next_node_idx`` reply through :class:`ResetGuard`
+        (see raftstate/nextindex.py) before pysyncobj's leader applies it."""
+        if not self._isLeader():
+            return message
+        match = int(getattr(self, "_SyncObj__raftMatchIndex", {}).get(node, 0))
+        hint = int(message.get("next_node_idx", 0))
+        peer = str(node.id)
+        if message.get("success") and hint - 1 > match:
+            self._reset_guard.on_progress(peer)
+        if not message.get("reset"):
+            return message
+        index = self._reset_guard.on_reset(
+            peer, int(self.raftCurrentTerm), match, hint, time.monotonic()
+        )
+        if index is None:
+            return {**message, "reset": False}
+        return {**message, "next_node_idx": index}
 
     def set_message_handler(self, handler: MessageHandler | None) -> None:
         """Receive raftstate's own messages (type ``rs_*``) on the tick thread."""
