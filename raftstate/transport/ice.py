@@ -209,17 +209,24 @@ class IceReach:
     async def _offer(
         self, peer: _Peer, conn: _DataConnection, attempt: tuple[str, int], mode: str
     ) -> None:
-        try:
-            await asyncio.wait_for(conn.gather_candidates(), self._settings.connect_timeout)
-        except (TimeoutError, OSError, ConnectionError) as exc:
-            log.warning("gathering candidates for %s failed: %s", peer.id, exc)
-            self._attempt_failed(peer, conn, flip=False)
+        if not await self._gather(peer, conn):
             return
         self._signal(peer.id, "offer", attempt, mode, conn)
         # The answer arrives through _on_signal, which runs _connect.
         peer.retry = self._loop.call_later(
             self._settings.connect_timeout, self._no_answer, peer, conn
         )
+
+    async def _gather(self, peer: _Peer, conn: _DataConnection) -> bool:
+        """Gather local candidates under the connect timeout; on failure the
+        attempt fails (and is retried) and this returns False."""
+        try:
+            await asyncio.wait_for(conn.gather_candidates(), self._settings.connect_timeout)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            log.warning("gathering candidates for %s failed: %s", peer.id, exc)
+            self._attempt_failed(peer, conn, flip=False)
+            return False
+        return True
 
     def _no_answer(self, peer: _Peer, conn: _DataConnection) -> None:
         peer.retry = None
@@ -249,11 +256,7 @@ class IceReach:
         mode: str,
         offer: Mapping[str, Any],
     ) -> None:
-        try:
-            await asyncio.wait_for(conn.gather_candidates(), self._settings.connect_timeout)
-        except (TimeoutError, OSError, ConnectionError) as exc:
-            log.warning("gathering candidates for %s failed: %s", peer.id, exc)
-            self._attempt_failed(peer, conn, flip=False)
+        if not await self._gather(peer, conn):
             return
         self._signal(peer.id, "answer", attempt, mode, conn)
         await self._connect(peer, conn, mode, offer)
