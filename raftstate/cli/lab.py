@@ -69,11 +69,41 @@ def add_lab_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     down = lsub.add_parser("down", help="stop everything the lab started and remove it")
     down.set_defaults(fn=cmd_lab_down)
 
+    bench = lsub.add_parser(
+        "bench", help="headline benchmark: heartbeat latency per profile, UDP/ICE vs TCP vs etcd"
+    )
+    bench.add_argument("--profile", default="lan,wan,weak,bad",
+                       help="profiles, comma-separated (default lan,wan,weak,bad)")  # fmt: skip
+    bench.add_argument("--systems", default="udp,tcp,etcd",
+                       help="systems: udp (raftstate, ICE), tcp (raftstate, pysyncobj TCP "
+                       "through DNAT), etcd (default all three)")  # fmt: skip
+    bench.add_argument("--heartbeats", type=int, default=3000,
+                       help="heartbeats per (profile, system), all sites together")  # fmt: skip
+    bench.add_argument("--rate", type=float, default=100.0,
+                       help="heartbeats/s offered in total, open loop, split over "
+                       "the sites")  # fmt: skip
+    bench.add_argument("--deadline", type=float, default=5.0, help="per-heartbeat deadline, s")
+    bench.add_argument("--warmup", type=float, default=5.0,
+                       help="seconds of load after each profile change, not measured "
+                       "(default 5)")  # fmt: skip
+    bench.add_argument("--symmetric", default="", metavar="I[,J...]",
+                       help="sites behind symmetric NATs (UDP then relays through "
+                       "TURN)")  # fmt: skip
+    bench.add_argument("--nat-event", choices=["flush", "remap"], default=None,
+                       help="mid-window conntrack flush (or remap) on site 3, raftstate "
+                       "systems; reports the replication stall")  # fmt: skip
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke test: 300 heartbeats at 100/s unless given")  # fmt: skip
+    bench.add_argument("--out", default=None,
+                       help="output stem: writes STEM.json, STEM.md, STEM.png "
+                       "(default DIR/labbench)")  # fmt: skip
+    bench.set_defaults(fn=cmd_lab_bench)
+
     for p in (up, imp):
         p.add_argument("--pub-legs", choices=["split", "full"], default="split",
                        help="site<->pub legs get half the profile (split: a TURN-relayed "
                        "path then matches a direct one) or all of it (full)")  # fmt: skip
-    for p in (up, imp, st, down):
+    for p in (up, imp, st, down, bench):
         p.add_argument("--dir", default=DEFAULT_DIR, help=f"state and logs (default {DEFAULT_DIR})")
 
 
@@ -285,4 +315,51 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
         f"lab {state.prefix} removed in {time.monotonic() - started:.1f}s: stopped "
         f"{len(stopped)} processes{names}; logs kept in {args.dir}"
     )
+    return 0
+
+
+def cmd_lab_bench(args: argparse.Namespace) -> int:
+    from chaos.labbench import PROFILES, SYSTEMS, BenchConfig, run, write_outputs
+    from chaos.profiles import ProfileError, load_profile
+    from cluster.netns import LabError
+
+    problem = _environment_problem()
+    if problem:
+        return _fail("bench", problem)
+    profiles = [p.strip() for p in args.profile.split(",") if p.strip()]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        return _fail("bench", f"--systems takes {','.join(SYSTEMS)}, got {args.systems!r}")
+    try:
+        for p in profiles:
+            load_profile(p)
+    except ProfileError as err:
+        return _fail("bench", f"{err} (the lab's usual ones: {','.join(PROFILES)})")
+    try:
+        symmetric = [int(s) for s in args.symmetric.split(",") if s.strip()]
+    except ValueError:
+        return _fail("bench", f"--symmetric takes site numbers like 3, got {args.symmetric!r}")
+    if not set(symmetric) <= {1, 2, 3}:
+        return _fail("bench", f"--symmetric sites must be in 1..3, got {symmetric}")
+    heartbeats = args.heartbeats
+    if args.quick and "--heartbeats" not in sys.argv:
+        heartbeats = 300
+    if heartbeats < 3 or args.rate <= 0 or args.deadline <= 0:
+        return _fail("bench", "--heartbeats must be >= 3, --rate and --deadline > 0")
+    cfg = BenchConfig(
+        profiles=profiles, systems=systems, heartbeats=heartbeats, rate=args.rate,
+        deadline_s=args.deadline, warmup_s=max(0.0, args.warmup),
+        symmetric=symmetric, nat_event=args.nat_event,
+        out_dir=Path(args.dir) / "bench",
+    )  # fmt: skip
+    stem = Path(args.out) if args.out else Path(args.dir) / "labbench"
+    try:
+        results = run(cfg, progress=lambda line: print(line, flush=True))
+    except (LabError, RuntimeError, TimeoutError, OSError) as err:
+        return _fail("bench", f"{type(err).__name__}: {err}", 1)
+    command = "raftstate lab bench " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["lab", "bench"]
+                                                else [])  # fmt: skip
+    for line in write_outputs(results, cfg, stem, command.strip()):
+        print(line)
     return 0
