@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import free_ports, wait_until
+from cluster.local import free_ports, port_is_free, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -29,11 +29,17 @@ def raftstate(
 
 
 def test_cluster_up_serves_device_commands_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    grpc_base = free_ports(1)[0]
-    raft_base = free_ports(1)[0]
-    ports = list(range(grpc_base, grpc_base + 3)) + list(range(raft_base, raft_base + 3))
-    if len(set(ports)) != 6:
-        pytest.skip("port ranges overlap by chance")
+    # cluster up takes three consecutive ports from each base; pick bases
+    # whose whole ranges are free right now (a neighbour of a free port may
+    # be some other connection's ephemeral port).
+    for _ in range(50):
+        grpc_base = free_ports(1)[0]
+        raft_base = free_ports(1)[0]
+        ports = list(range(grpc_base, grpc_base + 3)) + list(range(raft_base, raft_base + 3))
+        if len(set(ports)) == 6 and all(port_is_free("127.0.0.1", p) for p in ports):
+            break
+    else:
+        pytest.fail("found no two free ranges of three ports")
     out = tmp_path / "up.out"
     with open(out, "w") as fh:
         up = subprocess.Popen(
