@@ -465,6 +465,23 @@ def _describe(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def run_header(started: float, elapsed: float, notes: list[str]) -> dict[str, Any]:
+    """The fields every saved bench record starts with: how it was run, where, when."""
+    return {
+        "command": command_line(),
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "elapsed_s": round(elapsed, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "setup": notes,
+    }
+
+
 def command_line() -> str:
     """The command that was run, as a shell would take it."""
     if sys.argv[1:2] == ["bench"]:
@@ -519,17 +536,7 @@ def bench_main(args: argparse.Namespace) -> int:
         )
     elapsed = time.time() - started
     record = {
-        "command": command_line(),
-        "argv": sys.argv,
-        "cwd": os.getcwd(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "elapsed_s": round(elapsed, 1),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "setup": notes,
+        **run_header(started, elapsed, notes),
         "args": {k: v for k, v in vars(args).items() if k != "fn"},
         "phases": list(args.phases),
         "results": [asdict(r) for r in results],

@@ -28,7 +28,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -173,7 +172,7 @@ def describe(args: argparse.Namespace, transports: tuple[str, ...]) -> list[str]
 def compare_main(args: argparse.Namespace) -> int:
     """Run the comparison, print the tables, save the JSON. Returns the
     exit status: 0, 1 if any load phase had errors, 2 for bad options."""
-    from raftstate.bench.run import command_line, run_phase
+    from raftstate.bench.run import run_header, run_phase
     from raftstate.bench.transportcost import measure, render_costs
 
     if args.endpoints or args.vs_etcd:
@@ -259,17 +258,7 @@ def compare_main(args: argparse.Namespace) -> int:
     elapsed = time.time() - started
     cpu_row = next((r for r in summary if r.name == CPU_METRIC), None)
     record: dict[str, Any] = {
-        "command": command_line(),
-        "argv": sys.argv,
-        "cwd": os.getcwd(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "elapsed_s": round(elapsed, 1),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "setup": notes,
+        **run_header(started, elapsed, notes),
         "git": _git_state(),
         "args": {k: v for k, v in vars(args).items() if k != "fn"},
         "phases": list(args.phases),
