@@ -38,6 +38,7 @@ from pysyncobj.config import FAIL_REASON
 from pysyncobj.journal import FileJournal
 from pysyncobj.transport import TCPTransport
 
+from raftstate import appendguard
 from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError, DecodeError
 from raftstate.model import HeartbeatResult
@@ -148,6 +149,10 @@ class OwnMessagesMixin:
                 guard = getattr(self._syncObj, "_filter_next_index", None)
                 if guard is not None:
                     message = guard(node, message)
+            elif kind == "append_entries":
+                keep = getattr(self._syncObj, "_filter_append_entries", None)
+                if keep is not None:
+                    message = keep(message)
         super()._onMessageReceived(node, message)  # type: ignore[misc]
 
 
@@ -260,6 +265,14 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             connected=connected,
             match_index=match if role is Role.LEADER else {},
         )
+
+    def _filter_append_entries(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Tick thread: never let pysyncobj's follower delete entries that
+        match the leader's (see raftstate/appendguard.py)."""
+        if "prevLogIdx" not in message or message.get("term", -1) < self.raftCurrentTerm:
+            return message
+        ours = self._SyncObj__getEntries(message["prevLogIdx"])
+        return appendguard.trim(message, ours)
 
     def _filter_next_index(self, node: Any, message: dict[str, Any]) -> dict[str, Any]:
         """Tick thread: pass a ``next_node_idx`` reply through :class:`ResetGuard`
