@@ -1,4 +1,6 @@
-"""Leader-side filter for pysyncobj's ``next_node_idx`` resets (sans-IO).
+"""Leader-side bookkeeping of pysyncobj's nextIndex (sans-IO): which
+``next_node_idx`` resets to apply (:class:`ResetGuard`), and how many log
+entries were sent more than once (:class:`SendLedger`).
 
 Why: pysyncobj 0.3.17's leader applies every ``reset`` reply as-is
 (``nextIndex[node] = reply.next_node_idx``). A follower whose log diverged
@@ -62,4 +64,39 @@ class ResetGuard:
         self._honoured.pop(peer, None)
 
 
-__all__ = ["ResetGuard"]
+@dataclass(slots=True)
+class _Sent:
+    term: int
+    high: int  # highest index sent this term
+    sent: int
+    resent: int
+
+
+class SendLedger:
+    """Per peer, in the leader's current term: log entries sent in
+    AppendEntries, and how many of them had been sent before (a resend after a
+    rejection, or waste). On a clean link with in-order delivery the resent
+    count stays at zero; it is what showed pysyncobj's nextIndex rewinds.
+    Written on the tick thread; :meth:`counts` may be read from any thread."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, _Sent] = {}
+
+    def on_append(self, peer: str, term: int, first: int, last: int) -> None:
+        """An AppendEntries to ``peer`` in ``term`` carrying ``first..last``."""
+        if last < first:
+            return
+        cur = self._peers.get(peer)
+        if cur is None or cur.term != term:
+            cur = _Sent(term, 0, 0, 0)
+        again = max(0, min(last, cur.high) - first + 1)
+        self._peers[peer] = _Sent(
+            term, max(cur.high, last), cur.sent + last - first + 1, cur.resent + again
+        )
+
+    def counts(self, term: int) -> dict[str, tuple[int, int]]:
+        """``peer -> (sent, resent)`` for ``term`` (peers of other terms omitted)."""
+        return {p: (s.sent, s.resent) for p, s in list(self._peers.items()) if s.term == term}
+
+
+__all__ = ["ResetGuard", "SendLedger"]

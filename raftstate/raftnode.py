@@ -42,7 +42,7 @@ from raftstate import appendguard
 from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError, DecodeError
 from raftstate.model import HeartbeatResult
-from raftstate.nextindex import ResetGuard
+from raftstate.nextindex import ResetGuard, SendLedger
 from raftstate.statemachine import DeviceTable
 from raftstate.transport.udp import UdpTransport
 from raftstate.transport.udpconfig import IceSettings, PeerLinkStats, settings_for
@@ -137,6 +137,14 @@ class OwnMessagesMixin:
         super().__init__(syncObj, *args, **kwargs)  # type: ignore[call-arg]
         syncObj._own_transport = self
 
+    def send(self, node: Any, message: Any) -> Any:
+        if isinstance(message, dict) and message.get("type") == "append_entries":
+            entries = message.get("entries")
+            ledger = getattr(self._syncObj, "send_ledger", None)
+            if entries and ledger is not None:
+                ledger.on_append(str(node.id), int(message["term"]), entries[0][1], entries[-1][1])
+        return super().send(node, message)  # type: ignore[misc]
+
     def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
         if isinstance(message, dict):
             kind = message.get("type")
@@ -146,9 +154,10 @@ class OwnMessagesMixin:
                     handler(node, message)
                 return
             if kind == "next_node_idx":
-                guard = getattr(self._syncObj, "_filter_next_index", None)
-                if guard is not None:
-                    message = guard(node, message)
+                on_reply = getattr(self._syncObj, "_on_next_index", None)
+                if on_reply is not None:
+                    on_reply(node, message, super()._onMessageReceived)  # type: ignore[misc]
+                    return
             elif kind == "append_entries":
                 keep = getattr(self._syncObj, "_filter_append_entries", None)
                 if keep is not None:
@@ -214,6 +223,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self.cfg = cfg
         self._own_message_handler: MessageHandler | None = None
         self._reset_guard = ResetGuard()
+        #: Entries sent / resent per peer raft address this term (leader).
+        self.send_ledger = SendLedger()
         self._own_transport: Any = None
         self._by_raft = {m.raft: m for m in cfg.members}
         me = cfg.self_member
@@ -273,6 +284,34 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             return message
         ours = self._SyncObj__getEntries(message["prevLogIdx"])
         return appendguard.trim(message, ours)
+
+    def _on_next_index(
+        self, node: Any, message: dict[str, Any], deliver: Callable[[Any, Any], None]
+    ) -> None:
+        """Tick thread: a follower's ``next_node_idx`` reply. Resets go through
+        :class:`ResetGuard` (see raftstate/nextindex.py). A success never moves
+        nextIndex back: pysyncobj's leader sets nextIndex to the reply's value,
+        so with AppendEntries pipelined (one per proposal, every RTT's worth in
+        flight) each ack of an older message rewound it and the next message
+        re-sent every entry still in flight, which the follower then deleted
+        and appended again. Raft (and etcd's Progress) keep nextIndex at
+        ``max(nextIndex, matchIndex + 1)``; a lost message shows up as a
+        rejection of the next one, which resets it."""
+        if not self._isLeader():
+            deliver(node, message)
+            return
+        nexts: dict[Any, int] = getattr(self, "_SyncObj__raftNextIndex", {})
+        before = nexts.get(node)
+        deliver(node, self._filter_next_index(node, message))
+        after = nexts.get(node)
+        if (
+            message.get("success")
+            and not message.get("reset")
+            and before is not None
+            and after is not None
+            and after < before
+        ):
+            nexts[node] = before
 
     def _filter_next_index(self, node: Any, message: dict[str, Any]) -> dict[str, Any]:
         """Tick thread: pass a ``next_node_idx`` reply through :class:`ResetGuard`

@@ -313,6 +313,7 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
     cfg = node.cfg
     leader = node.members_by_raft.get(st.leader_raft_address or "")
     links = node.raft.peer_link_stats()
+    sent = node.raft.send_ledger.counts(st.term)
     members = []
     for m in cfg.members:
         link = links.get(m.id)
@@ -327,6 +328,8 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
             connected=me or m.raft in st.connected,
             match_index=match,
         )
+        if st.role is Role.LEADER and not me:
+            pb.entries_sent, pb.entries_resent = sent.get(m.raft, (0, 0))
         if link is not None:
             pb.path = link.path
             pb.rtt_ms = (link.srtt or 0.0) * 1000

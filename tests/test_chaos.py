@@ -256,3 +256,33 @@ def test_tcp_pair_proxies_cut_off_exactly_one_node(tmp_path: Path) -> None:
         )
         assert cc.nodes.wait_for_leader(45) in cc.nodes.nodes
         assert new != old
+
+
+def test_pipelined_appends_over_wan_are_sent_once(chaos_cluster: ChaosCluster) -> None:
+    """With one AppendEntries per proposal and an RTT's worth in flight, an ack
+    of an older message must not rewind the leader's nextIndex: pysyncobj's
+    leader did, so every message re-sent all entries still in flight, and its
+    follower deleted and re-appended them (measured here before the fix: most
+    entries sent several times). On a clean link nothing is sent twice."""
+    cc = chaos_cluster
+    cc.apply(load_profile("wan"))
+    w = Workload(
+        cc.endpoints,
+        cc.endpoints,
+        devices=16,
+        writers=8,
+        prefer_leader=False,
+        write_deadline_s=10.0,
+        read_deadline_s=2.0,
+    )
+    with w:
+        _progress(w, 300, 60, "wan, pipelined", at_least_s=4)
+        leader = cc.nodes.wait_for_leader(30)
+        st = node_status(cc.nodes.nodes[leader].endpoint)
+    assert st is not None and st.role == 3  # still the leader: counts are this term's
+    peers = [m for m in st.members if m.node_id != leader]
+    assert all(m.entries_sent >= 50 for m in peers), peers  # heartbeats are batched
+    assert all(m.entries_resent == 0 for m in peers), peers
+    cc.apply(load_profile("lan"))
+    verdict = verify(cc.node_endpoints, w.acked, w.history, timeout_s=60)
+    assert verdict.ok, verdict.explain()

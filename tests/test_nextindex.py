@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raftstate.nextindex import ResetGuard
+from raftstate.nextindex import ResetGuard, SendLedger
 
 
 def test_first_reset_is_honoured_and_raised_to_above_match() -> None:
@@ -45,3 +45,23 @@ def test_progress_and_new_terms_and_peers_start_afresh() -> None:
 def test_resend_after_must_be_positive() -> None:
     with pytest.raises(ValueError):
         ResetGuard(0)
+
+
+def test_send_ledger_counts_entries_sent_again_per_peer_and_term() -> None:
+    led = SendLedger()
+    led.on_append("n2", 3, 1, 10)
+    led.on_append("n2", 3, 11, 12)
+    assert led.counts(3) == {"n2": (12, 0)}
+    led.on_append("n2", 3, 8, 14)  # 8..12 again, 13..14 new
+    led.on_append("n3", 3, 1, 4)
+    assert led.counts(3) == {"n2": (19, 5), "n3": (4, 0)}
+    led.on_append("n2", 3, 5, 4)  # empty range (heartbeat): nothing
+    assert led.counts(3)["n2"] == (19, 5)
+
+
+def test_send_ledger_starts_over_in_a_new_term() -> None:
+    led = SendLedger()
+    led.on_append("n2", 3, 1, 10)
+    led.on_append("n2", 4, 5, 10)  # new leader term: not a resend
+    assert led.counts(4) == {"n2": (6, 0)}
+    assert led.counts(3) == {}

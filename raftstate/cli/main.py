@@ -101,13 +101,14 @@ def _print_links(rows: list[dict[str, Any]]) -> None:
         return
     print(
         f"\n{'link':<16} {'path':<7} {'up':<3} {'rtt ms':>7} {'loss':>6} {'retx':>7} "
-        f"{'sessions':>8} paths"
+        f"{'sessions':>8} {'paths':>5}  resent/sent (leader)"
     )
     for src, m in links:
         print(
             f"{src + ' -> ' + m['node_id']:<16} {m['path']:<7} "
             f"{'yes' if m['connected'] else 'no':<3} {m['rtt_ms']:>7.2f} "
-            f"{m['loss_rate']:>6.1%} {m['retransmissions']:>7} {m['sessions']:>8} {m['paths']}"
+            f"{m['loss_rate']:>6.1%} {m['retransmissions']:>7} {m['sessions']:>8} {m['paths']:>5}  "
+            + (f"{m['entries_resent']}/{m['entries_sent']}" if int(m["entries_sent"]) else "-")
         )
     for r in rows:
         drops = r.get("transport_drops") or {}

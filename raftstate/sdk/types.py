@@ -77,6 +77,9 @@ class MemberStatus:
     retransmissions: int = 0
     sessions: int = 0
     paths: int = 0
+    #: On the leader: entries sent to that member this term / sent again.
+    entries_sent: int = 0
+    entries_resent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,8 @@ class ClusterStatus:
                     m.retransmissions,
                     m.sessions,
                     m.paths,
+                    m.entries_sent,
+                    m.entries_resent,
                 )
                 for m in s.members
             ),

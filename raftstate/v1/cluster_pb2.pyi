@@ -19,7 +19,7 @@ CANDIDATE: Role
 LEADER: Role
 
 class Member(_message.Message):
-    __slots__ = ("node_id", "raft_address", "grpc_address", "connected", "match_index", "path", "rtt_ms", "loss_rate", "retransmissions", "sessions", "paths")
+    __slots__ = ("node_id", "raft_address", "grpc_address", "connected", "match_index", "path", "rtt_ms", "loss_rate", "retransmissions", "sessions", "paths", "entries_sent", "entries_resent")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class Member(_message.Message):
     RETRANSMISSIONS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     PATHS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_SENT_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_RESENT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     raft_address: str
     grpc_address: str
@@ -42,7 +44,9 @@ class Member(_message.Message):
     retransmissions: int
     sessions: int
     paths: int
-    def __init__(self, node_id: _Optional[str] = ..., raft_address: _Optional[str] = ..., grpc_address: _Optional[str] = ..., connected: _Optional[bool] = ..., match_index: _Optional[int] = ..., path: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., loss_rate: _Optional[float] = ..., retransmissions: _Optional[int] = ..., sessions: _Optional[int] = ..., paths: _Optional[int] = ...) -> None: ...
+    entries_sent: int
+    entries_resent: int
+    def __init__(self, node_id: _Optional[str] = ..., raft_address: _Optional[str] = ..., grpc_address: _Optional[str] = ..., connected: _Optional[bool] = ..., match_index: _Optional[int] = ..., path: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., loss_rate: _Optional[float] = ..., retransmissions: _Optional[int] = ..., sessions: _Optional[int] = ..., paths: _Optional[int] = ..., entries_sent: _Optional[int] = ..., entries_resent: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
