@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 
 # coturn is the NAT lab's STUN/TURN server (cluster/natlab.py starts its own
 # turnserver inside a namespace); the system service must never run. ping
-# measures the WAN lab's delays (tests/test_wanlab.py, docs/wanlab.md).
-APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack coturn iputils-ping)
+# measures the WAN lab's delays (tests/test_wanlab.py, docs/wanlab.md), iperf3
+# its rate limits and packet rate (`raftstate lab probe`; its daemon stays off,
+# debconf's default under noninteractive).
+APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack coturn iputils-ping iperf3)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

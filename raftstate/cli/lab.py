@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,11 +100,20 @@ def add_lab_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                        "(default DIR/labbench)")  # fmt: skip
     bench.set_defaults(fn=cmd_lab_bench)
 
+    probe = lsub.add_parser(
+        "probe", help="the WAN emulator's accuracy and capacity, measured with ping and iperf3"
+    )
+    probe.add_argument("--quick", action="store_true", help="short probes (a smoke test)")
+    probe.add_argument(
+        "--out", default=None, help="output stem: writes STEM.json, STEM.md (default DIR/labprobe)"
+    )
+    probe.set_defaults(fn=cmd_lab_probe)
+
     for p in (up, imp):
         p.add_argument("--pub-legs", choices=["split", "full"], default="split",
                        help="site<->pub legs get half the profile (split: a TURN-relayed "
                        "path then matches a direct one) or all of it (full)")  # fmt: skip
-    for p in (up, imp, st, down, bench):
+    for p in (up, imp, st, down, bench, probe):
         p.add_argument("--dir", default=DEFAULT_DIR, help=f"state and logs (default {DEFAULT_DIR})")
 
 
@@ -361,5 +371,22 @@ def cmd_lab_bench(args: argparse.Namespace) -> int:
     command = "raftstate lab bench " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["lab", "bench"]
                                                 else [])  # fmt: skip
     for line in write_outputs(results, cfg, stem, command.strip()):
+        print(line)
+    return 0
+
+
+def cmd_lab_probe(args: argparse.Namespace) -> int:
+    from chaos.labprobe import run, write_outputs
+    from cluster.netns import LabError
+
+    problem = _environment_problem()
+    if problem:
+        return _fail("probe", problem)
+    stem = Path(args.out) if args.out else Path(args.dir) / "labprobe"
+    try:
+        result = run(quick=args.quick, progress=lambda line: print(line, flush=True))
+    except (LabError, RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+        return _fail("probe", f"{type(err).__name__}: {err}", 1)
+    for line in write_outputs(result, stem):
         print(line)
     return 0
