@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +116,13 @@ def add_lab_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                        "path then matches a direct one) or all of it (full)")  # fmt: skip
     for p in (up, imp, st, down, bench, probe):
         p.add_argument("--dir", default=DEFAULT_DIR, help=f"state and logs (default {DEFAULT_DIR})")
+
+
+def _unwind_on_sigterm() -> None:
+    """``kill PID`` of a bench or probe must still tear its lab down: turn
+    SIGTERM into ``SystemExit`` so every ``with`` block unwinds (processes
+    stopped, namespaces removed), as Ctrl-C does."""
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
 
 
 def _fail(cmd: str, message: str, code: int = 2) -> int:
@@ -364,6 +372,7 @@ def cmd_lab_bench(args: argparse.Namespace) -> int:
         out_dir=Path(args.dir) / "bench",
     )  # fmt: skip
     stem = Path(args.out) if args.out else Path(args.dir) / "labbench"
+    _unwind_on_sigterm()
     try:
         results = run(cfg, progress=lambda line: print(line, flush=True))
     except (LabError, RuntimeError, TimeoutError, OSError) as err:
@@ -383,6 +392,7 @@ def cmd_lab_probe(args: argparse.Namespace) -> int:
     if problem:
         return _fail("probe", problem)
     stem = Path(args.out) if args.out else Path(args.dir) / "labprobe"
+    _unwind_on_sigterm()
     try:
         result = run(quick=args.quick, progress=lambda line: print(line, flush=True))
     except (LabError, RuntimeError, OSError, subprocess.TimeoutExpired) as err:
