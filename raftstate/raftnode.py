@@ -38,7 +38,7 @@ from pysyncobj.config import FAIL_REASON
 from pysyncobj.journal import FileJournal
 from pysyncobj.transport import TCPTransport
 
-from raftstate import appendguard
+from raftstate import appendguard, fastcommit
 from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError, DecodeError
 from raftstate.model import HeartbeatResult
@@ -223,6 +223,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self.cfg = cfg
         self._own_message_handler: MessageHandler | None = None
         self._reset_guard = ResetGuard()
+        #: Followers raise their own commit index (raftstate/fastcommit.py).
+        self._follower_commit = cfg.follower_commit and fastcommit.enabled(len(cfg.members))
         #: Entries sent / resent per peer raft address this term (leader).
         self.send_ledger = SendLedger()
         self._own_transport: Any = None
@@ -283,7 +285,20 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         if "prevLogIdx" not in message or message.get("term", -1) < self.raftCurrentTerm:
             return message
         ours = self._SyncObj__getEntries(message["prevLogIdx"])
-        return appendguard.trim(message, ours)
+        message = appendguard.trim(message, ours)
+        if self._follower_commit:
+            message = fastcommit.raise_commit(message)
+        return message
+
+    def read_floor(self) -> int:
+        """Tick thread, on the leader: the lowest index a linearizable read
+        must wait for. The commit index, unless followers commit on their own
+        (three voters, see raftstate/fastcommit.py): then the last log index,
+        since a follower may have acknowledged entries the leader has not yet
+        counted."""
+        if self._follower_commit:
+            return int(self._SyncObj__getCurrentLogIndex())
+        return int(self.raftCommitIndex)
 
     def _on_next_index(
         self, node: Any, message: dict[str, Any], deliver: Callable[[Any, Any], None]

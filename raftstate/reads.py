@@ -10,7 +10,8 @@ loop only enqueues reads and receives answers.
 1. ``read()`` (loop thread) queues ``(key, deadline)`` in a thread-safe inbox
    and wakes the tick thread through a pipe on pysyncobj's poller.
 2. On the tick thread, a **leader** starts the read in the tracker with
-   ``read_index = commit_index``. A **follower** sends ``rs_ri_req`` to the
+   ``read_index = commit_index`` (the last log index when followers commit
+   on their own, see ``RaftNode.read_floor``). A **follower** sends ``rs_ri_req`` to the
    leader, which runs it as an ordinary read and answers ``rs_ri_grant``
    (with the read index) or ``rs_ri_fail``. A node that knows no leader
    fails the read at once; the caller retries until its deadline.
@@ -196,7 +197,7 @@ class ReadIndexDriver:
             if self._leader_term is not None:
                 out = self._tracker.start_read(
                     ("L", key),
-                    commit_index=raft.raftCommitIndex,
+                    commit_index=raft.read_floor(),
                     term=self._leader_term,
                     now=now,
                     deadline=deadline,
@@ -302,7 +303,7 @@ class ReadIndexDriver:
                     self._handle(
                         self._tracker.start_read(
                             rid,
-                            commit_index=raft.raftCommitIndex,
+                            commit_index=raft.read_floor(),
                             term=self._leader_term,
                             now=now,
                             deadline=now + timeout,

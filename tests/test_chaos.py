@@ -33,6 +33,7 @@ from chaos.tcpcluster import TcpChaosCluster
 from chaos.verify import verify
 from chaos.workload import Workload
 from cluster.local import node_status, wait_until
+from raftstate.sdk import DeviceClient
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -286,3 +287,31 @@ def test_pipelined_appends_over_wan_are_sent_once(chaos_cluster: ChaosCluster) -
     cc.apply(load_profile("lan"))
     verdict = verify(cc.node_endpoints, w.acked, w.history, timeout_s=60)
     assert verdict.ok, verdict.explain()
+
+
+def test_heartbeat_acked_by_a_follower_is_seen_by_the_next_leader_read(
+    chaos_cluster: ChaosCluster,
+) -> None:
+    """With follower commit (three voters) a follower acknowledges a heartbeat
+    as soon as it holds it, before the leader has counted its ack (20 ms away
+    on ``wan``). A linearizable read at the leader right after the ack must
+    still see it. The leader's read index is its last log index
+    (raftstate/fastcommit.py); its commit index would also do here, where
+    the other follower keeps up (its probe ack follows its append ack on an
+    in-order link), but not while that follower lags and acks probes only."""
+    cc = chaos_cluster
+    cc.apply(load_profile("wan"))
+    leader = cc.nodes.wait_for_leader(30)
+    follower = next(n for n in cc.nodes.nodes.values() if n.node_id != leader)
+    stale = []
+    with (
+        DeviceClient([follower.endpoint], prefer_leader=False, deadline_s=10) as writer,
+        DeviceClient([cc.nodes.nodes[leader].endpoint], prefer_leader=False) as reader,
+    ):
+        for i in range(40):
+            ack = writer.heartbeat("fc-dev", {"i": str(i)})
+            seen = reader.get("fc-dev")
+            if seen.seq < ack.seq:
+                stale.append((i, ack.seq, seen.seq))
+    assert cc.nodes.leader() == leader  # the reads were served by that leader
+    assert not stale, f"{len(stale)} of 40 reads missed an acknowledged heartbeat: {stale[:5]}"
