@@ -194,13 +194,19 @@ def test_garbage_forged_and_replayed_datagrams_never_harm_a_node(tmp_path: Path)
     """Random datagrams, bit-flipped copies of real ones and exact replays hit
     a live node's UDP port: it keeps committing, nothing is lost, and every
     one of them is dropped and counted by reason in Cluster.Status."""
-    relay = RecordingRelay()
+    # n1 reaches each peer through a recording relay: whoever leads, one of
+    # n1's two links carries Raft traffic (followers do not talk to each
+    # other, so a single n1 -> n2 relay recorded nothing when n3 led).
+    relays = {peer: RecordingRelay() for peer in ("n2", "n3")}
     base = dataclasses.replace(NodeConfig.for_tests(), transport="udp")
     cluster = LocalCluster(
-        tmp_path, 3, base_config=base, node_overrides={"n1": {"peer_raft": {"n2": relay.address}}}
+        tmp_path,
+        3,
+        base_config=base,
+        node_overrides={"n1": {"peer_raft": {p: r.address for p, r in relays.items()}}},
     )
-    target = cluster.raft_address("n2")
-    relay.start(target)
+    for peer, r in relays.items():
+        r.start(cluster.raft_address(peer))
     rng = random.Random(7)
     try:
         cluster.start()
@@ -208,7 +214,13 @@ def test_garbage_forged_and_replayed_datagrams_never_harm_a_node(tmp_path: Path)
             acked = {
                 f"fz-{i}": client.heartbeat(f"fz-{i}", {}, seq=1).stored_seq for i in range(30)
             }
-            wait_until(lambda: len(relay.recorded) >= 50, 30, "recorded n1 -> n2 datagrams")
+
+            def busy() -> str | None:
+                return next((p for p, r in relays.items() if len(r.recorded) >= 50), None)
+
+            victim = str(wait_until(busy, 30, "50 recorded datagrams from n1 to a peer"))
+            relay = relays[victim]
+            target = cluster.raft_address(victim)
             real = list(relay.recorded)
             host, _, port = target.rpartition(":")
             addr = (host, int(port))
@@ -230,7 +242,7 @@ def test_garbage_forged_and_replayed_datagrams_never_harm_a_node(tmp_path: Path)
         def counted() -> dict[str, int] | None:
             # Some of the burst may overflow the socket buffer in the kernel;
             # what reaches the node must be dropped and counted by reason.
-            st = cluster.status("n2")
+            st = cluster.status(victim)
             drops = dict(st.transport_drops) if st is not None else {}
             replayed = drops.get("replay", 0) + drops.get("too_old", 0)
             if drops.get("malformed", 0) >= 1000 and replayed and drops.get("bad_tag", 0):
@@ -238,11 +250,14 @@ def test_garbage_forged_and_replayed_datagrams_never_harm_a_node(tmp_path: Path)
             return None
 
         try:
-            drops = wait_until(counted, 10, "n2 to count the junk, the replays and the forgeries")
+            drops = wait_until(
+                counted, 10, f"{victim} to count the junk, the replays and the forgeries"
+            )
         finally:
-            st = cluster.status("n2")
-            print("n2 drops:", dict(st.transport_drops) if st else None)
-        print("n2 drops:", drops)
+            st = cluster.status(victim)
+            print(f"{victim} drops:", dict(st.transport_drops) if st else None)
+        print(f"{victim} drops:", drops)
     finally:
         cluster.stop()
-        relay.close()
+        for r in relays.values():
+            r.close()
