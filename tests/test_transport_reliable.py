@@ -540,10 +540,14 @@ def test_path_change_sends_the_next_probe_at_once() -> None:
     backed_off = link.next_timeout()
     assert backed_off is not None and backed_off > now
     assert link.stats().probes >= 3  # the probe timeout has doubled a few times
+    assert link.stalled(now) >= 3 and link.dead(now)
     link.path_changed(now)
     due = link.next_timeout()
     assert due is not None and due <= now
     assert link.poll_transmit(now), "a probe goes out on the new path at once"
+    # The new path is judged on its own: the wait on the old one does not count.
+    assert link.stalled(now) == 0.0 and not link.dead(now)
+    assert not link.dead(now + config.dead_after - 0.01)
 
 
 def test_link_recovers_by_itself_after_a_short_partition_heals() -> None:

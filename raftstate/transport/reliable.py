@@ -280,11 +280,16 @@ class ReliableLink:
 
     def path_changed(self, now: float) -> None:
         """Datagrams now take a new path (an ICE rebuild): forget the probe
-        backoff so the next probe goes out at once. RTT estimates are kept;
-        the next ACKs correct them."""
+        backoff so the next probe goes out at once, and restart the stall and
+        dead clocks (:meth:`stalled`, :meth:`dead`) so the new path is judged
+        on its own: without that, data that waited on the old path made the
+        driver suspect the new one the moment it came up and rebuild it again
+        (seen after a NAT remap: ~0.5 s lost). RTT estimates are kept; the
+        next ACKs correct them."""
         rec = self._recovery
         rec.pto_count = 0
         rec.last_probe = float("-inf")
+        self._progress_time = now
 
     def next_timeout(self) -> float | None:
         """When :meth:`poll_transmit` must run next even if nothing arrives

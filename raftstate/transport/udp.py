@@ -278,6 +278,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
             self._send_hello(peer)
         if peer.link is not None:
             peer.link.path_changed(self._loop.time())
+            peer.suspected = False  # a new path gets its own stall allowance
             self._transmit(peer)
 
     def _close(self) -> None:
