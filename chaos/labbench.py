@@ -30,7 +30,7 @@ Theory of operation:
    converged; etcd: every acknowledged key, serializable, on every member).
 4. ``--nat-event flush|remap`` (raftstate systems): halfway through each
    window, site 3's router forgets its conntrack (or remaps its ports); the
-   stall is the time until every node applied past the leader's commit index
+   stall is the time until every node applied past the leader's last log index
    at the event.
 
 Everything needs root. Not thread-safe.
@@ -436,10 +436,11 @@ class _Raftstate(_System):
             return None
 
     def commit_status(self) -> tuple[int, list[int]]:
-        """The leader's commit index and every node's last applied (-1: no answer)."""
+        """The leader's last log index (every entry proposed so far is at or
+        below it) and every node's last applied (-1: no answer)."""
         from raftstate.v1 import cluster_pb2, cluster_pb2_grpc
 
-        commit, applied = -1, []
+        last, applied = -1, []
         for ep in self.lc.endpoints:
             with grpc.insecure_channel(ep) as ch:
                 try:
@@ -450,8 +451,8 @@ class _Raftstate(_System):
                     continue
             applied.append(int(s.last_applied))
             if s.role == 3:
-                commit = int(s.commit_index)
-        return commit, applied
+                last = int(s.last_log_index)
+        return last, applied
 
 
 class _Etcd(_System):
@@ -716,7 +717,10 @@ def _window(
 
 def _nat_event(system: _Raftstate, kind: str, after_s: float, out: dict[str, float | None]) -> None:
     """Halfway through the window: flush (or remap) site 3's NAT, then time
-    until every node applied past the leader's commit index at that moment."""
+    until every node applied an entry the leader appended after that moment
+    (past its last log index then: the entry crossed the network after the
+    event; with follower commit, entries already in flight could be applied
+    without any packet getting through)."""
     time.sleep(after_s)
     site = min(3, system.lab.n_sites)
     commit, _ = system.commit_status()

@@ -80,6 +80,7 @@ class RaftStatus:
     leader_raft_address: str | None
     connected: frozenset[str]
     match_index: dict[str, int]
+    last_log_index: int = 0
 
 
 def syncobj_conf(cfg: NodeConfig, table: DeviceTable) -> SyncObjConf:
@@ -277,6 +278,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             leader_raft_address=str(leader) if leader is not None else None,
             connected=connected,
             match_index=match if role is Role.LEADER else {},
+            last_log_index=self._last_log_index(),
         )
 
     def _filter_append_entries(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -290,6 +292,15 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             message = fastcommit.raise_commit(message)
         return message
 
+    def _last_log_index(self) -> int:
+        """Index of the last log entry. Any thread: a read of the journal's
+        last element, which the tick thread only ever appends after or
+        replaces whole."""
+        try:
+            return int(self._SyncObj__getCurrentLogIndex())
+        except (IndexError, TypeError):
+            return 0
+
     def read_floor(self) -> int:
         """Tick thread, on the leader: the lowest index a linearizable read
         must wait for. The commit index, unless followers commit on their own
@@ -297,7 +308,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         since a follower may have acknowledged entries the leader has not yet
         counted."""
         if self._follower_commit:
-            return int(self._SyncObj__getCurrentLogIndex())
+            return self._last_log_index()
         return int(self.raftCommitIndex)
 
     def _on_next_index(

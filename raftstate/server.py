@@ -344,6 +344,7 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
         term=st.term,
         commit_index=st.commit_index,
         last_applied=st.last_applied,
+        last_log_index=st.last_log_index,
         leader_id=leader.id if leader else "",
         leader_grpc_address=leader.grpc if leader else "",
         members=members,

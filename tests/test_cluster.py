@@ -186,6 +186,8 @@ def test_status_reports_one_leader_and_all_members(shared: LocalCluster) -> None
         assert st.leader_grpc_address == shared.nodes[leader].endpoint
         assert sorted(m.node_id for m in st.members) == ["n1", "n2", "n3"]
         assert st.transport == "udp" and st.durability == "process-crash"
+        # The election barrier is in every log; nothing is applied that is not in it.
+        assert st.last_log_index >= 1 and st.last_log_index >= st.last_applied
         for m in st.members:
             if m.node_id == node_id:
                 assert m.path == "" and m.sessions == 0

@@ -100,6 +100,8 @@ class ClusterStatus:
     durability: str
     #: UDP transport: datagrams dropped since start, by reason.
     transport_drops: Mapping[str, int] = field(default_factory=dict)
+    #: Index of the last entry in this node's log (appended, maybe uncommitted).
+    last_log_index: int = 0
 
     @classmethod
     def from_proto(cls, s: cluster_pb2.StatusResponse) -> ClusterStatus:
@@ -134,4 +136,5 @@ class ClusterStatus:
             transport=s.transport,
             durability=s.durability,
             transport_drops=dict(s.transport_drops),
+            last_log_index=s.last_log_index,
         )
