@@ -63,4 +63,11 @@ def raise_commit(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "commit_index": index}
 
 
-__all__ = ["enabled", "raise_commit"]
+def read_floor(follower_commit: bool, commit_index: int, last_log_index: int) -> int:
+    """The lowest index a leader's linearizable read must wait for: its commit
+    index, or with follower commit its last log index (a follower may have
+    acknowledged any entry the leader holds before the leader counted it)."""
+    return last_log_index if follower_commit else commit_index
+
+
+__all__ = ["enabled", "raise_commit", "read_floor"]

@@ -307,9 +307,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         (three voters, see raftstate/fastcommit.py): then the last log index,
         since a follower may have acknowledged entries the leader has not yet
         counted."""
-        if self._follower_commit:
-            return self._last_log_index()
-        return int(self.raftCommitIndex)
+        return fastcommit.read_floor(
+            self._follower_commit, int(self.raftCommitIndex), self._last_log_index()
+        )
 
     def _on_next_index(
         self, node: Any, message: dict[str, Any], deliver: Callable[[Any, Any], None]

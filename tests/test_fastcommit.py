@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raftstate.fastcommit import enabled, raise_commit
+from raftstate.fastcommit import enabled, raise_commit, read_floor
 
 
 def _ae(
@@ -49,3 +49,9 @@ def test_never_lowers_the_leaders_commit_index_and_skips_snapshots() -> None:
     assert raise_commit(snap) is snap
     chunk = {**_ae(7, (10, 7), [], commit=0), "transmission": "start", "data": b""}
     assert raise_commit(chunk) is chunk
+
+
+def test_reads_wait_for_the_leaders_last_entry_when_followers_commit() -> None:
+    # A follower may have acked entry 12 before the leader counted it (commit 10).
+    assert read_floor(True, commit_index=10, last_log_index=12) == 12
+    assert read_floor(False, commit_index=10, last_log_index=12) == 10
