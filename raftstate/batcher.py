@@ -11,7 +11,10 @@ A batch is sealed and proposed when one of these holds:
 
 1. **Nothing is in flight**: at low load every heartbeat goes out at once,
    so group commit adds no latency.
-2. **It is full**: ``max_items`` items or ``max_bytes`` bytes.
+2. **It is full**: ``max_items`` items or ``max_bytes`` bytes. Sizes are
+   the caller's upper bounds per item, kept exactly, so a sealed batch never
+   holds more than ``max_bytes`` (an item larger than that alone is a batch
+   of one; the caller validates that none is).
 3. **It is old and a slot is free**: its oldest item has waited
    ``max_delay`` seconds and fewer than ``max_inflight`` batches are in
    flight. This pipelines a further batch on a long-RTT link instead of
@@ -49,6 +52,7 @@ class Batcher(Generic[T]):
         self.max_inflight = max_inflight
         self.inflight = 0
         self._items: list[T] = []
+        self._sizes: list[int] = []
         self._bytes = 0
         self._oldest: float | None = None
 
@@ -66,6 +70,7 @@ class Batcher(Generic[T]):
         if not self._items:
             self._oldest = now
         self._items.append(item)
+        self._sizes.append(size)
         self._bytes += size
         return out + self._ready(now)
 
@@ -87,7 +92,8 @@ class Batcher(Generic[T]):
 
     def drain(self) -> list[T]:
         """Remove and return every pending item (shutdown, lost leadership)."""
-        items, self._items, self._bytes, self._oldest = self._items, [], 0, None
+        items, self._items, self._sizes = self._items, [], []
+        self._bytes, self._oldest = 0, None
         return items
 
     def _ready(self, now: float) -> list[list[T]]:
@@ -106,11 +112,17 @@ class Batcher(Generic[T]):
         return out
 
     def _seal(self) -> list[T]:
-        batch = self._items[: self.max_items]
-        rest = self._items[self.max_items :]
-        self._items = rest
-        # Sizes are not kept per item; an approximate remainder is fine for a bound.
-        self._bytes = 0 if not rest else self._bytes * len(rest) // (len(rest) + len(batch))
-        self._oldest = self._oldest if rest else None
+        # The longest prefix within both bounds; at least one item.
+        n, total = 0, 0
+        for size in self._sizes[: self.max_items]:
+            if n and total + size > self.max_bytes:
+                break
+            n += 1
+            total += size
+        batch = self._items[:n]
+        del self._items[:n]
+        del self._sizes[:n]
+        self._bytes -= total
+        self._oldest = self._oldest if self._items else None
         self.inflight += 1
         return batch

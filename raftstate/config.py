@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raftstate.errors import ConfigError
+from raftstate.model import BATCH_HEADER_BOUND, RECORD_MAX_BYTES
 
 ENV_PREFIX = "RAFTSTATE_"
 _HOSTPORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
@@ -25,6 +26,22 @@ _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TRANSPORTS = ("tcp", "udp")
 REACH = ("static", "ice")
 DURABILITY = ("process-crash", "fsync")
+#: Upper limit of ``batch_max_bytes`` (one log entry).
+BATCH_MAX_BYTES = 512 * 1024
+#: pysyncobj's ``appendEntriesBatchSizeBytes`` is this many times
+#: ``batch_max_bytes``: an entry is then always far below the size at which
+#: pysyncobj would split it into its chunked 'transmission' form.
+APPEND_ENTRIES_FACTOR = 4
+#: No Raft message is larger: an AppendEntries gathers entries until
+#: ``APPEND_ENTRIES_FACTOR * batch_max_bytes`` is reached, so it ends with at
+#: most one more entry; plus room for the message's own fields.
+MAX_RAFT_MESSAGE_BYTES = (APPEND_ENTRIES_FACTOR + 1) * BATCH_MAX_BYTES + 64 * 1024
+
+
+def append_entries_bytes(batch_max_bytes: int) -> int:
+    """pysyncobj's ``appendEntriesBatchSizeBytes`` for entries of at most
+    ``batch_max_bytes``."""
+    return APPEND_ENTRIES_FACTOR * batch_max_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +114,10 @@ class NodeConfig:
     #: or at once when no earlier batch is still waiting to commit.
     batch_max_delay_ms: float = 5.0
     batch_max_heartbeats: int = 512
-    batch_max_bytes: int = 256 * 1024
+    #: Largest log entry. pysyncobj is told to send entries of up to 4× this
+    #: per AppendEntries, so it never splits one entry into its broken
+    #: chunked 'transmission' form (docs/architecture.md, "Entry bound").
+    batch_max_bytes: int = 128 * 1024
     #: Batches proposed and not yet committed, per node.
     max_inflight_batches: int = 4
     #: Three voters only: a follower treats an entry of the leader's term as
@@ -293,6 +313,11 @@ class NodeConfig:
             "default_ttl_s",
             "default_request_timeout_ms",
         )
+        if not RECORD_MAX_BYTES + BATCH_HEADER_BOUND <= self.batch_max_bytes <= BATCH_MAX_BYTES:
+            raise ConfigError(
+                f"batch_max_bytes: must be between {RECORD_MAX_BYTES + BATCH_HEADER_BOUND} "
+                f"(one heartbeat of the largest allowed size) and {BATCH_MAX_BYTES}"
+            )
         if self.batch_max_delay_ms < 0:
             raise ConfigError("batch_max_delay_ms: must not be negative")
         if self.election_timeout_min_ms <= 3 * self.heartbeat_ms:

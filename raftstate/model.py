@@ -23,6 +23,28 @@ TTL_MAX_S = 7 * 24 * 3600
 SEQ_MAX = 2**64 - 1
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
+#: Bytes of one ``HeartbeatBatch`` around its records (``proposed_at_ms``).
+BATCH_HEADER_BOUND = 11
+#: Protobuf framing of one ``HeartbeatRecord`` besides its id and reported
+#: bytes: the record's own tag and length (4), the id's tag and length (3),
+#: seq (11), ttl_s (6).
+_RECORD_FRAMING = 24
+#: Framing of one reported map entry: entry tag and length (3), key tag and
+#: length (3), value tag and length (3).
+_MAP_ENTRY_FRAMING = 9
+
+
+def record_bound(device_id: str, reported_bytes: int, entries: int) -> int:
+    """An upper bound on the encoded bytes of one heartbeat's record in a
+    ``HeartbeatBatch`` log entry (``device_id`` is ASCII by validation). The
+    batcher sums these, so an entry never exceeds its byte bound."""
+    return len(device_id) + reported_bytes + _MAP_ENTRY_FRAMING * entries + _RECORD_FRAMING
+
+
+#: The largest record a valid heartbeat can encode to.
+RECORD_MAX_BYTES = (
+    DEVICE_ID_MAX + REPORTED_MAX_BYTES + _MAP_ENTRY_FRAMING * REPORTED_MAX_ENTRIES + _RECORD_FRAMING
+)
 
 
 class Consistency(enum.IntEnum):
@@ -50,6 +72,11 @@ class Heartbeat:
     ttl_s: int = 0
     #: UTF-8 bytes of the reported keys and values (computed by validation).
     reported_bytes: int = 0
+
+    @property
+    def record_bound(self) -> int:
+        """Upper bound on this heartbeat's encoded record (see :func:`record_bound`)."""
+        return record_bound(self.device_id, self.reported_bytes, len(self.reported))
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,22 +31,20 @@ from dataclasses import dataclass
 from raftstate.batcher import Batcher
 from raftstate.config import NodeConfig
 from raftstate.errors import ResourceExhausted, Unavailable
-from raftstate.model import Heartbeat, HeartbeatResult
+from raftstate.model import BATCH_HEADER_BOUND, Heartbeat, HeartbeatResult
 from raftstate.raftnode import SUCCESS, ProposeCallback
 from raftstate.statemachine import encode_batch
 
 log = logging.getLogger("raftstate.proposer")
 
 RETRY_DELAY_S = 0.02
-#: Rough per-heartbeat encoded overhead beyond the reported bytes.
-_RECORD_OVERHEAD = 32
 
 
 @dataclass(slots=True)
 class _Item:
     heartbeat: Heartbeat
     future: asyncio.Future[HeartbeatResult]
-    size: int  # encoded size estimate, for the batch byte bound
+    size: int  # upper bound of its encoded record, for the batch byte bound
 
 
 class Proposer:
@@ -65,10 +63,11 @@ class Proposer:
         self._batcher: Batcher[_Item] = Batcher(
             max_delay=cfg.batch_max_delay_ms / 1000,
             max_items=cfg.batch_max_heartbeats,
-            max_bytes=cfg.batch_max_bytes,
+            max_bytes=cfg.batch_max_bytes - BATCH_HEADER_BOUND,
             max_inflight=cfg.max_inflight_batches,
         )
         self._max_pending = cfg.max_pending_heartbeats
+        self._max_entry = cfg.batch_max_bytes
         self._waiting = 0
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0
@@ -84,8 +83,7 @@ class Proposer:
             raise ResourceExhausted(
                 f"{self._waiting} heartbeats are waiting to commit on this node; retry later"
             )
-        size = len(hb.device_id) + _RECORD_OVERHEAD + hb.reported_bytes
-        return self._enqueue(_Item(hb, self._loop.create_future(), size))
+        return self._enqueue(_Item(hb, self._loop.create_future(), hb.record_bound))
 
     def close(self) -> None:
         """Fail everything still pending with ``Unavailable``."""
@@ -116,6 +114,10 @@ class Proposer:
                 self._send(self._batcher.finished(self._loop.time()))
                 continue
             entry = encode_batch((i.heartbeat for i in live), self._clock_ms())
+            if len(entry) > self._max_entry:  # the record bounds are wrong: a bug
+                raise AssertionError(
+                    f"entry of {len(entry)} bytes exceeds batch_max_bytes ({self._max_entry})"
+                )
             self.entries_proposed += 1
             self._propose(entry, self._callback_for(live))
         self._arm_timer()

@@ -39,7 +39,7 @@ from pysyncobj.journal import FileJournal
 from pysyncobj.transport import TCPTransport
 
 from raftstate import appendguard, fastcommit
-from raftstate.config import NodeConfig
+from raftstate.config import NodeConfig, append_entries_bytes
 from raftstate.errors import ConfigError, DecodeError
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
@@ -96,6 +96,12 @@ def syncobj_conf(cfg: NodeConfig, table: DeviceTable) -> SyncObjConf:
         # timer: group commit in our batcher already amortises the per-entry
         # cost, and the timer would add up to heartbeat_ms to every commit.
         appendEntriesUseBatch=False,
+        # An entry whose command reaches this size would be sent in pysyncobj's
+        # chunked 'transmission' form, whose last piece can arrive after the
+        # piece marked 'finish' (the marker is computed from the command's
+        # length, not the pickled entry's): followers then unpickled a cut
+        # entry, and replication wedged. Entries are bounded far below it.
+        appendEntriesBatchSizeBytes=append_entries_bytes(cfg.batch_max_bytes),
         appendEntriesPeriod=cfg.heartbeat_ms / 1000,
         raftMinTimeout=cfg.election_timeout_min_ms / 1000,
         raftMaxTimeout=cfg.election_timeout_max_ms / 1000,
@@ -280,6 +286,28 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             match_index=match if role is Role.LEADER else {},
             last_log_index=self._last_log_index(),
         )
+
+    def _SyncObj__sendAppendEntries(self) -> None:  # noqa: N802 - overrides pysyncobj's private
+        """Tick thread, leader: pysyncobj's AppendEntries round, skipping peers
+        whose transport backlog is too high (``UdpTransport.paused_nodes``).
+
+        pysyncobj ignores ``send``'s result and moves nextIndex (or a snapshot
+        transfer's file position) as if every message went out, and one round
+        may produce up to ``appendEntriesPeriod`` worth of messages. A peer
+        that cannot keep up is therefore left out of rounds, not refused
+        messages, until its backlog has drained: nothing accepted is lost and
+        a snapshot transfer resumes where it stopped."""
+        transport = self._own_transport
+        paused = transport.paused_nodes() if isinstance(transport, UdpTransport) else set()
+        if not paused:
+            SyncObj._SyncObj__sendAppendEntries(self)
+            return
+        others = self._SyncObj__otherNodes
+        self._SyncObj__otherNodes = others - paused
+        try:
+            SyncObj._SyncObj__sendAppendEntries(self)
+        finally:
+            self._SyncObj__otherNodes = others
 
     def _filter_append_entries(self, message: dict[str, Any]) -> dict[str, Any]:
         """Tick thread: never let pysyncobj's follower delete entries that

@@ -157,6 +157,11 @@ class ReliableLink:
         return self._recovery.bytes_in_flight
 
     @property
+    def buffered(self) -> int:
+        """Stream bytes queued or sent and not yet acknowledged."""
+        return self._out.buffered
+
+    @property
     def failure(self) -> str | None:
         """Why the peer broke the protocol (the link is dead), else ``None``."""
         return self._failure

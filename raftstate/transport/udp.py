@@ -72,14 +72,27 @@ _AUTH_DROPS = (DropReason.BAD_MAC, DropReason.UNKNOWN_PEER, DropReason.STALE_HEL
 
 class _Peer:
     __slots__ = (
-        "hello_handle", "hello_interval", "id", "link", "node", "suspected",
-        "reported_up", "sessions", "timer", "timer_when",
+        "backlog", "backlog_bytes", "hello_handle", "hello_interval", "id", "link",
+        "link_buffered", "node", "outbox_bytes", "paused", "refused", "reported_up",
+        "sessions", "suspected", "timer", "timer_when",
     )  # fmt: skip
 
     def __init__(self, peer_id: str, node: Any) -> None:
         self.id = peer_id
         self.node = node
         self.link: ReliableLink | None = None
+        #: Accepted messages the link had no room for yet (loop thread), in order.
+        self.backlog: deque[bytes] = deque()
+        self.backlog_bytes = 0
+        #: Bytes of this peer's messages in the outbox (under ``_out_lock``).
+        self.outbox_bytes = 0
+        #: The link's queued-or-unacked bytes, published by the loop.
+        self.link_buffered = 0
+        #: Tick thread: AppendEntries to this peer are paused (backlog high).
+        self.paused = False
+        #: Set by the tick thread when ``send`` refused this peer and reported
+        #: it down; the loop reports it up again once the backlog drained.
+        self.refused = False
         self.timer: asyncio.TimerHandle | None = None
         self.timer_when: float | None = None
         self.hello_handle: asyncio.TimerHandle | None = None
@@ -137,9 +150,10 @@ class UdpTransport(Transport):  # type: ignore[misc]
         # tick -> loop
         self._out_lock = threading.Lock()
         self._outbox: deque[tuple[str, bytes]] = deque()
-        self._queued_bytes = 0
         self._flush_pending = False
         self._refused = 0
+        self._refuse_logged = float("-inf")
+        self._max_message = settings.link.max_message_bytes
         # loop -> tick: ("msg", peer, bytes) | ("up", peer, b"") | ("down", peer, b"")
         self._inbox: deque[tuple[str, str, bytes]] = deque()
         self._wake_lock = threading.Lock()
@@ -180,12 +194,14 @@ class UdpTransport(Transport):  # type: ignore[misc]
         if peer_id is None or peer_id not in self._connected or self._closed:
             return False
         data = pso_pickle.dumps(message)
+        peer = self._peers[peer_id]
         with self._out_lock:
-            if self._queued_bytes + len(data) > self._settings.max_queued_bytes:
-                self._refused += 1
+            held = peer.outbox_bytes + peer.backlog_bytes + peer.link_buffered
+            if held + len(data) > self._settings.max_peer_bytes or len(data) > self._max_message:
+                self._refuse(peer, held, len(data))
                 return False
             self._outbox.append((peer_id, data))
-            self._queued_bytes += len(data)
+            peer.outbox_bytes += len(data)
             if self._flush_pending:
                 return True
             self._flush_pending = True
@@ -194,6 +210,43 @@ class UdpTransport(Transport):  # type: ignore[misc]
         except RuntimeError:  # loop closed: shutting down
             return False
         return True
+
+    def paused_nodes(self) -> set[Any]:
+        """Tick thread: the pysyncobj nodes whose unacknowledged backlog is
+        above ``pause_bytes`` (until it falls below ``resume_bytes``). The
+        leader sends them no AppendEntries meanwhile (RaftNode), so a catch-up
+        or a snapshot transfer to a slow peer cannot outrun its link; nothing
+        already accepted is dropped."""
+        out: set[Any] = set()
+        cfg = self._settings
+        for peer in self._peers.values():
+            held = peer.outbox_bytes + peer.backlog_bytes + peer.link_buffered
+            if peer.paused:
+                peer.paused = held > cfg.resume_bytes
+            else:
+                peer.paused = held > cfg.pause_bytes
+            if peer.paused:
+                out.add(peer.node)
+        return out
+
+    def _refuse(self, peer: _Peer, held: int, size: int) -> None:
+        """Tick thread, under ``_out_lock``: ``send`` cannot take a message for
+        ``peer``. Report the peer disconnected at once (pysyncobj stops
+        sending to it and, as leader, resends from nextIndex once it is back),
+        so a refused message is never mistaken for a delivered one; the loop
+        reports it up again when its backlog has drained."""
+        self._refused += 1
+        peer.refused = True
+        now = time.monotonic()
+        if now - self._refuse_logged >= DROP_LOG_INTERVAL:
+            self._refuse_logged = now
+            log.warning(
+                "peer %s holds %d unacknowledged bytes (limit %d; message %d bytes): "
+                "reporting it disconnected until its backlog drains",
+                peer.id, held, self._settings.max_peer_bytes, size,
+            )  # fmt: skip
+        self._connected.discard(peer.id)
+        self._onNodeDisconnected(peer.node)
 
     def destroy(self) -> None:
         """Stop timers and close the socket. Waits up to 2 s for the loop."""
@@ -303,34 +356,55 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 pass  # pipe full: a wake-up is already pending
 
     def _flush_outbox(self) -> None:
+        touched: dict[str, _Peer] = {}
         with self._out_lock:
             batch = list(self._outbox)
             self._outbox.clear()
-            self._queued_bytes = 0
             self._flush_pending = False
-        now = self._loop.time()
-        touched: dict[str, _Peer] = {}
-        for peer_id, data in batch:
-            peer = self._peers[peer_id]
-            if peer.link is None:
-                continue
-            try:
-                peer.link.send(data, now)  # False: buffer full; Raft resends
-            except MessageTooLarge as exc:
-                log.error("message to %s not sent: %s", peer_id, exc)
-            touched[peer_id] = peer
+            for peer_id, data in batch:
+                peer = self._peers[peer_id]
+                peer.outbox_bytes -= len(data)
+                if peer.link is None:
+                    continue  # no session yet: pysyncobj was never told it is up
+                peer.backlog.append(data)
+                peer.backlog_bytes += len(data)
+                touched[peer_id] = peer
         for peer in touched.values():
             self._transmit(peer)
+
+    def _feed(self, peer: _Peer, link: ReliableLink) -> None:
+        """Move the peer's backlog into its link, in order, while the link's
+        send buffer has room. A message leaves the backlog only once the link
+        took it: nothing accepted is dropped, cut or reordered."""
+        now = self._loop.time()
+        backlog = peer.backlog
+        while backlog:
+            data = backlog[0]
+            try:
+                if not link.send(data, now):
+                    break
+            except MessageTooLarge as exc:  # send() refuses these: unreachable
+                log.error("message to %s not sent: %s", peer.id, exc)
+            backlog.popleft()
+            with self._out_lock:
+                peer.backlog_bytes -= len(data)
+        peer.link_buffered = link.buffered
 
     def _transmit(self, peer: _Peer) -> None:
         """Send what the peer's link has due, check liveness, re-arm its timer."""
         link = peer.link
         if link is None or not self._open_done:
             return
+        if peer.backlog:
+            self._feed(peer, link)
         now = self._loop.time()
         send, seal = self._reach.send, self._channel.seal
         for payload in link.poll_transmit(now):
             send(peer.id, seal(peer.id, payload))
+        peer.link_buffered = link.buffered
+        if peer.refused and peer.reported_up and self._drained(peer):
+            peer.refused = False
+            self._report(peer, True)
         dead = link.dead(now)
         if dead and peer.reported_up:
             reason = link.failure or "no ACKs"
@@ -370,6 +444,10 @@ class UdpTransport(Transport):  # type: ignore[misc]
         peer.timer = peer.timer_when = None
         self._transmit(peer)
 
+    def _drained(self, peer: _Peer) -> bool:
+        held = peer.outbox_bytes + peer.backlog_bytes + peer.link_buffered
+        return held <= self._settings.resume_bytes
+
     def _report(self, peer: _Peer, up: bool) -> None:
         peer.reported_up = up
         self._inbox.append(("up" if up else "down", peer.id, b""))
@@ -404,6 +482,11 @@ class UdpTransport(Transport):  # type: ignore[misc]
         peer.timer = peer.timer_when = None
         if peer.reported_up:
             self._report(peer, False)  # the peer restarted: pysyncobj sees a reconnect
+        with self._out_lock:  # the old session's messages mean nothing to the new process
+            peer.backlog.clear()
+            peer.backlog_bytes = 0
+            peer.link_buffered = 0
+            peer.refused = False
         peer.sessions += 1
         peer.link = ReliableLink(
             SecureChannel.max_payload(DATAGRAM_SIZE), config=self._settings.link

@@ -47,8 +47,16 @@ class UdpSettings:
     cluster_secret: str
     link: LinkConfig = LinkConfig()
     send_to: tuple[tuple[str, str], ...] = ()
-    #: Pickled bytes waiting for the loop before ``send`` starts refusing.
-    max_queued_bytes: int = 32 * 1024 * 1024
+    #: Per peer: bytes accepted by ``send`` and not yet acknowledged by the
+    #: peer (waiting for the loop, for room in the link, or in flight) at
+    #: which the leader stops sending it AppendEntries (:meth:`paused_nodes`),
+    #: and below which it resumes. Nothing already accepted is dropped.
+    pause_bytes: int = 4 * 1024 * 1024
+    resume_bytes: int = 1024 * 1024
+    #: Per peer: beyond this ``send`` refuses and reports the peer
+    #: disconnected to pysyncobj (which then starts over from its nextIndex
+    #: or snapshot once the backlog has drained and the peer is reported up).
+    max_peer_bytes: int = 32 * 1024 * 1024
     bind_retries: int = 25
     bind_retry_s: float = 0.2
     #: Reach peers over ICE (rendezvous, STUN, TURN) instead of ``peers``'
