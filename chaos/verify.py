@@ -55,7 +55,7 @@ def node_table(endpoint: str, prefix: str = "", timeout_s: float = 5.0) -> dict[
             res = stub.ListDevices(
                 device_pb2.ListDevicesRequest(
                     prefix=prefix,
-                    page_size=1000,
+                    page_size=200,  # 200 devices of 8 KiB stay under 4 MB
                     page_token=token,
                     consistency=device_pb2.SERIALIZABLE,
                 ),

@@ -47,7 +47,7 @@ from typing import Any
 
 import aioice
 
-from raftstate.transport.reach import Deliver, PathUp
+from raftstate.transport.reach import Deliver, PathUp, grow_buffers
 from raftstate.transport.rendezvous import RendezvousClient
 from raftstate.transport.udpconfig import IceSettings, split_hostport
 
@@ -285,6 +285,9 @@ class IceReach:
         peer.negotiating = None
         peer.active, peer.active_mode = conn, mode
         peer.kind = _pair_kind(conn)
+        pair = conn._nominated.get(1)
+        if pair is not None:
+            grow_buffers(pair.protocol.transport)
         peer.built += 1
         peer.good_mode = peer.mode = mode
         peer.failures = 0

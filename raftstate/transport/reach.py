@@ -18,6 +18,7 @@ All methods run on the transport's event loop thread.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -90,6 +91,7 @@ class StaticReach:
                     raise
                 await asyncio.sleep(self._retry_s)
         self._socket = sock
+        grow_buffers(sock)
         for peer_id in self._addresses:
             path_up(peer_id)
 
@@ -110,3 +112,24 @@ class StaticReach:
 
 
 __all__ = ["Deliver", "PathUp", "Reach", "StaticReach"]
+
+
+#: Socket buffers the transport asks for. A burst of a link's in-flight
+#: window from each peer lands while the loop may be busy elsewhere; with
+#: Linux's default 208 KiB receive buffer a loaded loopback node dropped
+#: datagrams (thousands of retransmissions in a large-payload flood).
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def grow_buffers(transport: asyncio.BaseTransport) -> None:
+    """Ask for :data:`SOCKET_BUFFER_BYTES` send and receive buffers on a
+    datagram transport's socket (the kernel caps them at ``rmem_max`` /
+    ``wmem_max``; failures are ignored)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+        except OSError:
+            pass

@@ -50,9 +50,13 @@ class UdpSettings:
     #: Per peer: bytes accepted by ``send`` and not yet acknowledged by the
     #: peer (waiting for the loop, for room in the link, or in flight) at
     #: which the leader stops sending it AppendEntries (:meth:`paused_nodes`),
-    #: and below which it resumes. Nothing already accepted is dropped.
-    pause_bytes: int = 4 * 1024 * 1024
-    resume_bytes: int = 1024 * 1024
+    #: and below which it resumes. Nothing already accepted is dropped. Keep
+    #: it a few in-flight windows (``LinkConfig.max_inflight_bytes``): deeper
+    #: queues only delay the heartbeats behind them (measured: at 4 MiB a
+    #: CPU-starved loopback link took over an election timeout to drain, and
+    #: the followers kept starting elections).
+    pause_bytes: int = 1024 * 1024
+    resume_bytes: int = 256 * 1024
     #: Per peer: beyond this ``send`` refuses and reports the peer
     #: disconnected to pysyncobj (which then starts over from its nextIndex
     #: or snapshot once the backlog has drained and the peer is reported up).
