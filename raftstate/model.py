@@ -60,6 +60,9 @@ class HeartbeatResult:
     revision: int
     duplicate: bool
     stored_seq: int
+    #: Non-empty when a quota refused the heartbeat (nothing changed): the
+    #: quota's field name, ``max_devices`` or ``max_state_bytes``.
+    rejected: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,8 @@ class DeviceView:
     last_seen_ms: int
     heartbeats: int
     ttl_s: int
+    #: UTF-8 bytes of the id and reported keys and values (the quota measure).
+    state_bytes: int = 0
 
     def online(self, now_ms: int) -> bool:
         """True while ``now_ms`` (the serving node's clock) is before
