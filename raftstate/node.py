@@ -45,6 +45,25 @@ GRPC_OPTIONS = [
 ]
 
 
+def grpc_server(
+    services: NodeServices,
+) -> tuple[grpc.aio.Server, RpcGuard, health_aio.HealthServicer]:
+    """The node's gRPC server (not yet bound or started) with every service
+    registered behind an :class:`RpcGuard` built from ``services.cfg``."""
+    cfg = services.cfg
+    guard = RpcGuard(max_concurrent_rpcs=cfg.max_concurrent_rpcs, max_streams=cfg.max_streams)
+    # Our gates (with named errors) trip first; gRPC's own cap is a backstop
+    # for calls that pile up before a handler runs.
+    backstop = 2 * (cfg.max_concurrent_rpcs + cfg.max_streams)
+    server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=backstop)
+    add = guard.add_guarded
+    add(server, device_pb2_grpc.add_DeviceStateServicer_to_server, DeviceStateService(services))
+    add(server, cluster_pb2_grpc.add_ClusterServicer_to_server, ClusterService(services))
+    health = health_aio.HealthServicer()
+    add(server, health_pb2_grpc.add_HealthServicer_to_server, health)
+    return server, guard, health
+
+
 class Node:
     """A running node. Create with :meth:`start` inside the event loop."""
 
@@ -69,20 +88,7 @@ class Node:
         self.proposer = Proposer(self.cfg, self.raft.propose, loop)
         self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
         services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)
-        self.guard = RpcGuard(
-            max_concurrent_rpcs=self.cfg.max_concurrent_rpcs, max_streams=self.cfg.max_streams
-        )
-        # Our gates (with named errors) trip first; gRPC's own cap is a backstop
-        # for calls that pile up before a handler runs.
-        backstop = 2 * (self.cfg.max_concurrent_rpcs + self.cfg.max_streams)
-        self.server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=backstop)
-        guarded = self.guard.add_guarded
-        guarded(self.server, device_pb2_grpc.add_DeviceStateServicer_to_server,
-                DeviceStateService(services))  # fmt: skip
-        guarded(self.server, cluster_pb2_grpc.add_ClusterServicer_to_server,
-                ClusterService(services))  # fmt: skip
-        health = health_aio.HealthServicer()
-        guarded(self.server, health_pb2_grpc.add_HealthServicer_to_server, health)
+        self.server, self.guard, health = grpc_server(services)
         try:
             port = self.server.add_insecure_port(self.cfg.grpc_bind)
         except RuntimeError:

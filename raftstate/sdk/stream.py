@@ -14,9 +14,10 @@ Theory of operation
    awaits its future. One writer task per gRPC stream moves messages from the
    ready queue to the stream, recording each in the *in-flight* FIFO before
    it is written. The FIFO never holds more than the node's window: the
-   ``stream_window`` the node sends in its initial metadata
-   (``DEFAULT_STREAM_WINDOW`` until it arrives), so the node never has to
-   stop reading the stream to hold us back.
+   ``stream_window`` the node sends in its initial metadata as the stream
+   opens (the writer waits for it, at most ``WINDOW_WAIT_S``, then assumes
+   ``DEFAULT_STREAM_WINDOW``), so the node never has to stop reading the
+   stream to hold us back.
 2. **Matching acks.** The server answers every request exactly once, in
    request order (``device.proto``). So the next ack always belongs to the
    head of the in-flight FIFO; :class:`InFlight` checks that its device_id
@@ -102,6 +103,9 @@ _FATAL_STREAM_CODES = frozenset(
         grpc.StatusCode.OUT_OF_RANGE,
     }
 )
+
+#: How long a new stream waits for the node's window before writing.
+WINDOW_WAIT_S = 1.0
 
 _CODE_BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -407,13 +411,12 @@ class HeartbeatStream:
         self._conn = conn
         writer = loop.create_task(self._write(conn))
         watchdog = loop.create_task(self._watch(conn))
-        learner = loop.create_task(self._learn_window(conn))
         try:
             return conn, await self._read(conn)
         finally:
-            for task in (writer, watchdog, learner):
+            for task in (writer, watchdog):
                 task.cancel()
-            await asyncio.gather(writer, watchdog, learner, return_exceptions=True)
+            await asyncio.gather(writer, watchdog, return_exceptions=True)
             if not call.done():
                 call.cancel()
             self._conn = None
@@ -456,6 +459,7 @@ class HeartbeatStream:
         ready = self._ready
         call = conn.call
         try:
+            await self._learn_window(conn)
             while True:
                 if not ready:
                     if self._closing and not self._pending:
@@ -481,11 +485,13 @@ class HeartbeatStream:
             log.debug("heartbeat stream write to %s failed: %s", conn.endpoint, e)
 
     async def _learn_window(self, conn: _Connection) -> None:
-        """Adopt the node's ``stream_window`` from the initial metadata."""
+        """Adopt the node's ``stream_window`` from its initial metadata, which
+        it sends as the stream opens; a node that does not say within
+        :data:`WINDOW_WAIT_S` gets the default."""
         try:
-            metadata = await conn.call.initial_metadata()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            return  # the reader sees why the call ended
+            metadata = await asyncio.wait_for(conn.call.initial_metadata(), WINDOW_WAIT_S)
+        except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # a call that ended: the reader sees why
         for key, value in metadata or ():
             if key == STREAM_WINDOW_KEY and str(value).isdigit() and int(value) > 0:
                 conn.window = min(self._max_in_flight, int(value))
