@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raftstate.admission import DEFAULT_STREAM_WINDOW
 from raftstate.errors import ConfigError
 from raftstate.model import BATCH_HEADER_BOUND, RECORD_MAX_BYTES
 
@@ -128,6 +129,21 @@ class NodeConfig:
     follower_commit: bool = True
     #: Heartbeats waiting on a node before new ones get RESOURCE_EXHAUSTED.
     max_pending_heartbeats: int = 20_000
+    #: Unary RPCs this node serves at once; more get RESOURCE_EXHAUSTED
+    #: naming this field (raftstate/rpcguard.py).
+    max_concurrent_rpcs: int = 4096
+    #: Streams (HeartbeatStream, health Watch) open at once on this node.
+    max_streams: int = 1000
+    #: Heartbeats one stream may have read and not yet answered; the node
+    #: stops reading that stream beyond it (HTTP/2 flow control then holds
+    #: the client back). Sent to clients, which keep within it.
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    #: Cluster quotas (0 = no limit): devices, and bytes of device state
+    #: (UTF-8 ids + reported keys and values). The proposing node stamps them
+    #: into each log entry, so every node applies the same ones; keep them
+    #: equal on every node.
+    max_devices: int = 2_000_000
+    max_state_bytes: int = 1024**3
     #: Snapshot + log truncation once the log has this many entries ...
     compaction_min_entries: int = 20_000
     #: ... or this long after the previous snapshot.
@@ -309,6 +325,9 @@ class NodeConfig:
             "batch_max_bytes",
             "max_inflight_batches",
             "max_pending_heartbeats",
+            "max_concurrent_rpcs",
+            "max_streams",
+            "stream_window",
             "compaction_min_time_s",
             "default_ttl_s",
             "default_request_timeout_ms",
@@ -318,6 +337,9 @@ class NodeConfig:
                 f"batch_max_bytes: must be between {RECORD_MAX_BYTES + BATCH_HEADER_BOUND} "
                 f"(one heartbeat of the largest allowed size) and {BATCH_MAX_BYTES}"
             )
+        for name in ("max_devices", "max_state_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative (0 = no limit)")
         if self.batch_max_delay_ms < 0:
             raise ConfigError("batch_max_delay_ms: must not be negative")
         if self.election_timeout_min_ms <= 3 * self.heartbeat_ms:

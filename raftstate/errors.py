@@ -66,10 +66,24 @@ class DeadlineExceeded(RaftStateError):
 
 
 class ResourceExhausted(RaftStateError):
-    """The node's proposal queue is full. Retriable after backoff."""
+    """A node limit was reached (proposal queue, concurrent RPCs, open
+    streams); the message starts with the config field that sets it.
+    Retriable after backoff."""
 
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retriable = True
+
+
+class QuotaExceeded(ResourceExhausted):
+    """The cluster's ``quota`` (``max_devices`` or ``max_state_bytes``) would
+    be exceeded; nothing was stored. Not retriable: the table does not shrink
+    by itself."""
+
+    retriable = False
+
+    def __init__(self, quota: str, problem: str) -> None:
+        super().__init__(f"{quota}: {problem}")
+        self.quota = quota
 
 
 class DecodeError(RaftStateError):
@@ -86,6 +100,7 @@ class ConfigError(RaftStateError):
 
 
 LEADER_HINT_KEY = "raftstate-leader"
+QUOTAS = ("max_devices", "max_state_bytes")
 
 _BY_CODE: dict[grpc.StatusCode, type[RaftStateError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -99,7 +114,9 @@ _BY_CODE: dict[grpc.StatusCode, type[RaftStateError]] = {
 def from_status(code: grpc.StatusCode, details: str, leader_hint: str = "") -> RaftStateError:
     """Rebuild the error a server raised from its gRPC status.
 
-    ``INVALID_ARGUMENT`` details have the form ``"field: problem"``. A status
+    ``INVALID_ARGUMENT`` details have the form ``"field: problem"``; so do
+    quota refusals (``RESOURCE_EXHAUSTED`` naming ``max_devices`` or
+    ``max_state_bytes``), which become :class:`QuotaExceeded`. A status
     this module does not know becomes a plain :class:`RaftStateError` carrying
     that code, and is not retriable.
     """
@@ -108,6 +125,10 @@ def from_status(code: grpc.StatusCode, details: str, leader_hint: str = "") -> R
         return InvalidArgument(field, problem or details)
     if code == grpc.StatusCode.UNAVAILABLE and leader_hint:
         return NotLeader(details, leader_hint)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        quota, _, problem = details.partition(": ")
+        if quota in QUOTAS:
+            return QuotaExceeded(quota, problem)
     cls = _BY_CODE.get(code)
     if cls is not None:
         return cls(details)

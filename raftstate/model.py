@@ -23,8 +23,9 @@ TTL_MAX_S = 7 * 24 * 3600
 SEQ_MAX = 2**64 - 1
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
-#: Bytes of one ``HeartbeatBatch`` around its records (``proposed_at_ms``).
-BATCH_HEADER_BOUND = 11
+#: Bytes of one ``HeartbeatBatch`` around its records: ``proposed_at_ms``,
+#: ``max_devices`` and ``max_state_bytes``, each a tag and a varint.
+BATCH_HEADER_BOUND = 33
 #: Protobuf framing of one ``HeartbeatRecord`` besides its id and reported
 #: bytes: the record's own tag and length (4), the id's tag and length (3),
 #: seq (11), ttl_s (6).
@@ -87,6 +88,9 @@ class HeartbeatResult:
     revision: int
     duplicate: bool
     stored_seq: int
+    #: Non-empty when a quota refused the heartbeat (nothing changed): the
+    #: quota's field name, ``max_devices`` or ``max_state_bytes``.
+    rejected: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,8 @@ class DeviceView:
     last_seen_ms: int
     heartbeats: int
     ttl_s: int
+    #: UTF-8 bytes of the id and reported keys and values (the quota measure).
+    state_bytes: int = 0
 
     def online(self, now_ms: int) -> bool:
         """True while ``now_ms`` (the serving node's clock) is before

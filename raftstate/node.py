@@ -17,11 +17,13 @@ import uvloop
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from raftstate.admission import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES
 from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError
 from raftstate.proposer import Proposer
 from raftstate.raftnode import RaftNode
 from raftstate.reads import ReadIndexDriver
+from raftstate.rpcguard import RpcGuard
 from raftstate.server import ClusterService, DeviceStateService, NodeServices, track_health
 from raftstate.statemachine import DeviceTable
 from raftstate.v1 import cluster_pb2_grpc, device_pb2_grpc
@@ -35,7 +37,31 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    # Deliberate message limits (raftstate/admission.py): a request larger than
+    # any legal one is refused by gRPC before it is buffered; responses (List
+    # pages are cut by bytes to fit) stay within what the SDK accepts.
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
 ]
+
+
+def grpc_server(
+    services: NodeServices,
+) -> tuple[grpc.aio.Server, RpcGuard, health_aio.HealthServicer]:
+    """The node's gRPC server (not yet bound or started) with every service
+    registered behind an :class:`RpcGuard` built from ``services.cfg``."""
+    cfg = services.cfg
+    guard = RpcGuard(max_concurrent_rpcs=cfg.max_concurrent_rpcs, max_streams=cfg.max_streams)
+    # Our gates (with named errors) trip first; gRPC's own cap is a backstop
+    # for calls that pile up before a handler runs.
+    backstop = 2 * (cfg.max_concurrent_rpcs + cfg.max_streams)
+    server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=backstop)
+    add = guard.add_guarded
+    add(server, device_pb2_grpc.add_DeviceStateServicer_to_server, DeviceStateService(services))
+    add(server, cluster_pb2_grpc.add_ClusterServicer_to_server, ClusterService(services))
+    health = health_aio.HealthServicer()
+    add(server, health_pb2_grpc.add_HealthServicer_to_server, health)
+    return server, guard, health
 
 
 class Node:
@@ -48,6 +74,7 @@ class Node:
         self.proposer: Proposer | None = None
         self.reads: ReadIndexDriver | None = None
         self.server: grpc.aio.Server | None = None
+        self.guard: RpcGuard | None = None
         self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -61,11 +88,7 @@ class Node:
         self.proposer = Proposer(self.cfg, self.raft.propose, loop)
         self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
         services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
-        device_pb2_grpc.add_DeviceStateServicer_to_server(DeviceStateService(services), self.server)
-        cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(services), self.server)
-        health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, self.server)
+        self.server, self.guard, health = grpc_server(services)
         try:
             port = self.server.add_insecure_port(self.cfg.grpc_bind)
         except RuntimeError:

@@ -6,7 +6,8 @@ Theory of operation
    and awaits the future.
 2. The :class:`~raftstate.batcher.Batcher` decides when pending items become
    one ``HeartbeatBatch`` entry; the proposer encodes it, stamps it with this
-   node's wall clock and hands it to pysyncobj (leader: appended; follower:
+   node's wall clock and this node's quotas (``max_devices``,
+   ``max_state_bytes``), and hands it to pysyncobj (leader: appended; follower:
    forwarded to the leader by pysyncobj over the Raft transport).
 3. pysyncobj calls back on its tick thread once the entry is committed and
    applied *on this node*; the callback hops to the loop with
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from raftstate.admission import Quota, quota_error
 from raftstate.batcher import Batcher
 from raftstate.config import NodeConfig
 from raftstate.errors import ResourceExhausted, Unavailable
@@ -68,6 +70,7 @@ class Proposer:
         )
         self._max_pending = cfg.max_pending_heartbeats
         self._max_entry = cfg.batch_max_bytes
+        self.quota = Quota(cfg.max_devices, cfg.max_state_bytes)
         self._waiting = 0
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0
@@ -77,11 +80,13 @@ class Proposer:
 
     def submit(self, hb: Heartbeat) -> asyncio.Future[HeartbeatResult]:
         """Queue a heartbeat; the future resolves once it is committed and
-        applied here. Raises ``ResourceExhausted`` when too many are waiting,
+        applied here (it fails with ``QuotaExceeded`` if the entry's quota
+        refused it). Raises ``ResourceExhausted`` when too many are waiting,
         ``Unavailable`` while shutting down."""
         if self._waiting >= self._max_pending:
             raise ResourceExhausted(
-                f"{self._waiting} heartbeats are waiting to commit on this node; retry later"
+                f"max_pending_heartbeats: {self._waiting} heartbeats are waiting to commit "
+                "on this node; retry later"
             )
         return self._enqueue(_Item(hb, self._loop.create_future(), hb.record_bound))
 
@@ -113,7 +118,7 @@ class Proposer:
             if not live:
                 self._send(self._batcher.finished(self._loop.time()))
                 continue
-            entry = encode_batch((i.heartbeat for i in live), self._clock_ms())
+            entry = encode_batch((i.heartbeat for i in live), self._clock_ms(), self.quota)
             if len(entry) > self._max_entry:  # the record bounds are wrong: a bug
                 raise AssertionError(
                     f"entry of {len(entry)} bytes exceeds batch_max_bytes ({self._max_entry})"
@@ -139,7 +144,12 @@ class Proposer:
     ) -> None:
         if err == SUCCESS and results is not None:
             for item, value in zip(items, results, strict=True):
-                if not item.future.done():
+                if item.future.done():
+                    continue
+                if value.rejected:
+                    refusal = quota_error(self.quota, value.rejected, item.heartbeat.device_id)
+                    item.future.set_exception(refusal)
+                else:
                     item.future.set_result(value)
         else:
             self.entries_retried += 1

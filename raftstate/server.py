@@ -20,6 +20,12 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
+from raftstate.admission import (
+    LIST_PAGE_BUDGET_BYTES,
+    STREAM_WINDOW_KEY,
+    fit_page,
+    quota_error,
+)
 from raftstate.config import NodeConfig
 from raftstate.errors import (
     LEADER_HINT_KEY,
@@ -35,6 +41,7 @@ from raftstate.model import (
     DEVICE_ID_RE,
     Consistency,
     DeviceView,
+    Heartbeat,
     HeartbeatResult,
     validate_consistency,
     validate_device_id,
@@ -111,6 +118,17 @@ class NodeServices:
             return self.cfg.default_request_timeout_ms / 1000
         margin = min(DEADLINE_MARGIN_MAX_S, max(DEADLINE_MARGIN_S, 0.1 * remaining))
         return max(0.0, remaining - margin)
+
+    def check_quota(self, hb: Heartbeat) -> None:
+        """Refuse early, with ``QuotaExceeded``, a heartbeat that the local
+        table already shows over a quota. The log entry's check at apply time
+        is the one that counts; this one saves proposing what will fail."""
+        quota = self.proposer.quota
+        if quota.max_devices or quota.max_state_bytes:
+            size = len(hb.device_id) + hb.reported_bytes  # ids are ASCII
+            refused = self.table.quota_refusal(quota, hb.device_id, size)
+            if refused is not None:
+                raise quota_error(quota, refused, hb.device_id)
 
     def leader_hint(self) -> str:
         addr = self.raft.leader_raft_address()
@@ -210,6 +228,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
         self, request: device_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.HeartbeatResponse:
         hb = validate_heartbeat(request.device_id, request.seq, request.reported, request.ttl_s)
+        self.node.check_quota(hb)
         fut = self.node.proposer.submit(hb)
         res = await self.node.wait_committed(fut, self.node.budget(context), "heartbeat")
         return _result_pb(res)
@@ -220,21 +239,47 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[device_pb2.HeartbeatAck]:
         """Pipelined: requests are proposed as they arrive; acks go back in
-        request order, one per request, each with its own status code."""
+        request order, one per request, each with its own status code.
+
+        At most ``stream_window`` requests are read and not yet answered;
+        beyond that the stream is not read (back-pressure through HTTP/2 flow
+        control, nothing buffered here). The window goes to the client in
+        the initial metadata (``STREAM_WINDOW_KEY``). A request that cannot
+        be read (undecodable bytes) ends the stream with its error once the
+        requests before it are answered."""
+        window = self.node.cfg.stream_window
+        slots = asyncio.Semaphore(window)
         queue: asyncio.Queue[
-            tuple[device_pb2.HeartbeatRequest, asyncio.Future[Any] | RaftStateError] | None
-        ] = asyncio.Queue(maxsize=4096)
+            tuple[device_pb2.HeartbeatRequest, asyncio.Future[Any] | RaftStateError]
+            | RaftStateError
+            | None
+        ] = asyncio.Queue()
+        await context.send_initial_metadata(((STREAM_WINDOW_KEY, str(window)),))
 
         async def reader() -> None:
-            async for req in request_iterator:
-                outcome: asyncio.Future[Any] | RaftStateError
-                try:
-                    hb = validate_heartbeat(req.device_id, req.seq, req.reported, req.ttl_s)
-                    outcome = self.node.proposer.submit(hb)
-                except RaftStateError as err:
-                    outcome = err
-                await queue.put((req, outcome))
-            await queue.put(None)
+            requests = aiter(request_iterator)
+            try:
+                while True:
+                    await slots.acquire()
+                    try:
+                        req = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    outcome: asyncio.Future[Any] | RaftStateError
+                    try:
+                        hb = validate_heartbeat(req.device_id, req.seq, req.reported, req.ttl_s)
+                        self.node.check_quota(hb)
+                        outcome = self.node.proposer.submit(hb)
+                    except RaftStateError as err:
+                        outcome = err
+                    queue.put_nowait((req, outcome))
+            except RaftStateError as err:
+                queue.put_nowait(err)
+                return
+            except Exception as exc:  # the call broke under us; end the stream
+                queue.put_nowait(Unavailable(f"reading the stream failed: {exc!r}"))
+                return
+            queue.put_nowait(None)
 
         task = asyncio.create_task(reader())
         per_message = self.node.cfg.default_request_timeout_ms / 1000
@@ -243,6 +288,8 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                 item = await queue.get()
                 if item is None:
                     break
+                if isinstance(item, RaftStateError):
+                    raise item
                 req, outcome = item
                 ack = device_pb2.HeartbeatAck(device_id=req.device_id, seq=req.seq)
                 try:
@@ -254,6 +301,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                     ack.code = err.grpc_code.value[0]
                     ack.message = err.message
                 yield ack
+                slots.release()
             await task  # surfaces a reader failure, if any
         finally:
             task.cancel()
@@ -289,9 +337,14 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
         page = self.node.table.list(
             prefix=request.prefix, after=after, limit=limit, online=online, now_ms=now
         )
+        devices = [_device_pb(v, now) for v in page.devices]
+        # Page by bytes too, so a response always fits the message limit: a
+        # repeated field costs each device its size plus a tag and a length.
+        n = fit_page((d.ByteSize() + 4 for d in devices), LIST_PAGE_BUDGET_BYTES)
+        next_after = page.next_after if n == len(devices) else devices[n - 1].device_id
         return device_pb2.ListDevicesResponse(
-            devices=[_device_pb(v, now) for v in page.devices],
-            next_page_token=encode_page_token(page.next_after) if page.next_after else "",
+            devices=devices[:n],
+            next_page_token=encode_page_token(next_after) if next_after else "",
             revision=revision,
         )
 

@@ -17,6 +17,14 @@ Per heartbeat ``(device_id, seq)``:
    record is replaced by a new immutable :class:`DeviceView` stamped with it.
    ``last_seen_ms`` never goes backwards even if proposing nodes' clocks
    disagree: it is ``max(previous, proposed_at_ms)``.
+3. Before step 2, the quotas carried in the entry (``max_devices``,
+   ``max_state_bytes``, stamped by the proposing node; 0 = none) are
+   checked against the table as it is at that point of the log
+   (``raftstate.admission.quota_refusal``). A heartbeat that would create a
+   device past ``max_devices`` or grow the state past ``max_state_bytes``
+   changes nothing and its result names the quota (``rejected``). Because
+   the limits travel in the entry and the table is the same on every node at
+   that index, every node refuses exactly the same heartbeats.
 
 Threading: ``apply``/``restore`` run on pysyncobj's tick thread. Readers on
 other threads see whole records, because a record is never mutated, only
@@ -31,6 +39,7 @@ import hashlib
 import threading
 from collections.abc import Iterable
 
+from raftstate.admission import Quota, quota_refusal, state_bytes
 from raftstate.errors import DecodeError
 from raftstate.model import DevicePage, DeviceView, Heartbeat, HeartbeatResult, OnlineFilter
 from raftstate.v1 import storage_pb2
@@ -45,6 +54,8 @@ class DeviceTable:
         self.default_ttl_s = default_ttl_s
         self.revision = 0
         self.max_proposed_at_ms = 0
+        #: Sum of every device's ``state_bytes`` (the ``max_state_bytes`` measure).
+        self.state_bytes = 0
         self._devices: dict[str, DeviceView] = {}
         self._ids: list[str] = []
         self._ids_lock = threading.Lock()
@@ -65,17 +76,45 @@ class DeviceTable:
         now_ms = batch.proposed_at_ms
         if now_ms > self.max_proposed_at_ms:
             self.max_proposed_at_ms = now_ms
-        return [self._apply_one(hb, now_ms) for hb in batch.heartbeats]
+        quota = Quota(batch.max_devices, batch.max_state_bytes)
+        return [self._apply_one(hb, now_ms, quota) for hb in batch.heartbeats]
 
-    def _apply_one(self, hb: storage_pb2.HeartbeatRecord, now_ms: int) -> HeartbeatResult:
+    def quota_refusal(self, quota: Quota, device_id: str, new_bytes: int) -> str | None:
+        """The quota (field name) that storing ``new_bytes`` of state for
+        ``device_id`` would break in the table as it is now, or ``None``."""
+        old = self._devices.get(device_id)
+        old_bytes = old.state_bytes if old is not None else 0
+        return quota_refusal(
+            quota, len(self._devices), self.state_bytes, old is None, old_bytes, new_bytes
+        )
+
+    def _apply_one(
+        self, hb: storage_pb2.HeartbeatRecord, now_ms: int, quota: Quota
+    ) -> HeartbeatResult:
         old = self._devices.get(hb.device_id)
         if old is not None and hb.seq <= old.seq:
             return HeartbeatResult(old.revision, True, old.seq)
+        size = state_bytes(hb.device_id, hb.reported)
+        if quota.max_devices or quota.max_state_bytes:
+            refused = self.quota_refusal(quota, hb.device_id, size)
+            if refused is not None:
+                if old is None:
+                    return HeartbeatResult(0, False, 0, refused)
+                return HeartbeatResult(old.revision, False, old.seq, refused)
         self.revision += 1
+        self.state_bytes += size - (old.state_bytes if old is not None else 0)
         ttl_s = hb.ttl_s or (old.ttl_s if old is not None else self.default_ttl_s)
         if old is None:
             new = DeviceView(
-                hb.device_id, hb.seq, dict(hb.reported), self.revision, now_ms, now_ms, 1, ttl_s
+                hb.device_id,
+                hb.seq,
+                dict(hb.reported),
+                self.revision,
+                now_ms,
+                now_ms,
+                1,
+                ttl_s,
+                size,
             )
             with self._ids_lock:
                 bisect.insort(self._ids, hb.device_id)
@@ -89,6 +128,7 @@ class DeviceTable:
                 max(old.last_seen_ms, now_ms),
                 old.heartbeats + 1,
                 ttl_s,
+                size,
             )
         self._devices[hb.device_id] = new
         return HeartbeatResult(self.revision, False, hb.seq)
@@ -210,6 +250,7 @@ class DeviceTable:
             self._ids = ids
         self.revision = snap.revision
         self.max_proposed_at_ms = snap.max_proposed_at_ms
+        self.state_bytes = sum(v.state_bytes for v in devices.values())
 
 
 def _view(r: storage_pb2.DeviceRecord) -> DeviceView:
@@ -222,13 +263,20 @@ def _view(r: storage_pb2.DeviceRecord) -> DeviceView:
         r.last_seen_ms,
         r.heartbeats,
         r.ttl_s,
+        state_bytes(r.device_id, r.reported),
     )
 
 
-def encode_batch(heartbeats: Iterable[Heartbeat], proposed_at_ms: int) -> bytes:
-    """Encode validated heartbeats as one ``HeartbeatBatch`` log entry. An
-    empty iterable gives a barrier entry that changes nothing."""
+def encode_batch(
+    heartbeats: Iterable[Heartbeat], proposed_at_ms: int, quota: Quota | None = None
+) -> bytes:
+    """Encode validated heartbeats as one ``HeartbeatBatch`` log entry,
+    carrying ``quota`` (none when omitted). An empty iterable gives a barrier
+    entry that changes nothing."""
     batch = storage_pb2.HeartbeatBatch(proposed_at_ms=proposed_at_ms)
+    if quota is not None:
+        batch.max_devices = quota.max_devices
+        batch.max_state_bytes = quota.max_state_bytes
     add = batch.heartbeats.add
     for hb in heartbeats:
         add(device_id=hb.device_id, seq=hb.seq, reported=hb.reported, ttl_s=hb.ttl_s)

@@ -33,15 +33,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from raftstate.admission import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES
 from raftstate.errors import (
     LEADER_HINT_KEY,
     DeadlineExceeded,
+    InvalidArgument,
     NotLeader,
     RaftStateError,
     Unavailable,
     from_status,
 )
-from raftstate.model import Consistency, OnlineFilter, validate_device_id
+from raftstate.model import Consistency, OnlineFilter, validate_device_id, validate_heartbeat
 from raftstate.sdk.retry import Backoff
 from raftstate.sdk.types import ClusterStatus, Device, DevicePage, HeartbeatAck
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
@@ -136,6 +138,7 @@ class AsyncDeviceClient:
         request = device_pb2.HeartbeatRequest(
             device_id=device_id, seq=seq, reported=dict(reported), ttl_s=ttl_s or 0
         )
+        check_size(request)
         attempts = 0
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
@@ -304,10 +307,23 @@ class AsyncDeviceClient:
                     ("grpc.enable_retries", 0),
                     ("grpc.initial_reconnect_backoff_ms", 100),
                     ("grpc.max_reconnect_backoff_ms", 1000),
+                    # The node's limits (raftstate/admission.py), set deliberately.
+                    ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+                    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
                 ],
             )
             self._channels[endpoint] = ch
         return ch
+
+
+def check_size(request: device_pb2.HeartbeatRequest) -> None:
+    """Raise ``InvalidArgument`` for a request too big for any node to read
+    (which gRPC would refuse as RESOURCE_EXHAUSTED, a status we retry); such
+    a heartbeat is always invalid, and validation names the field."""
+    if request.ByteSize() > MAX_REQUEST_BYTES:
+        r = request
+        validate_heartbeat(r.device_id, r.seq, r.reported, r.ttl_s)
+        raise InvalidArgument("request", f"larger than {MAX_REQUEST_BYTES} bytes")
 
 
 def _map(e: grpc.aio.AioRpcError) -> RaftStateError:

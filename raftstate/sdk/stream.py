@@ -13,7 +13,11 @@ Theory of operation
    ``max_in_flight`` slots, appends the message to the *ready* queue and
    awaits its future. One writer task per gRPC stream moves messages from the
    ready queue to the stream, recording each in the *in-flight* FIFO before
-   it is written.
+   it is written. The FIFO never holds more than the node's window: the
+   ``stream_window`` the node sends in its initial metadata as the stream
+   opens (the writer waits for it, at most ``WINDOW_WAIT_S``, then assumes
+   ``DEFAULT_STREAM_WINDOW``), so the node never has to stop reading the
+   stream to hold us back.
 2. **Matching acks.** The server answers every request exactly once, in
    request order (``device.proto``). So the next ack always belongs to the
    head of the in-flight FIFO; :class:`InFlight` checks that its device_id
@@ -64,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from raftstate.admission import DEFAULT_STREAM_WINDOW, STREAM_WINDOW_KEY
 from raftstate.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -73,6 +78,7 @@ from raftstate.errors import (
     from_status,
 )
 from raftstate.model import validate_device_id
+from raftstate.sdk.client import check_size
 from raftstate.sdk.inflight import InFlight, Outgoing
 from raftstate.sdk.types import HeartbeatAck
 from raftstate.v1 import device_pb2, device_pb2_grpc
@@ -98,6 +104,9 @@ _FATAL_STREAM_CODES = frozenset(
     }
 )
 
+#: How long a new stream waits for the node's window before writing.
+WINDOW_WAIT_S = 1.0
+
 _CODE_BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -107,6 +116,8 @@ class _Connection:
     call: Any  # grpc.aio.StreamStreamCall
     inflight: InFlight
     last_ack_at: float
+    window: int  # at most this many in the in-flight FIFO
+    window_open: asyncio.Event
     acked: int = 0
     failures_in_row: int = 0
     half_closed: bool = False
@@ -211,10 +222,12 @@ class HeartbeatStream:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (deadline_s if deadline_s is not None else client.deadline_s)
         fut: asyncio.Future[HeartbeatAck] = loop.create_future()
+        request = device_pb2.HeartbeatRequest(
+            device_id=device_id, seq=seq, reported=dict(reported), ttl_s=ttl_s or 0
+        )
+        check_size(request)
         msg = Outgoing(
-            device_pb2.HeartbeatRequest(
-                device_id=device_id, seq=seq, reported=dict(reported), ttl_s=ttl_s or 0
-            ),
+            request,
             device_id,
             seq,
             deadline,
@@ -308,6 +321,7 @@ class HeartbeatStream:
         when the stream must be abandoned (protocol error, node cut off)."""
         msg = conn.inflight.match(ack.device_id, ack.seq)
         conn.last_ack_at = now
+        conn.window_open.set()
         if msg.future.done():  # expired or caller gone; the ack only keeps us in step
             return
         if ack.code == 0:
@@ -392,7 +406,8 @@ class HeartbeatStream:
         loop = asyncio.get_running_loop()
         stub = device_pb2_grpc.DeviceStateStub(self._client._channel(endpoint))
         call = stub.HeartbeatStream()
-        conn = _Connection(endpoint, call, InFlight(), loop.time())
+        window = min(self._max_in_flight, DEFAULT_STREAM_WINDOW)
+        conn = _Connection(endpoint, call, InFlight(), loop.time(), window, asyncio.Event())
         self._conn = conn
         writer = loop.create_task(self._write(conn))
         watchdog = loop.create_task(self._watch(conn))
@@ -444,6 +459,7 @@ class HeartbeatStream:
         ready = self._ready
         call = conn.call
         try:
+            await self._learn_window(conn)
             while True:
                 if not ready:
                     if self._closing and not self._pending:
@@ -452,6 +468,10 @@ class HeartbeatStream:
                         return
                     self._wakeup.clear()
                     await self._wakeup.wait()
+                    continue
+                if len(conn.inflight) >= conn.window:
+                    conn.window_open.clear()
+                    await conn.window_open.wait()
                     continue
                 msg = ready.popleft()
                 if msg.future.done():
@@ -463,6 +483,19 @@ class HeartbeatStream:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
             # The call is over; the reader sees why and re-queues what is in flight.
             log.debug("heartbeat stream write to %s failed: %s", conn.endpoint, e)
+
+    async def _learn_window(self, conn: _Connection) -> None:
+        """Adopt the node's ``stream_window`` from its initial metadata, which
+        it sends as the stream opens; a node that does not say within
+        :data:`WINDOW_WAIT_S` gets the default."""
+        try:
+            metadata = await asyncio.wait_for(conn.call.initial_metadata(), WINDOW_WAIT_S)
+        except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # a call that ended: the reader sees why
+        for key, value in metadata or ():
+            if key == STREAM_WINDOW_KEY and str(value).isdigit() and int(value) > 0:
+                conn.window = min(self._max_in_flight, int(value))
+                conn.window_open.set()
 
     async def _watch(self, conn: _Connection) -> None:
         """Abandon the stream when messages are in flight and no ack came

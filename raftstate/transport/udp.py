@@ -51,6 +51,7 @@ import pysyncobj.pickle as pso_pickle
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.transport import Transport, TransportNotReadyError
 
+from raftstate.ratelog import LogThrottle, held_suffix
 from raftstate.transport.crypto import DropReason
 from raftstate.transport.envelope import Delivered, Dropped, HandshakeEvent, SecureChannel
 from raftstate.transport.reach import Reach, StaticReach
@@ -144,7 +145,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         )
         self._open_done = False
         self._closed = False
-        self._drop_logged: dict[Any, float] = {}
+        self._drop_logged = LogThrottle(DROP_LOG_INTERVAL)  # bounded: keys come off the wire
         #: Peers whose links received this loop turn and still need a poll.
         self._dirty: dict[str, _Peer] = {}
         # tick -> loop
@@ -514,11 +515,9 @@ class UdpTransport(Transport):  # type: ignore[misc]
     def _log_drop(self, event: Dropped, addr: Any) -> None:
         if event.reason not in _AUTH_DROPS or not event.detail:
             return
-        key = (event.peer_id or addr, event.reason)
-        now = self._loop.time()
-        if now - self._drop_logged.get(key, -DROP_LOG_INTERVAL) >= DROP_LOG_INTERVAL:
-            self._drop_logged[key] = now
-            log.warning("dropped datagram from %s: %s", addr, event.detail)
+        held = self._drop_logged.admit((event.peer_id or addr, event.reason), self._loop.time())
+        if held is not None:
+            log.warning("dropped datagram from %s: %s%s", addr, event.detail, held_suffix(held))
 
     def _stats_now(self) -> dict[str, PeerLinkStats]:
         out = {}

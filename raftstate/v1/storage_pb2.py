@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araftstate/v1/storage.proto\x12\x0craftstate.v1\"\xb0\x01\n\x0fHeartbeatRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12=\n\x08reported\x18\x03 \x03(\x0b\x32+.raftstate.v1.HeartbeatRecord.ReportedEntry\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\x0eHeartbeatBatch\x12\x16\n\x0eproposed_at_ms\x18\x01 \x01(\x03\x12\x31\n\nheartbeats\x18\x02 \x03(\x0b\x32\x1d.raftstate.v1.HeartbeatRecord\"\xfd\x01\n\x0c\x44\x65viceRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12:\n\x08reported\x18\x03 \x03(\x0b\x32(.raftstate.v1.DeviceRecord.ReportedEntry\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x15\n\rfirst_seen_ms\x18\x05 \x01(\x03\x12\x14\n\x0clast_seen_ms\x18\x06 \x01(\x03\x12\x12\n\nheartbeats\x18\x07 \x01(\x04\x12\r\n\x05ttl_s\x18\x08 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xe0\x01\n\x08Snapshot\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1a\n\x12max_proposed_at_ms\x18\x03 \x01(\x03\x12+\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x1a.raftstate.v1.DeviceRecord\x12+\n\nlast_entry\x18\x05 \x01(\x0b\x32\x17.raftstate.v1.RaftEntry\x12+\n\nprev_entry\x18\x06 \x01(\x0b\x32\x17.raftstate.v1.RaftEntry\x12\x0f\n\x07\x63luster\x18\x07 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araftstate/v1/storage.proto\x12\x0craftstate.v1\"\xb0\x01\n\x0fHeartbeatRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12=\n\x08reported\x18\x03 \x03(\x0b\x32+.raftstate.v1.HeartbeatRecord.ReportedEntry\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\x0eHeartbeatBatch\x12\x16\n\x0eproposed_at_ms\x18\x01 \x01(\x03\x12\x31\n\nheartbeats\x18\x02 \x03(\x0b\x32\x1d.raftstate.v1.HeartbeatRecord\x12\x13\n\x0bmax_devices\x18\x03 \x01(\x04\x12\x17\n\x0fmax_state_bytes\x18\x04 \x01(\x04\"\xfd\x01\n\x0c\x44\x65viceRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12:\n\x08reported\x18\x03 \x03(\x0b\x32(.raftstate.v1.DeviceRecord.ReportedEntry\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x15\n\rfirst_seen_ms\x18\x05 \x01(\x03\x12\x14\n\x0clast_seen_ms\x18\x06 \x01(\x03\x12\x12\n\nheartbeats\x18\x07 \x01(\x04\x12\r\n\x05ttl_s\x18\x08 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xe0\x01\n\x08Snapshot\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1a\n\x12max_proposed_at_ms\x18\x03 \x01(\x03\x12+\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x1a.raftstate.v1.DeviceRecord\x12+\n\nlast_entry\x18\x05 \x01(\x0b\x32\x17.raftstate.v1.RaftEntry\x12+\n\nprev_entry\x18\x06 \x01(\x0b\x32\x17.raftstate.v1.RaftEntry\x12\x0f\n\x07\x63luster\x18\x07 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,14 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATRECORD']._serialized_end=221
   _globals['_HEARTBEATRECORD_REPORTEDENTRY']._serialized_start=174
   _globals['_HEARTBEATRECORD_REPORTEDENTRY']._serialized_end=221
-  _globals['_HEARTBEATBATCH']._serialized_start=223
-  _globals['_HEARTBEATBATCH']._serialized_end=314
-  _globals['_DEVICERECORD']._serialized_start=317
-  _globals['_DEVICERECORD']._serialized_end=570
+  _globals['_HEARTBEATBATCH']._serialized_start=224
+  _globals['_HEARTBEATBATCH']._serialized_end=361
+  _globals['_DEVICERECORD']._serialized_start=364
+  _globals['_DEVICERECORD']._serialized_end=617
   _globals['_DEVICERECORD_REPORTEDENTRY']._serialized_start=174
   _globals['_DEVICERECORD_REPORTEDENTRY']._serialized_end=221
-  _globals['_RAFTENTRY']._serialized_start=572
-  _globals['_RAFTENTRY']._serialized_end=629
-  _globals['_SNAPSHOT']._serialized_start=632
-  _globals['_SNAPSHOT']._serialized_end=856
+  _globals['_RAFTENTRY']._serialized_start=619
+  _globals['_RAFTENTRY']._serialized_end=676
+  _globals['_SNAPSHOT']._serialized_start=679
+  _globals['_SNAPSHOT']._serialized_end=903
 # @@protoc_insertion_point(module_scope)

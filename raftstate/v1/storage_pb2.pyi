@@ -26,12 +26,16 @@ class HeartbeatRecord(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., reported: _Optional[_Mapping[str, str]] = ..., ttl_s: _Optional[int] = ...) -> None: ...
 
 class HeartbeatBatch(_message.Message):
-    __slots__ = ("proposed_at_ms", "heartbeats")
+    __slots__ = ("proposed_at_ms", "heartbeats", "max_devices", "max_state_bytes")
     PROPOSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     proposed_at_ms: int
     heartbeats: _containers.RepeatedCompositeFieldContainer[HeartbeatRecord]
-    def __init__(self, proposed_at_ms: _Optional[int] = ..., heartbeats: _Optional[_Iterable[_Union[HeartbeatRecord, _Mapping]]] = ...) -> None: ...
+    max_devices: int
+    max_state_bytes: int
+    def __init__(self, proposed_at_ms: _Optional[int] = ..., heartbeats: _Optional[_Iterable[_Union[HeartbeatRecord, _Mapping]]] = ..., max_devices: _Optional[int] = ..., max_state_bytes: _Optional[int] = ...) -> None: ...
 
 class DeviceRecord(_message.Message):
     __slots__ = ("device_id", "seq", "reported", "revision", "first_seen_ms", "last_seen_ms", "heartbeats", "ttl_s")

@@ -1,0 +1,201 @@
+"""The gRPC admission layer: limits and decoding in front of every handler.
+
+Theory of operation
+-------------------
+grpc.aio decodes a request *before* the handler runs, and a decoder that
+raises is reported as ``UNKNOWN`` with a logged traceback per request; its
+``maximum_concurrent_rpcs`` refuses without saying which limit. So services
+are registered through :func:`add_guarded`, which wraps each method handler:
+
+1. The wrapped handler receives the raw request bytes (no deserializer).
+2. Before anything else it enters a :class:`~raftstate.admission.Gate`:
+   ``max_concurrent_rpcs`` for unary calls, ``max_streams`` for streaming
+   ones. A full gate answers ``RESOURCE_EXHAUSTED`` naming the limit; the
+   request is not decoded and nothing is kept.
+3. It decodes the bytes itself. Bytes that are not the request message
+   (corrupt wire format, a string that is not UTF-8) answer
+   ``INVALID_ARGUMENT`` naming the message type and the decoder's reason.
+   On a stream, messages already received are still answered, in order,
+   before the stream ends with that status.
+4. Refusals are logged through one :class:`~raftstate.ratelog.LogThrottle`:
+   one line per method and kind per interval, with a count of those held
+   back, whatever the client sends.
+5. The gate is left when the call ends, however it ends.
+
+Oversized requests never get this far: the server's
+``grpc.max_receive_message_length`` (``MAX_REQUEST_BYTES``) refuses them.
+Handlers that are not coroutines or async generators (e.g. a generated
+"unimplemented" stub) are registered unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from raftstate.admission import Gate
+from raftstate.errors import InvalidArgument, RaftStateError
+from raftstate.ratelog import LogThrottle, held_suffix
+
+log = logging.getLogger("raftstate.rpcguard")
+
+#: One refusal line per method and kind per this many seconds.
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+AddFn = Callable[[Any, Any], None]
+
+
+class _Capture:
+    """Stands in for the server while a generated ``add_*_to_server`` runs,
+    keeping the method handlers it registers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.services[service] = handlers
+
+
+class RpcGuard:
+    """Admission for one server: two gates and the refusal log. Event-loop only."""
+
+    def __init__(
+        self,
+        *,
+        max_concurrent_rpcs: int,
+        max_streams: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.unary = Gate("max_concurrent_rpcs", max_concurrent_rpcs, "concurrent unary RPCs")
+        self.streams = Gate("max_streams", max_streams, "open streams")
+        self.bad_requests = 0
+        self._throttle = LogThrottle(REFUSAL_LOG_INTERVAL_S)
+        self._clock = clock
+
+    def add_guarded(self, server: Any, add: AddFn, servicer: Any) -> None:
+        """Register ``servicer`` on ``server`` the way the generated ``add``
+        function would, with every async handler wrapped (module docstring)."""
+        capture = _Capture()
+        add(servicer, capture)
+        for service, handlers in capture.services.items():
+            wrapped = {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+            generic = grpc.method_handlers_generic_handler(service, wrapped)
+            server.add_generic_rpc_handlers((generic,))
+            server.add_registered_method_handlers(service, wrapped)
+
+    # ---- wrapping -------------------------------------------------------------
+
+    def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        decode = h.request_deserializer
+        if decode is None:
+            return h
+        streaming = h.request_streaming or h.response_streaming
+        gate = self.streams if streaming else self.unary
+        if h.unary_unary is not None:
+            behavior = h.unary_unary
+        elif h.unary_stream is not None:
+            behavior = h.unary_stream
+        elif h.stream_stream is not None:
+            behavior = h.stream_stream
+        else:
+            return h  # stream-unary: we have none
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return h
+        parse = self._parser(method, decode)
+        make: Callable[..., grpc.RpcMethodHandler]
+        request_of: Callable[[Any], Any]
+        if h.request_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+
+            def request_of(raw: Any) -> Any:
+                return _decoded(raw, parse)
+
+        else:
+            make = (
+                grpc.unary_stream_rpc_method_handler
+                if h.response_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+            request_of = parse
+        handler: Callable[..., Any]
+        if inspect.isasyncgenfunction(behavior):
+            handler = self._generator(method, gate, behavior, request_of)
+        else:
+            handler = self._coroutine(method, gate, behavior, request_of)
+        return make(handler, request_deserializer=None, response_serializer=h.response_serializer)
+
+    def _coroutine(
+        self, method: str, gate: Gate, behavior: Callable[..., Any], request_of: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        async def handler(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not gate.try_enter():
+                await self._refuse(method, context, gate)
+            try:
+                try:
+                    request = request_of(raw)
+                except RaftStateError as err:
+                    await context.abort(err.grpc_code, err.message)
+                return await behavior(request, context)
+            finally:
+                gate.leave()
+
+        return handler
+
+    def _generator(
+        self, method: str, gate: Gate, behavior: Callable[..., Any], request_of: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        async def handler(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if not gate.try_enter():
+                await self._refuse(method, context, gate)
+            try:
+                try:
+                    request = request_of(raw)
+                except RaftStateError as err:
+                    await context.abort(err.grpc_code, err.message)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except RaftStateError as err:
+                    await context.abort(err.grpc_code, err.message)
+            finally:
+                gate.leave()
+
+        return handler
+
+    async def _refuse(self, method: str, context: grpc.aio.ServicerContext, gate: Gate) -> None:
+        err = gate.refusal()
+        held = self._throttle.admit((method, gate.field), self._clock())
+        if held is not None:
+            log.warning("refused %s: %s%s", method, err.message, held_suffix(held))
+        await context.abort(err.grpc_code, err.message)
+
+    def _parser(self, method: str, decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+        def parse(raw: bytes) -> Any:
+            try:
+                return decode(raw)
+            except Exception as exc:  # protobuf's DecodeError, or anything a decoder raises
+                self.bad_requests += 1
+                descriptor = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
+                what = getattr(descriptor, "full_name", "") or "request message"
+                err = InvalidArgument("request", f"{len(raw)} bytes are not a valid {what}: {exc}")
+                held = self._throttle.admit((method, "undecodable"), self._clock())
+                if held is not None:
+                    log.warning("refused %s: %s%s", method, err.message, held_suffix(held))
+                raise err from None
+
+        return parse
+
+
+async def _decoded(raw: AsyncIterator[bytes], parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
+    async for message in raw:
+        yield parse(message)
