@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.transport import Transport
 
+from raftstate.admission import Quota
 from raftstate.batcher import Batcher
 from raftstate.config import BATCH_MAX_BYTES, Member, NodeConfig, append_entries_bytes
 from raftstate.errors import ConfigError
@@ -36,6 +37,9 @@ from raftstate.model import (
 from raftstate.statemachine import encode_batch
 
 # ---------------------------------------------------------------- record bound
+
+#: The largest quota fields an entry can carry.
+_BIG_QUOTA = Quota(2**64 - 1, 2**64 - 1)
 
 _chars = st.sampled_from("ab9._-") | st.characters(codec="utf-8", exclude_categories=("Cs",))
 
@@ -65,7 +69,7 @@ def heartbeats(draw: st.DrawFn) -> Any:
 @settings(max_examples=150, deadline=None)
 @given(heartbeats())
 def test_record_bound_covers_the_encoded_record(hb: Any) -> None:
-    encoded = encode_batch([hb], proposed_at_ms=2**62)
+    encoded = encode_batch([hb], 2**62, _BIG_QUOTA)
     assert len(encoded) <= BATCH_HEADER_BOUND + hb.record_bound
     assert hb.record_bound <= RECORD_MAX_BYTES
 
@@ -74,7 +78,7 @@ def test_largest_heartbeat_fits_its_bound_exactly_enough() -> None:
     reported = {f"k{i:02d}": "é" * ((REPORTED_MAX_BYTES // REPORTED_MAX_ENTRIES - 3) // 2)
                 for i in range(REPORTED_MAX_ENTRIES)}
     hb = validate_heartbeat("d" * DEVICE_ID_MAX, 2**64 - 1, reported, 7 * 24 * 3600)
-    encoded = encode_batch([hb], proposed_at_ms=-(2**63))
+    encoded = encode_batch([hb], -(2**63), _BIG_QUOTA)
     assert len(encoded) <= BATCH_HEADER_BOUND + hb.record_bound <= BATCH_HEADER_BOUND + RECORD_MAX_BYTES
     # The bound is tight enough to be useful: within 3 % of the truth.
     assert hb.record_bound < 1.03 * len(encoded)
@@ -94,7 +98,7 @@ def test_sealed_batches_never_exceed_the_entry_bound(items: list[Any], max_entry
     sealed += batcher.poll(now=10.0)
     assert sum(len(b) for b in sealed) == len(items)
     for batch in sealed:
-        assert len(encode_batch(batch, proposed_at_ms=2**40)) <= max_entry
+        assert len(encode_batch(batch, -(2**63), _BIG_QUOTA)) <= max_entry
 
 
 def test_config_refuses_entries_that_cannot_hold_one_heartbeat_or_are_too_big() -> None:
