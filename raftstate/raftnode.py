@@ -499,12 +499,34 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             self._reset_guard.on_progress(peer)
         if not message.get("reset"):
             return message
+        if hint - 1 < match:
+            match = self._forget_lost_entries(node, match, hint - 1)
         index = self._reset_guard.on_reset(
             peer, int(self.raftCurrentTerm), match, hint, time.monotonic()
         )
         if index is None:
             return {**message, "reset": False}
         return {**message, "next_node_idx": index}
+
+    def _forget_lost_entries(self, node: Any, match: int, last: int) -> int:
+        """Tick thread, leader: ``node`` rejects with a log that ends at
+        ``last``, below the index it had acknowledged (``match``). Over an
+        ordered transport that only happens when it lost entries (a corrupt
+        journal or snapshot, see raftstate/catchup.py). Raft assumes matchIndex
+        never decreases, and pysyncobj's leader (and ResetGuard) would keep
+        sending from ``match + 1`` forever; lower it so the entries are sent
+        again and are not counted as held there. Returns the new match index."""
+        log.warning(
+            "%s lost log entries it had acknowledged (it holds through %d, had acked %d): "
+            "sending them again",
+            node.id,
+            last,
+            match,
+        )
+        matches: dict[Any, int] = getattr(self, "_SyncObj__raftMatchIndex", {})
+        matches[node] = max(0, last)
+        self._reset_guard.on_progress(str(node.id))
+        return max(0, last)
 
     def set_message_handler(self, handler: MessageHandler | None) -> None:
         """Receive raftstate's own messages (type ``rs_*``) on the tick thread."""

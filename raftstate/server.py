@@ -143,8 +143,14 @@ class NodeServices:
         moment; everything acknowledged before the read is then visible
         locally. Failed attempts (no leader yet, leadership moving) are
         retried until the deadline, then ``Unavailable``. SERIALIZABLE:
-        nothing."""
-        if consistency is Consistency.SERIALIZABLE or self.cfg.unsafe_serve_local_reads:
+        nothing, unless this node's Raft ticks are failing or it is catching
+        up after lost data: then ``Unavailable`` (its table may be far behind)."""
+        if consistency is Consistency.SERIALIZABLE:
+            problem = self.raft.health_problem()
+            if problem:
+                raise Unavailable(f"this node cannot serve local reads now ({problem}); ask another")
+            return
+        if self.cfg.unsafe_serve_local_reads:
             return
         end = time.monotonic() + budget
         while True:

@@ -309,3 +309,30 @@ def test_tick_guard_counts_logs_once_per_kind_and_acts_once_at_the_limit() -> No
     assert guard.consecutive == 0 and guard.total == 4
     assert guard.last_error == "ValueError: bad"
     assert guard.failing(15.9) and not guard.failing(16.4)
+
+
+# ---- config -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"compaction_max_journal_bytes": 4 * 256 * 1024 - 1}, "compaction_max_journal_bytes"),
+        ({"tick_failure_limit": 0}, "tick_failure_limit"),
+    ],
+)
+def test_integrity_settings_are_validated(change: dict[str, int], field: str) -> None:
+    import dataclasses
+
+    from raftstate.config import Member, NodeConfig
+    from raftstate.errors import ConfigError
+
+    ok = dataclasses.replace(
+        NodeConfig.for_tests(),
+        node_id="n1",
+        members=(Member("n1", "127.0.0.1:7101", "127.0.0.1:7001"),),
+        cluster_secret="s" * 20,
+    )
+    ok.validate()
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        dataclasses.replace(ok, **change).validate()
