@@ -148,7 +148,7 @@ class NodeServices:
         if consistency is Consistency.SERIALIZABLE:
             problem = self.raft.health_problem()
             if problem:
-                raise Unavailable(f"this node cannot serve local reads now ({problem}); ask another")
+                raise Unavailable(f"this node cannot serve local reads now: {problem}")
             return
         if self.cfg.unsafe_serve_local_reads:
             return
