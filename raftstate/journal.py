@@ -300,6 +300,14 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
             self._meta = _replace(self._meta, catch_up=value)
             self._store_meta()
 
+    def reset_for_catch_up(self) -> None:
+        """Empty the log (keep term and vote) and set the catch-up flag: used
+        when the snapshot the log continues from is gone. Before pysyncobj
+        uses the journal."""
+        self.clear()
+        self._meta = _replace(self._meta, commit_index=1, catch_up=True)
+        self._store_meta()
+
     def _store_meta(self) -> None:
         tmp = self.meta_path + ".tmp"
         with open(tmp, "wb") as fh:
@@ -322,19 +330,6 @@ def compaction_due(journal_bytes: int, compactable_bytes: int, limit: int) -> bo
     at least half the limit would be freed (entries already applied), so a
     journal full of not-yet-applied entries does not snapshot on every tick."""
     return journal_bytes > limit and compactable_bytes >= limit // 2
-
-
-def reset_for_catch_up(journal_file: str) -> None:
-    """Empty the log (keep term and vote) and set the catch-up flag: used when
-    the snapshot the log continues from is gone. Any thread, before the
-    journal is opened by pysyncobj."""
-    journal = ChecksummedJournal(journal_file)
-    try:
-        journal.clear()
-        journal.setRaftCommitIndex(1)
-        journal.set_catch_up(True)
-    finally:
-        journal._destroy()
 
 
 def _load_meta(path: str) -> tuple[Meta, str | None]:
@@ -473,5 +468,4 @@ __all__ = [
     "compaction_due",
     "corrupt_name",
     "move_aside",
-    "reset_for_catch_up",
 ]

@@ -52,7 +52,6 @@ from raftstate.journal import (
     VerifyingSerializer,
     compaction_due,
     move_aside,
-    reset_for_catch_up,
 )
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
@@ -259,8 +258,11 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         conf = syncobj_conf(cfg, table)
         fsync = cfg.durability == "fsync"
         data = Path(cfg.data_dir)
-        _quarantine_corrupt_snapshot(data)
         self.journal = ChecksummedJournal(str(data / JOURNAL_FILE), fsync=fsync)
+        _quarantine_corrupt_snapshot(data, self.journal)
+        if self.journal.catch_up and len(cfg.members) == 1:
+            log.warning("single member: nobody to catch up from; serving what survived")
+            self.journal.set_catch_up(False)
         self._catch_up = CatchUpGate(self.journal.catch_up, self.journal.getRaftCommitIndex())
         self._tick_guard = TickGuard(cfg.tick_failure_limit)
         self._on_fatal: Callable[[int], None] | None = None
@@ -621,7 +623,7 @@ class SnapshotCodec:
         SnapshotCodec.parse(path)
 
 
-def _quarantine_corrupt_snapshot(data: Path) -> None:
+def _quarantine_corrupt_snapshot(data: Path, journal: ChecksummedJournal) -> None:
     """Before pysyncobj starts: a snapshot that fails verification is moved to
     ``snapshot.bin.corrupt-<ts>`` and the log emptied (it continues from that
     snapshot), so the node starts with an empty table and catches up from the
@@ -633,7 +635,7 @@ def _quarantine_corrupt_snapshot(data: Path) -> None:
         SnapshotCodec.verify(str(path))
     except CorruptData as exc:
         moved = move_aside(path)
-        reset_for_catch_up(str(data / JOURNAL_FILE))
+        journal.reset_for_catch_up()
         log.error(
             "snapshot %s is corrupt (%s): refused and moved to %s; starting with an empty "
             "table and log, the leader will send a fresh snapshot; not voting until caught up",

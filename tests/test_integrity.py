@@ -336,3 +336,19 @@ def test_integrity_settings_are_validated(change: dict[str, int], field: str) ->
     ok.validate()
     with pytest.raises(ConfigError, match=f"^{field}: "):
         dataclasses.replace(ok, **change).validate()
+
+
+def test_a_corrupt_snapshot_at_start_is_moved_aside_and_the_log_emptied(tmp_path: Path) -> None:
+    from raftstate.raftnode import SNAPSHOT_FILE, _quarantine_corrupt_snapshot
+
+    _fill(tmp_path / "raft.journal", 5)
+    snapshot = tmp_path / SNAPSHOT_FILE
+    snapshot.write_bytes(_flip(seal_snapshot(b"table"), 90))
+    journal = ChecksummedJournal(str(tmp_path / "raft.journal"))
+    _quarantine_corrupt_snapshot(tmp_path, journal)
+    assert not snapshot.exists() and len(list(tmp_path.glob("snapshot.bin.corrupt-*"))) == 1
+    assert len(journal) == 0 and journal.catch_up and journal.getRaftCommitIndex() == 1
+    assert journal.getCurrentTerm() == 3  # term and vote survive
+    journal._destroy()
+    journal = ChecksummedJournal(str(tmp_path / "raft.journal"))
+    assert len(journal) == 0 and journal.catch_up
