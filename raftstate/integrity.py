@@ -117,7 +117,7 @@ class Scan:
     lost_through: int = 0
 
 
-def _record_at(data: bytes, pos: int) -> tuple[bytes, int, int, int] | str:
+def _record_at(data: memoryview, pos: int) -> tuple[bytes, int, int, int] | str:
     """The record at ``pos`` as ``(command, index, term, next_pos)``, or a
     string saying why there is no valid record there."""
     if pos + _REC_HEAD.size > len(data):
@@ -128,17 +128,18 @@ def _record_at(data: bytes, pos: int) -> tuple[bytes, int, int, int] | str:
     start = pos + _REC_HEAD.size
     if start + length > len(data):
         return f"record cut short ({len(data) - start} of {length} bytes)"
-    body = data[start : start + length]
-    if zlib.crc32(data[pos : pos + 4] + body) != crc:
+    body = data[start : start + length]  # a view: no copy
+    if zlib.crc32(body, zlib.crc32(data[pos : pos + 4])) != crc:
         return "record CRC mismatch"
     index, term = _REC_BODY.unpack_from(body)
     return bytes(body[_REC_BODY.size :]), index, term, start + length
 
 
-def scan_records(data: bytes, start: int) -> Scan:
+def scan_records(data: bytes | memoryview, start: int) -> Scan:
     """Verify the records of ``data`` from ``start`` on and stop at the first
     that fails (bad length, CRC, or an index that does not follow the
     previous one). Never raises."""
+    data = memoryview(data)
     entries: list[tuple[bytes, int, int]] = []
     offsets: list[int] = []
     pos = start
@@ -156,7 +157,7 @@ def scan_records(data: bytes, start: int) -> Scan:
     return Scan(entries, offsets, pos, None)
 
 
-def _lost_through(data: bytes, pos: int) -> int:
+def _lost_through(data: memoryview, pos: int) -> int:
     """Best effort: skip the bad record by its length field and report the
     last index of the records that still verify after it."""
     if pos + _REC_HEAD.size > len(data):
