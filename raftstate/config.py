@@ -146,8 +146,15 @@ class NodeConfig:
     max_state_bytes: int = 1024**3
     #: Snapshot + log truncation once the log has this many entries ...
     compaction_min_entries: int = 20_000
-    #: ... or this long after the previous snapshot.
+    #: ... or this long after the previous snapshot ...
     compaction_min_time_s: int = 600
+    #: ... or once the journal file exceeds this many bytes (and at least half
+    #: of that is applied entries a snapshot would free).
+    compaction_max_journal_bytes: int = 64 * 1024 * 1024
+    #: Consecutive Raft ticks that raise before the node gives up: a leader
+    #: steps down, then the process exits with status 75 so its supervisor
+    #: restarts it from its verified snapshot and journal.
+    tick_failure_limit: int = 5
     default_ttl_s: int = 30
     #: Deadline for requests that carry none.
     default_request_timeout_ms: int = 5000
@@ -155,6 +162,8 @@ class NodeConfig:
     #: TEST-ONLY negative control: serve LINEARIZABLE reads from local state
     #: without ReadIndex. Breaks linearizability; never set it in production.
     unsafe_serve_local_reads: bool = False
+    #: TEST-ONLY fault injection: while this file exists, every Raft tick raises.
+    test_fail_ticks_file: str = ""
 
     # ---- construction ---------------------------------------------------------
 
@@ -354,6 +363,13 @@ class NodeConfig:
             raise ConfigError("tick_ms: must not exceed heartbeat_ms")
         if self.compaction_min_entries < 2:
             raise ConfigError("compaction_min_entries: must be at least 2")
+        if self.compaction_max_journal_bytes < 4 * self.batch_max_bytes:
+            raise ConfigError(
+                "compaction_max_journal_bytes: must be at least 4 × batch_max_bytes "
+                "(else nearly every entry would trigger a snapshot)"
+            )
+        if self.tick_failure_limit < 1:
+            raise ConfigError("tick_failure_limit: must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level: must be DEBUG, INFO, WARNING or ERROR")
 

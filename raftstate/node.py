@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 import grpc
 import uvloop
@@ -76,6 +77,8 @@ class Node:
         self.server: grpc.aio.Server | None = None
         self.guard: RpcGuard | None = None
         self._health_task: asyncio.Task[None] | None = None
+        #: Set (with the exit status) when Raft cannot go on; see RaftNode.set_fatal_handler.
+        self.fatal: asyncio.Future[int] | None = None
 
     async def start(self) -> None:
         """Start Raft and the gRPC server. Raises ``ConfigError`` when a port
@@ -85,6 +88,13 @@ class Node:
         # The UDP transport's socket lives on this loop; Node.stop destroys Raft
         # (and so closes that socket) while the loop still runs.
         self.raft = await loop.run_in_executor(None, RaftNode, self.cfg, self.table, loop)
+        self.fatal = loop.create_future()
+        fatal = self.fatal
+
+        def on_fatal(status: int) -> None:  # tick thread
+            loop.call_soon_threadsafe(_resolve, fatal, status)
+
+        self.raft.set_fatal_handler(on_fatal)
         self.proposer = Proposer(self.cfg, self.raft.propose, loop)
         self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
         services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)
@@ -122,7 +132,14 @@ class Node:
             await asyncio.get_running_loop().run_in_executor(None, raft.destroy_synchronous)
 
 
-async def _serve(cfg: NodeConfig) -> None:
+def _resolve(fut: asyncio.Future[int], status: int) -> None:
+    if not fut.done():
+        fut.set_result(status)
+
+
+async def _serve(cfg: NodeConfig) -> int:
+    """Serve until signalled (returns 0) or until Raft gives up (returns its
+    exit status, e.g. ``EXIT_TICK_FAILURES``)."""
     node = Node(cfg)
     await node.start()
     stop = asyncio.Event()
@@ -130,9 +147,14 @@ async def _serve(cfg: NodeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"ready node={cfg.node_id} grpc={cfg.grpc_bind} raft={cfg.raft_bind}", flush=True)
-    await stop.wait()
-    log.info("node %s stopping", cfg.node_id)
+    fatal: asyncio.Future[Any] = node.fatal or loop.create_future()
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopped, fatal], return_when=asyncio.FIRST_COMPLETED)
+    status = int(fatal.result()) if fatal.done() else 0
+    stopped.cancel()
+    log.info("node %s stopping (exit status %d)", cfg.node_id, status)
     await node.stop()
+    return status
 
 
 def configure_logging(level: str, node_id: str = "") -> None:
@@ -153,8 +175,7 @@ def run_node(cfg: NodeConfig) -> int:
     """Run one node until signalled. Returns the process exit code."""
     configure_logging(cfg.log_level, cfg.node_id)
     try:
-        uvloop.run(_serve(cfg))
+        return uvloop.run(_serve(cfg))
     except ConfigError as err:
         print(f"raftstate node: {err.message}", file=sys.stderr)
         return 2
-    return 0

@@ -8,8 +8,13 @@ We extend pysyncobj without modifying it:
   protobuf ``Snapshot`` (never a pickle of our objects);
 * pysyncobj's timers mapped from :class:`~raftstate.config.NodeConfig`,
   including ``leaderFallbackTimeout`` as check-quorum;
-* for ``durability = "fsync"``, a journal subclass that msyncs every append
-  and fsyncs term/vote before pysyncobj can answer a peer.
+* always our own journal (``raftstate/journal.py``: a CRC per record, meta
+  without pickle, fdatasync per append for ``durability = "fsync"``) and a
+  snapshot receiver that verifies a streamed snapshot before it replaces
+  ours; a corrupt snapshot on disk is moved aside at start and the node
+  catches up from the leader without voting (``raftstate/catchup.py``);
+* every exception escaping a tick counted and acted on
+  (``raftstate/tickguard.py``), and compaction by journal bytes.
 
 Threading: pysyncobj's tick thread owns all Raft state and calls
 ``apply_batch`` and the serializer hooks. Other threads may call
@@ -35,15 +40,23 @@ from typing import Any
 import pysyncobj.syncobj as _pso
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
-from pysyncobj.journal import FileJournal
 from pysyncobj.transport import TCPTransport
 
 from raftstate import appendguard, fastcommit
+from raftstate.catchup import CatchUpGate
 from raftstate.config import NodeConfig, append_entries_bytes
-from raftstate.errors import ConfigError, DecodeError
+from raftstate.errors import ConfigError
+from raftstate.integrity import CorruptData, open_snapshot, seal_snapshot
+from raftstate.journal import (
+    ChecksummedJournal,
+    VerifyingSerializer,
+    compaction_due,
+    move_aside,
+)
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
 from raftstate.statemachine import DeviceTable
+from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
 from raftstate.transport.udp import UdpTransport
 from raftstate.transport.udpconfig import IceSettings, PeerLinkStats, settings_for
 from raftstate.v1 import storage_pb2
@@ -81,6 +94,12 @@ class RaftStatus:
     connected: frozenset[str]
     match_index: dict[str, int]
     last_log_index: int = 0
+    #: Ticks that raised since start, and the last such error ("" if none).
+    tick_failures: int = 0
+    last_tick_error: str = ""
+    #: Lost data found at start; not voting until caught up (raftstate/catchup.py).
+    catching_up: bool = False
+    journal_bytes: int = 0
 
 
 def syncobj_conf(cfg: NodeConfig, table: DeviceTable) -> SyncObjConf:
@@ -160,6 +179,10 @@ class OwnMessagesMixin:
                 if handler is not None:
                     handler(node, message)
                 return
+            if kind in ("request_vote", "rs_prevote"):
+                may_vote = getattr(self._syncObj, "may_vote", None)
+                if may_vote is not None and not may_vote():
+                    return  # catching up after lost data: no vote (raftstate/catchup.py)
             if kind == "next_node_idx":
                 on_reply = getattr(self._syncObj, "_on_next_index", None)
                 if on_reply is not None:
@@ -239,8 +262,21 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         me = cfg.self_member
         others = [m.raft for m in cfg.members if m.id != me.id]
         conf = syncobj_conf(cfg, table)
-        journal_cls = DurableFileJournal if cfg.durability == "fsync" else None
-        with _journal_class(journal_cls):
+        fsync = cfg.durability == "fsync"
+        data = Path(cfg.data_dir)
+        self.journal = ChecksummedJournal(str(data / JOURNAL_FILE), fsync=fsync)
+        _quarantine_corrupt_snapshot(data, self.journal)
+        if self.journal.catch_up and len(cfg.members) == 1:
+            log.warning("single member: nobody to catch up from; serving what survived")
+            self.journal.set_catch_up(False)
+        self._catch_up = CatchUpGate(self.journal.catch_up, self.journal.getRaftCommitIndex())
+        self._tick_guard = TickGuard(cfg.tick_failure_limit)
+        self._on_fatal: Callable[[int], None] | None = None
+        self._compaction_forced: tuple[int, float] | None = None
+        serializer = functools.partial(
+            VerifyingSerializer, verify=SnapshotCodec.verify, fsync=fsync
+        )
+        with _storage_classes(self.journal, serializer):
             super().__init__(me.raft, others, conf, transportClass=transport_factory(cfg, loop))
         try:
             self.waitBinded()
@@ -285,6 +321,10 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             connected=connected,
             match_index=match if role is Role.LEADER else {},
             last_log_index=self._last_log_index(),
+            tick_failures=self._tick_guard.total,
+            last_tick_error=self._tick_guard.last_error,
+            catching_up=self._catch_up.active,
+            journal_bytes=self.journal.size_bytes,
         )
 
     def _SyncObj__sendAppendEntries(self) -> None:  # noqa: N802 - overrides pysyncobj's private
@@ -309,9 +349,119 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         finally:
             self._SyncObj__otherNodes = others
 
+    # ---- integrity: tick guard, catch-up, compaction by bytes ------------------
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 - pysyncobj's names
+        """pysyncobj's tick, guarded: an exception is counted and acted on
+        here (raftstate/tickguard.py) instead of looping in pysyncobj's
+        thread. Tick thread only."""
+        if self._catch_up.active:
+            self._hold_election()
+        try:
+            if self.cfg.test_fail_ticks_file and os.path.exists(self.cfg.test_fail_ticks_file):
+                raise RuntimeError("injected tick failure (test_fail_ticks_file)")
+            super()._onTick(timeToWait)
+        except Exception as exc:  # every escape is counted; see TickGuard
+            self._on_tick_failure(exc)
+            time.sleep(self.cfg.tick_ms / 1000)  # pysyncobj's pause before a retry
+            return
+        self._tick_guard.on_success()
+        if self._catch_up.on_applied(int(self.raftLastApplied)):
+            self.journal.set_catch_up(False)
+            log.warning(
+                "caught up with the leader (applied index %d): voting again",
+                self.raftLastApplied,
+            )
+        self._maybe_compact_by_bytes(time.monotonic())
+
+    def _on_tick_failure(self, exc: Exception) -> None:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+        text = f"{type(exc).__name__}: {exc}"
+        guard = self._tick_guard
+        verdict = guard.on_failure(f"{type(exc).__name__}@{where}", text, time.monotonic())
+        if verdict.log_traceback:
+            log.error("Raft tick failed (%d in a row): %s", guard.consecutive, text, exc_info=exc)
+        elif verdict.log_summary:
+            log.error(
+                "Raft tick still failing: %d failed ticks in total, %d in a row; last: %s",
+                guard.total,
+                guard.consecutive,
+                text,
+            )
+        if verdict.act:
+            self._give_up_after_tick_failures()
+
+    def _give_up_after_tick_failures(self) -> None:
+        """``tick_failure_limit`` consecutive failures: a leader hands over and
+        steps down; then the node asks its owner to exit with
+        :data:`EXIT_TICK_FAILURES` (a supervisor restarts it from its verified
+        snapshot and journal)."""
+        if self._isLeader():
+            with contextlib.suppress(Exception):
+                self.transferLeadership()
+            self._SyncObj__raftLeader = None
+            self._SyncObj__setState(_pso._RAFT_STATE.FOLLOWER)
+            log.error("stepped down as leader after %d failed ticks", self._tick_guard.consecutive)
+        log.critical(
+            "Raft tick failed %d times in a row: exiting with status %d so a supervisor "
+            "restarts this node from its verified snapshot and journal",
+            self._tick_guard.consecutive,
+            EXIT_TICK_FAILURES,
+        )
+        if self._on_fatal is not None:
+            self._on_fatal(EXIT_TICK_FAILURES)
+
+    def set_fatal_handler(self, handler: Callable[[int], None] | None) -> None:
+        """``handler(exit_status)`` runs on the tick thread when this node
+        cannot go on (repeated tick failures); it must only schedule a stop."""
+        self._on_fatal = handler
+
+    def health_problem(self) -> str | None:
+        """Why this node should not be used for reads and writes now, or
+        ``None``. Any thread."""
+        if self._tick_guard.failing(time.monotonic()):
+            return f"Raft tick failing: {self._tick_guard.last_error}"
+        if self._catch_up.active:
+            return "catching up with the leader after lost data"
+        return None
+
+    def may_vote(self) -> bool:
+        """Whether this node may grant votes (False while catching up)."""
+        return self._catch_up.may_vote()
+
+    def _hold_election(self) -> None:
+        """Tick thread: while catching up, never stand for election."""
+        hold = time.monotonic() + self.cfg.election_timeout_min_ms / 1000
+        deadline: float = getattr(self, "_SyncObj__raftElectionDeadline", 0.0)
+        if deadline < hold:
+            self._SyncObj__raftElectionDeadline = hold
+
+    def _maybe_compact_by_bytes(self, now: float) -> None:
+        """Tick thread: force a snapshot when the journal exceeds
+        ``compaction_max_journal_bytes`` (at most one request per compaction,
+        or per second if pysyncobj declines it)."""
+        journal = self.journal
+        forced = self._compaction_forced
+        if forced is not None and forced[0] == journal.compactions and now - forced[1] < 1.0:
+            return
+        compactable = journal.bytes_before(int(self.raftLastApplied) - 1)
+        if compaction_due(journal.size_bytes, compactable, self.cfg.compaction_max_journal_bytes):
+            log.info(
+                "journal is %d bytes (limit %d): compacting",
+                journal.size_bytes,
+                self.cfg.compaction_max_journal_bytes,
+            )
+            self._compaction_forced = (journal.compactions, now)
+            self.forceLogCompaction()
+
     def _filter_append_entries(self, message: dict[str, Any]) -> dict[str, Any]:
         """Tick thread: never let pysyncobj's follower delete entries that
         match the leader's (see raftstate/appendguard.py)."""
+        if self._catch_up.active and message.get("term", -1) >= self.raftCurrentTerm:
+            self._catch_up.on_leader_commit(int(message.get("commit_index", 0)))
         if "prevLogIdx" not in message or message.get("term", -1) < self.raftCurrentTerm:
             return message
         ours = self._SyncObj__getEntries(message["prevLogIdx"])
@@ -379,12 +529,34 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             self._reset_guard.on_progress(peer)
         if not message.get("reset"):
             return message
+        if hint - 1 < match:
+            match = self._forget_lost_entries(node, match, hint - 1)
         index = self._reset_guard.on_reset(
             peer, int(self.raftCurrentTerm), match, hint, time.monotonic()
         )
         if index is None:
             return {**message, "reset": False}
         return {**message, "next_node_idx": index}
+
+    def _forget_lost_entries(self, node: Any, match: int, last: int) -> int:
+        """Tick thread, leader: ``node`` rejects with a log that ends at
+        ``last``, below the index it had acknowledged (``match``). Over an
+        ordered transport that only happens when it lost entries (a corrupt
+        journal or snapshot, see raftstate/catchup.py). Raft assumes matchIndex
+        never decreases, and pysyncobj's leader (and ResetGuard) would keep
+        sending from ``match + 1`` forever; lower it so the entries are sent
+        again and are not counted as held there. Returns the new match index."""
+        log.warning(
+            "%s lost log entries it had acknowledged (it holds through %d, had acked %d): "
+            "sending them again",
+            node.id,
+            last,
+            match,
+        )
+        matches: dict[Any, int] = getattr(self, "_SyncObj__raftMatchIndex", {})
+        matches[node] = max(0, last)
+        self._reset_guard.on_progress(str(node.id))
+        return max(0, last)
 
     def set_message_handler(self, handler: MessageHandler | None) -> None:
         """Receive raftstate's own messages (type ``rs_*``) on the tick thread."""
@@ -432,7 +604,7 @@ class SnapshotCodec:
         snap.prev_entry.CopyFrom(_entry(prev))
         snap.cluster.extend(sorted(str(n) for n in cluster))
         with open(path, "wb") as fh:
-            fh.write(snap.SerializeToString())
+            fh.write(seal_snapshot(snap.SerializeToString()))
             fh.flush()
             if self.fsync:
                 os.fsync(fh.fileno())
@@ -444,15 +616,10 @@ class SnapshotCodec:
         )
 
     def read(self, path: str) -> tuple[Any, Any, list[str]]:
-        """Called by pysyncobj to restore: loads the table, returns the Raft
-        fields pysyncobj stored. Raises ``DecodeError`` on a corrupt file."""
-        snap = storage_pb2.Snapshot()
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        try:
-            snap.ParseFromString(raw)
-        except Exception as exc:
-            raise DecodeError(f"{path} is not a raftstate snapshot: {exc}") from exc
+        """Called by pysyncobj to restore: verifies the file, loads the table,
+        returns the Raft fields pysyncobj stored. Raises ``CorruptData`` (a
+        ``DecodeError``) on a corrupt file, without touching the table."""
+        snap = self.parse(path)
         self.table.restore(snap)
         log.info(
             "snapshot restored: %d devices, revision %d, index %d",
@@ -465,70 +632,70 @@ class SnapshotCodec:
         return last, prev, list(snap.cluster)
 
 
+    @staticmethod
+    def parse(path: str) -> storage_pb2.Snapshot:
+        """Read and verify a snapshot file. Raises ``CorruptData``. Any thread."""
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        payload = open_snapshot(raw)
+        snap = storage_pb2.Snapshot()
+        try:
+            snap.ParseFromString(payload)
+        except Exception as exc:
+            raise CorruptData(f"snapshot checksum ok but protobuf invalid: {exc}") from exc
+        return snap
+
+    @staticmethod
+    def verify(path: str) -> None:
+        """Raise ``CorruptData`` unless ``path`` is an intact snapshot."""
+        SnapshotCodec.parse(path)
+
+
+def _quarantine_corrupt_snapshot(data: Path, journal: ChecksummedJournal) -> None:
+    """Before pysyncobj starts: a snapshot that fails verification is moved to
+    ``snapshot.bin.corrupt-<ts>`` and the log emptied (it continues from that
+    snapshot), so the node starts with an empty table and catches up from the
+    leader, not voting until then."""
+    path = data / SNAPSHOT_FILE
+    if not path.exists():
+        return
+    try:
+        SnapshotCodec.verify(str(path))
+    except CorruptData as exc:
+        moved = move_aside(path)
+        journal.reset_for_catch_up()
+        log.error(
+            "snapshot %s is corrupt (%s): refused and moved to %s; starting with an empty "
+            "table and log, the leader will send a fresh snapshot; not voting until caught up",
+            path,
+            exc.what,
+            moved.name,
+        )
+
+
 def _entry(e: tuple[bytes, int, int]) -> storage_pb2.RaftEntry:
     command, index, term = e
     return storage_pb2.RaftEntry(command=bytes(command), index=index, term=term)
 
 
-class DurableFileJournal(FileJournal):  # type: ignore[misc]
-    """pysyncobj's file journal, made durable before every acknowledgement.
-
-    pysyncobj appends to an mmap and never syncs it. Here every append or
-    truncation is followed by ``msync`` (``mmap.flush``), and a term/vote
-    change by an fsync of the meta file and its directory, all on the tick
-    thread before pysyncobj sends the message that depends on it.
-    """
-
-    def __init__(self, journal_file: str) -> None:
-        super().__init__(journal_file)
-        self._meta_path = journal_file + ".meta"
-
-    def add(self, command: bytes, idx: int, term: int) -> None:
-        super().add(command, idx, term)
-        self.flush()
-
-    def deleteEntriesFrom(self, entry_from: int) -> None:  # noqa: N802 - pysyncobj's name
-        super().deleteEntriesFrom(entry_from)
-        self.flush()
-
-    def clear(self) -> None:
-        super().clear()
-        self.flush()
-
-    def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802
-        super().setCurrentTerm(term, voted_for)
-        _fsync_path(self._meta_path)
-        _fsync_path(os.path.dirname(os.path.abspath(self._meta_path)))
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_journal_lock = threading.Lock()
+_storage_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _journal_class(cls: type[FileJournal] | None) -> Iterator[None]:
-    """Make pysyncobj build its journal from ``cls`` while a SyncObj is
-    constructed. pysyncobj has no journal parameter, only a module-level
-    factory; the swap is scoped and locked so concurrent constructions in one
-    process cannot see each other's choice."""
-    if cls is None:
-        yield
-        return
-    original = _pso.createJournal
+def _storage_classes(journal: ChecksummedJournal, serializer: Callable[..., Any]) -> Iterator[None]:
+    """Make pysyncobj use ``journal`` and build its snapshot serializer from
+    ``serializer`` while a SyncObj is constructed. pysyncobj has no
+    parameters for either, only module-level names; the swap is scoped and
+    locked so concurrent constructions in one process cannot see each
+    other's."""
+    original_journal, original_serializer = _pso.createJournal, _pso.Serializer
 
     def factory(path: str | None) -> Any:
-        return cls(path) if path is not None else original(path)
+        return journal if path is not None else original_journal(path)
 
-    with _journal_lock:
-        _pso.createJournal = factory
+    with _storage_lock:
+        _pso.createJournal, _pso.Serializer = factory, serializer
         try:
             yield
         finally:
-            _pso.createJournal = original
+            _pso.createJournal, _pso.Serializer = original_journal, original_serializer

@@ -161,8 +161,14 @@ class NodeServices:
         moment; everything acknowledged before the read is then visible
         locally. Failed attempts (no leader yet, leadership moving) are
         retried until the deadline, then ``Unavailable``. SERIALIZABLE:
-        nothing."""
-        if consistency is Consistency.SERIALIZABLE or self.cfg.unsafe_serve_local_reads:
+        nothing, unless this node's Raft ticks are failing or it is catching
+        up after lost data: then ``Unavailable`` (its table may be far behind)."""
+        if consistency is Consistency.SERIALIZABLE:
+            problem = self.raft.health_problem()
+            if problem:
+                raise Unavailable(f"this node cannot serve local reads now: {problem}")
+            return
+        if self.cfg.unsafe_serve_local_reads:
             return
         end = time.monotonic() + budget
         while True:
@@ -406,19 +412,25 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
         transport=cfg.transport,
         durability=cfg.durability,
         transport_drops=node.raft.transport_drops(),
+        tick_failures=st.tick_failures,
+        last_tick_error=st.last_tick_error,
+        catching_up=st.catching_up,
+        journal_bytes=st.journal_bytes,
     )
 
 
 async def track_health(node: NodeServices, health: Any, period_s: float = 0.2) -> None:
     """Keep the health service current: the overall service is SERVING while
     the process runs; ``raftstate.v1.DeviceState`` is SERVING only while this
-    node knows a leader (it can commit and serve linearizable reads)."""
+    node knows a leader (it can commit and serve linearizable reads), its
+    Raft ticks succeed and it is not catching up after lost data."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     await health.set("", serving)
     last = None
     while True:
-        state = serving if node.raft.leader_raft_address() is not None else not_serving
+        healthy = node.raft.leader_raft_address() is not None and not node.raft.health_problem()
+        state = serving if healthy else not_serving
         if state != last:
             await health.set("raftstate.v1.DeviceState", state)
             last = state

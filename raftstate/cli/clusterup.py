@@ -20,6 +20,7 @@ from types import FrameType
 
 from cluster.local import LocalCluster, port_is_free
 from raftstate.config import NodeConfig
+from raftstate.tickguard import EXIT_TICK_FAILURES
 
 
 def _load_or_create(state: Path, args: argparse.Namespace) -> dict[str, object]:
@@ -119,6 +120,7 @@ def cluster_up(args: argparse.Namespace) -> int:
     deadline = None if args.for_seconds is None else time.monotonic() + args.for_seconds
     last_print = 0.0
     reported: set[str] = set()
+    restarts = dict.fromkeys(cluster.nodes, 0)
     while not stopping and (deadline is None or time.monotonic() < deadline):
         now = time.monotonic()
         if tty or now - last_print >= 10:
@@ -127,6 +129,15 @@ def cluster_up(args: argparse.Namespace) -> int:
             last_print = now
         for node in cluster.nodes.values():
             if node.proc is not None and not node.running() and node.node_id not in reported:
+                if node.proc.returncode == EXIT_TICK_FAILURES and restarts[node.node_id] < 5:
+                    restarts[node.node_id] += 1  # it asked its supervisor for a restart
+                    print(
+                        f"\nnode {node.node_id} gave up after failing Raft ticks; restarting it "
+                        f"({restarts[node.node_id]}/5), see {node.log_path}",
+                        flush=True,
+                    )
+                    cluster.start_node(node.node_id)
+                    continue
                 reported.add(node.node_id)
                 print(
                     f"\nnode {node.node_id} exited with {node.proc.returncode}; "

@@ -81,11 +81,24 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{r['commit_index']:>8} {r['last_applied']:>8} {r['revision']:>9} "
             f"{r['devices']:>8} {r['leader_id'] or '-'}"
         )
+    _print_integrity(rows)
     _print_links(rows)
     leaders = {r.get("leader_id") for r in rows if "error" not in r}
     leader = leaders.pop() if len(leaders) == 1 else ""
     print(f"{healthy}/{len(rows)} nodes answering; leader: {leader or 'none agreed'}")
     return 0 if healthy and leader else 1
+
+
+def _print_integrity(rows: list[dict[str, Any]]) -> None:
+    """Failed Raft ticks and catch-up after lost data, per node (if any)."""
+    for r in rows:
+        if r.get("tick_failures"):
+            print(
+                f"{r['node_id']}: {r['tick_failures']} failed Raft ticks; "
+                f"last: {r['last_tick_error']}"
+            )
+        if r.get("catching_up"):
+            print(f"{r['node_id']}: catching up after lost data (not voting until caught up)")
 
 
 def _print_links(rows: list[dict[str, Any]]) -> None:

@@ -102,6 +102,12 @@ class ClusterStatus:
     transport_drops: Mapping[str, int] = field(default_factory=dict)
     #: Index of the last entry in this node's log (appended, maybe uncommitted).
     last_log_index: int = 0
+    #: Raft ticks that raised since the node started, and the last such error.
+    tick_failures: int = 0
+    last_tick_error: str = ""
+    #: Lost data found at start; not voting until caught up with a leader.
+    catching_up: bool = False
+    journal_bytes: int = 0
 
     @classmethod
     def from_proto(cls, s: cluster_pb2.StatusResponse) -> ClusterStatus:
@@ -137,4 +143,8 @@ class ClusterStatus:
             durability=s.durability,
             transport_drops=dict(s.transport_drops),
             last_log_index=s.last_log_index,
+            tick_failures=s.tick_failures,
+            last_tick_error=s.last_tick_error,
+            catching_up=s.catching_up,
+            journal_bytes=s.journal_bytes,
         )
