@@ -342,7 +342,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         if not paused:
             SyncObj._SyncObj__sendAppendEntries(self)
             return
-        others = self._SyncObj__otherNodes
+        others: set[Any] = getattr(self, "_SyncObj__otherNodes")  # noqa: B009 - private of pysyncobj
         self._SyncObj__otherNodes = others - paused
         try:
             SyncObj._SyncObj__sendAppendEntries(self)

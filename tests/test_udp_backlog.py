@@ -126,7 +126,8 @@ def _wait(cond: Any, what: str, timeout: float = 30.0) -> None:
 
 def _message(i: int, size: int) -> dict[str, Any]:
     # A message type every wire codec knows (a forwarded command).
-    return {"type": "apply_command", "command": struct.pack(">I", i) + bytes([i % 251]) * (size - 4)}
+    body = struct.pack(">I", i) + bytes([i % 251]) * (size - 4)
+    return {"type": "apply_command", "command": body}
 
 
 @pytest.mark.parametrize("size", [1, 1_100, 60_000, 250_000])
@@ -163,7 +164,7 @@ def test_every_accepted_message_arrives_once_in_order_even_past_the_link_buffer(
         assert refused, "the burst never reached the per-peer cap: the test proves nothing"
     assert all(down_when_refused), "a refused message left the peer reported connected"
     if refused:
-        _wait(lambda: node_b.id in ta.up, f"the peer reported up again after draining {ta.events[-6:]}")
+        _wait(lambda: node_b.id in ta.up, f"the peer up again after draining: {ta.events[-6:]}")
         assert ("down", node_b.id) in ta.events
 
 
