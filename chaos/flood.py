@@ -62,16 +62,22 @@ def _text(rng: random.Random, nbytes: int) -> str:
     return "".join(parts)
 
 
-def draw_reported(rng: random.Random) -> dict[str, str]:
-    """One heartbeat's map, sized as the module docstring says."""
+def draw_reported(
+    rng: random.Random,
+    max_bytes: int = REPORTED_MAX_BYTES,
+    max_entries: int = REPORTED_MAX_ENTRIES,
+) -> dict[str, str]:
+    """One heartbeat's map, sized as the module docstring says, within
+    ``max_bytes`` of keys and values and ``max_entries`` entries (lower them
+    to leave room for keys of the caller's own)."""
     kind = rng.randrange(3)
     if kind == 0:
-        total = REPORTED_MAX_BYTES
+        total = max_bytes
     elif kind == 1:
-        total = REPORTED_MAX_BYTES - rng.randrange(256)
+        total = max_bytes - rng.randrange(min(256, max_bytes + 1))
     else:
-        total = rng.randrange(REPORTED_MAX_BYTES + 1)
-    entries = rng.randint(1, max(1, min(REPORTED_MAX_ENTRIES, total // 8)))
+        total = rng.randrange(max_bytes + 1)
+    entries = rng.randint(1, max(1, min(max_entries, total // 8)))
     if total < 2 * entries:
         return {} if total < 4 else {"k": "v" * (total - 1)}
     return reported_of_size(rng, total, entries)

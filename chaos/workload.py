@@ -8,6 +8,12 @@ its invocation and response times; a failure is recorded as an unknown
 outcome. ``acked`` keeps the highest acknowledged seq per device for the
 durability check.
 
+Writes take every path a device's heartbeat can take, by writer: a unary
+call to the leader, a unary call to one fixed node (a follower forwards it to
+the leader over Raft), and a pipelined stream. Their ``reported`` maps are
+drawn from the whole allowed size range, 0 to 8 KiB (:mod:`chaos.flood`),
+since a replication bug once hid behind tiny payloads.
+
 Recording a retried heartbeat: the SDK and the node both retry with the same
 seq, so an answer ``duplicate=True, stored_seq == seq`` means *this* heartbeat
 was applied by an earlier attempt inside the operation's interval (in these
@@ -17,11 +23,14 @@ recorded as an effective write.
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
+from chaos.flood import draw_reported
 from chaos.history import DeviceValue, History, ReadResult, WriteResult
 from raftstate.errors import RaftStateError
 from raftstate.sdk import DeviceClient
@@ -44,9 +53,16 @@ class Workload:
         read_deadline_s: float = 1.0,
         history: History | None = None,
         prefer_leader: bool = True,
+        paths: Sequence[str] = ("unary", "forwarded", "stream"),
+        payloads: bool = True,
+        seed: int = 1,
     ) -> None:
         """``prefer_leader=False`` keeps writes on ``write_endpoints`` (e.g.
-        proxies) instead of following the leader's advertised address."""
+        proxies) instead of following the leader's advertised address.
+        Writer ``w`` uses ``paths[w % len(paths)]``: ``unary`` (leader-seeking
+        unary calls), ``forwarded`` (unary calls kept on one node, the
+        ``w``-th endpoint; a follower forwards them) or ``stream`` (one
+        pipelined HeartbeatStream). ``payloads=False`` sends tiny maps."""
         self.history = history or History()
         self.acked: dict[str, int] = {}
         self.writes_ok = 0
@@ -58,13 +74,19 @@ class Workload:
         self._client = DeviceClient(
             list(write_endpoints), deadline_s=write_deadline_s, prefer_leader=prefer_leader
         )
+        self._payloads = payloads
+        self._seed = seed
+        self._write_endpoints = list(write_endpoints)
+        self._write_deadline = write_deadline_s
+        self._paths = list(paths) or ["unary"]
         self._read_deadline = read_deadline_s
         self._threads: list[threading.Thread] = []
         for w in range(writers):
             mine = self._ids[w::writers]
             if mine:
+                path = self._paths[w % len(self._paths)]
                 self._threads.append(threading.Thread(
-                    target=self._write_loop, args=(f"w{w}", mine), daemon=True))
+                    target=self._write_loop, args=(f"w{w}", mine, path, w), daemon=True))
         for n, endpoint in enumerate(read_endpoints):
             for r in range(readers_per_node):
                 self._threads.append(threading.Thread(
@@ -92,16 +114,39 @@ class Workload:
     def completed(self) -> int:
         return self.writes_ok + self.reads_ok
 
-    def _write_loop(self, client_id: str, ids: list[str]) -> None:
+    def _write_loop(self, client_id: str, ids: list[str], path: str, index: int) -> None:
+        rng = random.Random(self._seed * 7919 + index)
+        if path == "unary":
+            self._write_with(client_id, ids, rng, self._client.heartbeat)
+            return
+        eps = self._write_endpoints
+        pinned = eps[index % len(eps) :] + eps[: index % len(eps)]
+        with DeviceClient(pinned, deadline_s=self._write_deadline, prefer_leader=False) as own:
+            if path == "forwarded":
+                self._write_with(client_id, ids, rng, own.heartbeat)
+                return
+            with own.stream(endpoint=pinned[0], max_in_flight=4) as stream:
+
+                def send(device_id: str, reported: dict[str, str], *, seq: int) -> Any:
+                    return stream.send(
+                        device_id, reported, seq=seq, deadline_s=self._write_deadline
+                    )
+
+                self._write_with(client_id, ids, rng, send)
+
+    def _write_with(
+        self, client_id: str, ids: list[str], rng: random.Random, heartbeat: Any
+    ) -> None:
         n = 0
         while not self._stop.is_set():
             for device_id in ids:
                 n += 1
                 seq = self._client._client.next_seq(device_id)  # noqa: SLF001 - fixed up front
-                reported = {"w": client_id, "n": str(n)}
+                reported = draw_reported(rng, 8 * 1024 - 64, 62) if self._payloads else {}
+                reported.update({"w": client_id, "n": str(n)})
                 op = self.history.invoke_write(client_id, device_id, seq, reported)
                 try:
-                    ack = self._client.heartbeat(device_id, reported, seq=seq)
+                    ack = heartbeat(device_id, reported, seq=seq)
                 except RaftStateError:
                     self.history.fail(op)
                     with self._lock:
