@@ -98,6 +98,9 @@ class Proposer:
         for item in self._batcher.drain():
             if not item.future.done():
                 item.future.set_exception(Unavailable("node is shutting down"))
+                # Its caller may be gone (a cancelled RPC): do not let asyncio
+                # log "exception was never retrieved" once per heartbeat.
+                item.future.exception()
 
     # ---- internals ------------------------------------------------------------
 
