@@ -314,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_chaos_bench_arguments(cbench)
         cbench.set_defaults(fn=cmd_chaos_bench)
+    cflood = chsub.add_parser(
+        "flood",
+        help="8 KiB heartbeats into leader and follower, kill -9 the leader, restart all; "
+        "check nothing acknowledged was lost",
+    )
+    from chaos.floodrun import add_arguments as add_flood_arguments
+    from chaos.floodrun import main as flood_main
+
+    add_flood_arguments(cflood)
+    cflood.set_defaults(fn=flood_main)
     return p
 
 
