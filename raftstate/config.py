@@ -9,6 +9,7 @@ naming the field and the rule it broke.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -93,7 +94,9 @@ class NodeConfig:
     peer_raft: dict[str, str] = field(default_factory=dict)
     #: Shared secret that authenticates and encrypts node-to-node traffic.
     cluster_secret: str = ""
-    #: Allow running the Raft transport without ``cluster_secret`` (tests, demos).
+    #: Allow running the Raft transport without ``cluster_secret`` (tests,
+    #: demos): TCP only, and only when every member's raft address (and
+    #: ``raft_listen``) is a loopback address; the node logs a warning.
     allow_insecure_transport: bool = False
     #: "process-crash": an acknowledged heartbeat is in the OS page cache of a
     #: majority (survives kill -9 of any or all processes). "fsync": it is on
@@ -321,6 +324,8 @@ class NodeConfig:
             raise ConfigError(
                 "cluster_secret: required (or set allow_insecure_transport = true for a demo)"
             )
+        if not self.cluster_secret:
+            self._validate_insecure()
         if self.cluster_secret and len(self.cluster_secret) < 16:
             raise ConfigError("cluster_secret: must be at least 16 characters")
         if not self.data_dir:
@@ -373,6 +378,19 @@ class NodeConfig:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level: must be DEBUG, INFO, WARNING or ERROR")
 
+    def _validate_insecure(self) -> None:
+        """Without a secret anyone who can reach a raft port can write to the
+        log, so allow it only when no raft port is reachable off this host."""
+        addrs = [(f"members[{m.id}].raft", m.raft) for m in self.members]
+        if self.raft_listen:
+            addrs.append(("raft_listen", self.raft_listen))
+        for name, address in addrs:
+            if not _is_loopback(address):
+                raise ConfigError(
+                    f"allow_insecure_transport: only for a cluster on loopback, but {name} = "
+                    f"{address!r} is not a loopback address; set cluster_secret"
+                )
+
     def _validate_reach(self) -> None:
         if self.reach not in REACH:
             raise ConfigError(f"reach: must be one of {', '.join(REACH)}")
@@ -402,6 +420,16 @@ def _positive(cfg: NodeConfig, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be positive")
+
+
+def _is_loopback(hostport: str) -> bool:
+    host = hostport.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_hostport(name: str, value: str) -> None:

@@ -92,6 +92,11 @@ class DecodeError(RaftStateError):
     grpc_code = grpc.StatusCode.DATA_LOSS
 
 
+class EncodeError(RaftStateError):
+    """A value does not fit the wire schema it is sent under (a bug in the
+    sender, never input from the network)."""
+
+
 class ConfigError(RaftStateError):
     """A configuration value is missing or breaks a rule; the message names
     the field and the rule."""

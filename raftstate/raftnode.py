@@ -2,8 +2,12 @@
 
 We extend pysyncobj without modifying it:
 
-* one ``@replicated`` method, :meth:`RaftNode.apply_batch`, whose only
-  argument is a protobuf ``HeartbeatBatch`` (bytes);
+* log commands in our own format (:mod:`raftstate.logcommand`: a prefix and
+  a protobuf ``HeartbeatBatch``), proposed through pysyncobj's
+  ``_applyCommand`` and applied by overriding its private apply step, so no
+  log entry is ever a pickle (pysyncobj's ``@replicated`` pickles);
+* every message on the wire encoded by :mod:`raftstate.transport.wirecodec`
+  (UDP and TCP), never pickled;
 * snapshots through pysyncobj's custom serializer hooks, written as a
   protobuf ``Snapshot`` (never a pickle of our objects);
 * pysyncobj's timers mapped from :class:`~raftstate.config.NodeConfig`,
@@ -16,8 +20,8 @@ We extend pysyncobj without modifying it:
 * every exception escaping a tick counted and acted on
   (``raftstate/tickguard.py``), and compaction by journal bytes.
 
-Threading: pysyncobj's tick thread owns all Raft state and calls
-``apply_batch`` and the serializer hooks. Other threads may call
+Threading: pysyncobj's tick thread owns all Raft state and applies
+commands and calls the serializer hooks. Other threads may call
 :meth:`propose` (pysyncobj queues it and wakes the tick thread through its
 pipe notifier) and read the properties of :meth:`snapshot_status`.
 """
@@ -38,11 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import pysyncobj.syncobj as _pso
-from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.config import FAIL_REASON
-from pysyncobj.transport import TCPTransport
 
-from raftstate import appendguard, fastcommit
+from raftstate import appendguard, fastcommit, logcommand
 from raftstate.catchup import CatchUpGate
 from raftstate.config import NodeConfig, append_entries_bytes
 from raftstate.errors import ConfigError
@@ -57,6 +60,7 @@ from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
 from raftstate.statemachine import DeviceTable
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
+from raftstate.transport.tcp import CodecTCPTransport
 from raftstate.transport.udp import UdpTransport
 from raftstate.transport.udpconfig import IceSettings, PeerLinkStats, settings_for
 from raftstate.v1 import storage_pb2
@@ -195,8 +199,9 @@ class OwnMessagesMixin:
         super()._onMessageReceived(node, message)  # type: ignore[misc]
 
 
-class RaftstateTCPTransport(OwnMessagesMixin, TCPTransport):  # type: ignore[misc]
-    """pysyncobj's TCP transport with the ``rs_*`` side door."""
+class RaftstateTCPTransport(OwnMessagesMixin, CodecTCPTransport):
+    """pysyncobj's TCP transport, speaking our wire codec
+    (:mod:`raftstate.transport.tcp`), with the ``rs_*`` side door."""
 
 
 class RaftstateUdpTransport(OwnMessagesMixin, UdpTransport):
@@ -276,6 +281,11 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         serializer = functools.partial(
             VerifyingSerializer, verify=SnapshotCodec.verify, fsync=fsync
         )
+        if not cfg.cluster_secret:
+            log.warning(
+                "INSECURE: the Raft transport runs without cluster_secret "
+                "(allow_insecure_transport): any local process can join and write the log"
+            )
         with _storage_classes(self.journal, serializer):
             super().__init__(me.raft, others, conf, transportClass=transport_factory(cfg, loop))
         try:
@@ -286,15 +296,30 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                 f"raft_listen: cannot bind {cfg.raft_bind} (in use, or not an address of this host)"
             ) from None
 
-    @replicated  # type: ignore[untyped-decorator]
-    def apply_batch(self, entry: bytes) -> list[HeartbeatResult]:
-        """Apply one committed HeartbeatBatch. Runs on the tick thread only."""
-        return self.table.apply(entry)
-
     def propose(self, entry: bytes, callback: ProposeCallback) -> None:
-        """Queue ``entry`` for replication. ``callback(results, fail_reason)``
-        runs later on the tick thread. Safe to call from any thread."""
-        self.apply_batch(entry, callback=callback)
+        """Queue the HeartbeatBatch ``entry`` for replication, as a
+        :mod:`raftstate.logcommand` command (no pickle). ``callback(results,
+        fail_reason)`` runs later on the tick thread. Safe from any thread."""
+        self._applyCommand(logcommand.encode(entry), callback)
+
+    def _applyCommand(  # noqa: N802 - pysyncobj's name
+        self, command: bytes, callback: Any, commandType: int | None = None  # noqa: N803
+    ) -> None:
+        """pysyncobj's entry point for a new command, also for commands a
+        follower forwards (``apply_command``): only raftstate batch commands
+        enter the log; anything else is denied before it is appended."""
+        if commandType is not None or not logcommand.is_batch(command):
+            self._SyncObj__callErrCallback(FAIL_REASON.REQUEST_DENIED, callback)
+            return
+        super()._applyCommand(command, callback)
+
+    def _SyncObj__doApplyCommand(self, command: bytes) -> list[HeartbeatResult] | None:  # noqa: N802
+        """Replaces pysyncobj's private apply step (which unpickles): apply one
+        committed command on the tick thread. Returns the batch's results
+        (pysyncobj hands them to the proposer's callback), ``None`` for a
+        NO_OP; raises ``DecodeError`` for any other command."""
+        batch = logcommand.decode(command)
+        return None if batch is None else self.table.apply(batch)
 
     def status(self) -> RaftStatus:
         """Read this node's Raft state. Safe from any thread (a snapshot of
@@ -574,10 +599,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         return transport.peer_stats() if isinstance(transport, UdpTransport) else {}
 
     def transport_drops(self) -> dict[str, int]:
-        """Datagrams the UDP transport dropped, by reason; empty for TCP.
-        Safe from any thread."""
+        """Datagrams the UDP transport dropped (or TCP connections closed for
+        a bad frame), by reason. Safe from any thread."""
         transport = self._own_transport
-        return transport.drop_counts() if isinstance(transport, UdpTransport) else {}
+        if isinstance(transport, (UdpTransport, CodecTCPTransport)):
+            return transport.drop_counts()
+        return {}
 
     def leader_raft_address(self) -> str | None:
         """The last known leader's Raft address, or ``None``. Thread-safe."""

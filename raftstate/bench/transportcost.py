@@ -3,25 +3,26 @@
 What one node spends to send and to receive one pysyncobj message on each
 Raft transport, with Raft, sockets and threads taken out:
 
-* ``tcp``: pysyncobj's own ``TcpConnection``: ``send`` (pickle, a fresh
-  level-3 zlib compressor, Fernet under the key pysyncobj derives from the
-  cluster secret, as our ``RaftNode`` configures it with ``password``, the
-  per-connection random key, the length prefix) and its parser (Fernet
-  timestamp check + HMAC + AES-CBC decrypt, decompress, unpickle, random-key
-  check). Real pysyncobj objects, given no socket: the bytes are taken from
-  and put into the connection's own buffers.
+* ``tcp``: pysyncobj's ``TcpConnection`` as our TCP transport runs it
+  (:class:`~raftstate.transport.tcp.CodecTcpConnection`): ``send`` (the wire
+  codec, the per-connection random key, Fernet under the key pysyncobj derives
+  from the cluster secret, as our ``RaftNode`` configures it with
+  ``password``, the length prefix) and its parser (frame cap, Fernet
+  timestamp check + HMAC + AES-CBC decrypt, random-key check, decode). Real
+  objects, given no socket: the bytes are taken from and put into the
+  connection's own buffers.
 * ``udp``: what :class:`~raftstate.transport.udp.UdpTransport` does per
-  message: pickle, ``ReliableLink.send`` + ``poll_transmit`` and
+  message: the wire codec, ``ReliableLink.send`` + ``poll_transmit`` and
   ``SecureChannel.seal`` per datagram on the way out;
   ``SecureChannel.receive`` + ``ReliableLink.receive`` per datagram, the one
   ``poll_transmit`` the driver runs after a turn's datagrams (it may owe an
-  ACK), and unpickle on the way in. The link is configured as ``RaftNode``
+  ACK), and decode on the way in. The link is configured as ``RaftNode``
   configures it, on a session made by a real handshake.
 
 The workload is the loopback steady state of a leader and one follower on a
 virtual clock: the leader sends an AppendEntries carrying one log entry (a
-``HeartbeatBatch`` of ``batch`` heartbeats inside pysyncobj's framing of an
-``@replicated`` call), the follower answers ``next_node_idx``, 50 µs each way;
+``HeartbeatBatch`` of ``batch`` heartbeats in our log command format,
+:mod:`raftstate.logcommand`), the follower answers ``next_node_idx``, 50 µs each way;
 then ``gap_s`` passes (5 ms: 200 AppendEntries/s per follower, i.e. 800
 heartbeats/s in 4-heartbeat batches). Every frame the link's timers produce
 in the gap (delayed ACKs, tail copies) is sent, delivered and counted as
@@ -48,23 +49,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import pysyncobj.pickle as pso_pickle
 from pysyncobj.encryptor import getEncryptor
 from pysyncobj.tcp_connection import TcpConnection
 
+from raftstate import logcommand
 from raftstate.bench.load import PAYLOAD
 from raftstate.config import TRANSPORTS, NodeConfig
 from raftstate.model import Heartbeat
 from raftstate.statemachine import encode_batch
+from raftstate.transport import wirecodec
 from raftstate.transport.envelope import Delivered, HandshakeEvent, SecureChannel
 from raftstate.transport.reliable import ReliableLink
+from raftstate.transport.tcp import CodecTcpConnection
 from raftstate.transport.udpconfig import DATAGRAM_SIZE, settings_for
 
 ONE_WAY_S = 50e-6
 DEFAULT_GAP_S = 0.005
 DEFAULT_BATCH = 4
-#: pysyncobj's command type byte for an ``@replicated`` call.
-_REGULAR_COMMAND = b"\x00"
 #: Guard against a link whose timers never settle inside one gap.
 _MAX_TIMER_FIRINGS = 256
 _BUCKETS = ("send", "recv", "reply_send", "reply_recv", "timer")
@@ -83,7 +84,7 @@ class TransportCost:
     iterations: int
     batch: int
     gap_ms: float
-    message_bytes: int  # the pickled AppendEntries
+    message_bytes: int  # the encoded AppendEntries
     send_us: float
     recv_us: float
     reply_send_us: float
@@ -124,7 +125,9 @@ class TcpEnd:
 
     def __init__(self, encryptor: Any, send_key: bytes, recv_key: bytes) -> None:
         # A huge timeout: the connection must not "time out" and drop its keys.
-        self._conn = TcpConnection(poller=None, timeout=1e12)
+        self._conn = CodecTcpConnection.adopt(
+            TcpConnection(poller=None, timeout=1e12), lambda reason, detail: None
+        )
         self._conn.encryptor = encryptor
         self._conn.sendRandKey = send_key
         self._conn.recvRandKey = recv_key
@@ -161,7 +164,7 @@ class UdpEnd:
         self._link = link
 
     def send(self, message: Any, now: float) -> list[bytes]:
-        self._link.send(pso_pickle.dumps(message), now)
+        self._link.send(wirecodec.encode(message), now)
         return self.due(now)
 
     def receive(self, wires: list[bytes], now: float) -> tuple[list[Any], list[bytes]]:
@@ -170,7 +173,7 @@ class UdpEnd:
             event = self._channel.receive(wire)
             if not isinstance(event, Delivered):
                 raise RuntimeError(f"udp codec dropped a datagram: {event}")
-            out.extend(pso_pickle.loads(m) for m in self._link.receive(event.payload, now))
+            out.extend(wirecodec.decode(m) for m in self._link.receive(event.payload, now))
         return out, self.due(now)
 
     def due(self, now: float) -> list[bytes]:
@@ -228,7 +231,7 @@ def append_entries(index: int, batch: int, *, term: int = 2) -> dict[str, Any]:
         for k in range(batch)
     ]  # fmt: skip
     entry = encode_batch(heartbeats, 1_764_000_000_000 + index)
-    command = _REGULAR_COMMAND + pso_pickle.dumps((0, (entry,)))
+    command = logcommand.encode(entry)
     return {
         "type": "append_entries", "term": term, "commit_index": index - 1,
         "entries": [(command, index, term)], "prevLogIdx": index - 1, "prevLogTerm": term,
@@ -364,7 +367,7 @@ def measure(
         iterations=iterations,
         batch=batch,
         gap_ms=gap_s * 1000,
-        message_bytes=len(pso_pickle.dumps(append_entries(index, batch))),
+        message_bytes=len(wirecodec.encode(append_entries(index, batch))),
         send_us=round(us["send"], 2),
         recv_us=round(us["recv"], 2),
         reply_send_us=round(us["reply_send"], 2),

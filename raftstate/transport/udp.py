@@ -8,7 +8,8 @@ a :class:`~raftstate.transport.reach.Reach`: static addresses or ICE), the
 :class:`~raftstate.transport.reliable.ReliableLink` per peer. Neither blocks
 on the other (DESIGN.md, "Threads and loops"):
 
-* tick -> loop: :meth:`UdpTransport.send` pickles the message into a bounded
+* tick -> loop: :meth:`UdpTransport.send` encodes the message
+  (:mod:`~raftstate.transport.wirecodec`, a fixed schema, never a pickle) into a bounded
   outbox and schedules one flush with ``call_soon_threadsafe``. The flush
   queues every message on its peer's link (messages queued together share
   datagrams), then transmits what the link has due, each payload sealed for
@@ -16,8 +17,10 @@ on the other (DESIGN.md, "Threads and loops"):
 * loop -> tick: a datagram goes through ``SecureChannel.receive``; only an
   authentic DATA payload reaches the link, and only the messages the link
   delivers (in order, exactly once) are queued for the tick thread, which is
-  woken through pysyncobj's poller (a ``PipeNotifier``) and unpickles them.
-  Nothing unauthenticated is ever unpickled.
+  woken through pysyncobj's poller (a ``PipeNotifier``) and decodes them.
+  Nothing is ever unpickled; a message that does not decode (a buggy or
+  hostile peer holding the secret) is counted as ``undecodable``, logged at
+  most every ``DROP_LOG_INTERVAL`` and dropped.
 * Sessions: HELLOs go out when a path comes up (at start for static peers)
   and are resent with backoff (50 ms doubling to 1 s) while a handshake is
   unconfirmed. Each new session gets a new link; the peer is reported
@@ -47,11 +50,12 @@ import time
 from collections import deque
 from typing import Any
 
-import pysyncobj.pickle as pso_pickle
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.transport import Transport, TransportNotReadyError
 
+from raftstate.errors import DecodeError
 from raftstate.ratelog import LogThrottle, held_suffix
+from raftstate.transport import wirecodec
 from raftstate.transport.crypto import DropReason
 from raftstate.transport.envelope import Delivered, Dropped, HandshakeEvent, SecureChannel
 from raftstate.transport.reach import Reach, StaticReach
@@ -161,6 +165,8 @@ class UdpTransport(Transport):  # type: ignore[misc]
         self._wake_pending = False
         self._notifier: PipeNotifier | None = None
         self._connected: set[str] = set()  # tick thread's view
+        self._undecodable = 0  # authenticated messages that failed to decode
+        self._undecodable_logged = -DROP_LOG_INTERVAL
         self._bound = asyncio.run_coroutine_threadsafe(self._open(), loop)
         syncObj.addOnTickCallback(self._on_tick)
 
@@ -194,7 +200,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         peer_id = self._node_peer.get(node)
         if peer_id is None or peer_id not in self._connected or self._closed:
             return False
-        data = pso_pickle.dumps(message)
+        data = wirecodec.encode(message)  # EncodeError: a bug in the sender
         peer = self._peers[peer_id]
         with self._out_lock:
             held = peer.outbox_bytes + peer.backlog_bytes + peer.link_buffered
@@ -282,7 +288,8 @@ class UdpTransport(Transport):  # type: ignore[misc]
         return done.result(timeout=2.0)
 
     def drop_counts(self) -> dict[str, int]:
-        """Datagrams dropped by the secure channel, by reason. Safe from any thread."""
+        """Datagrams dropped by the secure channel, by reason, plus authenticated
+        messages that failed to decode (``undecodable``). Safe from any thread."""
         if _on_loop(self._loop):
             return self._drops_now()
         done: concurrent.futures.Future[dict[str, int]] = concurrent.futures.Future()
@@ -290,7 +297,10 @@ class UdpTransport(Transport):  # type: ignore[misc]
         return done.result(timeout=2.0)
 
     def _drops_now(self) -> dict[str, int]:
-        return {r.value: n for r, n in self._channel.metrics().drops.items() if n}
+        drops = {r.value: n for r, n in self._channel.metrics().drops.items() if n}
+        if self._undecodable:
+            drops["undecodable"] = self._undecodable
+        return drops
 
     # ------------------------------------------------------- tick thread
 
@@ -313,7 +323,22 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 self._onNodeDisconnected(node)
             else:
                 # Authenticated by the channel and delivered by the link.
-                self._onMessageReceived(node, pso_pickle.loads(data))
+                try:
+                    message = wirecodec.decode(data)
+                except DecodeError as exc:
+                    self._on_undecodable(peer_id, exc)
+                    continue
+                self._onMessageReceived(node, message)
+
+    def _on_undecodable(self, peer_id: str, exc: DecodeError) -> None:
+        self._undecodable += 1
+        now = time.monotonic()
+        if now - self._undecodable_logged >= DROP_LOG_INTERVAL:
+            self._undecodable_logged = now
+            log.warning(
+                "dropped an undecodable message from %s (%d so far): %s",
+                peer_id, self._undecodable, exc.message,
+            )  # fmt: skip
 
     # ------------------------------------------------------- loop thread
 
