@@ -317,7 +317,7 @@ def test_tick_guard_counts_logs_once_per_kind_and_acts_once_at_the_limit() -> No
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"compaction_max_journal_bytes": 4 * 256 * 1024 - 1}, "compaction_max_journal_bytes"),
+        ({"compaction_max_journal_bytes": 4 * 128 * 1024 - 1}, "compaction_max_journal_bytes"),
         ({"tick_failure_limit": 0}, "tick_failure_limit"),
     ],
 )
