@@ -43,6 +43,8 @@ from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError, DecodeError
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
+from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
+from raftstate.prevotegate import PreVoteGate
 from raftstate.statemachine import DeviceTable
 from raftstate.transport.udp import UdpTransport
 from raftstate.transport.udpconfig import IceSettings, PeerLinkStats, settings_for
@@ -222,7 +224,11 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.table = table
         self.cfg = cfg
-        self._own_message_handler: MessageHandler | None = None
+        #: rs_* messages go to :meth:`_dispatch_own`: PreVote's to the gate,
+        #: the rest to the handler of :meth:`set_message_handler`.
+        self._own_message_handler: MessageHandler | None = self._dispatch_own
+        self._reads_handler: MessageHandler | None = None
+        self._prevote_gate: PreVoteGate | None = None
         self._reset_guard = ResetGuard()
         #: Followers raise their own commit index (raftstate/fastcommit.py).
         self._follower_commit = cfg.follower_commit and fastcommit.enabled(len(cfg.members))
@@ -243,6 +249,18 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             raise ConfigError(
                 f"raft_listen: cannot bind {cfg.raft_bind} (in use, or not an address of this host)"
             ) from None
+        if cfg.pre_vote:
+            self._prevote_gate = PreVoteGate(
+                self, len(cfg.members), cfg.election_timeout_min_ms / 1000
+            )
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 - pysyncobj's names
+        """Tick thread: PreVote decides whether an expired election deadline
+        may start an election before pysyncobj looks at it (raftstate/prevotegate.py)."""
+        gate = self._prevote_gate
+        if gate is not None:
+            gate.before_tick()
+        super()._onTick(timeToWait)
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_batch(self, entry: bytes) -> list[HeartbeatResult]:
@@ -284,6 +302,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     def _filter_append_entries(self, message: dict[str, Any]) -> dict[str, Any]:
         """Tick thread: never let pysyncobj's follower delete entries that
         match the leader's (see raftstate/appendguard.py)."""
+        gate = self._prevote_gate
+        if gate is not None:
+            gate.on_append_entries(int(message.get("term", -1)))
         if "prevLogIdx" not in message or message.get("term", -1) < self.raftCurrentTerm:
             return message
         ours = self._SyncObj__getEntries(message["prevLogIdx"])
@@ -359,8 +380,20 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         return {**message, "next_node_idx": index}
 
     def set_message_handler(self, handler: MessageHandler | None) -> None:
-        """Receive raftstate's own messages (type ``rs_*``) on the tick thread."""
-        self._own_message_handler = handler
+        """Receive raftstate's own messages (type ``rs_*``, except PreVote's)
+        on the tick thread."""
+        self._reads_handler = handler
+
+    def _dispatch_own(self, node: Any, message: dict[str, Any]) -> None:
+        """Tick thread: route one ``rs_*`` message."""
+        if message.get("type") in PREVOTE_MESSAGES:
+            gate = self._prevote_gate
+            if gate is not None:
+                gate.on_message(node, message)
+            return
+        handler = self._reads_handler
+        if handler is not None:
+            handler(node, message)
 
     def send_raw(self, node: Any, message: dict[str, Any]) -> None:
         """Send one of our messages to a peer ``Node``. Tick thread only; a
