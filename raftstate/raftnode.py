@@ -36,6 +36,7 @@ import pysyncobj.syncobj as _pso
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.journal import FileJournal
+from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
 from raftstate import appendguard, fastcommit
@@ -44,6 +45,7 @@ from raftstate.errors import ConfigError, DecodeError
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
 from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
+from raftstate.prevote import PREVOTE
 from raftstate.prevotegate import PreVoteGate
 from raftstate.statemachine import DeviceTable
 from raftstate.transport.udp import UdpTransport
@@ -168,8 +170,47 @@ class OwnMessagesMixin:
         super()._onMessageReceived(node, message)  # type: ignore[misc]
 
 
+#: Election messages that must survive pysyncobj closing an idle TCP link.
+_HELD_ON_IDLE = frozenset({"request_vote", PREVOTE})
+
+
 class RaftstateTCPTransport(OwnMessagesMixin, TCPTransport):  # type: ignore[misc]
-    """pysyncobj's TCP transport with the ``rs_*`` side door."""
+    """pysyncobj's TCP transport with the ``rs_*`` side door.
+
+    pysyncobj closes a connection on which nothing was read for
+    ``connectionTimeout``, but only checks when it next sends on it, so that
+    send is dropped with the connection. Follower-to-follower links carry
+    nothing while a leader lives, so the dropped message was the first
+    ``request_vote`` after the leader failed: the other follower timed out
+    too and every TCP election split into a second term. An election message
+    that meets an idle link is kept and sent again when the peer reconnects
+    (milliseconds later: the dialling side redials as soon as the link drops).
+    """
+
+    def __init__(self, syncObj: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N803
+        self._held: dict[Any, tuple[float, dict[str, Any]]] = {}
+        super().__init__(syncObj, *args, **kwargs)
+
+    def send(self, node: Any, message: Any) -> Any:
+        if isinstance(message, dict) and message.get("type") in _HELD_ON_IDLE:
+            conn = self._connections.get(node)
+            if conn is not None and _idle_out(conn):
+                self._held[node] = (time.monotonic(), message)
+        return super().send(node, message)
+
+    def _onNodeConnected(self, node: Any) -> None:  # noqa: N802 - pysyncobj's name
+        super()._onNodeConnected(node)
+        held = self._held.pop(node, None)
+        if held is not None and time.monotonic() - held[0] < self._syncObj.conf.raftMinTimeout:
+            self.send(node, held[1])
+
+
+def _idle_out(conn: Any) -> bool:
+    """pysyncobj's TcpConnection will close itself at its next send."""
+    return bool(
+        conn.state == CONNECTION_STATE.CONNECTED
+        and time.monotonic() - conn._TcpConnection__lastReadTime > conn._TcpConnection__timeout
+    )
 
 
 class RaftstateUdpTransport(OwnMessagesMixin, UdpTransport):
