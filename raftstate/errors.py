@@ -65,6 +65,17 @@ class DeadlineExceeded(RaftStateError):
     retriable = True
 
 
+class Cancelled(RaftStateError):
+    """The server cancelled the call (its node shut down or restarted while
+    the call was in flight). For a heartbeat the outcome is unknown; retrying
+    with the same seq is safe, and so is retrying a read. A cancellation the
+    caller asked for never becomes this error: the SDK lets the caller's
+    ``asyncio.CancelledError`` through and never retries it."""
+
+    grpc_code = grpc.StatusCode.CANCELLED
+    retriable = True
+
+
 class ResourceExhausted(RaftStateError):
     """The node's proposal queue is full. Retriable after backoff."""
 
@@ -93,6 +104,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RaftStateError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DATA_LOSS: DecodeError,
+    grpc.StatusCode.CANCELLED: Cancelled,
 }
 
 
