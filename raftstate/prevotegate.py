@@ -4,15 +4,17 @@ Theory of operation
 -------------------
 pysyncobj has no hook before an election; its ``_onTick`` starts one when
 ``_SyncObj__raftElectionDeadline`` has passed (on a follower or candidate
-connected to anyone). :class:`PreVoteGate` runs on the tick thread *before*
-pysyncobj's ``_onTick`` body (``RaftNode._onTick`` calls :meth:`before_tick`):
+connected to anyone). :class:`PreVoteGate` wraps pysyncobj's ``_onTick`` on
+the tick thread (``RaftNode._onTick`` runs it inside :meth:`PreVoteGate.tick`):
 
 * deadline passed and no majority has granted yet: push the deadline to the
   end of the current round (so pysyncobj does nothing this tick) and send a
   new round's ``rs_prevote`` to every peer;
 * a majority granted (or there is a reason to bypass, see the sans-IO
   module): leave the deadline in the past; pysyncobj runs its election in
-  the same tick, exactly as it would without PreVote.
+  the same tick, exactly as it would without PreVote;
+* in every other tick pysyncobj sees a deadline of "never" (the real one is
+  restored after the tick), so it cannot elect on its own.
 
 ``rs_prevote``/``rs_prevote_resp`` arrive through ``RaftNode``'s ``rs_*``
 side door (:meth:`on_message`); every ``append_entries`` is reported to
@@ -23,9 +25,12 @@ code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import random
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from raftstate.prevote import (
@@ -40,6 +45,7 @@ from raftstate.prevote import (
 log = logging.getLogger("raftstate.prevote")
 
 _FOLLOWER, _CANDIDATE, _LEADER = 0, 1, 2
+_NEVER = math.inf
 
 
 class PreVoteGate:
@@ -63,16 +69,38 @@ class PreVoteGate:
             is_leader=r._SyncObj__raftState == _LEADER,
         )
 
-    def before_tick(self) -> None:
-        """Run the election gate; see the module docstring."""
+    @contextlib.contextmanager
+    def tick(self) -> Iterator[None]:
+        """Wrap one pysyncobj ``_onTick``. Unless this tick may start an
+        election (:meth:`_gate` says so), pysyncobj sees a deadline of
+        "never" for the whole tick and the real one is put back afterwards,
+        unless pysyncobj itself set a new one meanwhile (a leader's message,
+        a vote, ``timeout_now``). Comparing the deadline here with one clock
+        reading and letting pysyncobj compare it again later would leave a
+        window (its once-a-second journal write lies between) in which it
+        elects without a pre-vote."""
+        if self._gate():
+            yield
+            return
+        r = self._raft
+        real = r._SyncObj__raftElectionDeadline
+        r._SyncObj__raftElectionDeadline = _NEVER
+        try:
+            yield
+        finally:
+            if r._SyncObj__raftElectionDeadline == _NEVER:
+                r._SyncObj__raftElectionDeadline = real
+
+    def _gate(self) -> bool:
+        """True iff pysyncobj may start an election in this tick."""
         r = self._raft
         if r._SyncObj__raftState not in (_FOLLOWER, _CANDIDATE) or r._SyncObj__selfNode is None:
-            return
+            return False
         now = time.monotonic()
         if r._SyncObj__raftElectionDeadline >= now or not r._SyncObj__connectedToAnyone():
-            return
+            return False
         if not getattr(r._SyncObj__transport, "ready", True):
-            return
+            return False
         local = self._local()
         # A round may wait up to half the minimum election timeout: pre-votes
         # consume no votes, so retrying sooner than elections do is harmless.
@@ -82,12 +110,13 @@ class PreVoteGate:
         )
         if decision.elect:
             log.info("pre-vote: election for term %d (%s)", local.term + 1, decision.reason)
-            return
+            return True
         r._SyncObj__raftElectionDeadline = decision.hold_until
         if decision.request is not None:
             msg = decision.request.to_message()
             for node in self._nodes.values():
                 r.send_raw(node, msg)
+        return False
 
     def on_append_entries(self, term: int) -> None:
         """An ``append_entries`` at ``term`` is about to reach pysyncobj."""

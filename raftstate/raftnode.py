@@ -299,9 +299,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         """Tick thread: PreVote decides whether an expired election deadline
         may start an election before pysyncobj looks at it (raftstate/prevotegate.py)."""
         gate = self._prevote_gate
-        if gate is not None:
-            gate.before_tick()
-        super()._onTick(timeToWait)
+        with gate.tick() if gate is not None else contextlib.nullcontext():
+            super()._onTick(timeToWait)
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_batch(self, entry: bytes) -> list[HeartbeatResult]:

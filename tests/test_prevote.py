@@ -118,6 +118,8 @@ def test_a_healed_follower_neither_changes_the_term_nor_the_leader(chaos: ChaosC
         for _ in range(HEALS):
             heals.append(isolate_and_heal(chaos, load))
     print("\n".join(str(h) for h in heals))
+    for node_id, text in chaos.nodes.logs():
+        print("\n".join(f"{node_id} {line}" for line in text.splitlines() if "pre-vote" in line))
     for h in heals:
         assert h.follower_term_at_heal == h.term_before, f"isolated follower raised its term: {h}"
         assert h.term_after == h.term_before, f"the heal changed the term: {h}"
