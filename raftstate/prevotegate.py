@@ -135,7 +135,16 @@ class PreVoteGate:
                 request = Request(
                     int(msg["term"]), int(msg["last_log_index"]), int(msg["last_log_term"])
                 )
-                response = self.voter.on_request(request, self._local(), time.monotonic())
+                now = time.monotonic()
+                response = self.voter.on_request(request, self._local(), now)
+                if response.granted:
+                    heard = self.voter.last_leader_contact
+                    log.info(
+                        "pre-vote: granted to %s for term %d (leader last heard %s)",
+                        node.id,
+                        request.term,
+                        "never" if heard is None else f"{(now - heard) * 1000:.0f} ms ago",
+                    )
                 self._raft.send_raw(node, response.to_message())
             elif kind == PREVOTE_RESP:
                 response = Response(int(msg["term"]), bool(msg["granted"]))

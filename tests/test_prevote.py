@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import pytest
 
 from chaos.harness import ChaosCluster
 from chaos.tcpcluster import new_cluster
-from cluster.local import wait_until
+from cluster.local import LocalCluster, wait_until
 from raftstate.config import NodeConfig
 from raftstate.errors import RaftStateError
 from raftstate.sdk import DeviceClient
@@ -82,8 +82,8 @@ def chaos(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChaosClust
         yield cc
 
 
-def term_of(cc: ChaosCluster, node_id: str) -> int:
-    st = cc.nodes.status(node_id)
+def term_of_node(cluster: LocalCluster, node_id: str) -> int:
+    st = cluster.status(node_id)
     assert st is not None, f"{node_id} does not answer Status"
     return int(st.term)
 
@@ -93,13 +93,13 @@ def isolate_and_heal(cc: ChaosCluster, load: LightLoad) -> Heal:
     then watch for WATCH_S."""
     leader = cc.nodes.wait_for_leader(30)
     follower = next(n for n in cc.nodes.nodes if n != leader)
-    term = term_of(cc, leader)
+    term = term_of_node(cc.nodes, leader)
     cc.isolate(follower)
     before = load.acked
     deadline = time.monotonic() + ISOLATION_S
     wait_until(lambda: time.monotonic() >= deadline, ISOLATION_S + 5, "the isolation to last")
     assert load.acked > before, "the majority kept taking writes"
-    follower_term = term_of(cc, follower)
+    follower_term = term_of_node(cc.nodes, follower)
     cc.heal()
     healed = time.monotonic()
     leader_st = cc.nodes.status(leader)
@@ -109,7 +109,7 @@ def isolate_and_heal(cc: ChaosCluster, load: LightLoad) -> Heal:
     watch_end = time.monotonic() + WATCH_S
     wait_until(lambda: time.monotonic() >= watch_end, WATCH_S + 5, "the watch window")
     after = cc.nodes.wait_for_leader(30)
-    return Heal(leader, after, term, term_of(cc, after), follower_term, catch_up)
+    return Heal(leader, after, term, term_of_node(cc.nodes, after), follower_term, catch_up)
 
 
 def test_a_healed_follower_neither_changes_the_term_nor_the_leader(chaos: ChaosCluster) -> None:
@@ -124,3 +124,13 @@ def test_a_healed_follower_neither_changes_the_term_nor_the_leader(chaos: ChaosC
         assert h.follower_term_at_heal == h.term_before, f"isolated follower raised its term: {h}"
         assert h.term_after == h.term_before, f"the heal changed the term: {h}"
         assert h.leader_after == h.leader_before, f"the heal changed the leader: {h}"
+
+
+def test_a_single_node_is_its_own_pre_vote_majority(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(size=1)
+    leader = cluster.wait_for_leader(30)
+    with DeviceClient(cluster.endpoints) as client:
+        assert client.heartbeat("solo", {"up": "1"}).seq > 0
+    assert term_of_node(cluster, leader) == 1  # one election, no pre-vote retries
