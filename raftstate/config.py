@@ -130,6 +130,12 @@ class NodeConfig:
     #: linearizable reads then wait for the leader's last log index
     #: (raftstate/fastcommit.py). No effect with five voters.
     follower_commit: bool = True
+    #: PreVote (Raft thesis §9.6): a node whose election timer fires first asks
+    #: a majority whether it could win, without changing its term, and peers
+    #: that heard from a leader within election_timeout_min_ms say no; so a
+    #: follower that was cut off and rejoins cannot depose a healthy leader
+    #: (raftstate/prevote.py). Turn off only to compare with plain pysyncobj.
+    pre_vote: bool = True
     #: Heartbeats waiting on a node before new ones get RESOURCE_EXHAUSTED.
     max_pending_heartbeats: int = 20_000
     #: Unary RPCs this node serves at once; more get RESOURCE_EXHAUSTED

@@ -65,6 +65,17 @@ class DeadlineExceeded(RaftStateError):
     retriable = True
 
 
+class Cancelled(RaftStateError):
+    """The server cancelled the call (its node shut down or restarted while
+    the call was in flight). For a heartbeat the outcome is unknown; retrying
+    with the same seq is safe, and so is retrying a read. A cancellation the
+    caller asked for never becomes this error: the SDK lets the caller's
+    ``asyncio.CancelledError`` through and never retries it."""
+
+    grpc_code = grpc.StatusCode.CANCELLED
+    retriable = True
+
+
 class ResourceExhausted(RaftStateError):
     """A node limit was reached (proposal queue, concurrent RPCs, open
     streams); the message starts with the config field that sets it.
@@ -113,6 +124,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RaftStateError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DATA_LOSS: DecodeError,
+    grpc.StatusCode.CANCELLED: Cancelled,
 }
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import pysyncobj.syncobj as _pso
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.config import FAIL_REASON
+from pysyncobj.tcp_connection import CONNECTION_STATE
 
 from raftstate import appendguard, fastcommit, logcommand
 from raftstate.catchup import CatchUpGate
@@ -58,6 +59,9 @@ from raftstate.journal import (
 )
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
+from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
+from raftstate.prevote import PREVOTE
+from raftstate.prevotegate import PreVoteGate
 from raftstate.statemachine import DeviceTable
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
 from raftstate.transport.tcp import CodecTCPTransport
@@ -199,9 +203,48 @@ class OwnMessagesMixin:
         super()._onMessageReceived(node, message)  # type: ignore[misc]
 
 
+#: Election messages that must survive pysyncobj closing an idle TCP link.
+_HELD_ON_IDLE = frozenset({"request_vote", PREVOTE})
+
+
 class RaftstateTCPTransport(OwnMessagesMixin, CodecTCPTransport):
     """pysyncobj's TCP transport, speaking our wire codec
-    (:mod:`raftstate.transport.tcp`), with the ``rs_*`` side door."""
+    (:mod:`raftstate.transport.tcp`), with the ``rs_*`` side door.
+
+    pysyncobj closes a connection on which nothing was read for
+    ``connectionTimeout``, but only checks when it next sends on it, so that
+    send is dropped with the connection. Follower-to-follower links carry
+    nothing while a leader lives, so the dropped message was the first
+    ``request_vote`` after the leader failed: the other follower timed out
+    too and every TCP election split into a second term. An election message
+    that meets an idle link is kept and sent again when the peer reconnects
+    (milliseconds later: the dialling side redials as soon as the link drops).
+    """
+
+    def __init__(self, syncObj: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N803
+        self._held: dict[Any, tuple[float, dict[str, Any]]] = {}
+        super().__init__(syncObj, *args, **kwargs)
+
+    def send(self, node: Any, message: Any) -> Any:
+        if isinstance(message, dict) and message.get("type") in _HELD_ON_IDLE:
+            conn = self._connections.get(node)
+            if conn is not None and _idle_out(conn):
+                self._held[node] = (time.monotonic(), message)
+        return super().send(node, message)
+
+    def _onNodeConnected(self, node: Any) -> None:  # noqa: N802 - pysyncobj's name
+        super()._onNodeConnected(node)
+        held = self._held.pop(node, None)
+        if held is not None and time.monotonic() - held[0] < self._syncObj.conf.raftMinTimeout:
+            self.send(node, held[1])
+
+
+def _idle_out(conn: Any) -> bool:
+    """pysyncobj's TcpConnection will close itself at its next send."""
+    return bool(
+        conn.state == CONNECTION_STATE.CONNECTED
+        and time.monotonic() - conn._TcpConnection__lastReadTime > conn._TcpConnection__timeout
+    )
 
 
 class RaftstateUdpTransport(OwnMessagesMixin, UdpTransport):
@@ -256,7 +299,11 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.table = table
         self.cfg = cfg
-        self._own_message_handler: MessageHandler | None = None
+        #: rs_* messages go to :meth:`_dispatch_own`: PreVote's to the gate,
+        #: the rest to the handler of :meth:`set_message_handler`.
+        self._own_message_handler: MessageHandler | None = self._dispatch_own
+        self._reads_handler: MessageHandler | None = None
+        self._prevote_gate: PreVoteGate | None = None
         self._reset_guard = ResetGuard()
         #: Followers raise their own commit index (raftstate/fastcommit.py).
         self._follower_commit = cfg.follower_commit and fastcommit.enabled(len(cfg.members))
@@ -295,6 +342,10 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             raise ConfigError(
                 f"raft_listen: cannot bind {cfg.raft_bind} (in use, or not an address of this host)"
             ) from None
+        if cfg.pre_vote:
+            self._prevote_gate = PreVoteGate(
+                self, len(cfg.members), cfg.election_timeout_min_ms / 1000
+            )
 
     def propose(self, entry: bytes, callback: ProposeCallback) -> None:
         """Queue the HeartbeatBatch ``entry`` for replication, as a
@@ -379,13 +430,17 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 - pysyncobj's names
         """pysyncobj's tick, guarded: an exception is counted and acted on
         here (raftstate/tickguard.py) instead of looping in pysyncobj's
-        thread. Tick thread only."""
+        thread; PreVote decides whether an expired election deadline may
+        start an election before pysyncobj looks at it
+        (raftstate/prevotegate.py). Tick thread only."""
         if self._catch_up.active:
             self._hold_election()
+        gate = self._prevote_gate
         try:
             if self.cfg.test_fail_ticks_file and os.path.exists(self.cfg.test_fail_ticks_file):
                 raise RuntimeError("injected tick failure (test_fail_ticks_file)")
-            super()._onTick(timeToWait)
+            with gate.tick() if gate is not None else contextlib.nullcontext():
+                super()._onTick(timeToWait)
         except Exception as exc:  # every escape is counted; see TickGuard
             self._on_tick_failure(exc)
             time.sleep(self.cfg.tick_ms / 1000)  # pysyncobj's pause before a retry
@@ -487,6 +542,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         match the leader's (see raftstate/appendguard.py)."""
         if self._catch_up.active and message.get("term", -1) >= self.raftCurrentTerm:
             self._catch_up.on_leader_commit(int(message.get("commit_index", 0)))
+        gate = self._prevote_gate
+        if gate is not None:
+            gate.on_append_entries(int(message.get("term", -1)))
         if "prevLogIdx" not in message or message.get("term", -1) < self.raftCurrentTerm:
             return message
         ours = self._SyncObj__getEntries(message["prevLogIdx"])
@@ -584,8 +642,20 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         return max(0, last)
 
     def set_message_handler(self, handler: MessageHandler | None) -> None:
-        """Receive raftstate's own messages (type ``rs_*``) on the tick thread."""
-        self._own_message_handler = handler
+        """Receive raftstate's own messages (type ``rs_*``, except PreVote's)
+        on the tick thread."""
+        self._reads_handler = handler
+
+    def _dispatch_own(self, node: Any, message: dict[str, Any]) -> None:
+        """Tick thread: route one ``rs_*`` message."""
+        if message.get("type") in PREVOTE_MESSAGES:
+            gate = self._prevote_gate
+            if gate is not None:
+                gate.on_message(node, message)
+            return
+        handler = self._reads_handler
+        if handler is not None:
+            handler(node, message)
 
     def send_raw(self, node: Any, message: dict[str, Any]) -> None:
         """Send one of our messages to a peer ``Node``. Tick thread only; a

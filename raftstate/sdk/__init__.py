@@ -12,6 +12,7 @@ A gateway pipelines many devices' heartbeats on one stream:
 """
 
 from raftstate.errors import (
+    Cancelled,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -31,6 +32,7 @@ from raftstate.sdk.types import ClusterStatus, Device, DevicePage, HeartbeatAck,
 __all__ = [
     "AsyncDeviceClient",
     "Backoff",
+    "Cancelled",
     "ClusterStatus",
     "Consistency",
     "DeadlineExceeded",

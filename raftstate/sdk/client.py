@@ -6,10 +6,12 @@ Theory of operation
   for ``Cluster.Status`` and sends requests to the leader's gRPC address,
   which saves the follower-to-leader hop. Any node would do: followers
   forward writes to the leader over the Raft transport.
-* **Retrying safely.** ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED`` and a
+* **Retrying safely.** ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, a
+  ``CANCELLED`` from the server (a node restarting mid-call) and a
   per-attempt ``DEADLINE_EXCEEDED`` are retried with exponential backoff and
   full jitter, on the next endpoint, until one overall deadline. Everything
-  else (``INVALID_ARGUMENT``, ``NOT_FOUND``) is raised at once.
+  else (``INVALID_ARGUMENT``, ``NOT_FOUND``) is raised at once, and a
+  cancellation the caller requested (its task cancelled) is never retried.
 * **Never applying a heartbeat twice.** A heartbeat's seq is fixed before
   the first attempt and every retry re-sends the same seq. The cluster
   applies a given ``(device_id, seq)`` at most once and answers a repeat as a
@@ -44,7 +46,7 @@ from raftstate.errors import (
     from_status,
 )
 from raftstate.model import Consistency, OnlineFilter, validate_device_id, validate_heartbeat
-from raftstate.sdk.retry import Backoff
+from raftstate.sdk.retry import Backoff, retry_allowed
 from raftstate.sdk.types import ClusterStatus, Device, DevicePage, HeartbeatAck
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
 
@@ -269,7 +271,7 @@ class AsyncDeviceClient:
                 )
             except grpc.aio.AioRpcError as e:
                 err = _map(e)
-            if not err.retriable:
+            if not retry_allowed(err, caller_cancelling=_cancelling()):
                 raise err
             self._on_retriable(endpoint, err)
             delay = self.backoff.delay(n)
@@ -324,6 +326,12 @@ def check_size(request: device_pb2.HeartbeatRequest) -> None:
         r = request
         validate_heartbeat(r.device_id, r.seq, r.reported, r.ttl_s)
         raise InvalidArgument("request", f"larger than {MAX_REQUEST_BYTES} bytes")
+
+
+def _cancelling() -> bool:
+    """True if the running task is being cancelled by its caller."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _map(e: grpc.aio.AioRpcError) -> RaftStateError:

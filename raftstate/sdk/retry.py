@@ -10,6 +10,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from raftstate.errors import Cancelled, RaftStateError
+
+#: How gRPC words a CANCELLED status that the client side itself caused.
+LOCAL_CANCEL_DETAILS = "Locally cancelled"
+
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
@@ -23,3 +28,15 @@ class Backoff:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
         ceiling = min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
         return self.rng.uniform(0.0, ceiling)
+
+
+def retry_allowed(err: RaftStateError, *, caller_cancelling: bool) -> bool:
+    """Whether the SDK may retry after ``err``. It must be retriable; a
+    :class:`~raftstate.errors.Cancelled` only counts when the server
+    cancelled: never while the caller's own task is being cancelled, and
+    never when gRPC says the call was cancelled locally."""
+    if not err.retriable:
+        return False
+    if isinstance(err, Cancelled):
+        return not caller_cancelling and not err.message.startswith(LOCAL_CANCEL_DETAILS)
+    return True

@@ -27,7 +27,7 @@ Theory of operation
    that a heartbeat is reported acknowledged only when *its own* ack with
    code OK arrived.
 3. **Per-message errors** do not end the stream. ``UNAVAILABLE``,
-   ``RESOURCE_EXHAUSTED`` and ``DEADLINE_EXCEEDED`` put the message back on
+   ``RESOURCE_EXHAUSTED``, ``CANCELLED`` and ``DEADLINE_EXCEEDED`` put the message back on
    the ready queue after exponential backoff with full jitter, with the same
    seq, until the message's own deadline. Any other code (``INVALID_ARGUMENT``
    above all) fails that message at once. After
