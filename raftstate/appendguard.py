@@ -21,13 +21,18 @@ tuples, as pysyncobj stores them):
 * if every entry is already there and the follower's further entries all
   carry the message's term, they are this leader's entries (a leader never
   rewrites its own index/term pairs), so ``prevLogIdx`` moves to the
-  follower's last entry and nothing is deleted. Further entries of older
-  terms may conflict with the leader's log; then only they are dropped, as
-  Raft allows for entries past a matching prefix that the leader has not
-  confirmed.
+  follower's last entry and nothing is deleted;
+* if some further entries are of older terms, they are still not deleted
+  (Raft deletes only on a conflict, and those entries may be committed and
+  applied: deleting them is what pysyncobj logs as "truncating
+  already-applied log entries"), but nor are they claimed: ``prevLogIdx``
+  moves to the follower's last entry so pysyncobj deletes nothing, the
+  message's ``commit_index`` is capped at the last index it confirmed, and
+  the caller must cap the follower's reply (``next_node_idx``) at that index
+  + 1. A later AppendEntries that conflicts with them truncates from the
+  conflict (the rule above).
 
-The rewritten message makes pysyncobj reply with the right next index in
-every case. Messages it would reject (no entry at ``prevLogIdx``, or a term
+Messages pysyncobj would reject (no entry at ``prevLogIdx``, or a term
 mismatch) and snapshot transmissions pass unchanged.
 """
 
@@ -39,19 +44,20 @@ from typing import Any
 Entry = Sequence[Any]  # (command, index, term)
 
 
-def trim(message: dict[str, Any], ours: Sequence[Entry]) -> dict[str, Any]:
+def trim(message: dict[str, Any], ours: Sequence[Entry]) -> tuple[dict[str, Any], int | None]:
     """``message``: a pysyncobj ``append_entries`` dict; ``ours``: the
     follower's entries from ``message['prevLogIdx']`` to its end (what
     pysyncobj's ``__getEntries(prevLogIdx)`` returns). Returns the message
-    to hand to pysyncobj (``message`` itself when nothing changes)."""
+    to hand to pysyncobj (``message`` itself when nothing changes) and the
+    highest index the follower's reply may claim (``None``: no cap)."""
     if "prevLogIdx" not in message or "transmission" in message:
-        return message
+        return message, None
     if not ours or ours[0][2] != message["prevLogTerm"]:
-        return message  # pysyncobj rejects it without touching the log
+        return message, None  # pysyncobj rejects it without touching the log
     extra = list(ours[1:])
     new = list(message.get("entries") or [])
     if not extra:
-        return message  # nothing of ours after prevLogIdx: nothing to delete
+        return message, None  # nothing of ours after prevLogIdx: nothing to delete
     i = 0
     while i < len(new) and i < len(extra) and new[i][2] == extra[i][2]:
         i += 1
@@ -59,21 +65,22 @@ def trim(message: dict[str, Any], ours: Sequence[Entry]) -> dict[str, Any]:
     if i < len(new):
         # new[i] conflicts with extra[i], or extends past our end: start there.
         if i == 0:
-            return message
+            return message, None
         return {
             **message,
             "prevLogIdx": prev_idx + i,
             "prevLogTerm": extra[i - 1][2],
             "entries": new[i:],
-        }
+        }, None
+    last = extra[-1]
+    keep_all = {**message, "prevLogIdx": last[1], "prevLogTerm": last[2], "entries": []}
     rest = extra[len(new) :]
     if all(e[2] == message["term"] for e in rest):
-        last = extra[-1]
-        return {**message, "prevLogIdx": last[1], "prevLogTerm": last[2], "entries": []}
-    # Entries past the message's range from older terms: drop only those.
-    last_idx = prev_idx + len(new)
-    last_term = new[-1][2] if new else message["prevLogTerm"]
-    return {**message, "prevLogIdx": last_idx, "prevLogTerm": last_term, "entries": []}
+        return keep_all, None
+    # Entries past the message's range from older terms: keep, do not claim.
+    confirmed = prev_idx + len(new)
+    commit = min(int(message.get("commit_index", 0)), confirmed)
+    return {**keep_all, "commit_index": commit}, confirmed
 
 
 __all__ = ["trim"]

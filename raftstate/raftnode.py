@@ -171,7 +171,20 @@ class OwnMessagesMixin:
         super().__init__(syncObj, *args, **kwargs)  # type: ignore[call-arg]
         syncObj._own_transport = self
 
+    #: (node, index): the answer to the AppendEntries being processed may
+    #: claim no more than ``index`` (raftstate/appendguard.py).
+    _reply_cap: tuple[Any, int] | None = None
+
     def send(self, node: Any, message: Any) -> Any:
+        cap = self._reply_cap
+        if (
+            cap is not None
+            and cap[0] is node
+            and isinstance(message, dict)
+            and message.get("type") == "next_node_idx"
+            and message.get("success")
+        ):
+            message = {**message, "next_node_idx": min(message["next_node_idx"], cap[1] + 1)}
         if isinstance(message, dict) and message.get("type") == "append_entries":
             entries = message.get("entries")
             ledger = getattr(self._syncObj, "send_ledger", None)
@@ -199,7 +212,15 @@ class OwnMessagesMixin:
             elif kind == "append_entries":
                 keep = getattr(self._syncObj, "_filter_append_entries", None)
                 if keep is not None:
-                    message = keep(message)
+                    message, cap = keep(message)
+                    if cap is not None:
+                        # pysyncobj answers inside this call: cap that answer.
+                        self._reply_cap = (node, cap)
+                        try:
+                            super()._onMessageReceived(node, message)  # type: ignore[misc]
+                        finally:
+                            self._reply_cap = None
+                        return
         super()._onMessageReceived(node, message)  # type: ignore[misc]
 
 
@@ -537,21 +558,24 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             self._compaction_forced = (journal.compactions, now)
             self.forceLogCompaction()
 
-    def _filter_append_entries(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _filter_append_entries(
+        self, message: dict[str, Any]
+    ) -> tuple[dict[str, Any], int | None]:
         """Tick thread: never let pysyncobj's follower delete entries that
-        match the leader's (see raftstate/appendguard.py)."""
+        match the leader's (see raftstate/appendguard.py). Returns the message
+        for pysyncobj and the highest index its answer may claim."""
         if self._catch_up.active and message.get("term", -1) >= self.raftCurrentTerm:
             self._catch_up.on_leader_commit(int(message.get("commit_index", 0)))
         gate = self._prevote_gate
         if gate is not None:
             gate.on_append_entries(int(message.get("term", -1)))
         if "prevLogIdx" not in message or message.get("term", -1) < self.raftCurrentTerm:
-            return message
+            return message, None
         ours = self._SyncObj__getEntries(message["prevLogIdx"])
-        message = appendguard.trim(message, ours)
-        if self._follower_commit:
+        message, cap = appendguard.trim(message, ours)
+        if self._follower_commit and cap is None:
             message = fastcommit.raise_commit(message)
-        return message
+        return message, cap
 
     def _last_log_index(self) -> int:
         """Index of the last log entry. Any thread: a read of the journal's

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from raftstate.appendguard import trim
+from raftstate import appendguard
+
+
+def trim(message: dict[str, Any], ours: list[Any]) -> dict[str, Any]:
+    """The rewritten message; the reply cap must be None (nothing unclaimed)."""
+    out, cap = appendguard.trim(message, ours)
+    assert cap is None
+    return out
 
 
 def log(*terms: int, start: int = 10) -> list[tuple[bytes, int, int]]:
@@ -44,10 +51,25 @@ def test_conflict_at_the_first_entry_passes_unchanged() -> None:
     assert trim(msg, ours) is msg
 
 
-def test_older_term_extras_past_the_range_are_the_only_ones_dropped() -> None:
-    ours = log(4, 5, 3)  # 12 is from term 3, beyond the message's range
-    out = trim(ae(10, 4, log(5, start=11)), ours)
-    assert out["prevLogIdx"] == 11 and out["entries"] == []
+def test_older_term_extras_past_the_range_are_kept_but_not_claimed() -> None:
+    """12 is from term 3, beyond the message's range: it may be committed and
+    applied, so it is not deleted; but the reply must not claim it."""
+    ours = log(4, 5, 3)
+    msg = {**ae(10, 4, log(5, start=11)), "commit_index": 12}
+    out, cap = appendguard.trim(msg, ours)
+    assert out["prevLogIdx"] == 12 and out["entries"] == []  # nothing deleted
+    assert cap == 11 and out["commit_index"] == 11
+
+
+def test_heartbeat_below_applied_older_entries_deletes_nothing() -> None:
+    """The flood case: a new leader's heartbeat starts at 37 (a nextIndex
+    reset) while the follower holds 38..57 of the old term, all applied.
+    pysyncobj deleted them (CRITICAL "truncating already-applied log
+    entries"); now nothing is deleted and only 37 is confirmed."""
+    ours = log(*([1] * 21), start=37)  # 37..57, term 1
+    out, cap = appendguard.trim(ae(37, 1, [], term=2), ours)
+    assert out["prevLogIdx"] == 57 and out["entries"] == []
+    assert cap == 37 and out["commit_index"] == 0
 
 
 def test_heartbeat_below_our_end_keeps_this_terms_entries() -> None:
