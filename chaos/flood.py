@@ -48,18 +48,15 @@ def reported_of_size(rng: random.Random, total: int, entries: int) -> dict[str, 
 
 
 def _text(rng: random.Random, nbytes: int) -> str:
-    parts: list[str] = []
+    """Exactly ``nbytes`` of UTF-8: up to eight multi-byte characters, then
+    ASCII (drawn in one call: a flood draws hundreds of megabytes)."""
+    wide: list[str] = []
     left = nbytes
-    while left > 0:
-        if left >= 4 and rng.random() < 0.2:
-            ch = rng.choice(_WIDE)
-            if len(ch.encode()) <= left:
-                parts.append(ch)
-                left -= len(ch.encode())
-                continue
-        parts.append(rng.choice(_ALPHABET))
-        left -= 1
-    return "".join(parts)
+    while left >= 4 and len(wide) < 8 and rng.random() < 0.6:
+        ch = rng.choice(_WIDE)
+        wide.append(ch)
+        left -= len(ch.encode())
+    return "".join(wide) + "".join(rng.choices(_ALPHABET, k=left))
 
 
 def draw_reported(
