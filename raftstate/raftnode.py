@@ -249,7 +249,8 @@ class RaftstateTCPTransport(OwnMessagesMixin, CodecTCPTransport):
     def send(self, node: Any, message: Any) -> Any:
         if isinstance(message, dict) and message.get("type") in _HELD_ON_IDLE:
             conn = self._connections.get(node)
-            if conn is not None and _idle_out(conn):
+            handshaking = conn is not None and self._syncObj.encryptor and not conn.sendRandKey
+            if conn is not None and (_idle_out(conn) or handshaking):
                 self._held[node] = (time.monotonic(), message)
         return super().send(node, message)
 

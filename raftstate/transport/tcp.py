@@ -147,6 +147,19 @@ class CodecTCPTransport(TCPTransport):  # type: ignore[misc]
         if conn is not None and not isinstance(conn, CodecTcpConnection):
             CodecTcpConnection.adopt(conn, self._on_bad_frame)
 
+    def send(self, node: Any, message: Any) -> bool:
+        """pysyncobj's send, except on a connection whose key exchange is not
+        done: pysyncobj marks an outgoing connection CONNECTED as soon as
+        the socket connects, and sends request_vote to every node whatever
+        its state, so a vote could go out without the peer's connection key
+        (stock pysyncobj: an assertion on the peer; here: the peer closed
+        the connection as undecodable, seen during elections under load).
+        Such a message is not sent (``False``; Raft resends votes)."""
+        conn = self._connections.get(node)
+        if conn is not None and self._syncObj.encryptor and not conn.sendRandKey:
+            return False
+        return bool(super().send(node, message))
+
     def _onNewIncomingConnection(self, conn: Any) -> None:  # noqa: N802
         CodecTcpConnection.adopt(conn, self._on_bad_frame)
         super()._onNewIncomingConnection(conn)
