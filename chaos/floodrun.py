@@ -53,11 +53,14 @@ class FloodReport:
     bad_log_lines: list[str] = field(default_factory=list)
     term_before: int = 0
     term_after: int = 0
+    #: Why the run stopped early (a timeout), if it did.
+    failure: str = ""
 
     @property
     def ok(self) -> bool:
         return (
-            self.errors == 0
+            not self.failure
+            and self.errors == 0
             and self.acked > 0
             and self.commit_after_load_s < 2.0
             and not any(self.missing_after_restart.values())
@@ -83,65 +86,79 @@ def run_flood(
     window: int = 32,
     kill_after_entries: int = 25,
 ) -> FloodReport:
-    """Run the scenario in the module docstring in ``base_dir``. Raises
-    ``TimeoutError`` if the cluster or the flood does not make progress."""
+    """Run the scenario in the module docstring in ``base_dir``. A step that
+    makes no progress in time ends the run with ``failure`` set."""
     report = FloodReport(transport=transport, devices=devices)
     base = NodeConfig.for_tests(transport=transport)
     with LocalCluster(base_dir, 3, base_config=base) as cluster:
-        leader = cluster.wait_for_leader()
-        follower = next(n for n in cluster.nodes if n != leader)
-        first = cluster.status(leader)
-        report.term_before = first.term if first is not None else 0
-        targets = [cluster.nodes[leader].endpoint, cluster.nodes[follower].endpoint]
-        out: list[FloodResult] = []
-        runner = threading.Thread(target=lambda: out.append(asyncio.run(flood(
-            targets, cluster.endpoints, devices=devices,
-            streams_per_target=streams_per_target, window=window,
-        ))))  # fmt: skip
-        runner.start()
-        start_index = first.commit_index if first is not None else 0
-        deadline = time.monotonic() + 120
-        while True:
-            st = cluster.status(leader)
-            if st is not None and st.commit_index >= start_index + kill_after_entries:
-                break
-            if time.monotonic() > deadline or not runner.is_alive():
-                raise TimeoutError("the flood never got going")
-            time.sleep(0.05)
-        cluster.kill_node(leader)
-        report.killed = leader
-        runner.join(max(600.0, devices / 5))
-        if runner.is_alive():
-            raise TimeoutError("the flood did not finish")
-        res = out[0]
-        report.acked = len(res.acked)
-        report.errors = len(res.errors)
-        report.error_samples = res.errors[:5]
-        report.megabytes_acked = round(res.bytes_acked / 1e6, 2)
-        report.flood_s = round(res.seconds, 2)
-        report.heartbeats_per_s = round(len(res.acked) / res.seconds, 1) if res.seconds else 0.0
-        cluster.start_node(leader)
-        t0 = time.monotonic()
-        with DeviceClient(cluster.endpoints, deadline_s=10) as client:
-            client.heartbeat("after-flood", {"k": "v"})
-        report.commit_after_load_s = round(time.monotonic() - t0, 3)
-        for node_id in cluster.nodes:
-            cluster.stop_node(node_id)
-        for node_id in cluster.nodes:
-            cluster.start_node(node_id)
-        new_leader = cluster.wait_for_leader(60)
-        st = cluster.status(new_leader)
-        assert st is not None
-        for node_id in cluster.nodes:
-            cluster.wait_applied(node_id, st.commit_index, 60)
-        report.term_after = st.term
-        for node_id, node in cluster.nodes.items():
-            seen = node_table(node.endpoint, "fl-")
-            report.missing_after_restart[node_id] = sum(
-                1 for d, s in res.acked.items() if seen.get(d, (0,))[0] < s
-            )
+        try:
+            _run(cluster, report, devices, streams_per_target, window, kill_after_entries)
+        except TimeoutError as exc:
+            report.failure = str(exc)
         report.bad_log_lines = bad_lines(cluster)[:20]
     return report
+
+
+def _run(
+    cluster: LocalCluster,
+    report: FloodReport,
+    devices: int,
+    streams_per_target: int,
+    window: int,
+    kill_after_entries: int,
+) -> None:
+    leader = cluster.wait_for_leader()
+    follower = next(n for n in cluster.nodes if n != leader)
+    first = cluster.status(leader)
+    report.term_before = first.term if first is not None else 0
+    targets = [cluster.nodes[leader].endpoint, cluster.nodes[follower].endpoint]
+    out: list[FloodResult] = []
+    runner = threading.Thread(target=lambda: out.append(asyncio.run(flood(
+        targets, cluster.endpoints, devices=devices,
+        streams_per_target=streams_per_target, window=window,
+    ))))  # fmt: skip
+    runner.start()
+    start_index = first.commit_index if first is not None else 0
+    deadline = time.monotonic() + 120
+    while True:
+        st = cluster.status(leader)
+        if st is not None and st.commit_index >= start_index + kill_after_entries:
+            break
+        if time.monotonic() > deadline or not runner.is_alive():
+            raise TimeoutError("the flood never got going")
+        time.sleep(0.05)
+    cluster.kill_node(leader)
+    report.killed = leader
+    runner.join(max(600.0, devices / 5))
+    if runner.is_alive():
+        raise TimeoutError("the flood did not finish")
+    res = out[0]
+    report.acked = len(res.acked)
+    report.errors = len(res.errors)
+    report.error_samples = res.errors[:5]
+    report.megabytes_acked = round(res.bytes_acked / 1e6, 2)
+    report.flood_s = round(res.seconds, 2)
+    report.heartbeats_per_s = round(len(res.acked) / res.seconds, 1) if res.seconds else 0.0
+    cluster.start_node(leader)
+    t0 = time.monotonic()
+    with DeviceClient(cluster.endpoints, deadline_s=10) as client:
+        client.heartbeat("after-flood", {"k": "v"})
+    report.commit_after_load_s = round(time.monotonic() - t0, 3)
+    for node_id in cluster.nodes:
+        cluster.stop_node(node_id)
+    for node_id in cluster.nodes:
+        cluster.start_node(node_id)
+    new_leader = cluster.wait_for_leader(60)
+    st = cluster.status(new_leader)
+    assert st is not None
+    for node_id in cluster.nodes:
+        cluster.wait_applied(node_id, st.commit_index, 60)
+    report.term_after = st.term
+    for node_id, node in cluster.nodes.items():
+        seen = node_table(node.endpoint, "fl-")
+        report.missing_after_restart[node_id] = sum(
+            1 for d, s in res.acked.items() if seen.get(d, (0,))[0] < s
+        )
 
 
 def render(reports: list[FloodReport]) -> str:
@@ -185,6 +202,9 @@ def main(args: argparse.Namespace) -> int:
         print(render(reports[-1:]), flush=True)
     print()
     print(render(reports))
+    for r in reports:
+        for line in ([r.failure] if r.failure else []) + r.error_samples + r.bad_log_lines[:5]:
+            print(f"  {r.transport}: {line}")
     record = {**run_header(started, time.time() - started, []),
               "results": [asdict(r) | {"ok": r.ok} for r in reports]}
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
