@@ -62,6 +62,7 @@ from raftstate.nextindex import ResetGuard, SendLedger
 from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
 from raftstate.prevote import PREVOTE
 from raftstate.prevotegate import PreVoteGate
+from raftstate.privfile import open_private, private_dir
 from raftstate.statemachine import DeviceTable
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
 from raftstate.transport.tcp import CodecTCPTransport
@@ -317,7 +318,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         """``loop``: the node's running event loop, used by the UDP transport
         (see :func:`transport_factory`); construct on another thread, since
         this waits for the transport to bind. Raises ``ConfigError``."""
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.data_dir)
         self.table = table
         self.cfg = cfg
         #: rs_* messages go to :meth:`_dispatch_own`: PreVote's to the gate,
@@ -724,7 +725,7 @@ class SnapshotCodec:
         snap.last_entry.CopyFrom(_entry(last))
         snap.prev_entry.CopyFrom(_entry(prev))
         snap.cluster.extend(sorted(str(n) for n in cluster))
-        with open(path, "wb") as fh:
+        with open_private(path, "wb") as fh:
             fh.write(seal_snapshot(snap.SerializeToString()))
             fh.flush()
             if self.fsync:
