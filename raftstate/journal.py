@@ -46,7 +46,6 @@ from pysyncobj.journal import Journal
 from pysyncobj.serializer import Serializer
 
 from raftstate.errors import ConfigError
-from raftstate.privfile import open_private, open_private_fd
 from raftstate.integrity import (
     JOURNAL_MAGIC,
     PYSYNCOBJ_JOURNAL_MAGIC,
@@ -58,6 +57,7 @@ from raftstate.integrity import (
     encode_record,
     scan_records,
 )
+from raftstate.privfile import open_private, open_private_fd
 
 log = logging.getLogger("raftstate.journal")
 

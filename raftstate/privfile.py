@@ -106,4 +106,11 @@ def with_suppressed_unlink(path: Path) -> None:
         pass
 
 
-__all__ = ["DIR_MODE", "FILE_MODE", "open_private", "open_private_fd", "private_dir", "write_private"]
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "open_private",
+    "open_private_fd",
+    "private_dir",
+    "write_private",
+]

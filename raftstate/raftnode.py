@@ -59,6 +59,7 @@ from raftstate.journal import (
 )
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
+from raftstate.nodekeys import load_identity
 from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
 from raftstate.prevote import PREVOTE
 from raftstate.prevotegate import PreVoteGate
@@ -288,6 +289,7 @@ def transport_factory(
             dead_after=max(cfg.connection_timeout_ms / 1000, 1.5),
             send_to=cfg.peer_raft,
             ice=_ice_settings(cfg),
+            identity=load_identity(cfg),
         )
         return functools.partial(RaftstateUdpTransport, settings=settings, loop=loop)
     return RaftstateTCPTransport
@@ -299,6 +301,7 @@ def _ice_settings(cfg: NodeConfig) -> IceSettings | None:
     return IceSettings(
         rendezvous=cfg.rendezvous,
         stun_server=cfg.stun_server,
+        rendezvous_secret=cfg.rendezvous_secret,
         turn_server=cfg.turn_server,
         turn_username=cfg.turn_username,
         turn_password=cfg.turn_password,
