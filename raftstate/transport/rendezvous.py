@@ -183,12 +183,14 @@ class RendezvousServer:
         hold_s: float = 60.0,
         max_connections: int = MAX_CONNECTIONS,
         max_per_source: int = MAX_PER_SOURCE,
-        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        handshake_timeout_s: float | None = None,
     ) -> None:
         """``rendezvous_secret`` is the rendezvous credential, never the
         cluster secret. Raises :class:`ConfigError` for a secret under 16
         characters, a negative ``hold_s`` or caps/timeouts that are not
-        positive."""
+        positive. ``handshake_timeout_s`` defaults to ``HANDSHAKE_TIMEOUT_S``."""
+        if handshake_timeout_s is None:
+            handshake_timeout_s = HANDSHAKE_TIMEOUT_S
         if max_connections < 1 or max_per_source < 1 or not handshake_timeout_s > 0:
             raise ConfigError(
                 "max_connections, max_per_source, handshake_timeout_s: must be positive"
