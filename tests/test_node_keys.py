@@ -24,7 +24,9 @@ from raftstate.nodekeys import (
 from raftstate.sdk import DeviceClient
 from raftstate.secretcheck import generate_secret
 
-MEMBERS = tuple(Member(f"n{i}", f"127.0.0.1:{7100 + i}", f"127.0.0.1:{7000 + i}") for i in (1, 2, 3))
+MEMBERS = tuple(
+    Member(f"n{i}", f"127.0.0.1:{7100 + i}", f"127.0.0.1:{7000 + i}") for i in (1, 2, 3)
+)
 
 
 def _keyed(tmp_path: Path, **kw: object) -> NodeConfig:
