@@ -63,6 +63,8 @@ def test_one_huge_seq_cannot_take_over_a_device(tmp_path: Path) -> None:
             with pytest.raises(InvalidArgument) as err:
                 attacker.heartbeat("w-0", {"temp": "-999"}, seq=SEQ_MAX)
             assert err.value.field == "seq"
+            # The refused seq does not stick in the client's own seq counter.
+            assert not attacker.heartbeat("w-0", {"temp": "20.5"}).duplicate
         with DeviceClient(cluster.endpoints) as device:
             ack = device.heartbeat("w-0", {"temp": "21"})
             assert not ack.duplicate and ack.seq <= time.time_ns() // 1000 + 10**6
