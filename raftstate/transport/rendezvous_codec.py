@@ -189,9 +189,7 @@ class RendezvousKeys:
         the secret is a string of at least 16 characters (strength is checked
         where it is configured)."""
         if not isinstance(rendezvous_secret, str) or len(rendezvous_secret) < MIN_SECRET_LENGTH:
-            raise ConfigError(
-                f"rendezvous_secret: must be at least {MIN_SECRET_LENGTH} characters"
-            )
+            raise ConfigError(f"rendezvous_secret: must be at least {MIN_SECRET_LENGTH} characters")
         okm = _hkdf(LABEL, rendezvous_secret.encode("utf-8"), LABEL + b" keys", 64)
         return cls(mac_key=okm[:32], session_salt=okm[32:])
 
