@@ -395,6 +395,9 @@ class IceReach:
             return
         opened = self._sealer.open(sender, wire)
         if opened is None:
+            n = self._sealer.rejected
+            if n & (n - 1):  # log the 1st, 2nd, 4th, 8th, ...: the sender may be hostile
+                return
             log.warning(
                 "rendezvous message claiming to be from %s failed authentication "
                 "(forged or altered, or cluster secret/node keys differ): dropped (%d so far)",
