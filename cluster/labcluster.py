@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from cluster.local import LocalCluster
 from cluster.natlab import NatKind, NatLab
 from cluster.netns import LabError
 from raftstate.config import NodeConfig
+from raftstate.secretcheck import generate_secret
 
 __all__ = [
     "GRPC_PORT",
@@ -193,7 +193,9 @@ class LabCluster:
         self.base_config = base_config or NodeConfig.default()
         self.lab = NatLab(kinds, prefix, detach=detach, workdir=self.base_dir / "lab")
         self.cluster: LocalCluster | None = None
-        self.secret = secrets.token_urlsafe(24)
+        self.secret = generate_secret()
+        #: The rendezvous credential: the rendezvous never gets ``secret``.
+        self.rendezvous_secret = generate_secret()
         self._rendezvous: subprocess.Popen[bytes] | None = None
         self._progress = progress or (lambda _line: None)
 
@@ -345,13 +347,18 @@ class LabCluster:
             rendezvous=self.rendezvous_address, stun_server=lab.stun_address,
             turn_server=lab.stun_address, turn_username=lab.turn_username,
             turn_password=lab.turn_password, ice_connect_timeout_ms=3000,
+            rendezvous_secret=self.rendezvous_secret,
         )  # fmt: skip
 
     def _start_rendezvous(self) -> None:
         log_path = self.base_dir / "rendezvous.log"
         argv = [*self.lab.public_exec_prefix(), sys.executable, "-m", "raftstate",
                 "rendezvous", "--listen", self.rendezvous_address]  # fmt: skip
-        env = {**os.environ, "RAFTSTATE_CLUSTER_SECRET": self.secret, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "RAFTSTATE_RENDEZVOUS_SECRET": self.rendezvous_secret,
+            "PYTHONUNBUFFERED": "1",
+        }
         with open(log_path, "wb") as log:
             self._rendezvous = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

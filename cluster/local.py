@@ -9,7 +9,6 @@ with deadlines (``Cluster.Status`` over gRPC), never fixed sleeps.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -24,6 +23,9 @@ from typing import Any
 import grpc
 
 from raftstate.config import Member, NodeConfig
+from raftstate.nodekeys import generate_key_pair, public_key_of, write_key_file
+from raftstate.privfile import open_private, private_dir, write_private
+from raftstate.secretcheck import generate_secret
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc
 
 DEFAULT_GRPC_BASE = 7001
@@ -130,9 +132,12 @@ class LocalCluster:
         ``ip netns exec NAME``). ``node_overrides[node_id]`` replaces config
         fields of that node only (e.g. its ``peer_raft``). ``detach`` starts
         each node in its own session, so it outlives this process and its
-        terminal. Raises ``ConfigError`` if a resulting config is invalid."""
-        self.base_dir = Path(base_dir).resolve()
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        terminal. Every UDP node gets a static node key (``nN.key``, kept
+        across restarts in ``base_dir``) and every member's public key, unless
+        its config already names one. ``base_dir`` is made 0700 and every
+        file written in it 0600. Raises ``ConfigError`` if a resulting config
+        is invalid."""
+        self.base_dir = private_dir(Path(base_dir).resolve())
         self.size = size
         self.python = python
         self.exec_prefix = exec_prefix
@@ -150,7 +155,9 @@ class LocalCluster:
             for i in range(size)
         )
         base = base_config or NodeConfig.default()
-        secret = secret or base.cluster_secret or secrets.token_urlsafe(24)
+        secret = secret or base.cluster_secret or generate_secret()
+        keys = {m.id: self._node_key(m.id) for m in members}
+        public = {node_id: public_key_of(private) for node_id, private in keys.items()}
         self.nodes: dict[str, NodeProcess] = {}
         for m in members:
             cfg = replace(
@@ -161,9 +168,26 @@ class LocalCluster:
                 cluster_secret=secret,
             )
             cfg = replace(cfg, **dict((node_overrides or {}).get(m.id, {})))
+            if cfg.transport == "udp" and not (cfg.node_key_file or cfg.peer_keys):
+                cfg = replace(
+                    cfg, node_key_file=str(self._key_path(m.id)), peer_keys=dict(public)
+                )
             cfg.validate()
             path = self.base_dir / f"{m.id}.toml"
             self.nodes[m.id] = NodeProcess(cfg, path, self.base_dir / f"{m.id}.log")
+
+    def _key_path(self, node_id: str) -> Path:
+        return self.base_dir / f"{node_id}.key"
+
+    def _node_key(self, node_id: str) -> str:
+        """``node_id``'s private key: the one in ``base_dir`` if present (a
+        restarted cluster), else a new one written there 0600."""
+        path = self._key_path(node_id)
+        if path.exists():
+            return path.read_text(encoding="ascii").strip()
+        private, _public = generate_key_pair()
+        write_key_file(path, private)
+        return private
 
     # ---- lifecycle --------------------------------------------------------
 
@@ -193,12 +217,9 @@ class LocalCluster:
         node = self.nodes[node_id]
         if node.running():
             return node
-        # The config holds the cluster secret: create it private.
-        fd = os.open(node.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(node.config.to_toml())
-        node.config_path.chmod(0o600)
-        log = open(node.log_path, "ab")
+        # The config holds the cluster secret: private from its first byte.
+        write_private(node.config_path, node.config.to_toml())
+        log = open_private(node.log_path, "ab")
         try:
             prefix = self.exec_prefix(node_id) if self.exec_prefix is not None else []
             node.proc = subprocess.Popen(

@@ -166,7 +166,7 @@ class NatLab:
         self.wan = wan
         self.detach = detach
         self.turn_username = "raftstate"
-        self.turn_password = secrets.token_hex(12)
+        self.turn_password = secrets.token_hex(32)  # 32 random bytes, like every secret
         self.turn_realm = f"{prefix}.natlab"
         self._given_workdir = None if workdir is None else Path(workdir).resolve()
         self._subnet: ipaddress.IPv4Network | None = None

@@ -21,6 +21,8 @@ from typing import Any
 from raftstate.admission import DEFAULT_STREAM_WINDOW
 from raftstate.errors import ConfigError
 from raftstate.model import BATCH_HEADER_BOUND, RECORD_MAX_BYTES
+from raftstate.nodekeys import decode_key
+from raftstate.secretcheck import check_secret
 
 ENV_PREFIX = "RAFTSTATE_"
 _HOSTPORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
@@ -93,7 +95,21 @@ class NodeConfig:
     #: A->B and B->A may take different paths). TOML table ``[peer_raft]``.
     peer_raft: dict[str, str] = field(default_factory=dict)
     #: Shared secret that authenticates and encrypts node-to-node traffic.
+    #: At least 128 bits estimated; generate with ``raftstate secret``.
     cluster_secret: str = ""
+    #: UDP only: file holding this node's static X25519 private key
+    #: (``raftstate cluster up`` writes ``nN.key``). With it every HELLO is
+    #: MACed under a key only the two nodes of the pair can compute, so a
+    #: member (or anyone holding the cluster secret) cannot pose as another.
+    #: The file must not be readable by group or others.
+    node_key_file: str = ""
+    #: With ``node_key_file``: member id -> that member's public key
+    #: (base64url, 32 bytes), for every other member (this node's own entry
+    #: is optional and checked against its key). TOML table ``[peer_keys]``.
+    peer_keys: dict[str, str] = field(default_factory=dict)
+    #: ICE: the credential nodes use to authenticate to the rendezvous; must
+    #: differ from ``cluster_secret`` (the rendezvous host never learns it).
+    rendezvous_secret: str = ""
     #: Allow running the Raft transport without ``cluster_secret`` (tests,
     #: demos): TCP only, and only when every member's raft address (and
     #: ``raft_listen``) is a loopback address; the node logs a warning.
@@ -165,6 +181,11 @@ class NodeConfig:
     #: restarts it from its verified snapshot and journal.
     tick_failure_limit: int = 5
     default_ttl_s: int = 30
+    #: A heartbeat whose seq is more than this many seconds (in µs) ahead of
+    #: this node's clock is refused with INVALID_ARGUMENT naming ``seq``, so a
+    #: single bogus seq (e.g. 2^64-1) cannot turn every later heartbeat of the
+    #: device into a duplicate. Counter seqs (small numbers) are unaffected.
+    max_seq_ahead_s: int = 86_400
     #: Deadline for requests that carry none.
     default_request_timeout_ms: int = 5000
     log_level: str = "INFO"
@@ -235,8 +256,8 @@ class NodeConfig:
                 raise ConfigError(f"{key}: unknown setting")
             if key == "members":
                 kwargs[key] = _members(value)
-            elif key == "peer_raft":
-                kwargs[key] = _peer_raft(value)
+            elif key in ("peer_raft", "peer_keys"):
+                kwargs[key] = _peer_raft(value, key)
             else:
                 kwargs[key] = _typed(key, known[key].type, value)
         return cls(**kwargs)
@@ -245,12 +266,15 @@ class NodeConfig:
         """Render as TOML that :meth:`load` reads back to an equal config."""
         lines = []
         for f in dataclasses.fields(self):
-            if f.name in ("members", "peer_raft"):
+            if f.name in ("members", "peer_raft", "peer_keys"):
                 continue
             lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
         if self.peer_raft:
             lines += ["", "[peer_raft]"]
             lines += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in self.peer_raft.items()]
+        if self.peer_keys:
+            lines += ["", "[peer_keys]"]
+            lines += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in self.peer_keys.items()]
         for m in self.members:
             lines += [
                 "",
@@ -272,11 +296,11 @@ class NodeConfig:
 
     @property
     def grpc_bind(self) -> str:
-        return self.grpc_listen or self.self_member.grpc
+        return loopback_if_no_host(self.grpc_listen or self.self_member.grpc)
 
     @property
     def raft_bind(self) -> str:
-        return self.raft_listen or self.self_member.raft
+        return loopback_if_no_host(self.raft_listen or self.self_member.raft)
 
     # ---- validation -----------------------------------------------------------
 
@@ -302,9 +326,9 @@ class NodeConfig:
         if self.node_id not in ids:
             raise ConfigError(f"node_id: {self.node_id!r} is not one of members {ids}")
         if self.grpc_listen:
-            _check_hostport("grpc_listen", self.grpc_listen)
+            _check_hostport("grpc_listen", loopback_if_no_host(self.grpc_listen))
         if self.raft_listen:
-            _check_hostport("raft_listen", self.raft_listen)
+            _check_hostport("raft_listen", loopback_if_no_host(self.raft_listen))
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport: must be one of {', '.join(TRANSPORTS)}")
         for peer_id, address in self.peer_raft.items():
@@ -332,8 +356,11 @@ class NodeConfig:
             )
         if not self.cluster_secret:
             self._validate_insecure()
-        if self.cluster_secret and len(self.cluster_secret) < 16:
-            raise ConfigError("cluster_secret: must be at least 16 characters")
+        if self.cluster_secret:
+            check_secret("cluster_secret", self.cluster_secret)
+        self._validate_node_keys(ids)
+        if self.max_seq_ahead_s < 1:
+            raise ConfigError("max_seq_ahead_s: must be at least 1")
         if not self.data_dir:
             raise ConfigError("data_dir: must not be empty")
         _positive(
@@ -397,6 +424,24 @@ class NodeConfig:
                     f"{address!r} is not a loopback address; set cluster_secret"
                 )
 
+    def _validate_node_keys(self, ids: list[str]) -> None:
+        if not (self.node_key_file or self.peer_keys):
+            return
+        if self.transport != "udp":
+            raise ConfigError(
+                'node_key_file: node keys apply to transport = "udp" only (pysyncobj\'s TCP '
+                "transport authenticates with cluster_secret alone); remove them or use udp"
+            )
+        if not self.node_key_file:
+            raise ConfigError("node_key_file: required with peer_keys (this node's private key)")
+        for member_id, key in self.peer_keys.items():
+            if member_id not in ids:
+                raise ConfigError(f"peer_keys: {member_id!r} is not a member ({ids})")
+            decode_key(f"peer_keys[{member_id}]", key)
+        missing = [m for m in ids if m != self.node_id and m not in self.peer_keys]
+        if missing:
+            raise ConfigError(f"peer_keys: no public key for members {missing}")
+
     def _validate_reach(self) -> None:
         if self.reach not in REACH:
             raise ConfigError(f"reach: must be one of {', '.join(REACH)}")
@@ -418,6 +463,17 @@ class NodeConfig:
                 raise ConfigError(
                     "turn_username: turn_server needs turn_username and turn_password"
                 )
+        if not self.rendezvous_secret:
+            raise ConfigError(
+                'rendezvous_secret: required for reach = "ice" (the credential for the '
+                "rendezvous, distinct from cluster_secret); generate one with `raftstate secret`"
+            )
+        if self.rendezvous_secret == self.cluster_secret:
+            raise ConfigError(
+                "rendezvous_secret: must differ from cluster_secret (the rendezvous host "
+                "must not be able to decrypt Raft traffic)"
+            )
+        check_secret("rendezvous_secret", self.rendezvous_secret)
         if self.ice_connect_timeout_ms < 500:
             raise ConfigError("ice_connect_timeout_ms: must be at least 500")
 
@@ -436,6 +492,12 @@ def _is_loopback(hostport: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def loopback_if_no_host(address: str) -> str:
+    """``":port"`` -> ``"127.0.0.1:port"``: a listen address without a host
+    binds loopback; give ``0.0.0.0`` (or ``[::]``) to listen everywhere."""
+    return "127.0.0.1" + address if address.startswith(":") else address
 
 
 def _check_hostport(name: str, value: str) -> None:
@@ -463,19 +525,21 @@ def _members(value: Any) -> tuple[Member, ...]:
     return tuple(out)
 
 
-def _peer_raft(value: Any) -> dict[str, str]:
-    if isinstance(value, str):  # "id=host:port,id=host:port" from a flag or the environment
+def _peer_raft(value: Any, name: str = "peer_raft") -> dict[str, str]:
+    """A ``member id -> string`` table (``peer_raft``, ``peer_keys``)."""
+    what = "host:port" if name == "peer_raft" else "key"
+    if isinstance(value, str):  # "id=value,id=value" from a flag or the environment
         out: dict[str, str] = {}
         for part in filter(None, value.split(",")):
             peer_id, sep, address = part.partition("=")
             if not sep:
-                raise ConfigError("peer_raft: expected id=host:port,...")
+                raise ConfigError(f"{name}: expected id={what},...")
             out[peer_id.strip()] = address.strip()
         return out
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
-        raise ConfigError('peer_raft: must be a table of member id = "host:port"')
+        raise ConfigError(f'{name}: must be a table of member id = "{what}"')
     return dict(value)
 
 
@@ -497,7 +561,7 @@ def _coerce(key: str, raw: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
     if key not in fields:
         raise ConfigError(f"{key}: unknown setting")
-    if key in ("members", "peer_raft"):
+    if key in ("members", "peer_raft", "peer_keys"):
         return raw
     kind = str(fields[key].type)
     try:

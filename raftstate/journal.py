@@ -57,6 +57,7 @@ from raftstate.integrity import (
     encode_record,
     scan_records,
 )
+from raftstate.privfile import open_private, open_private_fd
 
 log = logging.getLogger("raftstate.journal")
 
@@ -119,7 +120,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
     # ---- opening --------------------------------------------------------------
 
     def _open_verified(self) -> int:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private_fd(self.path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
             if size == 0:
@@ -208,7 +209,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         file and rename it over the old one, so a crash leaves either file whole."""
         keep = self._entries[entryTo:]
         tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = open_private_fd(tmp, os.O_RDWR | os.O_TRUNC)
         offsets: list[int] = []
         chunks = [JOURNAL_MAGIC]
         end = len(JOURNAL_MAGIC)
@@ -310,7 +311,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
 
     def _store_meta(self) -> None:
         tmp = self.meta_path + ".tmp"
-        with open(tmp, "wb") as fh:
+        with open_private(tmp, "wb") as fh:
             fh.write(encode_meta(self._meta))
             fh.flush()
             if self.fsync:
@@ -426,7 +427,7 @@ class VerifyingSerializer(Serializer):  # type: ignore[misc]
         if is_first:
             if self._incoming is not None:
                 self._incoming.close()
-            self._incoming = open(tmp, "wb")  # noqa: SIM115 - spans calls
+            self._incoming = open_private(tmp, "wb")  # noqa: SIM115 - spans calls
         elif self._incoming is None:
             return False
         self._incoming.write(_to_bytes(chunk))

@@ -135,9 +135,21 @@ def validate_device_id(device_id: str, field_name: str = "device_id") -> str:
 
 
 def validate_heartbeat(
-    device_id: str, seq: int, reported: Mapping[str, str], ttl_s: int
+    device_id: str,
+    seq: int,
+    reported: Mapping[str, str],
+    ttl_s: int,
+    *,
+    now_us: int | None = None,
+    max_seq_ahead_s: int = 0,
 ) -> Heartbeat:
     """Check one heartbeat against the limits and return it as a value.
+
+    With ``now_us`` (the receiving node's clock, Unix microseconds) and
+    ``max_seq_ahead_s > 0``, a seq above ``now_us + max_seq_ahead_s * 10**6``
+    is refused: automatic seqs are Unix microseconds, so such a seq can only
+    be a mistake or an attempt to make every later heartbeat of the device a
+    stale duplicate. Small counter seqs stay valid.
 
     Raises ``InvalidArgument`` naming the first field that breaks a rule.
     """
@@ -146,6 +158,15 @@ def validate_heartbeat(
         raise InvalidArgument("seq", "must be at least 1")
     if seq > SEQ_MAX:
         raise InvalidArgument("seq", "must fit in 64 bits")
+    if now_us is not None and max_seq_ahead_s > 0:
+        limit = now_us + max_seq_ahead_s * 1_000_000
+        if seq > limit:
+            raise InvalidArgument(
+                "seq",
+                f"{seq} is more than max_seq_ahead_s = {max_seq_ahead_s} s of microseconds "
+                f"ahead of this node's clock ({now_us} us); use a counter or Unix "
+                f"microseconds",
+            )
     if len(reported) > REPORTED_MAX_ENTRIES:
         raise InvalidArgument(
             "reported", f"has {len(reported)} entries, at most {REPORTED_MAX_ENTRIES} allowed"

@@ -59,9 +59,11 @@ from raftstate.journal import (
 )
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
+from raftstate.nodekeys import load_identity
 from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
 from raftstate.prevote import PREVOTE
 from raftstate.prevotegate import PreVoteGate
+from raftstate.privfile import open_private, private_dir
 from raftstate.statemachine import DeviceTable
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
 from raftstate.transport.tcp import CodecTCPTransport
@@ -288,6 +290,7 @@ def transport_factory(
             dead_after=max(cfg.connection_timeout_ms / 1000, 1.5),
             send_to=cfg.peer_raft,
             ice=_ice_settings(cfg),
+            identity=load_identity(cfg),
         )
         return functools.partial(RaftstateUdpTransport, settings=settings, loop=loop)
     return RaftstateTCPTransport
@@ -299,6 +302,7 @@ def _ice_settings(cfg: NodeConfig) -> IceSettings | None:
     return IceSettings(
         rendezvous=cfg.rendezvous,
         stun_server=cfg.stun_server,
+        rendezvous_secret=cfg.rendezvous_secret,
         turn_server=cfg.turn_server,
         turn_username=cfg.turn_username,
         turn_password=cfg.turn_password,
@@ -318,7 +322,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         """``loop``: the node's running event loop, used by the UDP transport
         (see :func:`transport_factory`); construct on another thread, since
         this waits for the transport to bind. Raises ``ConfigError``."""
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.data_dir)
         self.table = table
         self.cfg = cfg
         #: rs_* messages go to :meth:`_dispatch_own`: PreVote's to the gate,
@@ -725,7 +729,7 @@ class SnapshotCodec:
         snap.last_entry.CopyFrom(_entry(last))
         snap.prev_entry.CopyFrom(_entry(prev))
         snap.cluster.extend(sorted(str(n) for n in cluster))
-        with open(path, "wb") as fh:
+        with open_private(path, "wb") as fh:
             fh.write(seal_snapshot(snap.SerializeToString()))
             fh.flush()
             if self.fsync:

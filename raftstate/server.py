@@ -119,6 +119,18 @@ class NodeServices:
         margin = min(DEADLINE_MARGIN_MAX_S, max(DEADLINE_MARGIN_S, 0.1 * remaining))
         return max(0.0, remaining - margin)
 
+    def validate(self, request: device_pb2.HeartbeatRequest) -> Heartbeat:
+        """The request as a checked heartbeat, its seq checked against this
+        node's clock (``max_seq_ahead_s``). Raises ``InvalidArgument``."""
+        return validate_heartbeat(
+            request.device_id,
+            request.seq,
+            request.reported,
+            request.ttl_s,
+            now_us=time.time_ns() // 1000,
+            max_seq_ahead_s=self.cfg.max_seq_ahead_s,
+        )
+
     def check_quota(self, hb: Heartbeat) -> None:
         """Refuse early, with ``QuotaExceeded``, a heartbeat that the local
         table already shows over a quota. The log entry's check at apply time
@@ -233,7 +245,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
     async def Heartbeat(  # noqa: N802 - gRPC method name
         self, request: device_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.HeartbeatResponse:
-        hb = validate_heartbeat(request.device_id, request.seq, request.reported, request.ttl_s)
+        hb = self.node.validate(request)
         self.node.check_quota(hb)
         fut = self.node.proposer.submit(hb)
         res = await self.node.wait_committed(fut, self.node.budget(context), "heartbeat")
@@ -273,7 +285,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                         break
                     outcome: asyncio.Future[Any] | RaftStateError
                     try:
-                        hb = validate_heartbeat(req.device_id, req.seq, req.reported, req.ttl_s)
+                        hb = self.node.validate(req)
                         self.node.check_quota(hb)
                         outcome = self.node.proposer.submit(hb)
                     except RaftStateError as err:

@@ -12,6 +12,9 @@ import pytest
 from raftstate.config import Member, NodeConfig
 from raftstate.errors import ConfigError, InvalidArgument
 from raftstate.model import validate_consistency, validate_heartbeat, validate_page_size
+from raftstate.secretcheck import generate_secret
+
+SECRET = generate_secret()
 
 MEMBERS = (
     Member("n1", "127.0.0.1:7101", "127.0.0.1:7001"),
@@ -21,7 +24,7 @@ MEMBERS = (
 
 
 def good(**kw: object) -> NodeConfig:
-    values: dict[str, object] = {"node_id": "n1", "members": MEMBERS, "cluster_secret": "s" * 20}
+    values: dict[str, object] = {"node_id": "n1", "members": MEMBERS, "cluster_secret": SECRET}
     values.update(kw)
     return dataclasses.replace(NodeConfig.default(), **values)  # type: ignore[arg-type]
 
@@ -29,7 +32,7 @@ def good(**kw: object) -> NodeConfig:
 def test_defaults_and_test_timers_validate() -> None:
     good().validate()
     dataclasses.replace(
-        NodeConfig.for_tests(), node_id="n1", members=MEMBERS, cluster_secret="s" * 20
+        NodeConfig.for_tests(), node_id="n1", members=MEMBERS, cluster_secret=SECRET
     ).validate()
 
 

@@ -54,9 +54,10 @@ def ice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
         pytest.skip(f"NAT lab unavailable: {reason}")
     lab = NatLab(kinds=("cone", "cone", "symmetric"))
     lab.up()
-    secret = secrets.token_urlsafe(24)
+    secret = secrets.token_urlsafe(32)
+    rendezvous_secret = secrets.token_urlsafe(32)  # the rendezvous never gets the cluster's
     rendezvous = f"{lab.public_ip}:{RENDEZVOUS_PORT}"
-    env = {**os.environ, "RAFTSTATE_CLUSTER_SECRET": secret}
+    env = {**os.environ, "RAFTSTATE_RENDEZVOUS_SECRET": rendezvous_secret}
     log = open(tmp_path_factory.mktemp("rendezvous") / "rendezvous.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [*lab.public_exec_prefix(), sys.executable, "-m", "raftstate", "rendezvous",
@@ -78,6 +79,7 @@ def ice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
             turn_username=lab.turn_username,
             turn_password=lab.turn_password,
             ice_connect_timeout_ms=3000,
+            rendezvous_secret=rendezvous_secret,
         )
         cluster = LocalCluster(
             tmp_path_factory.mktemp("ice"), 3, base_config=base, secret=secret,

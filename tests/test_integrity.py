@@ -26,7 +26,10 @@ from raftstate.journal import (
     VerifyingSerializer,
     compaction_due,
 )
+from raftstate.secretcheck import generate_secret
 from raftstate.tickguard import TickGuard
+
+SECRET = generate_secret()
 
 
 def _flip(data: bytes, bit: int) -> bytes:
@@ -331,7 +334,7 @@ def test_integrity_settings_are_validated(change: dict[str, int], field: str) ->
         NodeConfig.for_tests(),
         node_id="n1",
         members=(Member("n1", "127.0.0.1:7101", "127.0.0.1:7001"),),
-        cluster_secret="s" * 20,
+        cluster_secret=SECRET,
     )
     ok.validate()
     with pytest.raises(ConfigError, match=f"^{field}: "):

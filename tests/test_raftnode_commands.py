@@ -18,7 +18,10 @@ from raftstate.config import Member, NodeConfig
 from raftstate.errors import DecodeError
 from raftstate.model import Heartbeat
 from raftstate.raftnode import SUCCESS, RaftNode
+from raftstate.secretcheck import generate_secret
 from raftstate.statemachine import DeviceTable, encode_batch
+
+SECRET = generate_secret()
 
 REQUEST_DENIED = FAIL_REASON.REQUEST_DENIED
 
@@ -38,7 +41,7 @@ def node(tmp_path: Path) -> Any:
         transport="tcp",
         node_id="n1",
         members=(Member("n1", f"127.0.0.1:{raft_port}", f"127.0.0.1:{grpc_port}"),),
-        cluster_secret="a-cluster-secret-of-some-length",
+        cluster_secret=SECRET,
         data_dir=str(tmp_path / "n1"),
     )
     cfg.validate()

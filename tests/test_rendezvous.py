@@ -8,6 +8,9 @@ a pinging client outliving the idle timeout).
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -22,8 +25,9 @@ from typing import Any
 import pytest
 import uvloop
 
-from raftstate.cli.rendezvous import cluster_secret
+from raftstate.cli.rendezvous import rendezvous_secret
 from raftstate.errors import ConfigError
+from raftstate.secretcheck import generate_secret
 from raftstate.transport import rendezvous
 from raftstate.transport.rendezvous import RendezvousClient, RendezvousServer
 from raftstate.transport.rendezvous_codec import (
@@ -45,8 +49,8 @@ from raftstate.transport.rendezvous_codec import (
     encode_message,
 )
 
-SECRET = "rendezvous-test-secret-0123456789"
-OTHER = "another-cluster-secret-9876543210"
+SECRET = generate_secret()
+OTHER = generate_secret()
 REPO = Path(__file__).resolve().parents[1]
 LOGGER = "raftstate.transport.rendezvous"
 
@@ -172,14 +176,18 @@ def test_message_codec_round_trips_and_refuses_bad_input() -> None:
 
 def test_cli_secret_comes_from_env_first_then_the_config_file(tmp_path: Path) -> None:
     toml = tmp_path / "cluster.toml"
-    toml.write_text(f'size = 3\ncluster_secret = "{SECRET}"\n')
-    assert cluster_secret(str(toml), {}) == SECRET
-    assert cluster_secret(str(toml), {"RAFTSTATE_CLUSTER_SECRET": OTHER}) == OTHER
+    toml.write_text(f'size = 3\nrendezvous_secret = "{SECRET}"\n')
+    assert rendezvous_secret(str(toml), {}) == SECRET
+    assert rendezvous_secret(str(toml), {"RAFTSTATE_RENDEZVOUS_SECRET": OTHER}) == OTHER
     short = tmp_path / "short.toml"
-    short.write_text('cluster_secret = "tooshort"\n')
-    for path in (str(short), str(tmp_path / "missing.toml"), None):
-        with pytest.raises(ConfigError, match="cluster_secret|does not exist"):
-            cluster_secret(path, {})
+    short.write_text('rendezvous_secret = "tooshort"\n')
+    weak = tmp_path / "weak.toml"
+    weak.write_text('rendezvous_secret = "rendezvous-password-123456789"\n')
+    only_cluster = tmp_path / "only-cluster.toml"  # the cluster secret is never used here
+    only_cluster.write_text(f'cluster_secret = "{SECRET}"\n')
+    for path in (str(short), str(weak), str(only_cluster), str(tmp_path / "missing.toml"), None):
+        with pytest.raises(ConfigError, match="rendezvous_secret|does not exist"):
+            rendezvous_secret(path, {})
 
 
 # ---- real sockets ---------------------------------------------------------------------
@@ -394,8 +402,8 @@ def test_wrong_secret_client_is_rejected_on_both_sides_and_never_receives(
             def logged(text: str) -> bool:
                 return any(text in r.getMessage() for r in caplog.records)
 
-            await eventually(lambda: logged("rendezvous rejected: wrong cluster secret?"), "c")
-            await eventually(lambda: logged("refused our proof (wrong cluster secret?)"), "srv")
+            await eventually(lambda: logged("rendezvous rejected: wrong rendezvous secret?"), "c")
+            await eventually(lambda: logged("refused our proof (wrong rendezvous secret?)"), "srv")
             assert not c.connected and c_in.items == []
             assert server.connected() == {"a", "b"}
 
@@ -429,7 +437,7 @@ def test_client_keeps_retrying_a_server_with_another_secret(
             assert not c.connected and c_in.items == []
             errors = [r for r in caplog.records if r.levelno == logging.ERROR]
             assert len(errors) == 1  # repeats are rate-limited
-            assert "wrong cluster secret?" in errors[0].getMessage()
+            assert "wrong rendezvous secret?" in errors[0].getMessage()
 
     run(main)
 
@@ -570,13 +578,13 @@ def test_client_reconnects_after_a_server_restart_and_delivers_what_it_queued() 
 
 
 def _cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAFTSTATE_CLUSTER_SECRET"}
+    env = {k: v for k, v in os.environ.items() if k != "RAFTSTATE_RENDEZVOUS_SECRET"}
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 def test_cli_prints_its_address_relays_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "cluster.toml"
-    config.write_text(f'size = 3\ncluster_secret = "{SECRET}"\n')
+    config.write_text(f'size = 3\nrendezvous_secret = "{SECRET}"\n')
 
     async def main() -> None:
         with open(tmp_path / "stderr", "wb") as err:
@@ -609,7 +617,7 @@ def test_cli_prints_its_address_relays_and_exits_0_on_sigterm(tmp_path: Path) ->
     run(main, limit_s=45)
 
 
-def test_cli_without_a_secret_exits_2_naming_cluster_secret() -> None:
+def test_cli_without_a_secret_exits_2_naming_rendezvous_secret() -> None:
     async def main() -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "raftstate", "rendezvous", "--listen", "127.0.0.1:0",
@@ -619,7 +627,101 @@ def test_cli_without_a_secret_exits_2_naming_cluster_secret() -> None:
         out, err = await asyncio.wait_for(proc.communicate(), 20)
         assert proc.returncode == 2
         lines = err.decode().strip().splitlines()
-        assert len(lines) == 1 and "cluster_secret" in lines[0], err
+        assert len(lines) == 1 and "rendezvous_secret" in lines[0], err
         assert out == b""
 
     run(main, limit_s=30)
+
+
+# ---- connection caps and the handshake deadline --------------------------------------
+
+
+def test_an_idle_connection_flood_is_capped_then_cut_while_nodes_still_connect() -> None:
+    """40 idle connections from one source: only ``max_per_source`` are held
+    (the rest are closed at once), those are cut after the handshake timeout,
+    and a node from another source address connects throughout."""
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            server, address = await serve(
+                stack, max_connections=12, max_per_source=8, handshake_timeout_s=0.5
+            )
+            host, port = address.rsplit(":", 1)
+            flood = []
+            for _ in range(40):
+                reader, writer = await asyncio.open_connection(
+                    host, int(port), local_addr=("127.0.0.2", 0)
+                )
+                stack.callback(writer.close)
+                flood.append(reader)
+            await eventually(lambda: server.refused >= 32, "the excess to be refused")
+            assert server.open_connections <= 8
+            node, _ = client(stack, address, "legit")  # from 127.0.0.1: its own budget
+            await eventually(lambda: node.connected, "a node to connect during the flood")
+            started = time.monotonic()
+            for reader in flood:  # every flood connection ends: refused or timed out
+                async with asyncio.timeout(3):
+                    with contextlib.suppress(ConnectionResetError):
+                        while await reader.read(65536):
+                            pass
+            assert time.monotonic() - started < 2.0
+            await eventually(lambda: server.open_connections == 1, "only the node to remain")
+            assert node.connected and server.connected() == {"legit"}
+
+    run(main)
+
+
+def test_the_total_cap_holds_across_sources() -> None:
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            server, address = await serve(stack, max_connections=3, max_per_source=100)
+            host, port = address.rsplit(":", 1)
+            for i in range(6):
+                _r, w = await asyncio.open_connection(
+                    host, int(port), local_addr=(f"127.0.0.{i + 2}", 0)
+                )
+                stack.callback(w.close)
+            await eventually(lambda: server.refused == 3, "3 connections refused")
+            assert server.open_connections == 3
+
+    run(main)
+
+
+def test_caps_must_be_positive() -> None:
+    for bad in ({"max_connections": 0}, {"max_per_source": 0}, {"handshake_timeout_s": 0}):
+        with pytest.raises(ConfigError):
+            RendezvousServer(SECRET, **bad)  # type: ignore[arg-type]
+
+
+def test_cli_listen_without_a_host_binds_loopback() -> None:
+    from raftstate.cli.rendezvous import _listen_address
+
+    assert _listen_address(":0") == ("127.0.0.1", 0)
+    assert _listen_address("0.0.0.0:7") == ("0.0.0.0", 7)
+
+
+# ---- end-to-end sealing of relayed ICE signaling ---------------------------------------
+
+
+def test_relayed_offers_open_only_for_their_pair_and_direction() -> None:
+    from raftstate.transport.signalseal import SignalSealer
+
+    cluster = generate_secret()
+    a = SignalSealer(cluster, "a", ["b", "c"])
+    b = SignalSealer(cluster, "b", ["a", "c"])
+    c = SignalSealer(cluster, "c", ["a", "b"])
+    offer = {"t": "offer", "candidates": ["1 1 udp 1 10.0.0.1 5000 typ host"], "pwd": "p"}
+    wire = a.seal("b", offer)
+    assert "10.0.0.1" not in json.dumps(wire) and "pwd" not in json.dumps(wire)
+    assert b.open("a", wire) == offer
+    assert c.open("a", wire) is None  # another pair
+    assert a.open("b", wire) is None  # reflected back
+    assert b.open("c", wire) is None  # claimed by another sender
+    # The rendezvous (no cluster secret) can neither forge nor alter one.
+    forged = SignalSealer(generate_secret(), "a", ["b"]).seal("b", {"t": "offer"})
+    assert b.open("a", forged) is None
+    raw = bytearray(base64.urlsafe_b64decode(wire["s"]))
+    raw[-20] ^= 1
+    assert b.open("a", {"s": base64.urlsafe_b64encode(bytes(raw)).decode()}) is None
+    assert b.open("a", {"t": "offer"}) is None
+    assert (a.rejected, b.rejected, c.rejected) == (1, 4, 1)

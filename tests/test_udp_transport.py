@@ -19,6 +19,7 @@ from raftstate.config import Member, NodeConfig
 from raftstate.errors import ConfigError
 from raftstate.model import Consistency
 from raftstate.sdk import DeviceClient
+from raftstate.secretcheck import generate_secret
 
 pytestmark = pytest.mark.cluster
 
@@ -90,7 +91,7 @@ def test_linearizable_reads_on_a_follower_see_acknowledged_writes(tmp_path: Path
 def test_node_with_a_different_secret_never_joins(tmp_path: Path) -> None:
     cluster = udp_cluster(tmp_path)
     intruder = cluster.nodes["n3"]
-    intruder.config = dataclasses.replace(intruder.config, cluster_secret="x" * 32)
+    intruder.config = dataclasses.replace(intruder.config, cluster_secret=generate_secret())
     try:
         for node_id in cluster.nodes:
             cluster.start_node(node_id)
@@ -131,7 +132,7 @@ def test_in_process_pair_reports_link_stats_and_shuts_down(tmp_path: Path) -> No
     members = tuple(
         Member(f"n{i + 1}", f"127.0.0.1:{ports[i]}", f"127.0.0.1:{ports[i + 2]}") for i in range(2)
     )
-    base = NodeConfig.for_tests(transport="udp", members=members, cluster_secret="s" * 24)
+    base = NodeConfig.for_tests(transport="udp", members=members, cluster_secret=generate_secret())
     nodes = [
         RaftNode(
             dataclasses.replace(base, node_id=m.id, data_dir=str(tmp_path / m.id)), DeviceTable(30)

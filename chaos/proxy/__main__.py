@@ -17,7 +17,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         prog="raftstate-toxiproxy",
         description='Toxiproxy 2.x-compatible chaos proxy (TCP; UDP via "protocol": "udp").',
     )
-    parser.add_argument("--host", default="localhost", help="API listen host (default localhost)")
+    parser.add_argument(
+        "--host",
+        default="localhost",
+        help="API listen host (default localhost; an empty host is loopback too, "
+        "give 0.0.0.0 explicitly to listen on every interface)",
+    )
     parser.add_argument("--port", type=int, default=8474, help="API listen port; 0 picks one")
     parser.add_argument("--seed", type=int, default=None, help="seed toxic randomness")
     return parser.parse_args(argv)
@@ -25,6 +30,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 async def _serve(args: argparse.Namespace) -> int:
     api = ApiServer(ProxyRegistry(seed=args.seed))
+    args.host = args.host or "127.0.0.1"
     try:
         host, port = await api.start(args.host, args.port)
     except OSError as exc:

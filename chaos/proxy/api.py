@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 from chaos.proxy import registry as reg
 from chaos.proxy.registry import ApiError, ProxyRegistry
-from chaos.proxy.toxics import Stream, ToxicSpec
+from chaos.proxy.toxics import Stream, ToxicSpec, attribute_problem
 
 __all__ = ["VERSION", "ApiServer"]
 
@@ -43,7 +43,14 @@ _REASONS = {
     500: "Internal Server Error",
 }
 _FRACTION_ATTRIBUTES = frozenset({"loss_rate", "correlation", "probability"})
-_MAX_BODY = 1 << 20
+#: Largest request body (and header block) read; more gets 413 and the
+#: connection is closed. Real Toxiproxy bodies are a few hundred bytes.
+MAX_BODY = 64 * 1024
+_MAX_HEADER_LINES = 100
+
+
+class _TooLarge(Exception):
+    """The request's body or headers exceed the caps."""
 
 
 class _Response:
@@ -83,7 +90,19 @@ class ApiServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                request = await _read_request(reader)
+                try:
+                    request = await _read_request(reader)
+                except _TooLarge as exc:
+                    response = _error(ApiError(413, f"request too large: {exc}"))
+                    head = [
+                        f"HTTP/1.1 413 {_REASONS[413]}",
+                        f"Content-Type: {response.content_type}",
+                        f"Content-Length: {len(response.body)}",
+                        "Connection: close",
+                    ]
+                    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + response.body)
+                    await writer.drain()
+                    break
                 if request is None:
                     break
                 method, path, headers, body = request
@@ -215,26 +234,36 @@ async def _read_request(
     except ValueError:
         raise ValueError("malformed request line") from None
     headers: dict[str, str] = {}
+    lines = 0
     while True:
         raw = await reader.readline()
         if raw in (b"\r\n", b"\n", b""):
             break
+        lines += 1
+        if lines > _MAX_HEADER_LINES:
+            raise _TooLarge(f"more than {_MAX_HEADER_LINES} header lines")
         key, _, value = raw.decode("latin-1").partition(":")
         headers[key.strip().lower()] = value.strip()
     if headers.get("transfer-encoding", "").lower() == "chunked":
         chunks = []
+        total = 0
         while True:
             size = int((await reader.readline()).split(b";")[0], 16)
             if size == 0:
                 await reader.readline()
                 break
+            total += size
+            if size < 0 or total > MAX_BODY:
+                raise _TooLarge(f"body over {MAX_BODY} bytes")
             chunks.append(await reader.readexactly(size))
             await reader.readexactly(2)
         body = b"".join(chunks)
     else:
         length = int(headers.get("content-length", "0") or 0)
-        if length > _MAX_BODY:
-            raise ValueError("body too large")
+        if length > MAX_BODY:
+            raise _TooLarge(f"body of {length} bytes, at most {MAX_BODY}")
+        if length < 0:
+            raise ValueError("negative content-length")
         body = await reader.readexactly(length) if length else b""
     return method.upper(), path, headers, body
 
@@ -273,7 +302,9 @@ def _proxy_fields(data: Any) -> tuple[str, str, str, str, bool]:
     return name, listen or "127.0.0.1:0", upstream, protocol, enabled
 
 
-def _attributes(raw: Any, names: tuple[str, ...], base: Mapping[str, float]) -> dict[str, float]:
+def _attributes(
+    kind: str, raw: Any, names: tuple[str, ...], base: Mapping[str, float]
+) -> dict[str, float]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -283,12 +314,11 @@ def _attributes(raw: Any, names: tuple[str, ...], base: Mapping[str, float]) -> 
         if key not in raw:
             continue
         value = raw[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise reg.BAD_BODY
+        problem = attribute_problem(kind, key, value)
+        if problem is not None:
+            raise ApiError(400, f"invalid toxic attribute {key}: {problem}")
         if key not in _FRACTION_ATTRIBUTES:
             if value != int(value):
                 raise reg.BAD_BODY
@@ -297,12 +327,19 @@ def _attributes(raw: Any, names: tuple[str, ...], base: Mapping[str, float]) -> 
     return attrs
 
 
+def _toxicity(data: Mapping[str, Any], default: float) -> float:
+    value = _opt(data, "toxicity", int | float, default)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ApiError(400, f"invalid toxic attribute toxicity: {value!r} is not within [0, 1]")
+    return float(value)
+
+
 def _parse_toxic(data: Any, allowed: Mapping[str, tuple[str, ...]]) -> ToxicSpec:
     if not isinstance(data, dict):
         raise reg.BAD_BODY
     kind = _opt(data, "type", str, "")
     stream_name = _opt(data, "stream", str, "") or "downstream"
-    toxicity = _opt(data, "toxicity", int | float, 1.0)
+    toxicity = _toxicity(data, 1.0)
     try:
         stream = Stream(stream_name.lower())
     except ValueError:
@@ -310,14 +347,14 @@ def _parse_toxic(data: Any, allowed: Mapping[str, tuple[str, ...]]) -> ToxicSpec
     if kind not in allowed:
         raise reg.INVALID_TOXIC_TYPE
     name = _opt(data, "name", str, "") or f"{kind}_{stream.value}"
-    attrs = _attributes(data.get("attributes"), allowed[kind], {})
-    return ToxicSpec(name, kind, stream, float(toxicity), attrs)
+    attrs = _attributes(kind, data.get("attributes"), allowed[kind], {})
+    return ToxicSpec(name, kind, stream, toxicity, attrs)
 
 
 def _update_toxic(toxic: ToxicSpec, data: Any) -> ToxicSpec:
     if not isinstance(data, dict):
         raise reg.BAD_BODY
-    toxicity = _opt(data, "toxicity", int | float, toxic.toxicity)
+    toxicity = _toxicity(data, toxic.toxicity)
     names = tuple(toxic.attributes)
-    attrs = _attributes(data.get("attributes"), names, toxic.attributes)
-    return ToxicSpec(toxic.name, toxic.type, toxic.stream, float(toxicity), attrs)
+    attrs = _attributes(toxic.type, data.get("attributes"), names, toxic.attributes)
+    return ToxicSpec(toxic.name, toxic.type, toxic.stream, toxicity, attrs)

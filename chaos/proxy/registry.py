@@ -114,7 +114,7 @@ class Proxy:
         except ValueError as exc:
             raise ApiError(500, str(exc)) from None
         if host in ("", "localhost"):
-            host = "127.0.0.1" if host == "localhost" else "0.0.0.0"
+            host = "127.0.0.1"  # ":port" binds loopback; ask for 0.0.0.0 explicitly
         path: DataPath
         if self.protocol == "udp":
             path = UdpProxy(self, host, port, up_host, up_port, random.Random(self._rng.random()))

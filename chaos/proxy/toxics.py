@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "TCP_TOXIC_ATTRIBUTES",
     "UDP_TOXIC_ATTRIBUTES",
+    "attribute_problem",
     "Close",
     "DatagramPipe",
     "LossModel",
@@ -81,6 +82,41 @@ UDP_TOXIC_ATTRIBUTES: Mapping[str, tuple[str, ...]] = {
     "duplicate": ("probability",),
     "reorder": ("probability", "delay"),
 }
+
+
+#: Largest value per attribute name (``(type, name)`` first): generous for
+#: any test, small enough that no timer or pacing computation overflows.
+#: Every attribute is at least 0; fractions are at most 1.
+_HOUR_MS = 3_600_000
+ATTRIBUTE_MAX: Mapping[tuple[str, str] | str, float] = {
+    ("slicer", "delay"): _HOUR_MS * 1000,  # µs
+    "latency": _HOUR_MS,
+    "jitter": _HOUR_MS,
+    "delay": _HOUR_MS,
+    "timeout": _HOUR_MS,
+    "rate": 100_000_000,  # KB/s: 100 GB/s
+    "bytes": 1 << 50,
+    "average_size": 1 << 30,
+    "size_variation": 1 << 30,
+    "loss_rate": 1.0,
+    "correlation": 1.0,
+    "probability": 1.0,
+}
+
+
+def attribute_problem(kind: str, name: str, value: float) -> str | None:
+    """Why ``value`` is not acceptable for attribute ``name`` of a ``kind``
+    toxic (NaN, infinite, negative or beyond :data:`ATTRIBUTE_MAX`), else
+    ``None``. Toxiproxy treats a bandwidth ``rate`` <= 0 as unlimited; we
+    accept 0 for that and refuse negatives."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return f"{value!r} is not a finite number"
+    if value < 0:
+        return f"{value!r} is negative"
+    limit = ATTRIBUTE_MAX.get((kind, name), ATTRIBUTE_MAX.get(name, _HOUR_MS))
+    if value > limit:
+        return f"{value!r} exceeds the maximum {limit:g}"
+    return None
 
 
 class Stream(enum.Enum):

@@ -343,7 +343,7 @@ def measure(
     message. Not thread-safe (uses the process clock)."""
     if iterations < blocks or blocks < 1 or warmup < 0 or batch < 1 or gap_s < 0:
         raise ValueError("need iterations >= blocks >= 1, warmup >= 0, batch >= 1, gap_s >= 0")
-    leader, follower = make_pair(transport, secret or secrets.token_urlsafe(24))
+    leader, follower = make_pair(transport, secret or secrets.token_urlsafe(32))
     ex = _Exchange(leader, follower, gap_s)
     index = 1
     for _ in range(warmup):

@@ -3,14 +3,14 @@
 State lives under ``--dir`` (default ``./.raftstate``): ``cluster.toml``
 records the ports and the generated cluster secret so that a second ``up``
 restarts the same cluster with its data; ``nN/`` are the data directories and
-``nN.log`` the node logs.
+``nN.log`` the node logs, ``nN.key`` the nodes' static transport keys. The
+directory is 0700 and every file in it 0600 from its first byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import secrets
 import signal
 import sys
 import time
@@ -20,6 +20,8 @@ from types import FrameType
 
 from cluster.local import LocalCluster, port_is_free
 from raftstate.config import NodeConfig
+from raftstate.privfile import private_dir, write_private
+from raftstate.secretcheck import generate_secret
 from raftstate.tickguard import EXIT_TICK_FAILURES
 
 
@@ -32,10 +34,10 @@ def _load_or_create(state: Path, args: argparse.Namespace) -> dict[str, object]:
         "size": args.size,
         "grpc_ports": [args.grpc_port + i for i in range(args.size)],
         "raft_ports": [args.raft_port + i for i in range(args.size)],
-        "cluster_secret": secrets.token_urlsafe(24),
+        "cluster_secret": generate_secret(),
         "durability": args.durability or "process-crash",
     }
-    state.mkdir(parents=True, exist_ok=True)
+    private_dir(state)
     lines = [
         "# Written by `raftstate cluster up`; delete this directory to start afresh.",
         f"size = {meta['size']}",
@@ -44,8 +46,7 @@ def _load_or_create(state: Path, args: argparse.Namespace) -> dict[str, object]:
         f'cluster_secret = "{meta["cluster_secret"]}"',
         f'durability = "{meta["durability"]}"',
     ]
-    meta_path.write_text("\n".join(lines) + "\n")
-    meta_path.chmod(0o600)
+    write_private(meta_path, "\n".join(lines) + "\n")  # 0600 from the first byte
     return meta
 
 

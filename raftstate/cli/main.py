@@ -207,6 +207,14 @@ def _needs_test_extras(err: ImportError) -> int:
     return 2
 
 
+def cmd_secret(args: argparse.Namespace) -> int:
+    """Print a fresh secret for cluster_secret, rendezvous_secret or a token key."""
+    from raftstate.secretcheck import generate_secret
+
+    print(generate_secret())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raftstate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -276,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--state", choices=["all", "online", "offline"], default="all")
             d.add_argument("--limit", type=int, default=1000)
         d.set_defaults(fn=cmd_device)
+
+    sec = sub.add_parser(
+        "secret", help="print a new secret (32 random bytes, URL-safe base64) for a config"
+    )
+    sec.set_defaults(fn=cmd_secret)
 
     from raftstate.cli.rendezvous import add_arguments as add_rendezvous_arguments
 

@@ -132,6 +132,7 @@ class AsyncDeviceClient:
         ``DeadlineExceeded`` when the deadline passes without an answer (the
         outcome is then unknown; calling again with the same seq is safe).
         """
+        previous = self._last_seq.get(device_id)
         if seq is None:
             validate_device_id(device_id)
             seq = self.next_seq(device_id)
@@ -150,7 +151,16 @@ class AsyncDeviceClient:
                 request, timeout=timeout
             )
 
-        res = await self._with_retries(attempt, deadline_s)
+        try:
+            res = await self._with_retries(attempt, deadline_s)
+        except InvalidArgument:
+            # Refused (e.g. a seq too far ahead): nothing was written, so it
+            # must not push this client's automatic seqs past it.
+            if previous is None:
+                self._last_seq.pop(device_id, None)
+            else:
+                self._last_seq[device_id] = previous
+            raise
         return HeartbeatAck(device_id, seq, res.revision, res.duplicate, res.stored_seq, attempts)
 
     def stream(self, *, max_in_flight: int = 256, endpoint: str | None = None) -> HeartbeatStream:

@@ -47,8 +47,10 @@ from typing import Any
 
 import aioice
 
+from raftstate.transport.crypto import NodeIdentity
 from raftstate.transport.reach import Deliver, PathUp, grow_buffers
 from raftstate.transport.rendezvous import RendezvousClient
+from raftstate.transport.signalseal import SignalSealer
 from raftstate.transport.udpconfig import IceSettings, split_hostport
 
 log = logging.getLogger("raftstate.transport.ice")
@@ -102,11 +104,18 @@ class IceReach:
         peer_ids: list[str],
         cluster_secret: str,
         settings: IceSettings,
+        *,
+        identity: NodeIdentity | None = None,
     ) -> None:
+        """Authenticates to the rendezvous with ``settings.rendezvous_secret``
+        and seals every relayed body end to end under the pair's signaling
+        key (cluster secret + node keys; :mod:`raftstate.transport.signalseal`),
+        so the rendezvous can neither read nor forge offers."""
         self._loop = loop
         self._node_id = node_id
         self._settings = settings
-        self._secret = cluster_secret
+        self._secret = settings.rendezvous_secret
+        self._sealer = SignalSealer(cluster_secret, node_id, peer_ids, identity)
         self._boot = secrets.token_hex(6)
         self._counter = 0
         self._peers = {pid: _Peer(pid, node_id < pid) for pid in peer_ids}
@@ -356,7 +365,7 @@ class IceReach:
             return
         peer.last_restart = now
         if self._rendezvous is not None:
-            self._rendezvous.send(peer.id, {"t": "restart"})
+            self._rendezvous.send(peer.id, self._sealer.seal(peer.id, {"t": "restart"}))
         if peer.retry is None:
             peer.failures += 1
             delay = min(self._settings.retry_max, self._settings.connect_timeout * peer.failures)
@@ -369,23 +378,33 @@ class IceReach:
     ) -> None:
         if self._rendezvous is None:
             return
-        self._rendezvous.send(
-            to,
-            {
-                "t": kind,
-                "attempt": list(attempt),
-                "mode": mode,
-                "ufrag": conn.local_username,
-                "pwd": conn.local_password,
-                "candidates": [c.to_sdp() for c in conn.local_candidates],
-            },
-        )
+        body = {
+            "t": kind,
+            "attempt": list(attempt),
+            "mode": mode,
+            "ufrag": conn.local_username,
+            "pwd": conn.local_password,
+            "candidates": [c.to_sdp() for c in conn.local_candidates],
+        }
+        self._rendezvous.send(to, self._sealer.seal(to, body))
 
-    def _on_signal(self, sender: str, body: dict[str, Any]) -> None:
+    def _on_signal(self, sender: str, wire: dict[str, Any]) -> None:
         peer = self._peers.get(sender)
         if peer is None or self._closed:
             log.warning("rendezvous message from unknown member %r ignored", sender)
             return
+        opened = self._sealer.open(sender, wire)
+        if opened is None:
+            n = self._sealer.rejected
+            if n & (n - 1):  # log the 1st, 2nd, 4th, 8th, ...: the sender may be hostile
+                return
+            log.warning(
+                "rendezvous message claiming to be from %s failed authentication "
+                "(forged or altered, or cluster secret/node keys differ): dropped (%d so far)",
+                sender, self._sealer.rejected,
+            )  # fmt: skip
+            return
+        body = opened
         kind = body.get("t")
         if kind == "restart":
             if not peer.controlling:

@@ -11,7 +11,11 @@ nothing retransmits. The wire protocol is the sans-IO
 
 Server, per TCP connection:
 
-1. Handshake within ``HANDSHAKE_TIMEOUT_S``. A failed proof or a malformed
+0. Admission: at most ``max_connections`` connections at once, and at most
+   ``max_per_source`` from one source IP; a connection beyond either cap is
+   closed at once, before reading anything (rate-limited log line).
+1. Handshake within ``handshake_timeout_s`` (default ``HANDSHAKE_TIMEOUT_S``),
+   or the connection is cut. A failed proof or a malformed
    frame closes the connection with a log line, rate-limited before
    authentication (anyone can cause those): one per ``REJECT_LOG_INTERVAL_S``
    per kind, then a count.
@@ -73,6 +77,8 @@ PING_INTERVAL_S = 10.0
 IDLE_TIMEOUT_S = 30.0
 SERVER_SILENT_S = 30.0
 HANDSHAKE_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 1024
+MAX_PER_SOURCE = 64
 CONNECT_TIMEOUT_S = 10.0
 MAX_WRITE_BUFFER = 1 << 20
 REJECT_LOG_INTERVAL_S = 10.0
@@ -154,6 +160,11 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+def _source_ip(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
 def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
@@ -165,10 +176,26 @@ def _split_address(address: str) -> tuple[str, int]:
 class RendezvousServer:
     """The rendezvous relay. Use on one asyncio loop; not thread-safe."""
 
-    def __init__(self, cluster_secret: str, *, hold_s: float = 60.0) -> None:
-        """Raises :class:`ConfigError` for a secret under 16 characters or a
-        negative ``hold_s``."""
-        self._keys = RendezvousKeys.from_secret(cluster_secret)
+    def __init__(
+        self,
+        rendezvous_secret: str,
+        *,
+        hold_s: float = 60.0,
+        max_connections: int = MAX_CONNECTIONS,
+        max_per_source: int = MAX_PER_SOURCE,
+        handshake_timeout_s: float | None = None,
+    ) -> None:
+        """``rendezvous_secret`` is the rendezvous credential, never the
+        cluster secret. Raises :class:`ConfigError` for a secret under 16
+        characters, a negative ``hold_s`` or caps/timeouts that are not
+        positive. ``handshake_timeout_s`` defaults to ``HANDSHAKE_TIMEOUT_S``."""
+        if handshake_timeout_s is None:
+            handshake_timeout_s = HANDSHAKE_TIMEOUT_S
+        if max_connections < 1 or max_per_source < 1 or not handshake_timeout_s > 0:
+            raise ConfigError(
+                "max_connections, max_per_source, handshake_timeout_s: must be positive"
+            )
+        self._keys = RendezvousKeys.from_secret(rendezvous_secret)
         self._held = HeldMessages(hold_s)
         self._sessions: dict[str, _Conn] = {}
         self._server: asyncio.Server | None = None
@@ -176,7 +203,13 @@ class RendezvousServer:
         self._closing = False
         self._rejections = _Throttle(REJECT_LOG_INTERVAL_S)
         self._idle_timeout_s = IDLE_TIMEOUT_S
-        self._handshake_timeout_s = HANDSHAKE_TIMEOUT_S
+        self._handshake_timeout_s = handshake_timeout_s
+        self._max_connections = max_connections
+        self._max_per_source = max_per_source
+        self._open = 0
+        self._per_source: dict[str, int] = {}
+        #: Connections closed at once for exceeding a cap.
+        self.refused = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (0: an ephemeral port) and return the bound
@@ -188,6 +221,11 @@ class RendezvousServer:
         bound = self._server.sockets[0].getsockname()
         log.debug("rendezvous: listening on %s:%s", bound[0], bound[1])
         return str(bound[0]), int(bound[1])
+
+    @property
+    def open_connections(self) -> int:
+        """TCP connections open now, authenticated or not."""
+        return self._open
 
     def connected(self) -> set[str]:
         """Node ids with an authenticated session now."""
@@ -211,6 +249,22 @@ class RendezvousServer:
         if task is None or self._closing:  # accepted as we closed
             writer.close()
             return
+        source = _source_ip(writer)
+        if (
+            self._open >= self._max_connections
+            or self._per_source.get(source, 0) >= self._max_per_source
+        ):
+            self.refused += 1
+            self._rejections.log(
+                "cap", WARNING, "rendezvous: refused a connection from %s: %d open "
+                "(max_connections %d), %d from that source (max_per_source %d)",
+                source, self._open, self._max_connections, self._per_source.get(source, 0),
+                self._max_per_source,
+            )  # fmt: skip
+            writer.transport.abort()
+            return
+        self._open += 1
+        self._per_source[source] = self._per_source.get(source, 0) + 1
         self._handlers.add(task)
         peer = _prepare(writer)
         conn: _Conn | None = None
@@ -232,7 +286,7 @@ class RendezvousServer:
         except AuthenticationFailed:
             self._rejections.log(
                 "auth", WARNING, "rendezvous: rejected %s: its proof did not verify "
-                "(wrong cluster secret?)", peer,
+                "(wrong rendezvous secret?)", peer,
             )  # fmt: skip
         except ProtocolError as exc:
             if conn is None:
@@ -252,7 +306,7 @@ class RendezvousServer:
                 # A client hangs up here when our proof fails it: secrets differ.
                 self._rejections.log(
                     "auth", WARNING, "rendezvous: rejected by %s: it refused our proof "
-                    "(wrong cluster secret?)", peer,
+                    "(wrong rendezvous secret?)", peer,
                 )  # fmt: skip
         except Exception:
             log.exception("rendezvous: unexpected error on the connection from %s", peer)
@@ -261,6 +315,10 @@ class RendezvousServer:
                 del self._sessions[conn.node_id]
             await _close(writer)
             self._handlers.discard(task)
+            self._open -= 1
+            left = self._per_source.pop(source) - 1
+            if left:
+                self._per_source[source] = left
 
     def _admit(self, conn: _Conn) -> None:
         old = self._sessions.get(conn.node_id)
@@ -310,7 +368,7 @@ class RendezvousClient:
         self,
         address: str,
         node_id: str,
-        cluster_secret: str,
+        rendezvous_secret: str,
         on_message: Callable[[str, dict[str, Any]], None],
         *,
         reconnect_min_s: float = 0.2,
@@ -328,7 +386,7 @@ class RendezvousClient:
             raise ConfigError(f"node_id: {node_id!r} must be 1-64 characters of [A-Za-z0-9._-]")
         if not 0 < reconnect_min_s <= reconnect_max_s:
             raise ConfigError("reconnect_min_s: must be > 0 and <= reconnect_max_s")
-        self._keys = RendezvousKeys.from_secret(cluster_secret)
+        self._keys = RendezvousKeys.from_secret(rendezvous_secret)
         self.node_id = node_id
         self._on_message = on_message
         self._on_connected = on_connected
@@ -386,8 +444,8 @@ class RendezvousClient:
             except AuthenticationFailed as exc:
                 self._failures.log(
                     "auth", ERROR,
-                    "rendezvous rejected: wrong cluster secret? %s (server %s, node %s); "
-                    "check cluster_secret on both sides", exc, where, self.node_id,
+                    "rendezvous rejected: wrong rendezvous secret? %s (server %s, node %s); "
+                    "check rendezvous_secret on both sides", exc, where, self.node_id,
                 )  # fmt: skip
             except ProtocolError as exc:
                 self._failures.log("protocol", WARNING, "rendezvous %s: %s", where, exc)

@@ -15,7 +15,7 @@ drives it.
 
 **Keys** (HKDF-SHA256, RFC 5869)::
 
-    okm          = HKDF(salt=LABEL, ikm=utf8(cluster_secret), info=LABEL || b" keys", L=64)
+    okm          = HKDF(salt=LABEL, ikm=utf8(rendezvous_secret), info=LABEL || b" keys", L=64)
     mac_key      = okm[0:32]    # handshake proofs (HMAC-SHA256)
     session_salt = okm[32:64]
 
@@ -29,7 +29,7 @@ handshake replays to neither side::
     S -> C  sealed {"t": "welcome"}
 
 The client checks the server's proof before it sends anything keyed (a
-mismatch is almost always a wrong ``cluster_secret``). The claimed node ``id``
+mismatch is almost always a wrong ``rendezvous_secret``). The claimed node ``id``
 (1-64 characters of ``[A-Za-z0-9._-]``) travels in clear but is covered by the
 client's proof and bound into the session keys::
 
@@ -105,8 +105,8 @@ class ProtocolError(RendezvousError):
 
 
 class AuthenticationFailed(RendezvousError):
-    """A handshake proof did not verify: the two sides hold different cluster
-    secrets (or someone without the secret is on the line). Retriable only
+    """A handshake proof did not verify: the two sides hold different
+    rendezvous secrets (or someone without the secret is on the line). Retriable only
     after the configuration is fixed."""
 
 
@@ -175,18 +175,22 @@ def _hkdf(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
 
 @dataclass(frozen=True, slots=True, repr=False)
 class RendezvousKeys:
-    """The long-term keys derived from the cluster secret (see the module doc)."""
+    """The long-term keys derived from the rendezvous secret (see the module
+    doc). The rendezvous secret is separate from the cluster secret: the
+    rendezvous host can authenticate nodes but not decrypt Raft traffic, and
+    relayed bodies are sealed end to end (:mod:`raftstate.transport.signalseal`)."""
 
     mac_key: bytes
     session_salt: bytes
 
     @classmethod
-    def from_secret(cls, cluster_secret: str) -> RendezvousKeys:
-        """Raises :class:`ConfigError` (naming ``cluster_secret``) unless the
-        secret is a string of at least 16 characters."""
-        if not isinstance(cluster_secret, str) or len(cluster_secret) < MIN_SECRET_LENGTH:
-            raise ConfigError(f"cluster_secret: must be at least {MIN_SECRET_LENGTH} characters")
-        okm = _hkdf(LABEL, cluster_secret.encode("utf-8"), LABEL + b" keys", 64)
+    def from_secret(cls, rendezvous_secret: str) -> RendezvousKeys:
+        """Raises :class:`ConfigError` (naming ``rendezvous_secret``) unless
+        the secret is a string of at least 16 characters (strength is checked
+        where it is configured)."""
+        if not isinstance(rendezvous_secret, str) or len(rendezvous_secret) < MIN_SECRET_LENGTH:
+            raise ConfigError(f"rendezvous_secret: must be at least {MIN_SECRET_LENGTH} characters")
+        okm = _hkdf(LABEL, rendezvous_secret.encode("utf-8"), LABEL + b" keys", 64)
         return cls(mac_key=okm[:32], session_salt=okm[32:])
 
     def proof(self, role: bytes, *parts: bytes) -> bytes:

@@ -145,8 +145,9 @@ class UdpTransport(Transport):  # type: ignore[misc]
         self._reach = _make_reach(loop, settings, list(self._peers))
         self._node_peer = {p.node: p.id for p in self._peers.values()}
         self._channel = SecureChannel(
-            settings.node_id, list(self._peers), settings.cluster_secret, now=time.time()
-        )
+            settings.node_id, list(self._peers), settings.cluster_secret, now=time.time(),
+            identity=settings.identity,
+        )  # fmt: skip
         self._open_done = False
         self._closed = False
         self._drop_logged = LogThrottle(DROP_LOG_INTERVAL)  # bounded: keys come off the wire
@@ -568,7 +569,10 @@ def _make_reach(
     if settings.ice is not None:
         from raftstate.transport.ice import IceReach  # aioice only when used
 
-        return IceReach(loop, settings.node_id, peer_ids, settings.cluster_secret, settings.ice)
+        return IceReach(
+            loop, settings.node_id, peer_ids, settings.cluster_secret, settings.ice,
+            identity=settings.identity,
+        )  # fmt: skip
     addresses = dict(settings.peers)
     addresses.update(settings.send_to)
     return StaticReach(

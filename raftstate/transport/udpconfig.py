@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from raftstate.transport.crypto import NodeIdentity
 from raftstate.transport.linkconfig import LinkConfig
 
 DATAGRAM_SIZE = 1200
@@ -21,10 +22,12 @@ DROP_LOG_INTERVAL = 10.0
 
 @dataclass(frozen=True, slots=True)
 class IceSettings:
-    """Where the rendezvous, STUN and TURN servers are (``host:port``)."""
+    """Where the rendezvous, STUN and TURN servers are (``host:port``), and
+    the credential for the rendezvous (never the cluster secret)."""
 
     rendezvous: str
     stun_server: str
+    rendezvous_secret: str = ""
     turn_server: str = ""
     turn_username: str = ""
     turn_password: str = ""
@@ -66,6 +69,9 @@ class UdpSettings:
     #: Reach peers over ICE (rendezvous, STUN, TURN) instead of ``peers``'
     #: static addresses; ``bind`` and ``send_to`` are then unused.
     ice: IceSettings | None = None
+    #: Static node keys (``node_key_file`` + ``peer_keys``): HELLOs then need
+    #: this node's private key, not just the cluster secret.
+    identity: NodeIdentity | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +103,17 @@ def settings_for(
     dead_after: float,
     send_to: Mapping[str, str] | None = None,
     ice: IceSettings | None = None,
+    identity: NodeIdentity | None = None,
 ) -> UdpSettings:
     """Settings for ``node_id`` among ``members`` (``(id, raft address)``);
     ``send_to``: per-peer send addresses overriding the member address."""
     peers = tuple((mid, addr) for mid, addr in members if mid != node_id)
     link = LinkConfig(dead_after=dead_after)
     overrides = tuple(sorted((send_to or {}).items()))
-    return UdpSettings(node_id, bind, peers, cluster_secret, link=link, send_to=overrides, ice=ice)
+    return UdpSettings(
+        node_id, bind, peers, cluster_secret, link=link, send_to=overrides, ice=ice,
+        identity=identity,
+    )  # fmt: skip
 
 
 __all__ = ["IceSettings", "PeerLinkStats", "UdpSettings", "settings_for", "split_hostport"]
