@@ -34,6 +34,7 @@ from raftstate.model import (
     REPORTED_MAX_ENTRIES,
     validate_heartbeat,
 )
+from raftstate.secretcheck import generate_secret
 from raftstate.statemachine import encode_batch
 
 # ---------------------------------------------------------------- record bound
@@ -105,7 +106,7 @@ def test_sealed_batches_never_exceed_the_entry_bound(items: list[Any], max_entry
 def test_config_refuses_entries_that_cannot_hold_one_heartbeat_or_are_too_big() -> None:
     for bad in (RECORD_MAX_BYTES, BATCH_MAX_BYTES + 1):
         cfg = NodeConfig.for_tests(
-            batch_max_bytes=bad, cluster_secret="s" * 32, node_id="n1",
+            batch_max_bytes=bad, cluster_secret=generate_secret(), node_id="n1",
             members=(Member("n1", "127.0.0.1:7001", "127.0.0.1:7101"),),
         )  # fmt: skip
         with pytest.raises(ConfigError, match="batch_max_bytes"):
