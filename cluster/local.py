@@ -4,6 +4,15 @@ Used by ``raftstate cluster up``, ``raftstate bench`` and the tests. Every
 node is a real ``python -m raftstate node`` process with its own config file,
 data directory and log file under ``base_dir``. Waits are conditions polled
 with deadlines (``Cluster.Status`` over gRPC), never fixed sleeps.
+
+Security: a base config without TLS files that is not ``insecure_grpc``
+(``NodeConfig.default()``), or ``secure=True``, makes the cluster secure: a
+private CA, node certificates, an admin client certificate and a token key
+are created in ``base_dir/pki`` (kept across restarts), each node serves
+TLS on its gRPC port (bearer tokens) and on a second, mTLS port, and
+``auth = "required"``. :meth:`LocalCluster.client_kwargs` and
+:meth:`LocalCluster.issue_token` give clients what they need.
+``NodeConfig.for_tests()`` stays plaintext on loopback without auth.
 """
 
 from __future__ import annotations
@@ -23,8 +32,11 @@ from typing import Any
 
 import grpc
 
+from raftstate import pki as pkilib
+from raftstate.authz import Role, parse_token_keys, sign_token
 from raftstate.config import Member, NodeConfig
-from raftstate.v1 import cluster_pb2, cluster_pb2_grpc
+from raftstate.sdk.credentials import Credentials
+from raftstate.v1 import auth_pb2, cluster_pb2, cluster_pb2_grpc
 
 DEFAULT_GRPC_BASE = 7001
 DEFAULT_RAFT_BASE = 7101
@@ -55,12 +67,16 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def node_status(endpoint: str, timeout_s: float = 1.0) -> cluster_pb2.StatusResponse | None:
-    """``Cluster.Status`` of one node, or ``None`` if it does not answer."""
-    with grpc.insecure_channel(endpoint) as ch:
+def node_status(
+    endpoint: str, timeout_s: float = 1.0, credentials: Credentials | None = None
+) -> cluster_pb2.StatusResponse | None:
+    """``Cluster.Status`` of one node, or ``None`` if it does not answer.
+    ``credentials`` (operator or admin) default to the environment's."""
+    creds = credentials if credentials is not None else Credentials.from_env()
+    with creds.channel(endpoint) as ch:
         try:
             res: cluster_pb2.StatusResponse = cluster_pb2_grpc.ClusterStub(ch).Status(
-                cluster_pb2.StatusRequest(), timeout=timeout_s
+                cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=creds.metadata()
             )
         except grpc.RpcError:
             return None
@@ -123,6 +139,7 @@ class LocalCluster:
         exec_prefix: Callable[[str], list[str]] | None = None,
         node_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         detach: bool = False,
+        secure: bool | None = None,
     ) -> None:
         """``hosts`` gives each node its own address (e.g. one per network
         namespace; ports then default to 7001/7101 on every host) and
@@ -130,7 +147,9 @@ class LocalCluster:
         ``ip netns exec NAME``). ``node_overrides[node_id]`` replaces config
         fields of that node only (e.g. its ``peer_raft``). ``detach`` starts
         each node in its own session, so it outlives this process and its
-        terminal. Raises ``ConfigError`` if a resulting config is invalid."""
+        terminal. ``secure``: see the module docstring (``None``: secure unless
+        ``base_config`` is ``insecure_grpc`` or brings its own TLS files).
+        Raises ``ConfigError`` if a resulting config is invalid."""
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.size = size
@@ -150,6 +169,34 @@ class LocalCluster:
             for i in range(size)
         )
         base = base_config or NodeConfig.default()
+        if secure is None:
+            secure = not base.insecure_grpc and not base.tls_cert_file
+        self.secure = secure
+        self.pki: pkilib.ClusterPki | None = None
+        self.mtls_endpoints: list[str] = []
+        #: Credentials with the admin role (plaintext, no token, when not secure).
+        self.credentials = Credentials()
+        per_node: dict[str, dict[str, Any]] = {m.id: {} for m in members}
+        if secure:
+            self.pki = self._make_pki([m.id for m in members], sorted({*hosts, "localhost"}))
+            mtls_ports = free_ports(size, host)
+            self.mtls_endpoints = [f"{hosts[i]}:{mtls_ports[i]}" for i in range(size)]
+            base = replace(
+                base,
+                insecure_grpc=False,
+                auth="required",
+                client_ca_file=str(self.pki.ca_cert),
+                token_key_file=str(self.pki.token_key),
+            )
+            for i, m in enumerate(members):
+                per_node[m.id] = {
+                    "tls_cert_file": str(self.pki.nodes[m.id].cert),
+                    "tls_key_file": str(self.pki.nodes[m.id].key),
+                    "grpc_mtls_listen": self.mtls_endpoints[i],
+                }
+            self.credentials = Credentials(
+                ca=str(self.pki.ca_cert), token=self.issue_token(Role.ADMIN, name="local-admin")
+            )
         secret = secret or base.cluster_secret or secrets.token_urlsafe(24)
         self.nodes: dict[str, NodeProcess] = {}
         for m in members:
@@ -160,10 +207,81 @@ class LocalCluster:
                 data_dir=str(self.base_dir / m.id),
                 cluster_secret=secret,
             )
+            cfg = replace(cfg, **per_node[m.id])
             cfg = replace(cfg, **dict((node_overrides or {}).get(m.id, {})))
             cfg.validate()
             path = self.base_dir / f"{m.id}.toml"
             self.nodes[m.id] = NodeProcess(cfg, path, self.base_dir / f"{m.id}.log")
+
+    # ---- credentials ------------------------------------------------------
+
+    def _make_pki(self, node_ids: list[str], hosts: list[str]) -> pkilib.ClusterPki:
+        directory = self.base_dir / "pki"
+        if (directory / "ca.pem").exists():  # a restart: keep the same CA and keys
+            return pkilib.ClusterPki(
+                directory / "ca.pem",
+                directory / "ca.key",
+                {
+                    n: pkilib.CertPair(directory / f"{n}.pem", directory / f"{n}.key")
+                    for n in node_ids
+                },
+                pkilib.CertPair(directory / "admin.pem", directory / "admin.key"),
+                directory / "token.key",
+            )
+        return pkilib.make_cluster_pki(directory, node_ids, hosts)
+
+    def issue_token(
+        self,
+        role: Role,
+        *,
+        device_ids: tuple[str, ...] = (),
+        prefix: str = "",
+        name: str = "",
+        ttl_s: int = 3600,
+        now_s: int | None = None,
+    ) -> str:
+        """A bearer token signed with this cluster's token key (secure clusters
+        only; no RPC). ``now_s`` backdates it (e.g. to make an expired one)."""
+        if self.pki is None:
+            raise RuntimeError("issue_token: this cluster is not secure")
+        keys = parse_token_keys(self.pki.token_key.read_text())
+        kid, key = next(iter(keys.items()))
+        now = int(time.time()) if now_s is None else now_s
+        claims = auth_pb2.TokenClaims(
+            role=int(role),
+            token_id=secrets.token_bytes(8),
+            issued_at_s=now,
+            expires_at_s=now + ttl_s,
+            device_ids=list(device_ids),
+            prefix=prefix,
+            name=name,
+        )
+        return sign_token(claims, kid, key)
+
+    def client_kwargs(
+        self,
+        role: Role = Role.ADMIN,
+        *,
+        device_ids: tuple[str, ...] = (),
+        prefix: str = "",
+        ttl_s: int = 3600,
+    ) -> dict[str, Any]:
+        """Keyword arguments for ``AsyncDeviceClient``/``DeviceClient``: a
+        ``credentials`` object with the CA and a token of ``role`` (empty
+        plaintext credentials when the cluster is not secure)."""
+        if self.pki is None:
+            return {"credentials": Credentials()}
+        token = self.issue_token(role, device_ids=device_ids, prefix=prefix, ttl_s=ttl_s)
+        return {"credentials": Credentials(ca=str(self.pki.ca_cert), token=token)}
+
+    def client_env(self) -> dict[str, str]:
+        """``RAFTSTATE_*`` variables that give the CLI admin credentials."""
+        if self.pki is None:
+            return {}
+        return {
+            "RAFTSTATE_CA": str(self.pki.ca_cert),
+            "RAFTSTATE_TOKEN": str(self.credentials.token),
+        }
 
     # ---- lifecycle --------------------------------------------------------
 
@@ -202,8 +320,15 @@ class LocalCluster:
         try:
             prefix = self.exec_prefix(node_id) if self.exec_prefix is not None else []
             node.proc = subprocess.Popen(
-                [*prefix, self.python, "-m", "raftstate", "node", "--config",
-                 str(node.config_path)],
+                [
+                    *prefix,
+                    self.python,
+                    "-m",
+                    "raftstate",
+                    "node",
+                    "--config",
+                    str(node.config_path),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -256,7 +381,7 @@ class LocalCluster:
     # ---- observation ------------------------------------------------------
 
     def status(self, node_id: str, timeout_s: float = 1.0) -> cluster_pb2.StatusResponse | None:
-        return node_status(self.nodes[node_id].endpoint, timeout_s)
+        return node_status(self.nodes[node_id].endpoint, timeout_s, self.credentials)
 
     def leader(self, among: list[str] | None = None) -> str | None:
         """The leader id if every running node in ``among`` (default: all
