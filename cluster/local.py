@@ -140,6 +140,8 @@ class LocalCluster:
         node_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         detach: bool = False,
         secure: bool | None = None,
+        mtls_ports: list[int] | None = None,
+        admin_ttl_s: int = 24 * 3600,
     ) -> None:
         """``hosts`` gives each node its own address (e.g. one per network
         namespace; ports then default to 7001/7101 on every host) and
@@ -179,7 +181,7 @@ class LocalCluster:
         per_node: dict[str, dict[str, Any]] = {m.id: {} for m in members}
         if secure:
             self.pki = self._make_pki([m.id for m in members], sorted({*hosts, "localhost"}))
-            mtls_ports = free_ports(size, host)
+            mtls_ports = mtls_ports or free_ports(size, host)
             self.mtls_endpoints = [f"{hosts[i]}:{mtls_ports[i]}" for i in range(size)]
             base = replace(
                 base,
@@ -195,7 +197,8 @@ class LocalCluster:
                     "grpc_mtls_listen": self.mtls_endpoints[i],
                 }
             self.credentials = Credentials(
-                ca=str(self.pki.ca_cert), token=self.issue_token(Role.ADMIN, name="local-admin")
+                ca=str(self.pki.ca_cert),
+                token=self.issue_token(Role.ADMIN, name="local-admin", ttl_s=admin_ttl_s),
             )
         secret = secret or base.cluster_secret or secrets.token_urlsafe(24)
         self.nodes: dict[str, NodeProcess] = {}
