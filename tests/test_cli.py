@@ -85,7 +85,7 @@ def test_cluster_up_serves_device_commands_and_stops_cleanly_on_ctrl_c(tmp_path:
         )
     try:
         wait_until(
-            lambda: "cluster ready" in out.read_text() or up.poll() is not None,
+            lambda: "Ctrl-C stops the cluster" in out.read_text() or up.poll() is not None,
             60,
             "cluster up to report ready",
         )
