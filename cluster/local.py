@@ -251,7 +251,7 @@ class LocalCluster:
         kid, key = next(iter(keys.items()))
         now = int(time.time()) if now_s is None else now_s
         claims = auth_pb2.TokenClaims(
-            role=int(role),
+            role=auth_pb2.AuthRole.ValueType(int(role)),
             token_id=secrets.token_bytes(8),
             issued_at_s=now,
             expires_at_s=now + ttl_s,

@@ -39,7 +39,7 @@ class AuthService(auth_pb2_grpc.AuthServicer):
             raise FailedPrecondition("token_key_file: not set on this node; tokens are disabled")
         if not 0 < request.ttl_s <= MAX_TTL_S:
             raise InvalidArgument("ttl_s", f"must be between 1 and {MAX_TTL_S} seconds")
-        if request.role not in tuple(Role):
+        if int(request.role) not in tuple(Role):
             raise InvalidArgument("role", "must be device, gateway, operator or admin")
         now_s = int(time.time())
         claims = auth_pb2.TokenClaims(

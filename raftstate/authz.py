@@ -265,7 +265,7 @@ def _tag(key: bytes, signed: str) -> bytes:
 
 def validate_claims(claims: auth_pb2.TokenClaims) -> None:
     """Check that claims describe a usable credential. Raises ``InvalidArgument``."""
-    role = claims.role
+    role = int(claims.role)
     if role == Role.DEVICE:
         if len(claims.device_ids) != 1 or claims.prefix:
             raise InvalidArgument("device_ids", "a device credential names exactly one device id")
@@ -306,7 +306,7 @@ def token_id_of(token: str) -> str:
         raise InvalidArgument("token", "is not a raftstate token (rst1....)") from None
     if len(claims.token_id) != TOKEN_ID_BYTES:
         raise InvalidArgument("token", "carries no token id")
-    return claims.token_id.hex()
+    return str(claims.token_id.hex())
 
 
 def verify_token(

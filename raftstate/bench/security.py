@@ -32,8 +32,8 @@ MAX_P50_COST_MS = 1.0
 
 def _median(rows: list[PhaseResult], key: str) -> float:
     if key == "ops":
-        return statistics.median(r.ops_per_s for r in rows)
-    return statistics.median(getattr(r.latency_ms, key) for r in rows)
+        return float(statistics.median(r.ops_per_s for r in rows))
+    return float(statistics.median(float(getattr(r.latency_ms, key)) for r in rows))
 
 
 def security_main(args: argparse.Namespace) -> int:

@@ -54,11 +54,11 @@ def _call(
                     return fn(auth_pb2_grpc.AuthStub(ch), creds.metadata())
                 except grpc.RpcError as err:
                     last = err
-                    if err.code() not in (grpc.StatusCode.UNAVAILABLE,):  # type: ignore[attr-defined]
-                        raise from_status(err.code(), err.details() or "") from None  # type: ignore[attr-defined]
+                    if err.code() not in (grpc.StatusCode.UNAVAILABLE,):
+                        raise from_status(err.code(), err.details() or "") from None
         time.sleep(0.2)
     assert last is not None
-    raise from_status(last.code(), last.details() or "")  # type: ignore[attr-defined]
+    raise from_status(last.code(), last.details() or "")
 
 
 def auth_main(args: argparse.Namespace, endpoints: str) -> int:
@@ -67,7 +67,7 @@ def auth_main(args: argparse.Namespace, endpoints: str) -> int:
     try:
         if args.auth_cmd == "issue":
             request = auth_pb2.IssueTokenRequest(
-                role=int(Role[args.role.upper()]),
+                role=auth_pb2.AuthRole.ValueType(int(Role[args.role.upper()])),
                 device_ids=args.device,
                 prefix=args.prefix,
                 name=args.name,
