@@ -323,7 +323,12 @@ class LabCluster:
                 for i in self._sites()
             },
             detach=self.detach,
+            tls_hosts=[lab.node_ip(i) for i in self._sites()],
         )  # fmt: skip
+        # gRPC is TLS + auth (the default config): this orchestrating process
+        # and the load processes it starts read the admin credentials from
+        # the environment (raftstate/sdk/credentials.py).
+        os.environ.update(self.cluster.client_env())
         started = time.monotonic()
         self._progress(f"starting {lab.n_sites} nodes ({self._transport_label()})")
         self.cluster.start(timeout_s=timeout_s)

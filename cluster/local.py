@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -142,6 +142,7 @@ class LocalCluster:
         secure: bool | None = None,
         mtls_ports: list[int] | None = None,
         admin_ttl_s: int = 24 * 3600,
+        tls_hosts: Sequence[str] = (),
     ) -> None:
         """``hosts`` gives each node its own address (e.g. one per network
         namespace; ports then default to 7001/7101 on every host) and
@@ -151,7 +152,9 @@ class LocalCluster:
         each node in its own session, so it outlives this process and its
         terminal. ``secure``: see the module docstring (``None``: secure unless
         ``base_config`` is ``insecure_grpc`` or brings its own TLS files).
-        Raises ``ConfigError`` if a resulting config is invalid."""
+        ``tls_hosts``: more names for the node certificates (addresses the
+        nodes are also dialled at). Raises ``ConfigError`` if a resulting
+        config is invalid."""
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.size = size
@@ -180,7 +183,8 @@ class LocalCluster:
         self.credentials = Credentials()
         per_node: dict[str, dict[str, Any]] = {m.id: {} for m in members}
         if secure:
-            self.pki = self._make_pki([m.id for m in members], sorted({*hosts, "localhost"}))
+            names = sorted({*hosts, "localhost", *tls_hosts})
+            self.pki = self._make_pki([m.id for m in members], names)
             mtls_ports = mtls_ports or free_ports(size, host)
             self.mtls_endpoints = [f"{hosts[i]}:{mtls_ports[i]}" for i in range(size)]
             base = replace(
