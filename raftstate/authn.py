@@ -36,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from raftstate.authz import Identity, identity_from_sans, parse_token_keys, verify_token
+from raftstate.authz import Identity, TokenCache, identity_from_sans, parse_token_keys
 from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError, Unauthenticated
 
@@ -147,6 +147,7 @@ class Authenticator:
         clock_s: Callable[[], float] = time.time,
     ) -> None:
         self._keys = dict(token_keys)
+        self._tokens = TokenCache(self._keys)
         self._revoked = revoked
         self._clock_s = clock_s
 
@@ -156,7 +157,7 @@ class Authenticator:
         if token is not None:
             if not self._keys:
                 raise Unauthenticated("bearer tokens are not enabled on this node")
-            return verify_token(token, int(self._clock_s()), self._keys, self._revoked())
+            return self._tokens.verify(token, int(self._clock_s()), self._revoked())
         sans = context.auth_context().get("x509_subject_alternative_name")
         if sans:
             return identity_from_sans(s.decode(errors="replace") for s in sans)

@@ -349,6 +349,35 @@ def verify_token(
     )
 
 
+class TokenCache:
+    """Remembers tokens whose signature and claims verified, so a device
+    that sends the same token on every call costs a dict lookup, not an
+    HMAC and a decode. Expiry and revocation are still checked on every
+    hit. At most ``max_entries`` tokens, oldest forgotten first. Not
+    thread-safe (one per event loop)."""
+
+    def __init__(self, keys: Mapping[str, bytes], max_entries: int = 4096) -> None:
+        self._keys = dict(keys)
+        self._max = max_entries
+        self._seen: dict[str, Identity] = {}
+
+    def verify(self, token: str, now_s: int, revoked: Container[bytes]) -> Identity:
+        """As :func:`verify_token`, through the cache."""
+        ident = self._seen.get(token)
+        if ident is None:
+            ident = verify_token(token, now_s, self._keys, revoked)
+            if len(self._seen) >= self._max:
+                del self._seen[next(iter(self._seen))]
+            self._seen[token] = ident
+            return ident
+        if now_s >= ident.expires_at_s:
+            del self._seen[token]
+            raise Unauthenticated(f"token {ident.token_id}: expired")
+        if bytes.fromhex(ident.token_id) in revoked:
+            raise Unauthenticated(f"token {ident.token_id}: revoked")
+        return ident
+
+
 def parse_ttl(text: str) -> int:
     """Seconds in a TTL like ``90``, ``45m``, ``12h``, ``30d``. Raises ``ValueError``."""
     m = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
@@ -362,6 +391,7 @@ __all__ = [
     "Access",
     "Identity",
     "Role",
+    "TokenCache",
     "authorize",
     "format_token_keys",
     "identity_from_sans",

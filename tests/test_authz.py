@@ -281,3 +281,21 @@ def test_delete_removes_the_record_bumps_the_revision_and_is_idempotent() -> Non
     # A later heartbeat creates it anew, whatever its seq.
     t.apply(encode_batch([Heartbeat("a", 1, {}, 0)], 4))
     assert t.get("a") is not None and t.revision == 4
+
+
+def test_the_token_cache_still_checks_expiry_and_revocation_on_every_hit() -> None:
+    from raftstate.authz import TokenCache
+
+    cache = TokenCache(KEYS, max_entries=2)
+    t = token()
+    assert cache.verify(t, NOW, {}).role is Role.DEVICE
+    assert cache.verify(t, NOW, {}).role is Role.DEVICE  # a hit
+    with pytest.raises(Unauthenticated, match="revoked"):
+        cache.verify(t, NOW, {b"\x01" * 8: NOW + 60})
+    with pytest.raises(Unauthenticated, match="expired"):
+        cache.verify(t, NOW + 60, {})
+    with pytest.raises(Unauthenticated, match="signature"):
+        cache.verify(t[:-2] + "AA", NOW, {})
+    for i in range(5):  # bounded
+        cache.verify(sign_token(claims(token_id=bytes([i]) * 8), "k1", KEY), NOW, {})
+    assert len(cache._seen) == 2
