@@ -186,7 +186,16 @@ class LocalCluster:
             names = sorted({*hosts, "localhost", *tls_hosts})
             self.pki = self._make_pki([m.id for m in members], names)
             mtls_ports = mtls_ports or free_ports(size, host)
-            self.mtls_endpoints = [f"{hosts[i]}:{mtls_ports[i]}" for i in range(size)]
+            # The mTLS port listens next to the node's gRPC listen address
+            # (a node in a namespace may listen on another address than the
+            # one it is reached at; the mTLS port is not forwarded there).
+            listen_hosts = [
+                str(
+                    dict((node_overrides or {}).get(m.id, {})).get("grpc_listen") or m.grpc
+                ).rsplit(":", 1)[0]
+                for m in members
+            ]
+            self.mtls_endpoints = [f"{listen_hosts[i]}:{mtls_ports[i]}" for i in range(size)]
             base = replace(
                 base,
                 insecure_grpc=False,
