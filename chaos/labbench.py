@@ -438,14 +438,17 @@ class _Raftstate(_System):
     def commit_status(self) -> tuple[int, list[int]]:
         """The leader's last log index (every entry proposed so far is at or
         below it) and every node's last applied (-1: no answer)."""
+        from raftstate.sdk.credentials import Credentials
         from raftstate.v1 import cluster_pb2, cluster_pb2_grpc
 
+        creds = Credentials.from_env()  # LabCluster put the admin credentials there
         last, applied = -1, []
         for ep in self.lc.endpoints:
-            with grpc.insecure_channel(ep) as ch:
+            with creds.channel(ep) as ch:
                 try:
-                    s = cluster_pb2_grpc.ClusterStub(ch).Status(cluster_pb2.StatusRequest(),
-                                                                 timeout=1)  # fmt: skip
+                    s = cluster_pb2_grpc.ClusterStub(ch).Status(
+                        cluster_pb2.StatusRequest(), timeout=1, metadata=creds.metadata()
+                    )
                 except grpc.RpcError:
                     applied.append(-1)
                     continue

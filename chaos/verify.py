@@ -19,6 +19,7 @@ import grpc
 
 from chaos.history import History
 from chaos.linearizability import CheckResult, check
+from raftstate.sdk.credentials import Credentials
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
 
 Record = tuple[int, tuple[tuple[str, str], ...], int, int]
@@ -49,7 +50,8 @@ def node_table(endpoint: str, prefix: str = "", timeout_s: float = 5.0) -> dict[
     holds them (SERIALIZABLE: answered from its own table), every page."""
     out: dict[str, Record] = {}
     token = ""
-    with grpc.insecure_channel(endpoint) as ch:
+    creds = Credentials.from_env()  # a secure cluster: RAFTSTATE_CA + an operator token
+    with creds.channel(endpoint) as ch:
         stub = device_pb2_grpc.DeviceStateStub(ch)
         while True:
             res = stub.ListDevices(
@@ -60,6 +62,7 @@ def node_table(endpoint: str, prefix: str = "", timeout_s: float = 5.0) -> dict[
                     consistency=device_pb2.SERIALIZABLE,
                 ),
                 timeout=timeout_s,
+                metadata=creds.metadata(),
             )
             for d in res.devices:
                 out[d.device_id] = (
@@ -74,10 +77,11 @@ def node_table(endpoint: str, prefix: str = "", timeout_s: float = 5.0) -> dict[
 
 
 def _status(endpoint: str) -> cluster_pb2.StatusResponse | None:
-    with grpc.insecure_channel(endpoint) as ch:
+    creds = Credentials.from_env()
+    with creds.channel(endpoint) as ch:
         try:
             res: cluster_pb2.StatusResponse = cluster_pb2_grpc.ClusterStub(ch).Status(
-                cluster_pb2.StatusRequest(), timeout=2
+                cluster_pb2.StatusRequest(), timeout=2, metadata=creds.metadata()
             )
         except grpc.RpcError:
             return None

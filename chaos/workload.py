@@ -34,6 +34,7 @@ from chaos.flood import draw_reported
 from chaos.history import DeviceValue, History, ReadResult, WriteResult
 from raftstate.errors import RaftStateError
 from raftstate.sdk import DeviceClient
+from raftstate.sdk.credentials import Credentials
 from raftstate.v1 import device_pb2, device_pb2_grpc
 
 
@@ -160,7 +161,8 @@ class Workload:
                     self.acked[device_id] = max(self.acked.get(device_id, 0), seq)
 
     def _read_loop(self, client_id: str, endpoint: str, offset: int) -> None:
-        with grpc.insecure_channel(endpoint) as ch:
+        creds = Credentials.from_env()  # plaintext unless RAFTSTATE_CA/TOKEN are set
+        with creds.channel(endpoint) as ch:
             stub = device_pb2_grpc.DeviceStateStub(ch)
             i = offset
             while not self._stop.is_set():
@@ -172,6 +174,7 @@ class Workload:
                         device_pb2.GetDeviceRequest(device_id=device_id,
                                                     consistency=device_pb2.LINEARIZABLE),
                         timeout=self._read_deadline,
+                        metadata=creds.metadata(),
                     )
                 except grpc.RpcError as err:
                     if err.code() == grpc.StatusCode.NOT_FOUND:

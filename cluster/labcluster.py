@@ -198,6 +198,7 @@ class LabCluster:
         self.rendezvous_secret = generate_secret()
         self._rendezvous: subprocess.Popen[bytes] | None = None
         self._progress = progress or (lambda _line: None)
+        self._saved_env: dict[str, str | None] = {}
 
     # --- names ---------------------------------------------------------------
 
@@ -233,6 +234,12 @@ class LabCluster:
         """Stop the nodes, the rendezvous and the lab. Idempotent."""
         if self.cluster is not None:
             self.cluster.stop()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
         if self._rendezvous is not None:
             if self._rendezvous.poll() is None:
                 self._rendezvous.terminate()
@@ -325,7 +332,15 @@ class LabCluster:
                 for i in self._sites()
             },
             detach=self.detach,
+            tls_hosts=[lab.node_ip(i) for i in self._sites()],
+            secure=True,  # never loopback: gRPC is TLS with auth
         )  # fmt: skip
+        # This orchestrating process and the load processes it starts read
+        # the admin credentials from the environment (sdk/credentials.py);
+        # down() puts the previous values back.
+        env = self.cluster.client_env()
+        self._saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         started = time.monotonic()
         self._progress(f"starting {lab.n_sites} nodes ({self._transport_label()})")
         self.cluster.start(timeout_s=timeout_s)

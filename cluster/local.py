@@ -4,17 +4,27 @@ Used by ``raftstate cluster up``, ``raftstate bench`` and the tests. Every
 node is a real ``python -m raftstate node`` process with its own config file,
 data directory and log file under ``base_dir``. Waits are conditions polled
 with deadlines (``Cluster.Status`` over gRPC), never fixed sleeps.
+
+Security: a base config without TLS files that is not ``insecure_grpc``
+(``NodeConfig.default()``), or ``secure=True``, makes the cluster secure: a
+private CA, node certificates, an admin client certificate and a token key
+are created in ``base_dir/pki`` (kept across restarts), each node serves
+TLS on its gRPC port (bearer tokens) and on a second, mTLS port, and
+``auth = "required"``. :meth:`LocalCluster.client_kwargs` and
+:meth:`LocalCluster.issue_token` give clients what they need.
+``NodeConfig.for_tests()`` stays plaintext on loopback without auth.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,11 +32,14 @@ from typing import Any
 
 import grpc
 
+from raftstate import pki as pkilib
+from raftstate.authz import Role, parse_token_keys, sign_token
 from raftstate.config import Member, NodeConfig
 from raftstate.nodekeys import generate_key_pair, public_key_of, write_key_file
 from raftstate.privfile import open_private, private_dir, write_private
+from raftstate.sdk.credentials import Credentials
 from raftstate.secretcheck import generate_secret
-from raftstate.v1 import cluster_pb2, cluster_pb2_grpc
+from raftstate.v1 import auth_pb2, cluster_pb2, cluster_pb2_grpc
 
 DEFAULT_GRPC_BASE = 7001
 DEFAULT_RAFT_BASE = 7101
@@ -57,12 +70,16 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def node_status(endpoint: str, timeout_s: float = 1.0) -> cluster_pb2.StatusResponse | None:
-    """``Cluster.Status`` of one node, or ``None`` if it does not answer."""
-    with grpc.insecure_channel(endpoint) as ch:
+def node_status(
+    endpoint: str, timeout_s: float = 1.0, credentials: Credentials | None = None
+) -> cluster_pb2.StatusResponse | None:
+    """``Cluster.Status`` of one node, or ``None`` if it does not answer.
+    ``credentials`` (operator or admin) default to the environment's."""
+    creds = credentials if credentials is not None else Credentials.from_env()
+    with creds.channel(endpoint) as ch:
         try:
             res: cluster_pb2.StatusResponse = cluster_pb2_grpc.ClusterStub(ch).Status(
-                cluster_pb2.StatusRequest(), timeout=timeout_s
+                cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=creds.metadata()
             )
         except grpc.RpcError:
             return None
@@ -125,6 +142,10 @@ class LocalCluster:
         exec_prefix: Callable[[str], list[str]] | None = None,
         node_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         detach: bool = False,
+        secure: bool | None = None,
+        mtls_ports: list[int] | None = None,
+        admin_ttl_s: int = 24 * 3600,
+        tls_hosts: Sequence[str] = (),
     ) -> None:
         """``hosts`` gives each node its own address (e.g. one per network
         namespace; ports then default to 7001/7101 on every host) and
@@ -135,8 +156,11 @@ class LocalCluster:
         terminal. Every UDP node gets a static node key (``nN.key``, kept
         across restarts in ``base_dir``) and every member's public key, unless
         its config already names one. ``base_dir`` is made 0700 and every
-        file written in it 0600. Raises ``ConfigError`` if a resulting config
-        is invalid."""
+        file written in it 0600. ``secure``: see the module docstring
+        (``None``: secure unless ``base_config`` is ``insecure_grpc`` or
+        brings its own TLS files). ``tls_hosts``: more names for the node
+        certificates (addresses the nodes are also dialled at). Raises
+        ``ConfigError`` if a resulting config is invalid."""
         self.base_dir = private_dir(Path(base_dir).resolve())
         self.size = size
         self.python = python
@@ -155,6 +179,45 @@ class LocalCluster:
             for i in range(size)
         )
         base = base_config or NodeConfig.default()
+        if secure is None:
+            secure = not base.insecure_grpc and not base.tls_cert_file
+        self.secure = secure
+        self.pki: pkilib.ClusterPki | None = None
+        self.mtls_endpoints: list[str] = []
+        #: Credentials with the admin role (plaintext, no token, when not secure).
+        self.credentials = Credentials()
+        per_node: dict[str, dict[str, Any]] = {m.id: {} for m in members}
+        if secure:
+            names = sorted({*hosts, "localhost", *tls_hosts})
+            self.pki = self._make_pki([m.id for m in members], names)
+            mtls_ports = mtls_ports or free_ports(size, host)
+            # The mTLS port listens next to the node's gRPC listen address
+            # (a node in a namespace may listen on another address than the
+            # one it is reached at; the mTLS port is not forwarded there).
+            listen_hosts = [
+                str(
+                    dict((node_overrides or {}).get(m.id, {})).get("grpc_listen") or m.grpc
+                ).rsplit(":", 1)[0]
+                for m in members
+            ]
+            self.mtls_endpoints = [f"{listen_hosts[i]}:{mtls_ports[i]}" for i in range(size)]
+            base = replace(
+                base,
+                insecure_grpc=False,
+                auth="required",
+                client_ca_file=str(self.pki.ca_cert),
+                token_key_file=str(self.pki.token_key),
+            )
+            for i, m in enumerate(members):
+                per_node[m.id] = {
+                    "tls_cert_file": str(self.pki.nodes[m.id].cert),
+                    "tls_key_file": str(self.pki.nodes[m.id].key),
+                    "grpc_mtls_listen": self.mtls_endpoints[i],
+                }
+            self.credentials = Credentials(
+                ca=str(self.pki.ca_cert),
+                token=self.issue_token(Role.ADMIN, name="local-admin", ttl_s=admin_ttl_s),
+            )
         secret = secret or base.cluster_secret or generate_secret()
         keys = {m.id: self._node_key(m.id) for m in members}
         public = {node_id: public_key_of(private) for node_id, private in keys.items()}
@@ -167,6 +230,7 @@ class LocalCluster:
                 data_dir=str(self.base_dir / m.id),
                 cluster_secret=secret,
             )
+            cfg = replace(cfg, **per_node[m.id])
             cfg = replace(cfg, **dict((node_overrides or {}).get(m.id, {})))
             if cfg.transport == "udp" and not (cfg.node_key_file or cfg.peer_keys):
                 cfg = replace(
@@ -188,6 +252,76 @@ class LocalCluster:
         private, _public = generate_key_pair()
         write_key_file(path, private)
         return private
+
+    # ---- credentials ------------------------------------------------------
+
+    def _make_pki(self, node_ids: list[str], hosts: list[str]) -> pkilib.ClusterPki:
+        directory = self.base_dir / "pki"
+        if (directory / "ca.pem").exists():  # a restart: keep the same CA and keys
+            return pkilib.ClusterPki(
+                directory / "ca.pem",
+                directory / "ca.key",
+                {
+                    n: pkilib.CertPair(directory / f"{n}.pem", directory / f"{n}.key")
+                    for n in node_ids
+                },
+                pkilib.CertPair(directory / "admin.pem", directory / "admin.key"),
+                directory / "token.key",
+            )
+        return pkilib.make_cluster_pki(directory, node_ids, hosts)
+
+    def issue_token(
+        self,
+        role: Role,
+        *,
+        device_ids: tuple[str, ...] = (),
+        prefix: str = "",
+        name: str = "",
+        ttl_s: int = 3600,
+        now_s: int | None = None,
+    ) -> str:
+        """A bearer token signed with this cluster's token key (secure clusters
+        only; no RPC). ``now_s`` backdates it (e.g. to make an expired one)."""
+        if self.pki is None:
+            raise RuntimeError("issue_token: this cluster is not secure")
+        keys = parse_token_keys(self.pki.token_key.read_text())
+        kid, key = next(iter(keys.items()))
+        now = int(time.time()) if now_s is None else now_s
+        claims = auth_pb2.TokenClaims(
+            role=auth_pb2.AuthRole.ValueType(int(role)),
+            token_id=secrets.token_bytes(8),
+            issued_at_s=now,
+            expires_at_s=now + ttl_s,
+            device_ids=list(device_ids),
+            prefix=prefix,
+            name=name,
+        )
+        return sign_token(claims, kid, key)
+
+    def client_kwargs(
+        self,
+        role: Role = Role.ADMIN,
+        *,
+        device_ids: tuple[str, ...] = (),
+        prefix: str = "",
+        ttl_s: int = 3600,
+    ) -> dict[str, Any]:
+        """Keyword arguments for ``AsyncDeviceClient``/``DeviceClient``: a
+        ``credentials`` object with the CA and a token of ``role`` (empty
+        plaintext credentials when the cluster is not secure)."""
+        if self.pki is None:
+            return {"credentials": Credentials()}
+        token = self.issue_token(role, device_ids=device_ids, prefix=prefix, ttl_s=ttl_s)
+        return {"credentials": Credentials(ca=str(self.pki.ca_cert), token=token)}
+
+    def client_env(self) -> dict[str, str]:
+        """``RAFTSTATE_*`` variables that give the CLI admin credentials."""
+        if self.pki is None:
+            return {}
+        return {
+            "RAFTSTATE_CA": str(self.pki.ca_cert),
+            "RAFTSTATE_TOKEN": str(self.credentials.token),
+        }
 
     # ---- lifecycle --------------------------------------------------------
 
@@ -223,8 +357,15 @@ class LocalCluster:
         try:
             prefix = self.exec_prefix(node_id) if self.exec_prefix is not None else []
             node.proc = subprocess.Popen(
-                [*prefix, self.python, "-m", "raftstate", "node", "--config",
-                 str(node.config_path)],
+                [
+                    *prefix,
+                    self.python,
+                    "-m",
+                    "raftstate",
+                    "node",
+                    "--config",
+                    str(node.config_path),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -277,7 +418,7 @@ class LocalCluster:
     # ---- observation ------------------------------------------------------
 
     def status(self, node_id: str, timeout_s: float = 1.0) -> cluster_pb2.StatusResponse | None:
-        return node_status(self.nodes[node_id].endpoint, timeout_s)
+        return node_status(self.nodes[node_id].endpoint, timeout_s, self.credentials)
 
     def leader(self, among: list[str] | None = None) -> str | None:
         """The leader id if every running node in ``among`` (default: all

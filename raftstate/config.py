@@ -28,6 +28,7 @@ ENV_PREFIX = "RAFTSTATE_"
 _HOSTPORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TRANSPORTS = ("tcp", "udp")
+AUTH_MODES = ("required", "off")
 REACH = ("static", "ice")
 DURABILITY = ("process-crash", "fsync")
 #: Upper limit of ``batch_max_bytes`` (one log entry).
@@ -114,6 +115,28 @@ class NodeConfig:
     #: demos): TCP only, and only when every member's raft address (and
     #: ``raft_listen``) is a loopback address; the node logs a warning.
     allow_insecure_transport: bool = False
+    #: gRPC TLS (docs/architecture.md, "Security"): this node's certificate
+    #: chain and private key, PEM files. Required unless ``insecure_grpc``.
+    #: Re-read when they change on disk (no restart needed to rotate).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: CA bundle that client certificates must chain to; needed for
+    #: ``grpc_mtls_listen``. Client identity: one ``raftstate://`` URI SAN.
+    client_ca_file: str = ""
+    #: Optional second gRPC listen address that requires a client certificate
+    #: (mTLS). grpcio cannot make client certificates optional on one port,
+    #: so bearer tokens use ``grpc_listen`` and certificates this one.
+    grpc_mtls_listen: str = ""
+    #: Bearer token keys (``<kid> <base64 key>`` per line, first one signs);
+    #: empty: tokens are refused. ``raftstate cluster up`` writes token.key.
+    token_key_file: str = ""
+    #: "required": every RPC but health needs a credential (mTLS certificate
+    #: or bearer token) whose role allows it. "off": no authentication
+    #: (anyone reaching the port may do anything), loopback only.
+    auth: str = "required"
+    #: Serve gRPC in plaintext. Only when every gRPC address of this node is
+    #: loopback; the node logs a warning. ``NodeConfig.for_tests()`` sets it.
+    insecure_grpc: bool = False
     #: "process-crash": an acknowledged heartbeat is in the OS page cache of a
     #: majority (survives kill -9 of any or all processes). "fsync": it is on
     #: stable storage of a majority (survives power loss), at a latency cost.
@@ -204,7 +227,9 @@ class NodeConfig:
 
     @classmethod
     def for_tests(cls, **overrides: Any) -> NodeConfig:
-        """Fast timers for tests on a loaded two-core machine."""
+        """Fast timers for tests on a loaded two-core machine, and plaintext
+        gRPC without authentication (loopback only: validation refuses it
+        elsewhere). ``LocalCluster(..., secure=True)`` turns security on."""
         fast: dict[str, Any] = dict(
             heartbeat_ms=40,
             election_timeout_min_ms=400,
@@ -213,6 +238,8 @@ class NodeConfig:
             connection_timeout_ms=1000,
             connection_retry_ms=100,
             allow_insecure_transport=False,
+            insecure_grpc=True,
+            auth="off",
         )
         fast.update(overrides)
         return dataclasses.replace(cls(), **fast)
@@ -343,6 +370,7 @@ class NodeConfig:
                 "dials the members' raft addresses); remove it or set transport"
             )
         self._validate_reach()
+        self._validate_grpc_security()
         if self.durability not in DURABILITY:
             raise ConfigError(f"durability: must be one of {', '.join(DURABILITY)}")
         if self.transport == "udp" and not self.cluster_secret:
@@ -441,6 +469,39 @@ class NodeConfig:
         missing = [m for m in ids if m != self.node_id and m not in self.peer_keys]
         if missing:
             raise ConfigError(f"peer_keys: no public key for members {missing}")
+
+    def _validate_grpc_security(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise ConfigError(f"auth: must be one of {', '.join(AUTH_MODES)}")
+        if self.grpc_mtls_listen:
+            _check_hostport("grpc_mtls_listen", self.grpc_mtls_listen)
+        grpc_addrs = [("grpc_listen" if self.grpc_listen else "members.grpc", self.grpc_bind)]
+        if self.grpc_mtls_listen:
+            grpc_addrs.append(("grpc_mtls_listen", self.grpc_mtls_listen))
+        if self.insecure_grpc or self.auth == "off":
+            what = "insecure_grpc" if self.insecure_grpc else 'auth = "off"'
+            for name, address in grpc_addrs:
+                if not _is_loopback(address):
+                    raise ConfigError(
+                        f"{'insecure_grpc' if self.insecure_grpc else 'auth'}: {what} is only "
+                        f"for loopback, but {name} = {address!r} is not a loopback address; "
+                        "set tls_cert_file/tls_key_file and auth = \"required\""
+                    )
+        if self.insecure_grpc:
+            if self.grpc_mtls_listen:
+                raise ConfigError("grpc_mtls_listen: needs TLS; unset insecure_grpc")
+        elif not (self.tls_cert_file and self.tls_key_file):
+            raise ConfigError(
+                "tls_cert_file: gRPC is TLS by default and needs tls_cert_file and tls_key_file "
+                "(`raftstate cluster up` makes them; or insecure_grpc = true on loopback)"
+            )
+        if self.grpc_mtls_listen and not self.client_ca_file:
+            raise ConfigError("client_ca_file: required with grpc_mtls_listen")
+        if self.auth == "required" and not (self.token_key_file or self.grpc_mtls_listen):
+            raise ConfigError(
+                'auth: "required" needs a credential kind: token_key_file (bearer tokens) '
+                "and/or grpc_mtls_listen with client_ca_file (client certificates)"
+            )
 
     def _validate_reach(self) -> None:
         if self.reach not in REACH:
@@ -589,4 +650,4 @@ def _toml_value(value: Any) -> str:
     return f'"{escaped}"'
 
 
-__all__ = ["Member", "NodeConfig"]
+__all__ = ["AUTH_MODES", "Member", "NodeConfig"]

@@ -97,6 +97,28 @@ class QuotaExceeded(ResourceExhausted):
         self.quota = quota
 
 
+class FailedPrecondition(RaftStateError):
+    """The node is not set up for this request (e.g. tokens asked of a node
+    without a token key). Not retriable on that node."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(RaftStateError):
+    """The call carried no credential, or one this cluster does not accept
+    (wrong CA, bad signature, expired, revoked). Not retriable with the same
+    credential."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RaftStateError):
+    """The credential is valid but its role or scope does not cover this
+    method or device id (raftstate/authz.py). Nothing was read or written."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DecodeError(RaftStateError):
     """Bytes from the log or a snapshot could not be decoded."""
 
@@ -125,6 +147,8 @@ _BY_CODE: dict[grpc.StatusCode, type[RaftStateError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DATA_LOSS: DecodeError,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from raftstate.admission import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES
+from raftstate.authn import Authenticator, CertReloader, load_token_keys, server_credentials
+from raftstate.authservice import AuthService
 from raftstate.config import NodeConfig
 from raftstate.errors import ConfigError
 from raftstate.proposer import Proposer
@@ -27,7 +29,7 @@ from raftstate.reads import ReadIndexDriver
 from raftstate.rpcguard import RpcGuard
 from raftstate.server import ClusterService, DeviceStateService, NodeServices, track_health
 from raftstate.statemachine import DeviceTable
-from raftstate.v1 import cluster_pb2_grpc, device_pb2_grpc
+from raftstate.v1 import auth_pb2_grpc, cluster_pb2_grpc, device_pb2_grpc
 
 log = logging.getLogger("raftstate.node")
 
@@ -50,9 +52,21 @@ def grpc_server(
     services: NodeServices,
 ) -> tuple[grpc.aio.Server, RpcGuard, health_aio.HealthServicer]:
     """The node's gRPC server (not yet bound or started) with every service
-    registered behind an :class:`RpcGuard` built from ``services.cfg``."""
+    registered behind an :class:`RpcGuard` built from ``services.cfg``
+    (authenticating callers unless ``auth = "off"``). Raises ``ConfigError``
+    for an unreadable token key file."""
     cfg = services.cfg
-    guard = RpcGuard(max_concurrent_rpcs=cfg.max_concurrent_rpcs, max_streams=cfg.max_streams)
+    token_keys = load_token_keys(cfg.token_key_file)
+    table = services.table
+    authenticator = (
+        Authenticator(token_keys, lambda: table.revoked) if cfg.auth == "required" else None
+    )
+    guard = RpcGuard(
+        max_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        max_streams=cfg.max_streams,
+        authenticator=authenticator,
+    )
+    services.on_denied = guard.log_denied
     # Our gates (with named errors) trip first; gRPC's own cap is a backstop
     # for calls that pile up before a handler runs.
     backstop = 2 * (cfg.max_concurrent_rpcs + cfg.max_streams)
@@ -60,6 +74,7 @@ def grpc_server(
     add = guard.add_guarded
     add(server, device_pb2_grpc.add_DeviceStateServicer_to_server, DeviceStateService(services))
     add(server, cluster_pb2_grpc.add_ClusterServicer_to_server, ClusterService(services))
+    add(server, auth_pb2_grpc.add_AuthServicer_to_server, AuthService(services, token_keys))
     health = health_aio.HealthServicer()
     add(server, health_pb2_grpc.add_HealthServicer_to_server, health)
     return server, guard, health
@@ -76,6 +91,8 @@ class Node:
         self.reads: ReadIndexDriver | None = None
         self.server: grpc.aio.Server | None = None
         self.guard: RpcGuard | None = None
+        #: The TLS certificate reloaders of the listening ports (for tests/metrics).
+        self.cert_reloaders: list[CertReloader] = []
         self._health_task: asyncio.Task[None] | None = None
         #: Set (with the exit status) when Raft cannot go on; see RaftNode.set_fatal_handler.
         self.fatal: asyncio.Future[int] | None = None
@@ -98,14 +115,12 @@ class Node:
         self.proposer = Proposer(self.cfg, self.raft.propose, loop)
         self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
         services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)
-        self.server, self.guard, health = grpc_server(services)
         try:
-            port = self.server.add_insecure_port(self.cfg.grpc_bind)
-        except RuntimeError:
-            port = 0
-        if port == 0:
+            self.server, self.guard, health = grpc_server(services)
+            self._bind(self.server)
+        except ConfigError:
             self.raft.destroy()
-            raise ConfigError(f"grpc_listen: cannot bind {self.cfg.grpc_bind} (in use?)")
+            raise
         await self.server.start()
         self._health_task = asyncio.create_task(track_health(services, health))
         log.info(
@@ -116,6 +131,36 @@ class Node:
             self.cfg.data_dir,
             self.cfg.durability,
         )
+
+    def _bind(self, server: grpc.aio.Server) -> None:
+        """Add the listening ports: TLS (or plaintext when ``insecure_grpc``)
+        on ``grpc_listen``, plus the mTLS port when configured."""
+        cfg = self.cfg
+        ports = [("grpc_listen", cfg.grpc_bind, False)]
+        if cfg.grpc_mtls_listen:
+            ports.append(("grpc_mtls_listen", cfg.grpc_mtls_listen, True))
+        for name, address, mtls in ports:
+            try:
+                if cfg.insecure_grpc:
+                    port = server.add_insecure_port(address)
+                else:
+                    creds, reloader = server_credentials(cfg, mtls=mtls)
+                    self.cert_reloaders.append(reloader)
+                    port = server.add_secure_port(address, creds)
+            except RuntimeError:
+                port = 0
+            if port == 0:
+                raise ConfigError(f"{name}: cannot bind {address} (in use?)")
+        if cfg.insecure_grpc:
+            log.warning(
+                "INSECURE: gRPC on %s is plaintext (insecure_grpc); loopback only", cfg.grpc_bind
+            )
+        if cfg.auth == "off":
+            log.warning(
+                'INSECURE: auth = "off": any process reaching %s may read, write and delete '
+                "every device",
+                cfg.grpc_bind,
+            )
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stop serving and release every resource. Idempotent."""

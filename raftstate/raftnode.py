@@ -64,7 +64,7 @@ from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
 from raftstate.prevote import PREVOTE
 from raftstate.prevotegate import PreVoteGate
 from raftstate.privfile import open_private, private_dir
-from raftstate.statemachine import DeviceTable
+from raftstate.statemachine import ControlResult, DeviceTable
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
 from raftstate.transport.tcp import CodecTCPTransport
 from raftstate.transport.udp import UdpTransport
@@ -77,6 +77,7 @@ JOURNAL_FILE = "raft.journal"
 SNAPSHOT_FILE = "snapshot.bin"
 
 ProposeCallback = Callable[[list[HeartbeatResult] | None, int], None]
+ControlCallback = Callable[[ControlResult | None, int], None]
 
 
 class Role(enum.IntEnum):
@@ -379,24 +380,38 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         fail_reason)`` runs later on the tick thread. Safe from any thread."""
         self._applyCommand(logcommand.encode(entry), callback)
 
+    def propose_control(self, command: bytes, callback: ControlCallback) -> None:
+        """Queue a ``ControlCommand`` (delete, revocation) for replication;
+        ``callback(result, fail_reason)`` runs later on the tick thread with a
+        :class:`~raftstate.statemachine.ControlResult`. Safe from any thread."""
+        self._applyCommand(logcommand.encode_control(command), callback)
+
     def _applyCommand(  # noqa: N802 - pysyncobj's name
         self, command: bytes, callback: Any, commandType: int | None = None  # noqa: N803
     ) -> None:
         """pysyncobj's entry point for a new command, also for commands a
         follower forwards (``apply_command``): only raftstate batch commands
         enter the log; anything else is denied before it is appended."""
-        if commandType is not None or not logcommand.is_batch(command):
+        if commandType is not None or not logcommand.is_ours(command):
             self._SyncObj__callErrCallback(FAIL_REASON.REQUEST_DENIED, callback)
             return
         super()._applyCommand(command, callback)
 
-    def _SyncObj__doApplyCommand(self, command: bytes) -> list[HeartbeatResult] | None:  # noqa: N802
+    def _SyncObj__doApplyCommand(  # noqa: N802
+        self, command: bytes
+    ) -> list[HeartbeatResult] | ControlResult | None:
         """Replaces pysyncobj's private apply step (which unpickles): apply one
-        committed command on the tick thread. Returns the batch's results
-        (pysyncobj hands them to the proposer's callback), ``None`` for a
-        NO_OP; raises ``DecodeError`` for any other command."""
-        batch = logcommand.decode(command)
-        return None if batch is None else self.table.apply(batch)
+        committed command on the tick thread. Returns the batch's results or
+        the control command's result (pysyncobj hands them to the proposer's
+        callback), ``None`` for a NO_OP; raises ``DecodeError`` for any other
+        command."""
+        parsed = logcommand.parse(command)
+        if parsed is None:
+            return None
+        kind, body = parsed
+        if kind is logcommand.Kind.CONTROL:
+            return self.table.apply_control(body)
+        return self.table.apply(body)
 
     def status(self) -> RaftStatus:
         """Read this node's Raft state. Safe from any thread (a snapshot of

@@ -8,6 +8,11 @@ raises is reported as ``UNKNOWN`` with a logged traceback per request; its
 are registered through :func:`add_guarded`, which wraps each method handler:
 
 1. The wrapped handler receives the raw request bytes (no deserializer).
+   When an :class:`~raftstate.authn.Authenticator` is given (``auth =
+   "required"``), the caller is authenticated first, from metadata and the
+   TLS session only: no credential, or a bad one, answers
+   ``UNAUTHENTICATED`` before a byte of the request is decoded. Health
+   methods are public. The identity goes into ``CURRENT_IDENTITY``.
 2. Before anything else it enters a :class:`~raftstate.admission.Gate`:
    ``max_concurrent_rpcs`` for unary calls, ``max_streams`` for streaming
    ones. A full gate answers ``RESOURCE_EXHAUSTED`` naming the limit; the
@@ -17,7 +22,12 @@ are registered through :func:`add_guarded`, which wraps each method handler:
    ``INVALID_ARGUMENT`` naming the message type and the decoder's reason.
    On a stream, messages already received are still answered, in order,
    before the stream ends with that status.
-4. Refusals are logged through one :class:`~raftstate.ratelog.LogThrottle`:
+   A decoded unary request is then authorized (:func:`raftstate.authz.authorize`
+   with the request's ``device_id``, if it has one): ``PERMISSION_DENIED``
+   otherwise. Streamed requests are authorized per message by the handler
+   (each denied message gets its own PERMISSION_DENIED ack; the stream goes on).
+4. Refusals (UNAUTHENTICATED and PERMISSION_DENIED included) are logged
+   through one :class:`~raftstate.ratelog.LogThrottle`:
    one line per method and kind per interval, with a count of those held
    back, whatever the client sends.
 5. The gate is left when the call ends, however it ends.
@@ -39,7 +49,9 @@ from typing import Any
 import grpc
 
 from raftstate.admission import Gate
-from raftstate.errors import InvalidArgument, RaftStateError
+from raftstate.authn import CURRENT_IDENTITY, Authenticator
+from raftstate.authz import Access, Identity, authorize, method_access
+from raftstate.errors import InvalidArgument, PermissionDenied, RaftStateError, Unauthenticated
 from raftstate.ratelog import LogThrottle, held_suffix
 
 log = logging.getLogger("raftstate.rpcguard")
@@ -75,10 +87,14 @@ class RpcGuard:
         max_concurrent_rpcs: int,
         max_streams: int,
         clock: Callable[[], float] = time.monotonic,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.unary = Gate("max_concurrent_rpcs", max_concurrent_rpcs, "concurrent unary RPCs")
         self.streams = Gate("max_streams", max_streams, "open streams")
         self.bad_requests = 0
+        self.unauthenticated = 0
+        self.denied = 0
+        self.authenticator = authenticator
         self._throttle = LogThrottle(REFUSAL_LOG_INTERVAL_S)
         self._clock = clock
 
@@ -129,7 +145,7 @@ class RpcGuard:
             request_of = parse
         handler: Callable[..., Any]
         if inspect.isasyncgenfunction(behavior):
-            handler = self._generator(method, gate, behavior, request_of)
+            handler = self._generator(method, gate, behavior, request_of, h.request_streaming)
         else:
             handler = self._coroutine(method, gate, behavior, request_of)
         return make(handler, request_deserializer=None, response_serializer=h.response_serializer)
@@ -137,12 +153,16 @@ class RpcGuard:
     def _coroutine(
         self, method: str, gate: Gate, behavior: Callable[..., Any], request_of: Callable[..., Any]
     ) -> Callable[..., Any]:
+        check = self._authorizer(method, streaming_requests=False)
+
         async def handler(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            identity = await self._authenticate(method, context)
             if not gate.try_enter():
                 await self._refuse(method, context, gate)
             try:
                 try:
                     request = request_of(raw)
+                    check(identity, request)
                 except RaftStateError as err:
                     await context.abort(err.grpc_code, err.message)
                 return await behavior(request, context)
@@ -152,14 +172,23 @@ class RpcGuard:
         return handler
 
     def _generator(
-        self, method: str, gate: Gate, behavior: Callable[..., Any], request_of: Callable[..., Any]
+        self,
+        method: str,
+        gate: Gate,
+        behavior: Callable[..., Any],
+        request_of: Callable[..., Any],
+        request_streaming: bool,
     ) -> Callable[..., Any]:
+        check = self._authorizer(method, streaming_requests=request_streaming)
+
         async def handler(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            identity = await self._authenticate(method, context)
             if not gate.try_enter():
                 await self._refuse(method, context, gate)
             try:
                 try:
                     request = request_of(raw)
+                    check(identity, request)
                 except RaftStateError as err:
                     await context.abort(err.grpc_code, err.message)
                 try:
@@ -171,6 +200,52 @@ class RpcGuard:
                 gate.leave()
 
         return handler
+
+    # ---- authentication and authorization ---------------------------------------
+
+    async def _authenticate(
+        self, method: str, context: grpc.aio.ServicerContext
+    ) -> Identity | None:
+        """The caller's identity (``None``: auth is off or the method is
+        public); aborts with UNAUTHENTICATED. Sets ``CURRENT_IDENTITY``."""
+        if self.authenticator is None or method_access(method) is Access.PUBLIC:
+            CURRENT_IDENTITY.set(None)
+            return None
+        try:
+            identity = self.authenticator.authenticate(context)
+        except Unauthenticated as err:
+            self.unauthenticated += 1
+            self._log_refusal(method, "unauthenticated", f"{err.message} (peer {context.peer()})")
+            await context.abort(err.grpc_code, err.message)
+            raise AssertionError("unreachable: abort raises") from err
+        CURRENT_IDENTITY.set(identity)
+        return identity
+
+    def _authorizer(
+        self, method: str, *, streaming_requests: bool
+    ) -> Callable[[Identity | None, Any], None]:
+        def check(identity: Identity | None, request: Any) -> None:
+            if identity is None or streaming_requests:
+                return
+            device_id = getattr(request, "device_id", None)
+            try:
+                authorize(identity, method, [device_id] if device_id is not None else [])
+            except PermissionDenied as err:
+                self.log_denied(method, identity, err)
+                raise
+
+        return check
+
+    def log_denied(self, method: str, identity: Identity, err: PermissionDenied) -> None:
+        """Count and (rate-limited) log a PERMISSION_DENIED; handlers of
+        streams call this for each denied message."""
+        self.denied += 1
+        self._log_refusal(method, "denied", f"{identity.describe()}: {err.message}")
+
+    def _log_refusal(self, method: str, kind: str, text: str) -> None:
+        held = self._throttle.admit((method, kind), self._clock())
+        if held is not None:
+            log.warning("refused %s (%s): %s%s", method, kind, text, held_suffix(held))
 
     async def _refuse(self, method: str, context: grpc.aio.ServicerContext, gate: Gate) -> None:
         err = gate.refusal()

@@ -26,6 +26,8 @@ from raftstate.admission import (
     fit_page,
     quota_error,
 )
+from raftstate.authn import CURRENT_IDENTITY
+from raftstate.authz import DEVICE_SERVICE, Identity, authorize
 from raftstate.config import NodeConfig
 from raftstate.errors import (
     LEADER_HINT_KEY,
@@ -33,6 +35,7 @@ from raftstate.errors import (
     InvalidArgument,
     NotFound,
     NotLeader,
+    PermissionDenied,
     RaftStateError,
     Unavailable,
 )
@@ -50,9 +53,9 @@ from raftstate.model import (
     validate_page_size,
 )
 from raftstate.proposer import Proposer
-from raftstate.raftnode import RaftNode, Role
+from raftstate.raftnode import SUCCESS, RaftNode, Role
 from raftstate.reads import ReadFailed, ReadIndexDriver
-from raftstate.statemachine import DeviceTable
+from raftstate.statemachine import ControlResult, DeviceTable, encode_delete
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
 
 log = logging.getLogger("raftstate.server")
@@ -64,6 +67,8 @@ DEADLINE_MARGIN_S = 0.05
 DEADLINE_MARGIN_MAX_S = 0.5
 
 READ_RETRY_S = 0.02
+
+STREAM_METHOD = DEVICE_SERVICE + "HeartbeatStream"
 
 R = TypeVar("R")
 
@@ -110,6 +115,43 @@ class NodeServices:
         self.proposer = proposer
         self.reads = reads
         self.members_by_raft = {m.raft: m for m in cfg.members}
+        #: Called for each PERMISSION_DENIED a handler decides itself (stream
+        #: messages); the node points it at RpcGuard.log_denied.
+        self.on_denied: Callable[[str, Identity, PermissionDenied], None] = lambda *a: None
+
+    async def propose_control(self, command: bytes, budget: float, what: str) -> ControlResult:
+        """Commit one ``ControlCommand`` (built by ``statemachine.encode_*``)
+        and return its result as applied on this node. Failed proposals (no
+        leader, leadership changed) are retried until ``budget`` seconds have
+        passed, then ``Unavailable``: control commands are idempotent."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + budget
+        while True:
+            fut: asyncio.Future[tuple[ControlResult | None, int]] = loop.create_future()
+
+            def done(result: ControlResult | None, err: int, fut: Any = fut) -> None:
+                def settle() -> None:
+                    if not fut.done():
+                        fut.set_result((result, err))
+
+                try:
+                    loop.call_soon_threadsafe(settle)
+                except RuntimeError:  # loop closed during shutdown
+                    pass
+
+            self.raft.propose_control(command, done)
+            remaining = end - loop.time()
+            try:
+                result, err = await asyncio.wait_for(fut, max(0.0, remaining))
+            except TimeoutError:
+                result, err = None, -1
+            if err == SUCCESS and result is not None:
+                return result
+            if loop.time() + READ_RETRY_S >= end:
+                if self.raft.leader_raft_address() is None:
+                    raise Unavailable(f"no leader elected; {what} not committed in time")
+                raise Unavailable(f"{what} not committed in time (retrying is safe)")
+            await asyncio.sleep(READ_RETRY_S)
 
     def budget(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds this request may take, from its deadline or the default."""
@@ -273,6 +315,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
             | None
         ] = asyncio.Queue()
         await context.send_initial_metadata(((STREAM_WINDOW_KEY, str(window)),))
+        identity = CURRENT_IDENTITY.get()
 
         async def reader() -> None:
             requests = aiter(request_iterator)
@@ -286,6 +329,8 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                     outcome: asyncio.Future[Any] | RaftStateError
                     try:
                         hb = self.node.validate(req)
+                        if identity is not None:
+                            self._authorize_message(identity, hb.device_id)
                         self.node.check_quota(hb)
                         outcome = self.node.proposer.submit(hb)
                     except RaftStateError as err:
@@ -323,6 +368,30 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
             await task  # surfaces a reader failure, if any
         finally:
             task.cancel()
+
+    def _authorize_message(self, identity: Identity, device_id: str) -> None:
+        """Per-message authorization on HeartbeatStream: a denied message
+        gets its own PERMISSION_DENIED ack and the stream goes on."""
+        try:
+            authorize(identity, STREAM_METHOD, [device_id])
+        except PermissionDenied as err:
+            self.node.on_denied(STREAM_METHOD, identity, err)
+            raise
+
+    @_unary
+    async def DeleteDevice(  # noqa: N802
+        self, request: device_pb2.DeleteDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.DeleteDeviceResponse:
+        """Committed through the log; idempotent (``deleted = false`` for a
+        device that does not exist). Operator or admin (raftstate/authz.py)."""
+        validate_device_id(request.device_id)
+        command = encode_delete(request.device_id, now_ms())
+        res = await self.node.propose_control(command, self.node.budget(context), "delete")
+        return device_pb2.DeleteDeviceResponse(
+            deleted=res.changed,
+            revision=res.revision,
+            deleted_seq=res.deleted.seq if res.deleted is not None else 0,
+        )
 
     @_unary
     async def GetDevice(  # noqa: N802

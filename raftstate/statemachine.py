@@ -26,6 +26,16 @@ Per heartbeat ``(device_id, seq)``:
    the limits travel in the entry and the table is the same on every node at
    that index, every node refuses exactly the same heartbeats.
 
+Control entries (``apply_control``, :mod:`raftstate.logcommand`):
+
+* ``DeleteDevice``: a known device's record is removed and the revision
+  increases by one; an unknown device changes nothing (``changed=False``),
+  so a retried delete is harmless. A later heartbeat recreates the device.
+* ``RevokeToken``: the token id joins ``revoked`` until the token's own
+  expiry; ids whose expiry is before the entry's ``proposed_at_ms`` are
+  dropped at every control entry (the same on every node, no clock). The
+  revision does not change (no device changed). The set is in the snapshot.
+
 Threading: ``apply``/``restore`` run on pysyncobj's tick thread. Readers on
 other threads see whole records, because a record is never mutated, only
 replaced in the dict (a single, atomic store under the GIL). The sorted index
@@ -38,6 +48,7 @@ import bisect
 import hashlib
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from raftstate.admission import Quota, quota_refusal, state_bytes
 from raftstate.errors import DecodeError
@@ -45,6 +56,21 @@ from raftstate.model import DevicePage, DeviceView, Heartbeat, HeartbeatResult, 
 from raftstate.v1 import storage_pb2
 
 SNAPSHOT_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ControlResult:
+    """What applying one ``ControlCommand`` did. ``changed``: a device was
+    deleted / a token newly revoked; ``revision`` is the store revision after
+    it (the delete's own revision when one was deleted); ``deleted`` is the
+    record a delete removed (for the future watch event)."""
+
+    kind: str  # "delete_device" | "revoke_token" | "" (empty command)
+    changed: bool
+    revision: int
+    device_id: str = ""
+    token_id: bytes = b""
+    deleted: DeviceView | None = None
 
 
 class DeviceTable:
@@ -59,6 +85,9 @@ class DeviceTable:
         self._devices: dict[str, DeviceView] = {}
         self._ids: list[str] = []
         self._ids_lock = threading.Lock()
+        #: Revoked token ids -> the token's expiry (Unix seconds). Replaced
+        #: (never mutated) so readers on other threads see a whole set.
+        self.revoked: dict[bytes, int] = {}
 
     # ---- writes (tick thread) -------------------------------------------------
 
@@ -78,6 +107,43 @@ class DeviceTable:
             self.max_proposed_at_ms = now_ms
         quota = Quota(batch.max_devices, batch.max_state_bytes)
         return [self._apply_one(hb, now_ms, quota) for hb in batch.heartbeats]
+
+    def apply_control(self, entry: bytes) -> ControlResult:
+        """Apply one ``ControlCommand`` log entry (module docstring). Raises
+        ``DecodeError`` if the bytes are not one."""
+        cmd = storage_pb2.ControlCommand()
+        try:
+            cmd.ParseFromString(entry)
+        except Exception as exc:
+            raise DecodeError(f"log entry is not a ControlCommand: {exc}") from exc
+        if cmd.proposed_at_ms > self.max_proposed_at_ms:
+            self.max_proposed_at_ms = cmd.proposed_at_ms
+        op = cmd.WhichOneof("op")
+        now_s = cmd.proposed_at_ms // 1000
+        if any(exp < now_s for exp in self.revoked.values()):
+            self.revoked = {t: exp for t, exp in self.revoked.items() if exp >= now_s}
+        if op == "delete_device":
+            return self._delete(cmd.delete_device.device_id)
+        if op == "revoke_token":
+            token_id = cmd.revoke_token.token_id
+            if token_id in self.revoked:
+                return ControlResult("revoke_token", False, self.revision, token_id=token_id)
+            revoked = dict(self.revoked)
+            revoked[token_id] = cmd.revoke_token.expires_at_s
+            self.revoked = revoked
+            return ControlResult("revoke_token", True, self.revision, token_id=token_id)
+        return ControlResult("", False, self.revision)
+
+    def _delete(self, device_id: str) -> ControlResult:
+        old = self._devices.pop(device_id, None)
+        if old is None:
+            return ControlResult("delete_device", False, self.revision, device_id)
+        with self._ids_lock:
+            pos = bisect.bisect_left(self._ids, device_id)
+            del self._ids[pos]
+        self.revision += 1
+        self.state_bytes -= old.state_bytes
+        return ControlResult("delete_device", True, self.revision, device_id, deleted=old)
 
     def quota_refusal(self, quota: Quota, device_id: str, new_bytes: int) -> str | None:
         """The quota (field name) that storing ``new_bytes`` of state for
@@ -208,6 +274,8 @@ class DeviceTable:
                     )
                 ).encode()
             )
+        for token_id, expires in sorted(self.revoked.items()):
+            h.update(b"revoked" + token_id + str(expires).encode())
         return h.hexdigest()
 
     # ---- snapshots (tick thread) ----------------------------------------------
@@ -234,6 +302,8 @@ class DeviceTable:
                 heartbeats=d.heartbeats,
                 ttl_s=d.ttl_s,
             )
+        for token_id, expires in sorted(self.revoked.items()):
+            snap.revocations.add(token_id=token_id, expires_at_s=expires)
         return snap
 
     def restore(self, snap: storage_pb2.Snapshot) -> None:
@@ -251,6 +321,7 @@ class DeviceTable:
         self.revision = snap.revision
         self.max_proposed_at_ms = snap.max_proposed_at_ms
         self.state_bytes = sum(v.state_bytes for v in devices.values())
+        self.revoked = {r.token_id: r.expires_at_s for r in snap.revocations}
 
 
 def _view(r: storage_pb2.DeviceRecord) -> DeviceView:
@@ -265,6 +336,23 @@ def _view(r: storage_pb2.DeviceRecord) -> DeviceView:
         r.ttl_s,
         state_bytes(r.device_id, r.reported),
     )
+
+
+def encode_delete(device_id: str, proposed_at_ms: int) -> bytes:
+    """A ``ControlCommand`` deleting ``device_id`` (already validated)."""
+    cmd = storage_pb2.ControlCommand(proposed_at_ms=proposed_at_ms)
+    cmd.delete_device.device_id = device_id
+    out: bytes = cmd.SerializeToString()
+    return out
+
+
+def encode_revoke(token_id: bytes, expires_at_s: int, proposed_at_ms: int) -> bytes:
+    """A ``ControlCommand`` revoking ``token_id`` until ``expires_at_s``."""
+    cmd = storage_pb2.ControlCommand(proposed_at_ms=proposed_at_ms)
+    cmd.revoke_token.token_id = token_id
+    cmd.revoke_token.expires_at_s = expires_at_s
+    out: bytes = cmd.SerializeToString()
+    return out
 
 
 def encode_batch(

@@ -62,7 +62,7 @@ class FakeRaft:
 
 
 async def _serve(proposer: FakeProposer, **cfg: Any) -> tuple[grpc.aio.Server, str]:
-    config = NodeConfig.default(**cfg)
+    config = NodeConfig.default(**{"auth": "off", "insecure_grpc": True, **cfg})
     services = NodeServices(config, DeviceTable(), FakeRaft(), proposer, None)  # type: ignore[arg-type]
     server, _guard, _health = grpc_server(services)
     port = server.add_insecure_port("127.0.0.1:0")

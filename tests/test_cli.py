@@ -28,6 +28,28 @@ def raftstate(
     )
 
 
+SDK_FROM_ENV = """
+import os
+from raftstate.sdk import DeviceClient
+with DeviceClient(os.environ["RAFTSTATE_ENDPOINTS"]) as client:  # credentials from the env
+    print(client.get("pump-1").seq)
+"""
+
+
+def printed_exports(text: str) -> dict[str, str]:
+    """The ``export NAME=VALUE`` lines ``cluster up`` prints, as a shell
+    would evaluate them (``$(cat FILE)`` included)."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("export "):
+            name, _, value = line[len("export ") :].partition("=")
+            if value.startswith("$(cat ") and value.endswith(")"):
+                value = Path(value[len("$(cat ") : -1]).read_text().strip()
+            out[name] = value
+    return out
+
+
 def test_cluster_up_serves_device_commands_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     # cluster up takes three consecutive ports from each base; pick bases
     # whose whole ranges are free right now (a neighbour of a free port may
@@ -36,7 +58,8 @@ def test_cluster_up_serves_device_commands_and_stops_cleanly_on_ctrl_c(tmp_path:
         grpc_base = free_ports(1)[0]
         raft_base = free_ports(1)[0]
         ports = list(range(grpc_base, grpc_base + 3)) + list(range(raft_base, raft_base + 3))
-        if len(set(ports)) == 6 and all(port_is_free("127.0.0.1", p) for p in ports):
+        ports += [p + 50 for p in range(grpc_base, grpc_base + 3)]  # the mTLS ports
+        if len(set(ports)) == 9 and all(port_is_free("127.0.0.1", p) for p in ports):
             break
     else:
         pytest.fail("found no two free ranges of three ports")
@@ -62,13 +85,27 @@ def test_cluster_up_serves_device_commands_and_stops_cleanly_on_ctrl_c(tmp_path:
         )
     try:
         wait_until(
-            lambda: "cluster ready" in out.read_text() or up.poll() is not None,
+            lambda: "Ctrl-C stops the cluster" in out.read_text() or up.poll() is not None,
             60,
             "cluster up to report ready",
         )
         assert up.poll() is None, out.read_text()
         endpoints = ",".join(f"127.0.0.1:{grpc_base + i}" for i in range(3))
-        env = {**os.environ, "RAFTSTATE_ENDPOINTS": endpoints}
+        exports = printed_exports(out.read_text())
+        assert exports["RAFTSTATE_ENDPOINTS"] == endpoints
+        assert set(exports) == {"RAFTSTATE_ENDPOINTS", "RAFTSTATE_CA", "RAFTSTATE_TOKEN"}
+        bare = {k: v for k, v in os.environ.items() if not k.startswith("RAFTSTATE_")}
+        # Without the printed credentials the secure cluster refuses the CLI.
+        refused = raftstate(
+            "device",
+            "get",
+            "pump-1",
+            "--deadline",
+            "2",
+            env={**bare, "RAFTSTATE_ENDPOINTS": endpoints, "RAFTSTATE_CA": exports["RAFTSTATE_CA"]},
+        )
+        assert refused.returncode == 1 and "Unauthenticated" in refused.stderr, refused.stderr
+        env = {**bare, **exports}
         hb = raftstate("device", "heartbeat", "pump-1", "--set", "temp_c=21.5", env=env)
         assert hb.returncode == 0, hb.stderr
         ack = json.loads(hb.stdout)
@@ -76,6 +113,14 @@ def test_cluster_up_serves_device_commands_and_stops_cleanly_on_ctrl_c(tmp_path:
         assert got.returncode == 0, got.stderr
         assert json.loads(got.stdout)["reported"] == {"temp_c": "21.5"}
         assert json.loads(got.stdout)["seq"] == ack["seq"]
+        sdk = subprocess.run(
+            [sys.executable, "-c", SDK_FROM_ENV],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert sdk.returncode == 0 and int(sdk.stdout) == ack["seq"], sdk.stderr
         listed = raftstate("device", "list", "--prefix", "pump", env=env)
         assert [json.loads(line)["device_id"] for line in listed.stdout.splitlines()] == ["pump-1"]
         bad = raftstate("device", "heartbeat", "bad id", env=env)
@@ -89,3 +134,5 @@ def test_cluster_up_serves_device_commands_and_stops_cleanly_on_ctrl_c(tmp_path:
     assert rc == 0, text
     assert "stopped 3 nodes" in text
     assert (tmp_path / "state" / "cluster.toml").exists()
+    for key in ("ca.key", "n1.key", "admin.key", "token.key", "admin.token"):
+        assert (tmp_path / "state" / "pki" / key).stat().st_mode & 0o777 == 0o600

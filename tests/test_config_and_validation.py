@@ -23,10 +23,58 @@ MEMBERS = (
 )
 
 
+SECURE = {"tls_cert_file": "n1.pem", "tls_key_file": "n1.key", "token_key_file": "token.key"}
+
+
 def good(**kw: object) -> NodeConfig:
-    values: dict[str, object] = {"node_id": "n1", "members": MEMBERS, "cluster_secret": SECRET}
+    values: dict[str, object] = {
+        "node_id": "n1",
+        "members": MEMBERS,
+        "cluster_secret": SECRET,
+        **SECURE,
+    }
     values.update(kw)
     return dataclasses.replace(NodeConfig.default(), **values)  # type: ignore[arg-type]
+
+
+OFF_LOOPBACK = tuple(Member(m.id, m.raft, m.grpc.replace("127.0.0.1", "10.0.0.1")) for m in MEMBERS)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"tls_cert_file": ""}, "tls_cert_file"),
+        ({"tls_key_file": ""}, "tls_cert_file"),
+        ({"auth": "maybe"}, "auth"),
+        ({"token_key_file": ""}, "auth"),
+        ({"grpc_mtls_listen": "127.0.0.1:7051"}, "client_ca_file"),
+        ({"insecure_grpc": True, "members": OFF_LOOPBACK}, "insecure_grpc"),
+        ({"auth": "off", "members": OFF_LOOPBACK}, "auth"),
+        ({"insecure_grpc": True, "grpc_listen": "0.0.0.0:7001"}, "insecure_grpc"),
+        (
+            {"insecure_grpc": True, "grpc_mtls_listen": "127.0.0.1:7051", "client_ca_file": "c"},
+            "grpc_mtls_listen",
+        ),
+    ],
+)
+def test_grpc_is_secure_unless_insecure_is_chosen_on_loopback(
+    change: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        good(**change).validate()
+    assert exc.value.message.startswith(field + ":"), exc.value.message
+
+
+def test_the_default_config_refuses_to_run_without_certificates() -> None:
+    cfg = dataclasses.replace(
+        NodeConfig.default(), node_id="n1", members=MEMBERS, cluster_secret="s" * 20
+    )
+    with pytest.raises(ConfigError, match="tls_cert_file"):
+        cfg.validate()
+    # ... and runs plaintext, without auth, only when told so, on loopback.
+    dataclasses.replace(cfg, insecure_grpc=True, auth="off").validate()
+    good(insecure_grpc=True).validate()  # tokens over loopback plaintext
+    good(grpc_mtls_listen="127.0.0.1:7051", client_ca_file="ca.pem", token_key_file="").validate()
 
 
 def test_defaults_and_test_timers_validate() -> None:

@@ -90,9 +90,14 @@ def ice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
                           "raft_listen": f"{lab.node_ip(i)}:{DEFAULT_RAFT_BASE}"}
                 for i in (1, 2, 3)
             },
+            tls_hosts=[lab.node_ip(i) for i in (1, 2, 3)],
+            secure=True,  # off loopback gRPC is TLS with auth; clients read the env
         )  # fmt: skip
         cluster.start(timeout_s=60)
-        yield IceLab(lab, cluster, proc)
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in cluster.client_env().items():
+                mp.setenv(key, value)
+            yield IceLab(lab, cluster, proc)
     finally:
         if cluster is not None:
             cluster.stop()

@@ -24,6 +24,7 @@ from cluster.local import LocalCluster, wait_until
 from cluster.netns import NetnsLab, available
 from raftstate.config import NodeConfig
 from raftstate.sdk import DeviceClient
+from raftstate.sdk.credentials import Credentials
 from raftstate.v1 import device_pb2, device_pb2_grpc
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -32,7 +33,7 @@ LabCluster = Callable[..., tuple[NetnsLab, LocalCluster]]
 
 
 @pytest.fixture
-def lab_cluster(tmp_path: Path) -> Iterator[LabCluster]:
+def lab_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LabCluster]:
     reason = available()
     if reason is not None:
         pytest.skip(f"network-namespace lab unavailable: {reason}")
@@ -42,11 +43,16 @@ def lab_cluster(tmp_path: Path) -> Iterator[LabCluster]:
         lab = NetnsLab(3)
         lab.up()
         base = dataclasses.replace(NodeConfig.for_tests(), **overrides)  # type: ignore[arg-type]
+        # Off loopback gRPC must be TLS with auth: clients (the workload,
+        # the verifier, read_on) take the admin credentials from the environment.
         cluster = LocalCluster(
             tmp_path / f"c{len(made)}", 3, base_config=base,
             hosts=[lab.node_ip(i) for i in (1, 2, 3)],
             exec_prefix=lambda node_id: lab.exec_prefix(int(node_id[1:])),
+            secure=True,
         )
+        for key, value in cluster.client_env().items():
+            monkeypatch.setenv(key, value)
         made.append((lab, cluster))
         cluster.start(timeout_s=60)
         return lab, cluster
@@ -73,11 +79,12 @@ def isolate_leader(lab: NetnsLab, cluster: LocalCluster) -> tuple[str, list[str]
 
 
 def read_on(endpoint: str, device_id: str, timeout: float = 1.0) -> device_pb2.Device:
-    with grpc.insecure_channel(endpoint) as ch:
+    creds = Credentials.from_env()
+    with creds.channel(endpoint) as ch:
         res = device_pb2_grpc.DeviceStateStub(ch).GetDevice(
             device_pb2.GetDeviceRequest(device_id=device_id,
                                         consistency=device_pb2.LINEARIZABLE),
-            timeout=timeout,
+            timeout=timeout, metadata=creds.metadata(),
         )
         return res.device
 

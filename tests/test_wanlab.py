@@ -378,10 +378,13 @@ def test_ice_cluster_over_a_weak_wan_survives_a_nat_flush_without_loss(
 # --- the CLI ---------------------------------------------------------------------
 
 
-def _cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, timeout_s: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "raftstate", *args],
         capture_output=True, text=True, timeout=timeout_s, cwd=REPO, check=False,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
 
 
@@ -397,7 +400,14 @@ def test_lab_up_and_down_as_commands_leave_nothing_behind(tmp_path: Path) -> Non
         state = LabState.from_json((state_dir / "lab.json").read_text())
         assert {p.name for p in state.processes} == {"n1", "n2", "n3", "coturn", "wan"}
         assert all(p.alive() for p in state.processes)  # they outlive `lab up`
-        status = _cli("status", "--endpoints", ",".join(state.endpoints))
+        # gRPC is TLS with auth; `lab up` printed the credentials to export.
+        exports = dict(
+            line.strip()[len("export ") :].split("=", 1)
+            for line in up.stdout.splitlines()
+            if line.strip().startswith("export RAFTSTATE_")
+        )
+        assert set(exports) == {"RAFTSTATE_CA", "RAFTSTATE_TOKEN"}, up.stdout
+        status = _cli("status", "--endpoints", ",".join(state.endpoints), env=exports)
         assert status.returncode == 0, status.stdout + status.stderr
         impair = _cli("lab", "impair", "--profile", "weak", "--dir", str(state_dir))
         assert impair.returncode == 0, impair.stderr

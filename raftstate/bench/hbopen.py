@@ -62,13 +62,15 @@ def cluster_target(
     transport: str, args: argparse.Namespace, workdir: Path
 ) -> Iterator[ClusterTarget]:
     from cluster.local import LocalCluster
+    from raftstate.bench.run import client_env
     from raftstate.config import NodeConfig
 
     base = NodeConfig.default(durability=args.durability, transport=transport)
     cluster = LocalCluster(workdir / transport, 3, base_config=base)
     try:
         cluster.start()
-        yield ClusterTarget(transport, cluster, cluster.wait_for_leader())
+        with client_env(cluster.client_env()):  # load processes inherit the credentials
+            yield ClusterTarget(transport, cluster, cluster.wait_for_leader())
     finally:
         cluster.stop()
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -185,7 +186,21 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "process-crash); fsync: etcd's default, always fsync",
     )
     p.add_argument("--out", default="bench-results", help="directory for the JSON result")
+    p.add_argument(
+        "--security",
+        type=_securities,
+        default=("secure",),
+        help="secure (TLS + token auth, the default), insecure (plaintext, no auth), or "
+        "secure,insecure: both side by side in --rounds alternating rounds (medians reported)",
+    )
     add_transport_arguments(p)
+
+
+def _securities(text: str) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    if not chosen or any(c not in ("secure", "insecure") for c in chosen):
+        raise argparse.ArgumentTypeError("--security: secure, insecure or secure,insecure")
+    return chosen
 
 
 def _phases(text: str) -> tuple[str, ...]:
@@ -378,18 +393,41 @@ def _leader_first(endpoints: list[str]) -> list[str]:
     return [leader] + [e for e in endpoints if e != leader]
 
 
+CLIENT_ENV = ("RAFTSTATE_CA", "RAFTSTATE_TOKEN", "RAFTSTATE_CERT", "RAFTSTATE_KEY")
+
+
 @contextlib.contextmanager
-def _raftstate_cluster(
-    args: argparse.Namespace, workdir: Path
-) -> Iterator[tuple[list[str], dict[str, int]]]:
-    if args.endpoints:
-        yield _leader_first([e.strip() for e in args.endpoints.split(",") if e.strip()]), {}
-        return
+def client_env(env: dict[str, str]) -> Iterator[None]:
+    """Set the SDK's credential variables to ``env`` (clearing the others)
+    while the block runs; load processes are spawned and inherit them."""
+    saved = {k: os.environ.get(k) for k in CLIENT_ENV}
+    for k in CLIENT_ENV:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def local_raftstate(
+    args: argparse.Namespace, workdir: Path, security: str = "secure"
+) -> Iterator[tuple[list[str], dict[str, int], dict[str, str]]]:
+    """A local 3-node cluster: ``secure`` (TLS + admin token, the default
+    config) or ``insecure`` (plaintext, no auth). Yields its endpoints
+    (leader first), server pids and the client environment."""
     from cluster.local import LocalCluster
     from raftstate.config import NodeConfig
 
     base = NodeConfig.default(durability=args.durability)
-    cluster = LocalCluster(workdir / "raftstate", 3, base_config=base)
+    if security == "insecure":
+        base = dataclasses.replace(base, insecure_grpc=True, auth="off")
+    cluster = LocalCluster(workdir / f"raftstate-{security}", 3, base_config=base)
     try:
         cluster.start()
         pids = {f"raftstate-{n.node_id}": n.pid for n in cluster.nodes.values() if n.pid}
@@ -400,9 +438,21 @@ def _raftstate_cluster(
         endpoints = [cluster.nodes[leader].endpoint] + [
             n.endpoint for n in cluster.nodes.values() if n.node_id != leader
         ]
-        yield endpoints, pids
+        yield endpoints, pids, cluster.client_env()
     finally:
         cluster.stop()
+
+
+@contextlib.contextmanager
+def _raftstate_cluster(
+    args: argparse.Namespace, workdir: Path
+) -> Iterator[tuple[list[str], dict[str, int]]]:
+    if args.endpoints:
+        yield _leader_first([e.strip() for e in args.endpoints.split(",") if e.strip()]), {}
+        return
+    security = args.security[0] if args.security else "secure"
+    with local_raftstate(args, workdir, security) as (endpoints, pids, env), client_env(env):
+        yield endpoints, pids
 
 
 def etcd_fsyncs(args: argparse.Namespace) -> bool:
@@ -492,6 +542,10 @@ def command_line() -> str:
 def bench_main(args: argparse.Namespace) -> int:
     if comparing(args):
         return compare_main(args)
+    if len(getattr(args, "security", ())) > 1:
+        from raftstate.bench.security import security_main
+
+        return security_main(args)
     args.phases = args.phases or DEFAULT_PHASES
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

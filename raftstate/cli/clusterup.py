@@ -71,6 +71,41 @@ def _status_line(cluster: LocalCluster) -> str:
     return f"{time.strftime('%H:%M:%S')} {head} | {' '.join(parts)}"
 
 
+#: The mTLS (client certificate) port of a node is its gRPC port + this.
+MTLS_PORT_OFFSET = 50
+ADMIN_TOKEN_TTL_S = 30 * 86400
+
+
+def _print_quick_start(cluster: LocalCluster, endpoints: str, insecure: bool) -> None:
+    """Exactly what a client must export, then two commands to try."""
+    if insecure:
+        print(
+            "\n  WARNING: --insecure: gRPC is PLAINTEXT and UNAUTHENTICATED; any local process\n"
+            "  can read, write and delete every device. Loopback only; never expose it."
+        )
+        print(f"\n  export RAFTSTATE_ENDPOINTS={endpoints}")
+    else:
+        assert cluster.pki is not None
+        env = cluster.client_env()
+        token_file = cluster.pki.ca_cert.parent / "admin.token"
+        write_private(token_file, (env["RAFTSTATE_TOKEN"] + "\n").encode())
+        print(
+            "\n  TLS is on; the CA, node certificates and keys are in", cluster.pki.ca_cert.parent
+        )
+        print(f"  admin token (30 days) in {token_file}. For the CLI and the SDK:\n")
+        print(f"  export RAFTSTATE_ENDPOINTS={endpoints}")
+        print(f"  export RAFTSTATE_CA={env['RAFTSTATE_CA']}")
+        print(f"  export RAFTSTATE_TOKEN=$(cat {token_file})")
+        print(
+            "\n  (or a client certificate on the mTLS ports: "
+            f"RAFTSTATE_ENDPOINTS={','.join(cluster.mtls_endpoints)} "
+            f"RAFTSTATE_CERT={cluster.pki.admin.cert} RAFTSTATE_KEY={cluster.pki.admin.key})"
+        )
+        print("  a device token: raftstate auth issue --role device --device pump-1 --ttl 30d\n")
+    print("  raftstate device heartbeat pump-1 --set temp_c=21.5")
+    print("  raftstate device get pump-1\n\nCtrl-C stops the cluster.", flush=True)
+
+
 def cluster_up(args: argparse.Namespace) -> int:
     state = Path(args.dir)
     meta = _load_or_create(state, args)
@@ -85,10 +120,26 @@ def cluster_up(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    insecure = bool(getattr(args, "insecure", False))
+    mtls_ports = [p + MTLS_PORT_OFFSET for p in grpc_ports]
+    if not insecure:
+        busy = [p for p in mtls_ports if not port_is_free("127.0.0.1", p)]
+        if busy:
+            print(f"raftstate cluster up: mTLS ports {busy} are in use", file=sys.stderr)
+            return 2
     base = NodeConfig.default(durability=args.durability or str(meta["durability"]))
     base = dataclasses.replace(base, cluster_secret=str(meta["cluster_secret"]))
+    if insecure:
+        base = dataclasses.replace(base, insecure_grpc=True, auth="off")
     cluster = LocalCluster(
-        state, size, grpc_ports=grpc_ports, raft_ports=raft_ports, base_config=base
+        state,
+        size,
+        grpc_ports=grpc_ports,
+        raft_ports=raft_ports,
+        base_config=base,
+        secure=not insecure,
+        mtls_ports=mtls_ports,
+        admin_ttl_s=ADMIN_TOKEN_TTL_S,
     )
     stopping = False
 
@@ -114,9 +165,7 @@ def cluster_up(args: argparse.Namespace) -> int:
             f"  {node.node_id}: grpc {node.endpoint}  raft {node.config.self_member.raft}  "
             f"pid {node.pid}  log {node.log_path}"
         )
-    print(f"\n  export RAFTSTATE_ENDPOINTS={endpoints}")
-    print("  raftstate device heartbeat pump-1 --set temp_c=21.5")
-    print("  raftstate device get pump-1\n\nCtrl-C stops the cluster.", flush=True)
+    _print_quick_start(cluster, endpoints, insecure)
     tty = sys.stdout.isatty()
     deadline = None if args.for_seconds is None else time.monotonic() + args.for_seconds
     last_print = 0.0

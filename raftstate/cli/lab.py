@@ -221,6 +221,11 @@ def _print_guide(lab: LabCluster, state: LabState, args: argparse.Namespace) -> 
         + f", WAN emulator pid {natlab.wan_pid}\n"
     )
     first = state.sites[0]
+    if lab.cluster is not None and lab.cluster.pki is not None:
+        env = lab.cluster.client_env()
+        print(f"  export RAFTSTATE_CA={env['RAFTSTATE_CA']}")
+        print(f"  export RAFTSTATE_TOKEN={env['RAFTSTATE_TOKEN']}")
+        print("  # (TLS + auth: the CA above and an admin token valid for 24 h)")
     print(f"  raftstate status --endpoints {','.join(state.endpoints)}")
     print(f"  ip netns exec {first['device_netns']} bash    # a shell among site 1's devices;")
     print(f"      # its node is {first['grpc_local']}, the others at their router addresses")

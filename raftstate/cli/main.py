@@ -1,7 +1,9 @@
 """``raftstate``: run nodes and clusters, talk to devices, simulate, benchmark.
 
 Client commands take their endpoints from ``--endpoints`` or
-``RAFTSTATE_ENDPOINTS`` (default: the local cluster's 127.0.0.1:7001-7003).
+``RAFTSTATE_ENDPOINTS`` (default: the local cluster's 127.0.0.1:7001-7003)
+and their credentials from ``RAFTSTATE_CA``, ``RAFTSTATE_TOKEN`` (or
+``RAFTSTATE_CERT``/``RAFTSTATE_KEY``), as ``raftstate cluster up`` prints.
 """
 
 from __future__ import annotations
@@ -147,6 +149,9 @@ def cmd_device(args: argparse.Namespace) -> int:
                     args.device_id, _kv(args.set, "--set"), seq=args.seq, ttl_s=args.ttl
                 )
                 print(json.dumps(asdict(ack)))
+            elif args.device_cmd == "delete":
+                res = client.delete(args.device_id)
+                print(json.dumps(asdict(res)))
             elif args.device_cmd == "get":
                 dev = client.get(args.device_id, consistency)
                 print(json.dumps(asdict(dev), indent=2))
@@ -173,6 +178,12 @@ def cmd_device(args: argparse.Namespace) -> int:
             )
             return 1
     return 0
+
+
+def cmd_auth(args: argparse.Namespace) -> int:
+    from raftstate.cli.auth import auth_main
+
+    return auth_main(args, _endpoints(args))
 
 
 def cmd_rendezvous(args: argparse.Namespace) -> int:
@@ -239,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--raft-port", type=int, default=7101, help="first Raft port")
     up.add_argument("--durability", choices=["process-crash", "fsync"], default=None)
     up.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC without authentication (loopback demos only; says so loudly)",
+    )
+    up.add_argument(
         "--for-seconds",
         type=float,
         default=None,
@@ -255,13 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true")
         sp.set_defaults(fn=fn)
 
-    dev = sub.add_parser("device", help="send a heartbeat, get or list devices")
+    dev = sub.add_parser("device", help="send a heartbeat, get, list or delete devices")
     dsub = dev.add_subparsers(dest="device_cmd", required=True)
-    for name in ("heartbeat", "get", "list"):
+    for name in ("heartbeat", "get", "list", "delete"):
         d = dsub.add_parser(name)
         d.add_argument("--endpoints")
         d.add_argument("--deadline", type=float, default=10.0, help="seconds, retries included")
-        if name in ("heartbeat", "get"):
+        if name in ("heartbeat", "get", "delete"):
             d.add_argument("device_id")
         if name == "heartbeat":
             d.add_argument(
@@ -273,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             d.add_argument("--seq", type=int, default=None)
             d.add_argument("--ttl", type=int, default=None, help="seconds online after this")
-        else:
+        elif name != "delete":
             d.add_argument(
                 "--serializable",
                 action="store_true",
@@ -289,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         "secret", help="print a new secret (32 random bytes, URL-safe base64) for a config"
     )
     sec.set_defaults(fn=cmd_secret)
+
+    from raftstate.cli.auth import add_auth_parser
+
+    add_auth_parser(sub, f"comma-separated (env RAFTSTATE_ENDPOINTS; default {DEFAULT_ENDPOINTS})")
+    sub.choices["auth"].set_defaults(fn=cmd_auth)
 
     from raftstate.cli.rendezvous import add_arguments as add_rendezvous_arguments
 

@@ -17,23 +17,35 @@ from raftstate.errors import (
     InvalidArgument,
     NotFound,
     NotLeader,
+    PermissionDenied,
     QuotaExceeded,
     RaftStateError,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from raftstate.model import Consistency, OnlineFilter
 from raftstate.sdk.client import AsyncDeviceClient
+from raftstate.sdk.credentials import Credentials
 from raftstate.sdk.retry import Backoff
 from raftstate.sdk.stream import HeartbeatStream
 from raftstate.sdk.sync import DeviceClient, SyncHeartbeatStream
-from raftstate.sdk.types import ClusterStatus, Device, DevicePage, HeartbeatAck, MemberStatus
+from raftstate.sdk.types import (
+    ClusterStatus,
+    DeleteResult,
+    Device,
+    DevicePage,
+    HeartbeatAck,
+    MemberStatus,
+)
 
 __all__ = [
     "AsyncDeviceClient",
     "Backoff",
     "Cancelled",
     "ClusterStatus",
+    "Credentials",
+    "DeleteResult",
     "Consistency",
     "DeadlineExceeded",
     "Device",
@@ -46,9 +58,11 @@ __all__ = [
     "NotFound",
     "NotLeader",
     "OnlineFilter",
+    "PermissionDenied",
     "RaftStateError",
     "QuotaExceeded",
     "ResourceExhausted",
     "SyncHeartbeatStream",
+    "Unauthenticated",
     "Unavailable",
 ]

@@ -41,13 +41,15 @@ from raftstate.errors import (
     DeadlineExceeded,
     InvalidArgument,
     NotLeader,
+    PermissionDenied,
     RaftStateError,
     Unavailable,
     from_status,
 )
 from raftstate.model import Consistency, OnlineFilter, validate_device_id, validate_heartbeat
+from raftstate.sdk.credentials import Credentials, resolve
 from raftstate.sdk.retry import Backoff, retry_allowed
-from raftstate.sdk.types import ClusterStatus, Device, DevicePage, HeartbeatAck
+from raftstate.sdk.types import ClusterStatus, DeleteResult, Device, DevicePage, HeartbeatAck
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
 
 if TYPE_CHECKING:
@@ -80,13 +82,30 @@ class AsyncDeviceClient:
         backoff: Backoff | None = None,
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
         prefer_leader: bool = True,
+        credentials: Credentials | None = None,
+        ca: str | bytes | None = None,
+        cert: str | bytes | None = None,
+        key: str | bytes | None = None,
+        token: str | None = None,
     ) -> None:
         """``prefer_leader=False`` keeps requests on the endpoints in the given
         order (the first is the "nearest"), moving on only when one fails:
         writes are then forwarded by that node, and linearizable reads are
-        served there through ReadIndex, spreading read load."""
+        served there through ReadIndex, spreading read load.
+
+        Credentials (:mod:`raftstate.sdk.credentials`): ``ca`` (the cluster
+        CA), ``token`` or ``cert``+``key`` (paths or PEM bytes), or a
+        ``credentials`` object; with none given, ``RAFTSTATE_CA`` /
+        ``RAFTSTATE_TOKEN`` / ``RAFTSTATE_CERT`` / ``RAFTSTATE_KEY`` are read.
+        Finding the leader needs ``Cluster.Status`` (operator role); a device
+        or gateway credential is refused it, and the client then sends to its
+        endpoints in order (followers forward writes)."""
         self.endpoints = parse_endpoints(endpoints)
-        self.prefer_leader = prefer_leader
+        self.credentials = resolve(credentials, ca=ca, cert=cert, key=key, token=token)
+        self._metadata = self.credentials.metadata()
+        # A client-certificate endpoint is the node's mTLS port; the leader's
+        # address in Status is its token port, so keep to our endpoints.
+        self.prefer_leader = prefer_leader and not self.credentials.uses_client_cert
         self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
         self.backoff = backoff or Backoff()
@@ -148,7 +167,7 @@ class AsyncDeviceClient:
             nonlocal attempts
             attempts += 1
             return await device_pb2_grpc.DeviceStateStub(channel).Heartbeat(
-                request, timeout=timeout
+                request, timeout=timeout, metadata=self._metadata
             )
 
         try:
@@ -193,7 +212,7 @@ class AsyncDeviceClient:
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
             return await device_pb2_grpc.DeviceStateStub(channel).GetDevice(
-                request, timeout=timeout
+                request, timeout=timeout, metadata=self._metadata
             )
 
         res = await self._with_retries(attempt, deadline_s)
@@ -220,7 +239,7 @@ class AsyncDeviceClient:
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
             stub = device_pb2_grpc.DeviceStateStub(channel)
-            return await stub.ListDevices(request, timeout=timeout)
+            return await stub.ListDevices(request, timeout=timeout, metadata=self._metadata)
 
         res = await self._with_retries(attempt, deadline_s)
         return DevicePage(
@@ -244,10 +263,26 @@ class AsyncDeviceClient:
         target = endpoint or self._pick()
         stub = cluster_pb2_grpc.ClusterStub(self._channel(target))
         try:
-            res = await stub.Status(cluster_pb2.StatusRequest(), timeout=timeout_s)
+            res = await stub.Status(
+                cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as e:
             raise _map(e) from None
         return ClusterStatus.from_proto(res)
+
+    async def delete(self, device_id: str, *, deadline_s: float | None = None) -> DeleteResult:
+        """Delete a device (operator or admin credential). Idempotent: a
+        device that does not exist gives ``deleted=False``. Raises
+        ``PermissionDenied`` for other roles."""
+        validate_device_id(device_id)
+        request = device_pb2.DeleteDeviceRequest(device_id=device_id)
+
+        async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
+            stub = device_pb2_grpc.DeviceStateStub(channel)
+            return await stub.DeleteDevice(request, timeout=timeout, metadata=self._metadata)
+
+        res = await self._with_retries(attempt, deadline_s)
+        return DeleteResult(device_id, res.deleted, res.revision, res.deleted_seq)
 
     async def find_leader(self, *, timeout_s: float = 2.0) -> str | None:
         """Ask every endpoint for the leader; remember and return its address."""
@@ -258,6 +293,8 @@ class AsyncDeviceClient:
             if isinstance(st, ClusterStatus) and st.leader_grpc_address:
                 self._leader = st.leader_grpc_address
                 return self._leader
+        if any(isinstance(st, PermissionDenied) for st in results):
+            self.prefer_leader = False  # a device credential: do not ask again
         return None
 
     # ---- retry machinery --------------------------------------------------
@@ -313,7 +350,7 @@ class AsyncDeviceClient:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = grpc.aio.insecure_channel(
+            ch = self.credentials.aio_channel(
                 endpoint,
                 options=[
                     ("grpc.enable_retries", 0),

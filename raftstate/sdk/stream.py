@@ -405,7 +405,7 @@ class HeartbeatStream:
         error that ended it, or ``None`` after a clean half-close."""
         loop = asyncio.get_running_loop()
         stub = device_pb2_grpc.DeviceStateStub(self._client._channel(endpoint))
-        call = stub.HeartbeatStream()
+        call = stub.HeartbeatStream(metadata=self._client._metadata)
         window = min(self._max_in_flight, DEFAULT_STREAM_WINDOW)
         conn = _Connection(endpoint, call, InFlight(), loop.time(), window, asyncio.Event())
         self._conn = conn

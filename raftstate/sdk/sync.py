@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from raftstate.model import Consistency, OnlineFilter
 from raftstate.sdk.client import AsyncDeviceClient
 from raftstate.sdk.stream import HeartbeatStream
-from raftstate.sdk.types import ClusterStatus, Device, DevicePage, HeartbeatAck
+from raftstate.sdk.types import ClusterStatus, DeleteResult, Device, DevicePage, HeartbeatAck
 
 T = TypeVar("T")
 
@@ -108,6 +108,9 @@ class DeviceClient:
 
     def status(self, endpoint: str | None = None, *, timeout_s: float = 2.0) -> ClusterStatus:
         return self._run(self._client.status(endpoint, timeout_s=timeout_s))
+
+    def delete(self, device_id: str, *, deadline_s: float | None = None) -> DeleteResult:
+        return self._run(self._client.delete(device_id, deadline_s=deadline_s))
 
     def find_leader(self, *, timeout_s: float = 2.0) -> str | None:
         return self._run(self._client.find_leader(timeout_s=timeout_s))

@@ -12,6 +12,17 @@ ROLE_NAMES = {0: "unknown", 1: "follower", 2: "candidate", 3: "leader"}
 
 
 @dataclass(frozen=True, slots=True)
+class DeleteResult:
+    """A committed delete: ``deleted`` is false when there was no such device
+    (nothing changed); ``revision`` is the store revision after it."""
+
+    device_id: str
+    deleted: bool
+    revision: int
+    deleted_seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatAck:
     """An acknowledged heartbeat: it is committed on a majority.
 

@@ -138,3 +138,19 @@ class ListDevicesResponse(_message.Message):
     next_page_token: str
     revision: int
     def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class DeleteDeviceRequest(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class DeleteDeviceResponse(_message.Message):
+    __slots__ = ("deleted", "revision", "deleted_seq")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DELETED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    revision: int
+    deleted_seq: int
+    def __init__(self, deleted: _Optional[bool] = ..., revision: _Optional[int] = ..., deleted_seq: _Optional[int] = ...) -> None: ...

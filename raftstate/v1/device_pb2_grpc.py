@@ -54,6 +54,11 @@ class DeviceStateStub:
                 request_serializer=raftstate_dot_v1_dot_device__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_device__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
+        self.DeleteDevice = channel.unary_unary(
+                '/raftstate.v1.DeviceState/DeleteDevice',
+                request_serializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceRequest.SerializeToString,
+                response_deserializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceStateServicer:
@@ -85,6 +90,12 @@ class DeviceStateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceStateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +118,11 @@ def add_DeviceStateServicer_to_server(servicer, server):
                     servicer.ListDevices,
                     request_deserializer=raftstate_dot_v1_dot_device__pb2.ListDevicesRequest.FromString,
                     response_serializer=raftstate_dot_v1_dot_device__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'DeleteDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDevice,
+                    request_deserializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceRequest.FromString,
+                    response_serializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +233,33 @@ class DeviceState:
             '/raftstate.v1.DeviceState/ListDevices',
             raftstate_dot_v1_dot_device__pb2.ListDevicesRequest.SerializeToString,
             raftstate_dot_v1_dot_device__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftstate.v1.DeviceState/DeleteDevice',
+            raftstate_dot_v1_dot_device__pb2.DeleteDeviceRequest.SerializeToString,
+            raftstate_dot_v1_dot_device__pb2.DeleteDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araftstate/v1/storage.proto\x12\x0craftstate.v1\"\xb0\x01\n\x0fHeartbeatRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12=\n\x08reported\x18\x03 \x03(\x0b\x32+.raftstate.v1.HeartbeatRecord.ReportedEntry\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\x0eHeartbeatBatch\x12\x16\n\x0eproposed_at_ms\x18\x01 \x01(\x03\x12\x31\n\nheartbeats\x18\x02 \x03(\x0b\x32\x1d.raftstate.v1.HeartbeatRecord\x12\x13\n\x0bmax_devices\x18\x03 \x01(\x04\x12\x17\n\x0fmax_state_bytes\x18\x04 \x01(\x04\"\xfd\x01\n\x0c\x44\x65viceRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12:\n\x08reported\x18\x03 \x03(\x0b\x32(.raftstate.v1.DeviceRecord.ReportedEntry\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x15\n\rfirst_seen_ms\x18\x05 \x01(\x03\x12\x14\n\x0clast_seen_ms\x18\x06 \x01(\x03\x12\x12\n\nheartbeats\x18\x07 \x01(\x04\x12\r\n\x05ttl_s\x18\x08 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xe0\x01\n\x08Snapshot\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1a\n\x12max_proposed_at_ms\x18\x03 \x01(\x03\x12+\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x1a.raftstate.v1.DeviceRecord\x12+\n\nlast_entry\x18\x05 \x01(\x0b\x32\x17.raftstate.v1.RaftEntry\x12+\n\nprev_entry\x18\x06 \x01(\x0b\x32\x17.raftstate.v1.RaftEntry\x12\x0f\n\x07\x63luster\x18\x07 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araftstate/v1/storage.proto\x12\x0craftstate.v1\"\xb0\x01\n\x0fHeartbeatRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12=\n\x08reported\x18\x03 \x03(\x0b\x32+.raftstate.v1.HeartbeatRecord.ReportedEntry\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\x0eHeartbeatBatch\x12\x16\n\x0eproposed_at_ms\x18\x01 \x01(\x03\x12\x31\n\nheartbeats\x18\x02 \x03(\x0b\x32\x1d.raftstate.v1.HeartbeatRecord\x12\x13\n\x0bmax_devices\x18\x03 \x01(\x04\x12\x17\n\x0fmax_state_bytes\x18\x04 \x01(\x04\"\x96\x01\n\x0e\x43ontrolCommand\x12\x16\n\x0eproposed_at_ms\x18\x01 \x01(\x03\x12\x33\n\rdelete_device\x18\x02 \x01(\x0b\x32\x1a.raftstate.v1.DeleteDeviceH\x00\x12\x31\n\x0crevoke_token\x18\x03 \x01(\x0b\x32\x19.raftstate.v1.RevokeTokenH\x00\x42\x04\n\x02op\"!\n\x0c\x44\x65leteDevice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"5\n\x0bRevokeToken\x12\x10\n\x08token_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_at_s\x18\x02 \x01(\x03\"4\n\nRevocation\x12\x10\n\x08token_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_at_s\x18\x02 \x01(\x03\"\xfd\x01\n\x0c\x44\x65viceRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12:\n\x08reported\x18\x03 \x03(\x0b\x32(.raftstate.v1.DeviceRecord.ReportedEntry\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x15\n\rfirst_seen_ms\x18\x05 \x01(\x03\x12\x14\n\x0clast_seen_ms\x18\x06 \x01(\x03\x12\x12\n\nheartbeats\x18\x07 \x01(\x04\x12\r\n\x05ttl_s\x18\x08 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\x8f\x02\n\x08Snapshot\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1a\n\x12max_proposed_at_ms\x18\x03 \x01(\x03\x12+\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x1a.raftstate.v1.DeviceRecord\x12+\n\nlast_entry\x18\x05 \x01(\x0b\x32\x17.raftstate.v1.RaftEntry\x12+\n\nprev_entry\x18\x06 \x01(\x0b\x32\x17.raftstate.v1.RaftEntry\x12\x0f\n\x07\x63luster\x18\x07 \x03(\t\x12-\n\x0brevocations\x18\x08 \x03(\x0b\x32\x18.raftstate.v1.Revocationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,12 +41,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATRECORD_REPORTEDENTRY']._serialized_end=221
   _globals['_HEARTBEATBATCH']._serialized_start=224
   _globals['_HEARTBEATBATCH']._serialized_end=361
-  _globals['_DEVICERECORD']._serialized_start=364
-  _globals['_DEVICERECORD']._serialized_end=617
+  _globals['_CONTROLCOMMAND']._serialized_start=364
+  _globals['_CONTROLCOMMAND']._serialized_end=514
+  _globals['_DELETEDEVICE']._serialized_start=516
+  _globals['_DELETEDEVICE']._serialized_end=549
+  _globals['_REVOKETOKEN']._serialized_start=551
+  _globals['_REVOKETOKEN']._serialized_end=604
+  _globals['_REVOCATION']._serialized_start=606
+  _globals['_REVOCATION']._serialized_end=658
+  _globals['_DEVICERECORD']._serialized_start=661
+  _globals['_DEVICERECORD']._serialized_end=914
   _globals['_DEVICERECORD_REPORTEDENTRY']._serialized_start=174
   _globals['_DEVICERECORD_REPORTEDENTRY']._serialized_end=221
-  _globals['_RAFTENTRY']._serialized_start=619
-  _globals['_RAFTENTRY']._serialized_end=676
-  _globals['_SNAPSHOT']._serialized_start=679
-  _globals['_SNAPSHOT']._serialized_end=903
+  _globals['_RAFTENTRY']._serialized_start=916
+  _globals['_RAFTENTRY']._serialized_end=973
+  _globals['_SNAPSHOT']._serialized_start=976
+  _globals['_SNAPSHOT']._serialized_end=1247
 # @@protoc_insertion_point(module_scope)

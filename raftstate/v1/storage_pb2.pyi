@@ -37,6 +37,38 @@ class HeartbeatBatch(_message.Message):
     max_state_bytes: int
     def __init__(self, proposed_at_ms: _Optional[int] = ..., heartbeats: _Optional[_Iterable[_Union[HeartbeatRecord, _Mapping]]] = ..., max_devices: _Optional[int] = ..., max_state_bytes: _Optional[int] = ...) -> None: ...
 
+class ControlCommand(_message.Message):
+    __slots__ = ("proposed_at_ms", "delete_device", "revoke_token")
+    PROPOSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DELETE_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    proposed_at_ms: int
+    delete_device: DeleteDevice
+    revoke_token: RevokeToken
+    def __init__(self, proposed_at_ms: _Optional[int] = ..., delete_device: _Optional[_Union[DeleteDevice, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeToken, _Mapping]] = ...) -> None: ...
+
+class DeleteDevice(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class RevokeToken(_message.Message):
+    __slots__ = ("token_id", "expires_at_s")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_S_FIELD_NUMBER: _ClassVar[int]
+    token_id: bytes
+    expires_at_s: int
+    def __init__(self, token_id: _Optional[bytes] = ..., expires_at_s: _Optional[int] = ...) -> None: ...
+
+class Revocation(_message.Message):
+    __slots__ = ("token_id", "expires_at_s")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_S_FIELD_NUMBER: _ClassVar[int]
+    token_id: bytes
+    expires_at_s: int
+    def __init__(self, token_id: _Optional[bytes] = ..., expires_at_s: _Optional[int] = ...) -> None: ...
+
 class DeviceRecord(_message.Message):
     __slots__ = ("device_id", "seq", "reported", "revision", "first_seen_ms", "last_seen_ms", "heartbeats", "ttl_s")
     class ReportedEntry(_message.Message):
@@ -75,7 +107,7 @@ class RaftEntry(_message.Message):
     def __init__(self, command: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("format", "revision", "max_proposed_at_ms", "devices", "last_entry", "prev_entry", "cluster")
+    __slots__ = ("format", "revision", "max_proposed_at_ms", "devices", "last_entry", "prev_entry", "cluster", "revocations")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_PROPOSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +115,7 @@ class Snapshot(_message.Message):
     LAST_ENTRY_FIELD_NUMBER: _ClassVar[int]
     PREV_ENTRY_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
     format: int
     revision: int
     max_proposed_at_ms: int
@@ -90,4 +123,5 @@ class Snapshot(_message.Message):
     last_entry: RaftEntry
     prev_entry: RaftEntry
     cluster: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, format: _Optional[int] = ..., revision: _Optional[int] = ..., max_proposed_at_ms: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceRecord, _Mapping]]] = ..., last_entry: _Optional[_Union[RaftEntry, _Mapping]] = ..., prev_entry: _Optional[_Union[RaftEntry, _Mapping]] = ..., cluster: _Optional[_Iterable[str]] = ...) -> None: ...
+    revocations: _containers.RepeatedCompositeFieldContainer[Revocation]
+    def __init__(self, format: _Optional[int] = ..., revision: _Optional[int] = ..., max_proposed_at_ms: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceRecord, _Mapping]]] = ..., last_entry: _Optional[_Union[RaftEntry, _Mapping]] = ..., prev_entry: _Optional[_Union[RaftEntry, _Mapping]] = ..., cluster: _Optional[_Iterable[str]] = ..., revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ...) -> None: ...
