@@ -103,7 +103,15 @@ async def _one_stream(
     try:
         async with client.stream(endpoint=endpoint, max_in_flight=window) as stream:
 
+            # Draw a payload only when it can be sent soon: drawing all of
+            # them first made the last ones miss their deadline unsent.
+            ready = asyncio.Semaphore(2 * window)
+
             async def send(i: int) -> None:
+                async with ready:
+                    await _send(i)
+
+            async def _send(i: int) -> None:
                 device_id = f"{prefix}{i:06d}"
                 reported = draw_reported(rng)
                 seq = client.next_seq(device_id)

@@ -85,8 +85,12 @@ class Batcher(Generic[T]):
         return self._ready(now)
 
     def deadline(self) -> float | None:
-        """When :meth:`poll` should next be called, or ``None`` if idle."""
-        if self._oldest is None:
+        """When :meth:`poll` should next be called, or ``None`` when waiting
+        cannot seal anything: nothing is pending, or every in-flight slot is
+        taken (then only :meth:`finished` or a full batch in :meth:`add`
+        can). Never a time at which :meth:`poll` would return nothing: a
+        driver that re-arms a past deadline would spin."""
+        if self._oldest is None or (self.inflight >= self.max_inflight and self.inflight > 0):
             return None
         return self._oldest + self.max_delay
 

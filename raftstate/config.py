@@ -33,20 +33,25 @@ REACH = ("static", "ice")
 DURABILITY = ("process-crash", "fsync")
 #: Upper limit of ``batch_max_bytes`` (one log entry).
 BATCH_MAX_BYTES = 512 * 1024
-#: pysyncobj's ``appendEntriesBatchSizeBytes`` is this many times
-#: ``batch_max_bytes``: an entry is then always far below the size at which
-#: pysyncobj would split it into its chunked 'transmission' form.
+#: pysyncobj's ``appendEntriesBatchSizeBytes`` is this many times the
+#: largest entry any node may propose (``BATCH_MAX_BYTES``, not a node's own
+#: ``batch_max_bytes``: nodes may differ, and a journal may hold entries from
+#: before a change), so no entry is ever near the size at which pysyncobj
+#: would split it into its chunked 'transmission' form.
 APPEND_ENTRIES_FACTOR = 4
+#: Largest command a node lets into the log: one entry of ``BATCH_MAX_BYTES``
+#: plus the command's own framing (raftstate/logcommand.py).
+MAX_COMMAND_BYTES = BATCH_MAX_BYTES + 1024
 #: No Raft message is larger: an AppendEntries gathers entries until
-#: ``APPEND_ENTRIES_FACTOR * batch_max_bytes`` is reached, so it ends with at
-#: most one more entry; plus room for the message's own fields.
-MAX_RAFT_MESSAGE_BYTES = (APPEND_ENTRIES_FACTOR + 1) * BATCH_MAX_BYTES + 64 * 1024
+#: ``APPEND_ENTRIES_BYTES`` is reached, so it ends with at most one more
+#: entry; plus room for the message's own fields.
+APPEND_ENTRIES_BYTES = APPEND_ENTRIES_FACTOR * BATCH_MAX_BYTES
+MAX_RAFT_MESSAGE_BYTES = APPEND_ENTRIES_BYTES + MAX_COMMAND_BYTES + 64 * 1024
 
 
-def append_entries_bytes(batch_max_bytes: int) -> int:
-    """pysyncobj's ``appendEntriesBatchSizeBytes`` for entries of at most
-    ``batch_max_bytes``."""
-    return APPEND_ENTRIES_FACTOR * batch_max_bytes
+def append_entries_bytes() -> int:
+    """pysyncobj's ``appendEntriesBatchSizeBytes``: the same on every node."""
+    return APPEND_ENTRIES_BYTES
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from raftstate.admission import Quota, quota_error
 from raftstate.batcher import Batcher
 from raftstate.config import NodeConfig
-from raftstate.errors import ResourceExhausted, Unavailable
+from raftstate.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from raftstate.model import BATCH_HEADER_BOUND, Heartbeat, HeartbeatResult
 from raftstate.raftnode import SUCCESS, ProposeCallback
 from raftstate.statemachine import encode_batch
@@ -47,6 +47,8 @@ class _Item:
     heartbeat: Heartbeat
     future: asyncio.Future[HeartbeatResult]
     size: int  # upper bound of its encoded record, for the batch byte bound
+    #: Loop time after which it is no longer retried (its caller has given up).
+    expires: float = float("inf")
 
 
 class Proposer:
@@ -70,6 +72,10 @@ class Proposer:
         )
         self._max_pending = cfg.max_pending_heartbeats
         self._max_entry = cfg.batch_max_bytes
+        #: A heartbeat is retried at most this long: twice the longest a
+        #: request waits by default, so a caller's own deadline ends it first,
+        #: and one whose caller vanished stops being proposed.
+        self._max_age = 2 * cfg.default_request_timeout_ms / 1000
         self.quota = Quota(cfg.max_devices, cfg.max_state_bytes)
         self._waiting = 0
         self._timer: asyncio.Handle | None = None
@@ -88,7 +94,8 @@ class Proposer:
                 f"max_pending_heartbeats: {self._waiting} heartbeats are waiting to commit "
                 "on this node; retry later"
             )
-        return self._enqueue(_Item(hb, self._loop.create_future(), hb.record_bound))
+        expires = self._loop.time() + self._max_age
+        return self._enqueue(_Item(hb, self._loop.create_future(), hb.record_bound, expires))
 
     def close(self) -> None:
         """Fail everything still pending with ``Unavailable``."""
@@ -165,8 +172,15 @@ class Proposer:
             return
         now = self._loop.time()
         for item in items:
-            if not item.future.done():
-                self._send(self._batcher.add(item, item.size, now))
+            if item.future.done():
+                continue
+            if now >= item.expires:
+                item.future.set_exception(DeadlineExceeded(
+                    "heartbeat not committed in time; retrying with the same seq is safe"
+                ))
+                item.future.exception()  # its caller may be gone: no "never retrieved" log
+                continue
+            self._send(self._batcher.add(item, item.size, now))
 
     def _arm_timer(self) -> None:
         deadline = self._batcher.deadline()

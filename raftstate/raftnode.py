@@ -48,7 +48,7 @@ from pysyncobj.tcp_connection import CONNECTION_STATE
 
 from raftstate import appendguard, fastcommit, logcommand
 from raftstate.catchup import CatchUpGate
-from raftstate.config import NodeConfig, append_entries_bytes
+from raftstate.config import MAX_COMMAND_BYTES, NodeConfig, append_entries_bytes
 from raftstate.errors import ConfigError
 from raftstate.integrity import CorruptData, open_snapshot, seal_snapshot
 from raftstate.journal import (
@@ -74,6 +74,9 @@ from raftstate.v1 import storage_pb2
 log = logging.getLogger("raftstate.raft")
 
 JOURNAL_FILE = "raft.journal"
+#: A forced (by bytes) compaction that has not completed is requested again
+#: after this long.
+FORCED_COMPACTION_RETRY_S = 30.0
 SNAPSHOT_FILE = "snapshot.bin"
 
 ProposeCallback = Callable[[list[HeartbeatResult] | None, int], None]
@@ -131,7 +134,7 @@ def syncobj_conf(cfg: NodeConfig, table: DeviceTable) -> SyncObjConf:
         # piece marked 'finish' (the marker is computed from the command's
         # length, not the pickled entry's): followers then unpickled a cut
         # entry, and replication wedged. Entries are bounded far below it.
-        appendEntriesBatchSizeBytes=append_entries_bytes(cfg.batch_max_bytes),
+        appendEntriesBatchSizeBytes=append_entries_bytes(),
         appendEntriesPeriod=cfg.heartbeat_ms / 1000,
         raftMinTimeout=cfg.election_timeout_min_ms / 1000,
         raftMaxTimeout=cfg.election_timeout_max_ms / 1000,
@@ -391,8 +394,15 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     ) -> None:
         """pysyncobj's entry point for a new command, also for commands a
         follower forwards (``apply_command``): only raftstate batch commands
-        enter the log; anything else is denied before it is appended."""
-        if commandType is not None or not logcommand.is_ours(command):
+        enter the log, and none larger than ``MAX_COMMAND_BYTES`` (whatever
+        this node's own ``batch_max_bytes``: a larger one would reach
+        pysyncobj's chunked form); anything else is denied before it is
+        appended."""
+        if (
+            commandType is not None
+            or not logcommand.is_ours(command)
+            or len(command) > MAX_COMMAND_BYTES
+        ):
             self._SyncObj__callErrCallback(FAIL_REASON.REQUEST_DENIED, callback)
             return
         super()._applyCommand(command, callback)
@@ -563,10 +573,16 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     def _maybe_compact_by_bytes(self, now: float) -> None:
         """Tick thread: force a snapshot when the journal exceeds
         ``compaction_max_journal_bytes`` (at most one request per compaction,
-        or per second if pysyncobj declines it)."""
+        or per ``FORCED_COMPACTION_RETRY_S`` if none completes: a snapshot of a
+        large table takes seconds and the journal is only truncated on a later
+        tick, so a one-second retry snapshotted everything twice)."""
         journal = self.journal
         forced = self._compaction_forced
-        if forced is not None and forced[0] == journal.compactions and now - forced[1] < 1.0:
+        if (
+            forced is not None
+            and forced[0] == journal.compactions
+            and now - forced[1] < FORCED_COMPACTION_RETRY_S
+        ):
             return
         compactable = journal.bytes_before(int(self.raftLastApplied) - 1)
         if compaction_due(journal.size_bytes, compactable, self.cfg.compaction_max_journal_bytes):

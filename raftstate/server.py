@@ -368,6 +368,14 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
             await task  # surfaces a reader failure, if any
         finally:
             task.cancel()
+            # Heartbeats read but not yet answered when the stream ends (the
+            # client went away): stop proposing them. Nobody will read their
+            # acks, and the proposer would otherwise retry them until they
+            # commit, however long the cluster is down.
+            while not queue.empty():
+                queued = queue.get_nowait()
+                if isinstance(queued, tuple) and isinstance(queued[1], asyncio.Future):
+                    queued[1].cancel()
 
     def _authorize_message(self, identity: Identity, device_id: str) -> None:
         """Per-message authorization on HeartbeatStream: a denied message

@@ -60,3 +60,19 @@ def test_drain_returns_pending_and_resets() -> None:
     b.add(2, 10, 0.0)
     assert b.drain() == [2]
     assert b.pending == 0 and b.deadline() is None
+
+
+def test_deadline_never_asks_for_a_poll_that_cannot_seal() -> None:
+    """With every in-flight slot taken, waiting seals nothing: a past
+    deadline would make the driver re-arm its timer in the past and spin
+    (seen: a follower's loop at 92-96 % CPU while its leader was stopped)."""
+    b: Batcher[str] = Batcher(max_delay=0.005, max_items=512, max_bytes=1 << 20, max_inflight=2)
+    assert b.add("a", 1, 0.0) == [["a"]]  # nothing in flight: sealed at once
+    assert b.add("b", 1, 0.0) == []
+    assert b.poll(0.01) == [["b"]]  # old, and a slot was free
+    assert b.add("c", 1, 0.01) == []
+    for now in (0.02, 0.5, 10.0):
+        assert b.poll(now) == []
+        deadline = b.deadline()
+        assert deadline is None or deadline > now
+    assert b.finished(10.0) == [["c"]]  # a freed slot seals it

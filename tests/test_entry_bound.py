@@ -24,7 +24,13 @@ from pysyncobj.transport import Transport
 
 from raftstate.admission import Quota
 from raftstate.batcher import Batcher
-from raftstate.config import BATCH_MAX_BYTES, Member, NodeConfig, append_entries_bytes
+from raftstate.config import (
+    BATCH_MAX_BYTES,
+    MAX_COMMAND_BYTES,
+    Member,
+    NodeConfig,
+    append_entries_bytes,
+)
 from raftstate.errors import ConfigError
 from raftstate.model import (
     BATCH_HEADER_BOUND,
@@ -223,13 +229,14 @@ def test_pysyncobj_cuts_an_entry_just_below_twice_its_batch_size(pair: Any) -> N
         _replicate(leader, follower, command)
 
 
-@pytest.mark.parametrize("batch_max_bytes", [RECORD_MAX_BYTES + BATCH_HEADER_BOUND, 128 * 1024,
-                                             BATCH_MAX_BYTES])
-def test_entries_within_the_bound_are_never_sent_in_pieces(pair: Any, batch_max_bytes: int) -> None:
-    leader, follower = pair(append_entries_bytes(batch_max_bytes))
-    # The largest command an entry of batch_max_bytes makes, with room for
-    # pysyncobj's own framing of it.
-    command = b"y" * (batch_max_bytes + 64)
+@pytest.mark.parametrize("size", [RECORD_MAX_BYTES + BATCH_HEADER_BOUND, 128 * 1024,
+                                  MAX_COMMAND_BYTES])
+def test_entries_within_the_bound_are_never_sent_in_pieces(pair: Any, size: int) -> None:
+    """Every node uses the same appendEntriesBatchSizeBytes, derived from
+    the largest command any node lets into the log (not its own
+    batch_max_bytes, which may differ between nodes)."""
+    leader, follower = pair(append_entries_bytes())
+    command = b"y" * size
     for _ in range(3):
         sent = _replicate(leader, follower, command)
         assert sent and not any("transmission" in m for m in sent)

@@ -50,6 +50,12 @@ from raftstate.transport.udpconfig import DROP_LOG_INTERVAL
 log = logging.getLogger("raftstate.transport.tcp")
 
 BadFrame = Callable[[str, str], None]
+#: Incoming connections that have not finished the handshake (key exchange
+#: and a member's address): at most this many at once, and each for at most
+#: this long. Each may buffer one frame (up to MAX_FRAME_BYTES): without these
+#: bounds 150 idle unauthenticated connections took a node to 888 MB.
+MAX_HANDSHAKING = 16
+HANDSHAKE_TIMEOUT_S = 5.0
 _REASONS = ("oversize", "bad_mac", "undecodable", "handshake")
 
 
@@ -139,7 +145,24 @@ class CodecTCPTransport(TCPTransport):  # type: ignore[misc]
         # All keys exist from the start: drop_counts may copy from another thread.
         self._drops = dict.fromkeys(_REASONS, 0)
         self._drop_logged: dict[str, float] = {}
+        self._accepted: dict[Any, float] = {}
         super().__init__(syncObj, selfNode, otherNodes)
+        syncObj.addOnTickCallback(self._expire_handshakes)
+
+    def _expire_handshakes(self) -> None:
+        """Tick thread: close incoming connections still in the handshake
+        after ``HANDSHAKE_TIMEOUT_S``."""
+        if not self._accepted:
+            return
+        now = time.monotonic()
+        for conn, at in list(self._accepted.items()):
+            if conn not in self._unknownConnections:
+                del self._accepted[conn]
+            elif now - at > HANDSHAKE_TIMEOUT_S:
+                del self._accepted[conn]
+                self._on_bad_frame("handshake", "no handshake within the timeout")
+                self._unknownConnections.discard(conn)
+                conn.disconnect()
 
     def addNode(self, node: Any) -> None:  # noqa: N802 - pysyncobj's name
         super().addNode(node)
@@ -162,7 +185,13 @@ class CodecTCPTransport(TCPTransport):  # type: ignore[misc]
 
     def _onNewIncomingConnection(self, conn: Any) -> None:  # noqa: N802
         CodecTcpConnection.adopt(conn, self._on_bad_frame)
+        self._expire_handshakes()
+        if len(self._unknownConnections) >= MAX_HANDSHAKING:
+            self._on_bad_frame("handshake", f"more than {MAX_HANDSHAKING} connections in handshake")
+            conn.disconnect()
+            return
         super()._onNewIncomingConnection(conn)
+        self._accepted[conn] = time.monotonic()
 
     def _onIncomingMessageReceived(self, conn: Any, message: Any) -> None:  # noqa: N802
         """Handshake of a connection a peer opened: its connection key (with
