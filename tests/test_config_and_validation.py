@@ -67,7 +67,7 @@ def test_grpc_is_secure_unless_insecure_is_chosen_on_loopback(
 
 def test_the_default_config_refuses_to_run_without_certificates() -> None:
     cfg = dataclasses.replace(
-        NodeConfig.default(), node_id="n1", members=MEMBERS, cluster_secret="s" * 20
+        NodeConfig.default(), node_id="n1", members=MEMBERS, cluster_secret=SECRET
     )
     with pytest.raises(ConfigError, match="tls_cert_file"):
         cfg.validate()

@@ -45,6 +45,8 @@ def test_max_seq_ahead_s_must_be_positive() -> None:
             "members": [{"id": "n1", "raft": "127.0.0.1:7101", "grpc": "127.0.0.1:7001"}],
             "transport": "tcp",
             "allow_insecure_transport": True,
+            "insecure_grpc": True,
+            "auth": "off",
             "max_seq_ahead_s": 0,
         }
     )

@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,9 @@ class ClusterTarget:
     transport: str
     cluster: LocalCluster
     leader: str
+    #: The SDK credential variables of this cluster, set around each run:
+    #: several targets are up at once, each with its own CA and token.
+    env: dict[str, str] = field(default_factory=dict)
 
     def endpoints(self) -> list[str]:
         """gRPC endpoints, the leader's first."""
@@ -69,8 +72,9 @@ def cluster_target(
     cluster = LocalCluster(workdir / transport, 3, base_config=base)
     try:
         cluster.start()
-        with client_env(cluster.client_env()):  # load processes inherit the credentials
-            yield ClusterTarget(transport, cluster, cluster.wait_for_leader())
+        env = cluster.client_env()
+        with client_env(env):
+            yield ClusterTarget(transport, cluster, cluster.wait_for_leader(), env)
     finally:
         cluster.stop()
 
@@ -138,7 +142,10 @@ def run_hb_open(
     begin = start_at + args.warmup
     loadavg = os.getloadavg()[0]
     t0 = time.time()
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+    from raftstate.bench.run import client_env
+
+    # Load processes inherit the credentials of this target's cluster.
+    with client_env(target.env), multiprocessing.get_context("spawn").Pool(procs) as pool:
         pending = pool.map_async(run_load, specs)
         time.sleep(max(0.0, begin - time.time()))
         before = _edge(target)

@@ -218,7 +218,12 @@ def compare_main(args: argparse.Namespace) -> int:
                     else:
                         target = targets[t]
                         target.leader = target.cluster.wait_for_leader()
-                        row = run_phase("raftstate", phase, target.endpoints(), target.pids(), args)
+                        from raftstate.bench.run import client_env  # run imports this module
+
+                        with client_env(target.env):  # this cluster's CA and token
+                            row = run_phase(
+                                "raftstate", phase, target.endpoints(), target.pids(), args
+                            )
                         row = replace(row, system=t, phase=f"{row.phase} #{k}")
                     rows.append(row)
                     print(render_table([row]).splitlines()[-1], flush=True)
