@@ -215,6 +215,19 @@ class OwnMessagesMixin:
                 if on_reply is not None:
                     on_reply(node, message, super()._onMessageReceived)  # type: ignore[misc]
                     return
+            elif kind == "append_entries" and _snapshot_piece(message):
+                super()._onMessageReceived(node, message)  # type: ignore[misc]
+                # pysyncobj's follower answers a snapshot only after its last
+                # piece, so a leader's TCP connection reads nothing for the whole
+                # transfer and closes itself after connectionTimeout; a 133 MB
+                # snapshot then never arrived whole. A no-op answer per piece
+                # (neither success nor reset: the leader only notes the reply).
+                raft = self._syncObj
+                self.send(node, {
+                    "type": "next_node_idx", "reset": False, "success": False,
+                    "next_node_idx": int(raft._SyncObj__getCurrentLogIndex()) + 1,
+                })  # fmt: skip
+                return
             elif kind == "append_entries":
                 keep = getattr(self._syncObj, "_filter_append_entries", None)
                 if keep is not None:
@@ -228,6 +241,13 @@ class OwnMessagesMixin:
                             self._reply_cap = None
                         return
         super()._onMessageReceived(node, message)  # type: ignore[misc]
+
+
+def _snapshot_piece(message: dict[str, Any]) -> bool:
+    """A snapshot piece that is not the last one (``serialized`` is
+    ``(data, is_first, is_last)``)."""
+    piece = message.get("serialized")
+    return isinstance(piece, tuple | list) and len(piece) == 3 and not piece[2]
 
 
 #: Election messages that must survive pysyncobj closing an idle TCP link.
