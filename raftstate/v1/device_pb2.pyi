@@ -70,6 +70,18 @@ class HeartbeatAck(_message.Message):
     result: HeartbeatResponse
     def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., result: _Optional[_Union[HeartbeatResponse, _Mapping]] = ...) -> None: ...
 
+class HeartbeatBatchRequest(_message.Message):
+    __slots__ = ("heartbeats",)
+    HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
+    heartbeats: _containers.RepeatedCompositeFieldContainer[HeartbeatRequest]
+    def __init__(self, heartbeats: _Optional[_Iterable[_Union[HeartbeatRequest, _Mapping]]] = ...) -> None: ...
+
+class HeartbeatBatchResponse(_message.Message):
+    __slots__ = ("acks",)
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    acks: _containers.RepeatedCompositeFieldContainer[HeartbeatAck]
+    def __init__(self, acks: _Optional[_Iterable[_Union[HeartbeatAck, _Mapping]]] = ...) -> None: ...
+
 class Device(_message.Message):
     __slots__ = ("device_id", "seq", "reported", "revision", "first_seen_ms", "last_seen_ms", "heartbeats", "ttl_s", "online")
     class ReportedEntry(_message.Message):

@@ -44,6 +44,11 @@ class DeviceStateStub:
                 request_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatAck.FromString,
                 _registered_method=True)
+        self.HeartbeatBatch = channel.unary_unary(
+                '/raftstate.v1.DeviceState/HeartbeatBatch',
+                request_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatBatchRequest.SerializeToString,
+                response_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatBatchResponse.FromString,
+                _registered_method=True)
         self.GetDevice = channel.unary_unary(
                 '/raftstate.v1.DeviceState/GetDevice',
                 request_serializer=raftstate_dot_v1_dot_device__pb2.GetDeviceRequest.SerializeToString,
@@ -73,6 +78,16 @@ class DeviceStateServicer:
     def HeartbeatStream(self, request_iterator, context):
         """For devices and gateways that keep one stream open. Each request is
         acknowledged individually, in order, by one HeartbeatAck.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HeartbeatBatch(self, request, context):
+        """Many devices' heartbeats in one call (gateways). The call fails as a whole
+        only for a request-level problem (credentials, too many heartbeats, no
+        leader reachable before its deadline); otherwise every heartbeat gets its
+        own ack.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +123,11 @@ def add_DeviceStateServicer_to_server(servicer, server):
                     servicer.HeartbeatStream,
                     request_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatRequest.FromString,
                     response_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatAck.SerializeToString,
+            ),
+            'HeartbeatBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.HeartbeatBatch,
+                    request_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatBatchRequest.FromString,
+                    response_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatBatchResponse.SerializeToString,
             ),
             'GetDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDevice,
@@ -179,6 +199,33 @@ class DeviceState:
             '/raftstate.v1.DeviceState/HeartbeatStream',
             raftstate_dot_v1_dot_device__pb2.HeartbeatRequest.SerializeToString,
             raftstate_dot_v1_dot_device__pb2.HeartbeatAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftstate.v1.DeviceState/HeartbeatBatch',
+            raftstate_dot_v1_dot_device__pb2.HeartbeatBatchRequest.SerializeToString,
+            raftstate_dot_v1_dot_device__pb2.HeartbeatBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
