@@ -66,6 +66,7 @@ from raftstate.prevotegate import PreVoteGate
 from raftstate.privfile import open_private, private_dir
 from raftstate.statemachine import ControlResult, DeviceTable
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
+from raftstate.tickstats import TickStats
 from raftstate.transport.tcp import CodecTCPTransport
 from raftstate.transport.udp import UdpTransport
 from raftstate.transport.udpconfig import IceSettings, PeerLinkStats, settings_for
@@ -114,6 +115,9 @@ class RaftStatus:
     #: Lost data found at start; not voting until caught up (raftstate/catchup.py).
     catching_up: bool = False
     journal_bytes: int = 0
+    #: Longest tick work since start (raftstate/tickstats.py), and ticks over 50 ms.
+    max_tick_s: float = 0.0
+    tick_stalls: int = 0
 
 
 def syncobj_conf(cfg: NodeConfig, table: DeviceTable) -> SyncObjConf:
@@ -373,6 +377,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             self.journal.set_catch_up(False)
         self._catch_up = CatchUpGate(self.journal.catch_up, self.journal.getRaftCommitIndex())
         self._tick_guard = TickGuard(cfg.tick_failure_limit)
+        #: Work time of every tick (wall time minus the poller wait).
+        self.tick_stats = TickStats()
+        self._timed_poller: _TimedPoller | None = None
         self._on_fatal: Callable[[int], None] | None = None
         self._compaction_forced: tuple[int, float] | None = None
         serializer = functools.partial(
@@ -385,6 +392,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             )
         with _storage_classes(self.journal, serializer):
             super().__init__(me.raft, others, conf, transportClass=transport_factory(cfg, loop))
+        self._timed_poller = _TimedPoller(self._poller)
+        self._poller: Any = self._timed_poller
         try:
             self.waitBinded()
         except Exception:
@@ -472,6 +481,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             last_tick_error=self._tick_guard.last_error,
             catching_up=self._catch_up.active,
             journal_bytes=self.journal.size_bytes,
+            max_tick_s=self.tick_stats.max_s,
+            tick_stalls=self.tick_stats.stalls,
         )
 
     def _SyncObj__sendAppendEntries(self) -> None:  # noqa: N802 - overrides pysyncobj's private
@@ -504,6 +515,16 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         thread; PreVote decides whether an expired election deadline may
         start an election before pysyncobj looks at it
         (raftstate/prevotegate.py). Tick thread only."""
+        started = time.monotonic()
+        poller = self._timed_poller
+        waited = poller.waited if poller is not None else 0.0
+        if self._guarded_tick(timeToWait) and poller is not None:
+            work = time.monotonic() - started - (poller.waited - waited)
+            self.tick_stats.observe(work)
+
+    def _guarded_tick(self, timeToWait: float) -> bool:  # noqa: N803 - pysyncobj's name
+        """One tick; True if it ran normally (not failed, transport ready:
+        both of those sleep instead of polling, which is not work)."""
         if self._catch_up.active:
             self._hold_election()
         gate = self._prevote_gate
@@ -515,7 +536,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         except Exception as exc:  # every escape is counted; see TickGuard
             self._on_tick_failure(exc)
             time.sleep(self.cfg.tick_ms / 1000)  # pysyncobj's pause before a retry
-            return
+            return False
         self._tick_guard.on_success()
         if self._catch_up.on_applied(int(self.raftLastApplied)):
             self.journal.set_catch_up(False)
@@ -524,6 +545,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                 self.raftLastApplied,
             )
         self._maybe_compact_by_bytes(time.monotonic())
+        return bool(self._SyncObj__transport.ready)
 
     def _on_tick_failure(self, exc: Exception) -> None:
         tb = exc.__traceback__
@@ -763,6 +785,25 @@ class RaftNode(SyncObj):  # type: ignore[misc]
 
     def is_leader(self) -> bool:
         return bool(self._isLeader())
+
+
+class _TimedPoller:
+    """pysyncobj's poller, adding up the time the tick thread waits in it
+    (so ``tick work = tick wall time - wait``, raftstate/tickstats.py)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.waited = 0.0
+
+    def poll(self, timeout: float) -> None:
+        start = time.monotonic()
+        try:
+            self._inner.poll(timeout)
+        finally:
+            self.waited += time.monotonic() - start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 class SnapshotCodec:

@@ -505,6 +505,8 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
         last_tick_error=st.last_tick_error,
         catching_up=st.catching_up,
         journal_bytes=st.journal_bytes,
+        max_tick_ms=st.max_tick_s * 1000,
+        tick_stalls=st.tick_stalls,
     )
 
 
