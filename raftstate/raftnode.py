@@ -46,14 +46,13 @@ from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.tcp_connection import CONNECTION_STATE
 
-from raftstate import appendguard, fastcommit, logcommand
+from raftstate import appendguard, fastcommit, logcommand, snapshotfile
 from raftstate.catchup import CatchUpGate
 from raftstate.config import MAX_COMMAND_BYTES, NodeConfig, append_entries_bytes
 from raftstate.errors import ConfigError
-from raftstate.integrity import CorruptData, open_snapshot, seal_snapshot
+from raftstate.integrity import CorruptData
 from raftstate.journal import (
     ChecksummedJournal,
-    VerifyingSerializer,
     compaction_due,
     move_aside,
 )
@@ -63,14 +62,14 @@ from raftstate.nodekeys import load_identity
 from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
 from raftstate.prevote import PREVOTE
 from raftstate.prevotegate import PreVoteGate
-from raftstate.privfile import open_private, private_dir
-from raftstate.statemachine import ControlResult, DeviceTable
+from raftstate.privfile import private_dir
+from raftstate.snapshotter import BackgroundSerializer
+from raftstate.statemachine import ControlResult, DeviceTable, TableCapture
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
 from raftstate.tickstats import TickStats
 from raftstate.transport.tcp import CodecTCPTransport
 from raftstate.transport.udp import UdpTransport
 from raftstate.transport.udpconfig import IceSettings, PeerLinkStats, settings_for
-from raftstate.v1 import storage_pb2
 
 log = logging.getLogger("raftstate.raft")
 
@@ -120,11 +119,14 @@ class RaftStatus:
     tick_stalls: int = 0
 
 
-def syncobj_conf(cfg: NodeConfig, table: DeviceTable) -> SyncObjConf:
+def syncobj_conf(
+    cfg: NodeConfig, table: DeviceTable, codec: SnapshotCodec | None = None
+) -> SyncObjConf:
     """Translate our config into pysyncobj's. See docs/architecture.md for
     why each value is what it is."""
     data = Path(cfg.data_dir)
-    codec = SnapshotCodec(table, fsync=cfg.durability == "fsync")
+    if codec is None:
+        codec = SnapshotCodec(table, fsync=cfg.durability == "fsync")
     return SyncObjConf(
         password=cfg.cluster_secret or None,
         autoTick=True,
@@ -367,7 +369,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self._by_raft = {m.raft: m for m in cfg.members}
         me = cfg.self_member
         others = [m.raft for m in cfg.members if m.id != me.id]
-        conf = syncobj_conf(cfg, table)
+        self._codec = SnapshotCodec(table, fsync=cfg.durability == "fsync")
+        conf = syncobj_conf(cfg, table, self._codec)
         fsync = cfg.durability == "fsync"
         data = Path(cfg.data_dir)
         self.journal = ChecksummedJournal(str(data / JOURNAL_FILE), fsync=fsync)
@@ -383,7 +386,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self._on_fatal: Callable[[int], None] | None = None
         self._compaction_forced: tuple[int, float] | None = None
         serializer = functools.partial(
-            VerifyingSerializer, verify=SnapshotCodec.verify, fsync=fsync
+            BackgroundSerializer, codec=self._codec, verify=SnapshotCodec.verify, fsync=fsync
         )
         if not cfg.cluster_secret:
             log.warning(
@@ -807,66 +810,86 @@ class _TimedPoller:
 
 
 class SnapshotCodec:
-    """pysyncobj's serializer/deserializer hooks, writing protobuf."""
+    """pysyncobj's serializer/deserializer hooks for the device table
+    (raftstate/snapshotter.py runs them off the tick thread,
+    raftstate/snapshotfile.py is the format)."""
 
     def __init__(self, table: DeviceTable, *, fsync: bool) -> None:
         self.table = table
         self.fsync = fsync
+        self._capture: TableCapture | None = None
+        self._staged: tuple[str, snapshotfile.Loaded] | None = None
+        #: The last snapshot written here (``None`` before the first).
+        self.last_written: snapshotfile.Written | None = None
+
+    def start_write(self, path: str, data: tuple[Any, Any, Any]) -> Callable[[], None]:
+        """Tick thread: capture the table at ``data[0]`` (``(last_entry,
+        prev_entry, cluster)``) and return the write to run elsewhere."""
+        last, prev, cluster = data
+        capture = self._capture = self.table.capture()
+        raft = snapshotfile.RaftFields(
+            _entry_tuple(last), _entry_tuple(prev), tuple(sorted(str(n) for n in cluster))
+        )
+
+        def work() -> None:
+            written = snapshotfile.write(path, capture, raft, fsync=self.fsync)
+            self.last_written = written
+            log.info(
+                "snapshot written: %d devices, revision %d, index %d, %d bytes",
+                written.devices,
+                written.revision,
+                written.index,
+                written.bytes,
+            )
+
+        return work
+
+    def release(self) -> None:
+        """Tick thread: the write ended; stop copy-on-write."""
+        if self._capture is not None:
+            self.table.release(self._capture)
+            self._capture = None
+
+    def stage(self, path: str, loaded: snapshotfile.Loaded) -> None:
+        """Tick thread: ``loaded`` is ``path``'s verified content; the next
+        ``read(path)`` installs it without reading the file again."""
+        self._staged = (path, loaded)
 
     def write(self, path: str, data: tuple[Any, Any, Any]) -> None:
-        """Called by pysyncobj on the tick thread with ``(last_entry,
-        prev_entry, cluster)``; the table is at ``last_entry``."""
-        last, prev, cluster = data
-        snap = self.table.to_snapshot()
-        snap.last_entry.CopyFrom(_entry(last))
-        snap.prev_entry.CopyFrom(_entry(prev))
-        snap.cluster.extend(sorted(str(n) for n in cluster))
-        with open_private(path, "wb") as fh:
-            fh.write(seal_snapshot(snap.SerializeToString()))
-            fh.flush()
-            if self.fsync:
-                os.fsync(fh.fileno())
-        log.info(
-            "snapshot written: %d devices, revision %d, index %d",
-            len(snap.devices),
-            snap.revision,
-            snap.last_entry.index,
-        )
+        """The synchronous form (pysyncobj's hook signature): capture and write
+        now, on the calling thread."""
+        try:
+            self.start_write(path, data)()
+        finally:
+            self.release()
 
     def read(self, path: str) -> tuple[Any, Any, list[str]]:
-        """Called by pysyncobj to restore: verifies the file, loads the table,
-        returns the Raft fields pysyncobj stored. Raises ``CorruptData`` (a
-        ``DecodeError``) on a corrupt file, without touching the table."""
-        snap = self.parse(path)
-        self.table.restore(snap)
+        """Called by pysyncobj to restore: installs the staged snapshot for
+        ``path`` or verifies and loads the file, then returns the Raft fields
+        pysyncobj stored. Raises ``CorruptData`` (a ``DecodeError``) on a
+        corrupt file, without touching the table."""
+        staged, self._staged = self._staged, None
+        loaded = staged[1] if staged is not None and staged[0] == path else None
+        if loaded is None:
+            loaded = snapshotfile.load(path)
+        self.table.install(loaded.table)
         log.info(
             "snapshot restored: %d devices, revision %d, index %d",
-            len(snap.devices),
-            snap.revision,
-            snap.last_entry.index,
+            len(self.table),
+            self.table.revision,
+            loaded.raft.last[1],
         )
-        last = (snap.last_entry.command, snap.last_entry.index, snap.last_entry.term)
-        prev = (snap.prev_entry.command, snap.prev_entry.index, snap.prev_entry.term)
-        return last, prev, list(snap.cluster)
-
-
-    @staticmethod
-    def parse(path: str) -> storage_pb2.Snapshot:
-        """Read and verify a snapshot file. Raises ``CorruptData``. Any thread."""
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        payload = open_snapshot(raw)
-        snap = storage_pb2.Snapshot()
-        try:
-            snap.ParseFromString(payload)
-        except Exception as exc:
-            raise CorruptData(f"snapshot checksum ok but protobuf invalid: {exc}") from exc
-        return snap
+        return loaded.raft.last, loaded.raft.prev, list(loaded.raft.cluster)
 
     @staticmethod
     def verify(path: str) -> None:
         """Raise ``CorruptData`` unless ``path`` is an intact snapshot."""
-        SnapshotCodec.parse(path)
+        snapshotfile.verify(path)
+
+
+def _entry_tuple(e: tuple[Any, int, int]) -> tuple[bytes, int, int]:
+    command, index, term = e
+    return bytes(command), int(index), int(term)
 
 
 def _quarantine_corrupt_snapshot(data: Path, journal: ChecksummedJournal) -> None:
@@ -889,11 +912,6 @@ def _quarantine_corrupt_snapshot(data: Path, journal: ChecksummedJournal) -> Non
             exc.what,
             moved.name,
         )
-
-
-def _entry(e: tuple[bytes, int, int]) -> storage_pb2.RaftEntry:
-    command, index, term = e
-    return storage_pb2.RaftEntry(command=bytes(command), index=index, term=term)
 
 
 _storage_lock = threading.Lock()

@@ -36,26 +36,36 @@ Control entries (``apply_control``, :mod:`raftstate.logcommand`):
   dropped at every control entry (the same on every node, no clock). The
   revision does not change (no device changed). The set is in the snapshot.
 
-Threading: ``apply``/``restore`` run on pysyncobj's tick thread. Readers on
-other threads see whole records, because a record is never mutated, only
-replaced in the dict (a single, atomic store under the GIL). The sorted index
-used for listings is guarded by a lock.
+Storage: each device is one immutable ``bytes`` record
+(:mod:`raftstate.devicerecord`) in a dict, and the ids are kept in order in
+blocks (:mod:`raftstate.sortedids`) for listings: O(log n) inserts, ~232
+bytes of RSS per device with two small reported fields.
+
+Snapshots: ``capture`` (tick thread) takes a consistent image in O(n/B);
+changes after it copy a block or save a device's captured record first
+(copy-on-write), so a writer thread can encode the capture
+(:mod:`raftstate.snapshotfile`) while entries go on being applied.
+``install`` swaps in a table a loader built.
+
+Threading: ``apply``/``capture``/``install`` run on pysyncobj's tick thread.
+Readers on other threads see whole records, because a record is never
+mutated, only replaced in the dict (a single, atomic store under the GIL).
+The sorted ids are guarded by a lock.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
+from raftstate import devicerecord
 from raftstate.admission import Quota, quota_refusal, state_bytes
 from raftstate.errors import DecodeError
 from raftstate.model import DevicePage, DeviceView, Heartbeat, HeartbeatResult, OnlineFilter
+from raftstate.sortedids import SortedIds
 from raftstate.v1 import storage_pb2
-
-SNAPSHOT_FORMAT = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +92,14 @@ class DeviceTable:
         self.max_proposed_at_ms = 0
         #: Sum of every device's ``state_bytes`` (the ``max_state_bytes`` measure).
         self.state_bytes = 0
-        self._devices: dict[str, DeviceView] = {}
-        self._ids: list[str] = []
+        #: device id -> its record (raftstate/devicerecord.py), never mutated.
+        self._recs: dict[str, bytes] = {}
+        self._ids = SortedIds()
         self._ids_lock = threading.Lock()
+        #: While a snapshot capture is being written: device id -> its record
+        #: when the capture was taken (``None``: it did not exist), saved the
+        #: first time the device changes after the capture (copy-on-write).
+        self._undo: dict[str, bytes | None] | None = None
         #: Revoked token ids -> the token's expiry (Unix seconds). Replaced
         #: (never mutated) so readers on other threads see a whole set.
         self.revoked: dict[bytes, int] = {}
@@ -106,7 +121,8 @@ class DeviceTable:
         if now_ms > self.max_proposed_at_ms:
             self.max_proposed_at_ms = now_ms
         quota = Quota(batch.max_devices, batch.max_state_bytes)
-        return [self._apply_one(hb, now_ms, quota) for hb in batch.heartbeats]
+        apply_one = self._apply_one
+        return [apply_one(hb, now_ms, quota) for hb in batch.heartbeats]
 
     def apply_control(self, entry: bytes) -> ControlResult:
         """Apply one ``ControlCommand`` log entry (module docstring). Raises
@@ -135,78 +151,80 @@ class DeviceTable:
         return ControlResult("", False, self.revision)
 
     def _delete(self, device_id: str) -> ControlResult:
-        old = self._devices.pop(device_id, None)
+        old = self._recs.get(device_id)
         if old is None:
             return ControlResult("delete_device", False, self.revision, device_id)
+        undo = self._undo
+        if undo is not None and device_id not in undo:
+            undo[device_id] = old
+        del self._recs[device_id]
         with self._ids_lock:
-            pos = bisect.bisect_left(self._ids, device_id)
-            del self._ids[pos]
+            self._ids.discard(device_id)
         self.revision += 1
-        self.state_bytes -= old.state_bytes
-        return ControlResult("delete_device", True, self.revision, device_id, deleted=old)
+        self.state_bytes -= devicerecord.head(old)[6]
+        deleted = devicerecord.view(old)
+        return ControlResult("delete_device", True, self.revision, device_id, deleted=deleted)
 
     def quota_refusal(self, quota: Quota, device_id: str, new_bytes: int) -> str | None:
         """The quota (field name) that storing ``new_bytes`` of state for
         ``device_id`` would break in the table as it is now, or ``None``."""
-        old = self._devices.get(device_id)
-        old_bytes = old.state_bytes if old is not None else 0
+        old = self._recs.get(device_id)
+        old_bytes = devicerecord.head(old)[6] if old is not None else 0
         return quota_refusal(
-            quota, len(self._devices), self.state_bytes, old is None, old_bytes, new_bytes
+            quota, len(self._recs), self.state_bytes, old is None, old_bytes, new_bytes
         )
 
     def _apply_one(
         self, hb: storage_pb2.HeartbeatRecord, now_ms: int, quota: Quota
     ) -> HeartbeatResult:
-        old = self._devices.get(hb.device_id)
-        if old is not None and hb.seq <= old.seq:
-            return HeartbeatResult(old.revision, True, old.seq)
-        size = state_bytes(hb.device_id, hb.reported)
+        device_id = hb.device_id
+        old = self._recs.get(device_id)
+        if old is not None:
+            o_seq, o_rev, first, last, beats, o_ttl, o_size = _HEAD_UNPACK(old)
+            if hb.seq <= o_seq:
+                return HeartbeatResult(o_rev, True, o_seq)
+        size = state_bytes(device_id, hb.reported)
         if quota.max_devices or quota.max_state_bytes:
-            refused = self.quota_refusal(quota, hb.device_id, size)
+            refused = self.quota_refusal(quota, device_id, size)
             if refused is not None:
                 if old is None:
                     return HeartbeatResult(0, False, 0, refused)
-                return HeartbeatResult(old.revision, False, old.seq, refused)
+                return HeartbeatResult(o_rev, False, o_seq, refused)
         self.revision += 1
-        self.state_bytes += size - (old.state_bytes if old is not None else 0)
-        ttl_s = hb.ttl_s or (old.ttl_s if old is not None else self.default_ttl_s)
+        undo = self._undo
+        if undo is not None and device_id not in undo:
+            undo[device_id] = old
         if old is None:
-            new = DeviceView(
-                hb.device_id,
-                hb.seq,
-                dict(hb.reported),
-                self.revision,
-                now_ms,
-                now_ms,
-                1,
-                ttl_s,
-                size,
+            self.state_bytes += size
+            record = _HEAD_PACK(
+                hb.seq, self.revision, now_ms, now_ms, 1, hb.ttl_s or self.default_ttl_s, size
             )
+            self._recs[device_id] = record + hb.SerializeToString()
             with self._ids_lock:
-                bisect.insort(self._ids, hb.device_id)
+                self._ids.add(device_id)
         else:
-            new = DeviceView(
-                hb.device_id,
+            self.state_bytes += size - o_size
+            record = _HEAD_PACK(
                 hb.seq,
-                dict(hb.reported),
                 self.revision,
-                old.first_seen_ms,
-                max(old.last_seen_ms, now_ms),
-                old.heartbeats + 1,
-                ttl_s,
+                first,
+                last if last > now_ms else now_ms,
+                beats + 1,
+                hb.ttl_s or o_ttl,
                 size,
             )
-        self._devices[hb.device_id] = new
+            self._recs[device_id] = record + hb.SerializeToString()
         return HeartbeatResult(self.revision, False, hb.seq)
 
     # ---- reads (any thread) ---------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._devices)
+        return len(self._recs)
 
     def get(self, device_id: str) -> DeviceView | None:
         """Return the device's current record, or ``None``. Thread-safe."""
-        return self._devices.get(device_id)
+        record = self._recs.get(device_id)
+        return devicerecord.view(record) if record is not None else None
 
     def list(
         self,
@@ -228,19 +246,20 @@ class DeviceTable:
         """
         with self._ids_lock:
             if after is None or after < prefix:
-                pos = bisect.bisect_left(self._ids, prefix)
+                window = self._ids.window(prefix, inclusive=True, limit=max_scan)
             else:
-                pos = bisect.bisect_right(self._ids, after)
-            window = self._ids[pos : pos + max_scan]
+                window = self._ids.window(after, inclusive=False, limit=max_scan)
+        recs = self._recs
         out: list[DeviceView] = []
         last: str | None = None
         for device_id in window:
             if not device_id.startswith(prefix):
                 return DevicePage(out, None)
             last = device_id
-            view = self._devices.get(device_id)
-            if view is None:
+            record = recs.get(device_id)
+            if record is None:
                 continue
+            view = devicerecord.view(record)
             if online is OnlineFilter.ONLINE and not view.online(now_ms):
                 continue
             if online is OnlineFilter.OFFLINE and view.online(now_ms):
@@ -253,13 +272,13 @@ class DeviceTable:
 
     def digest(self) -> str:
         """A SHA-256 over the revision and every record in id order; equal on
-        two nodes that applied the same entries."""
+        two nodes that applied the same entries. Tick thread (or a quiet table)."""
         h = hashlib.sha256()
         h.update(str(self.revision).encode())
         with self._ids_lock:
             ids = list(self._ids)
         for device_id in ids:
-            d = self._devices[device_id]
+            d = devicerecord.view(self._recs[device_id])
             h.update(
                 repr(
                     (
@@ -278,64 +297,91 @@ class DeviceTable:
             h.update(b"revoked" + token_id + str(expires).encode())
         return h.hexdigest()
 
-    # ---- snapshots (tick thread) ----------------------------------------------
+    # ---- snapshots --------------------------------------------------------------
 
-    def to_snapshot(self) -> storage_pb2.Snapshot:
-        """Return the table as a ``Snapshot`` message (Raft fields left empty)."""
-        snap = storage_pb2.Snapshot(
-            format=SNAPSHOT_FORMAT,
+    def capture(self) -> TableCapture:
+        """Tick thread: a consistent image of the table as it is now, cheap to
+        take (O(n/B) block references, raftstate/sortedids.py) and readable
+        from another thread while entries go on being applied: changes after
+        the capture save the captured record first (copy-on-write). Call
+        :meth:`release` when the capture is no longer read."""
+        undo: dict[str, bytes | None] = {}
+        with self._ids_lock:
+            blocks = self._ids.freeze()
+        self._undo = undo
+        return TableCapture(
             revision=self.revision,
             max_proposed_at_ms=self.max_proposed_at_ms,
+            revoked=self.revoked,
+            devices=len(self._recs),
+            blocks=blocks,
+            recs=self._recs,
+            undo=undo,
         )
+
+    def release(self, capture: TableCapture) -> None:
+        """Tick thread: ``capture`` is no longer read; stop copy-on-write."""
+        if self._undo is capture.undo:
+            self._undo = None
+            with self._ids_lock:
+                self._ids.thaw()
+
+    def install(self, loaded: LoadedTable) -> None:
+        """Tick thread: replace the whole table with a loaded snapshot's. The
+        dicts are replaced, not cleared, so a capture still being written
+        keeps reading the old ones."""
+        self._recs = loaded.recs
         with self._ids_lock:
-            ids = list(self._ids)
-        add = snap.devices.add
-        for device_id in ids:
-            d = self._devices[device_id]
-            add(
-                device_id=d.device_id,
-                seq=d.seq,
-                reported=d.reported,
-                revision=d.revision,
-                first_seen_ms=d.first_seen_ms,
-                last_seen_ms=d.last_seen_ms,
-                heartbeats=d.heartbeats,
-                ttl_s=d.ttl_s,
-            )
-        for token_id, expires in sorted(self.revoked.items()):
-            snap.revocations.add(token_id=token_id, expires_at_s=expires)
-        return snap
-
-    def restore(self, snap: storage_pb2.Snapshot) -> None:
-        """Replace the whole table with the snapshot's contents.
-
-        Raises ``DecodeError`` for an unknown snapshot format.
-        """
-        if snap.format != SNAPSHOT_FORMAT:
-            raise DecodeError(f"snapshot format {snap.format} is not {SNAPSHOT_FORMAT}")
-        devices = {r.device_id: _view(r) for r in snap.devices}
-        ids = sorted(devices)
-        self._devices = devices
-        with self._ids_lock:
-            self._ids = ids
-        self.revision = snap.revision
-        self.max_proposed_at_ms = snap.max_proposed_at_ms
-        self.state_bytes = sum(v.state_bytes for v in devices.values())
-        self.revoked = {r.token_id: r.expires_at_s for r in snap.revocations}
+            self._ids = loaded.ids
+        self._undo = None
+        self.revision = loaded.revision
+        self.max_proposed_at_ms = loaded.max_proposed_at_ms
+        self.state_bytes = loaded.state_bytes
+        self.revoked = dict(loaded.revoked)
 
 
-def _view(r: storage_pb2.DeviceRecord) -> DeviceView:
-    return DeviceView(
-        r.device_id,
-        r.seq,
-        dict(r.reported),
-        r.revision,
-        r.first_seen_ms,
-        r.last_seen_ms,
-        r.heartbeats,
-        r.ttl_s,
-        state_bytes(r.device_id, r.reported),
-    )
+_HEAD_UNPACK = devicerecord.HEAD.unpack_from
+_HEAD_PACK = devicerecord.HEAD.pack
+_MISSING = b""
+
+
+@dataclass(frozen=True, slots=True)
+class TableCapture:
+    """A consistent image of a :class:`DeviceTable` (``DeviceTable.capture``).
+    Readable from any thread."""
+
+    revision: int
+    max_proposed_at_ms: int
+    revoked: dict[bytes, int]
+    devices: int
+    blocks: list[list[str]]
+    recs: dict[str, bytes]
+    undo: dict[str, bytes | None]
+
+    def records(self) -> Iterator[bytes]:
+        """Every captured record, in device id order."""
+        recs, undo = self.recs, self.undo
+        for block in self.blocks:
+            for device_id in block:
+                record = recs.get(device_id)
+                saved = undo.get(device_id, _MISSING)
+                if saved is not _MISSING:
+                    record = saved
+                if record is None:  # cannot happen: captured ids existed
+                    raise AssertionError(f"captured device {device_id} has no record")
+                yield record
+
+
+@dataclass(slots=True)
+class LoadedTable:
+    """A table read from a snapshot, ready for ``DeviceTable.install``."""
+
+    recs: dict[str, bytes]
+    ids: SortedIds
+    revision: int = 0
+    max_proposed_at_ms: int = 0
+    state_bytes: int = 0
+    revoked: dict[bytes, int] = field(default_factory=dict)
 
 
 def encode_delete(device_id: str, proposed_at_ms: int) -> bytes:

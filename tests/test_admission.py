@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from raftstate import snapshotfile
 from raftstate.admission import Gate, Quota, fit_page, quota_refusal, state_bytes
 from raftstate.errors import QuotaExceeded, ResourceExhausted, from_status
 from raftstate.model import Heartbeat
@@ -81,13 +82,13 @@ def test_quota_decisions_are_the_same_on_every_replica_and_after_restore() -> No
     ra = [r for e in entries for r in a.apply(e)]
     rb = [r for e in entries[:100] for r in b.apply(e)]
     c = DeviceTable()
-    c.restore(b.to_snapshot())
+    c.install(snapshotfile.copy_table(b))
     rb += [r for e in entries[100:] for r in c.apply(e)]
     assert ra == rb
     assert any(r.rejected == "max_devices" for r in ra)
     assert any(r.rejected == "max_state_bytes" for r in ra)
     assert a.digest() == c.digest() and a.state_bytes == c.state_bytes
-    assert a.state_bytes == sum(state_bytes(d, a.get(d).reported) for d in a._ids)  # type: ignore[union-attr]
+    assert a.state_bytes == sum(state_bytes(d, a.get(d).reported) for d in a._recs)  # type: ignore[union-attr]
 
 
 def test_quota_refusal_is_none_when_there_is_no_limit() -> None:

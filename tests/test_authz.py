@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from raftstate import snapshotfile
 from raftstate.authz import (
     Access,
     Identity,
@@ -260,7 +261,7 @@ def test_revocations_are_kept_until_the_token_expires_and_survive_snapshots() ->
     assert t.apply_control(encode_revoke(b"\x01" * 8, NOW + 10, NOW * 1000)).changed
     assert not t.apply_control(encode_revoke(b"\x01" * 8, NOW + 10, NOW * 1000)).changed
     u = DeviceTable()
-    u.restore(t.to_snapshot())
+    u.install(snapshotfile.copy_table(t))
     assert u.revoked == {b"\x01" * 8: NOW + 10} and u.digest() == t.digest()
     # An unrelated control entry after the expiry forgets it, on every node alike.
     t.apply_control(encode_delete("nobody", (NOW + 11) * 1000))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from raftstate import snapshotfile
 from raftstate.errors import DecodeError
 from raftstate.model import Heartbeat, OnlineFilter
 from raftstate.statemachine import DeviceTable, encode_batch
@@ -90,13 +93,18 @@ def test_garbage_entry_raises_decode_error() -> None:
         DeviceTable().apply(b"\xff\xff\xff not protobuf")
 
 
-def test_snapshot_round_trip_preserves_everything() -> None:
+def test_snapshot_round_trip_preserves_everything(tmp_path: Path) -> None:
     t = DeviceTable()
     for i in range(1, 50):
         t.apply(encode_batch([hb(f"dev-{i % 10}", i, k=str(i))], 100 * i))
-    snap = t.to_snapshot()
+    path = str(tmp_path / "snapshot.bin")
+    capture = t.capture()
+    snapshotfile.write(
+        path, capture, snapshotfile.RaftFields((b"", 1, 1), (b"", 0, 0), ()), fsync=False
+    )
+    t.release(capture)
     restored = DeviceTable()
-    restored.restore(type(snap).FromString(snap.SerializeToString()))
+    restored.install(snapshotfile.load(path).table)
     assert restored.digest() == t.digest()
     assert restored.revision == t.revision
     assert restored.list(limit=100).devices == t.list(limit=100).devices

@@ -107,7 +107,7 @@ class RaftEntry(_message.Message):
     def __init__(self, command: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("format", "revision", "max_proposed_at_ms", "devices", "last_entry", "prev_entry", "cluster", "revocations")
+    __slots__ = ("format", "revision", "max_proposed_at_ms", "devices", "last_entry", "prev_entry", "cluster", "revocations", "device_count")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_PROPOSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class Snapshot(_message.Message):
     PREV_ENTRY_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
     format: int
     revision: int
     max_proposed_at_ms: int
@@ -124,4 +125,5 @@ class Snapshot(_message.Message):
     prev_entry: RaftEntry
     cluster: _containers.RepeatedScalarFieldContainer[str]
     revocations: _containers.RepeatedCompositeFieldContainer[Revocation]
-    def __init__(self, format: _Optional[int] = ..., revision: _Optional[int] = ..., max_proposed_at_ms: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceRecord, _Mapping]]] = ..., last_entry: _Optional[_Union[RaftEntry, _Mapping]] = ..., prev_entry: _Optional[_Union[RaftEntry, _Mapping]] = ..., cluster: _Optional[_Iterable[str]] = ..., revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ...) -> None: ...
+    device_count: int
+    def __init__(self, format: _Optional[int] = ..., revision: _Optional[int] = ..., max_proposed_at_ms: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceRecord, _Mapping]]] = ..., last_entry: _Optional[_Union[RaftEntry, _Mapping]] = ..., prev_entry: _Optional[_Union[RaftEntry, _Mapping]] = ..., cluster: _Optional[_Iterable[str]] = ..., revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ..., device_count: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,107 @@
+"""One device's stored state as one immutable ``bytes`` object.
+
+Theory of operation. A million devices held as Python objects (a dataclass,
+a dict for ``reported``, an int object per counter) cost ~820 bytes each. The
+table keeps each device as a single ``bytes`` instead:
+
+    HEAD (48 bytes, little-endian)                 BODY
+    seq u64 | revision u64 | first_seen_ms i64 |   the device's HeartbeatRecord
+    last_seen_ms i64 | heartbeats u64 |            (storage.proto) exactly as the
+    ttl_s u32 | state_bytes u32                    log entry carried it: id, seq,
+                                                   reported, ttl_s
+
+* Applying a heartbeat reads the old HEAD with one ``struct.unpack_from``
+  and builds the new record from a ``struct.pack`` and the record's own
+  protobuf serialization (no per-field Python work on ``reported``).
+* A reader decodes it into a :class:`~raftstate.model.DeviceView` only when it
+  is read (``view``).
+* A record is never mutated, only replaced, so a reference to one is a
+  consistent copy: snapshots capture references, not copies.
+* The BODY starts with the device id (field 1, a length below 128, so the
+  first two bytes are ``0x0a, len``); :func:`device_id_of` reads it without
+  parsing the record (snapshot loading). ``body_device_id_ok`` checks it.
+
+Pure functions; any thread.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from raftstate.errors import DecodeError
+from raftstate.model import DeviceView
+from raftstate.v1 import storage_pb2
+
+HEAD = struct.Struct("<QQqqQII")
+HEAD_SIZE = HEAD.size
+_SEQ = struct.Struct("<Q")
+_ID_TAG = 0x0A
+
+
+def pack(
+    seq: int,
+    revision: int,
+    first_seen_ms: int,
+    last_seen_ms: int,
+    heartbeats: int,
+    ttl_s: int,
+    state_bytes: int,
+    body: bytes,
+) -> bytes:
+    """The stored record for these values; ``body`` is the device's encoded
+    ``HeartbeatRecord`` (its id first)."""
+    return (
+        HEAD.pack(seq, revision, first_seen_ms, last_seen_ms, heartbeats, ttl_s, state_bytes) + body
+    )
+
+
+def head(record: bytes) -> tuple[int, int, int, int, int, int, int]:
+    """``(seq, revision, first_seen_ms, last_seen_ms, heartbeats, ttl_s,
+    state_bytes)`` of a stored record."""
+    values: tuple[int, int, int, int, int, int, int] = HEAD.unpack_from(record)
+    return values
+
+
+def seq_of(record: bytes) -> int:
+    """The stored seq, without unpacking the rest."""
+    value: int = _SEQ.unpack_from(record)[0]
+    return value
+
+
+def view(record: bytes) -> DeviceView:
+    """Decode a stored record for a reader."""
+    seq, revision, first, last, heartbeats, ttl_s, size = HEAD.unpack_from(record)
+    body = storage_pb2.HeartbeatRecord()
+    body.ParseFromString(record[HEAD_SIZE:])
+    return DeviceView(
+        body.device_id, seq, dict(body.reported), revision, first, last, heartbeats, ttl_s, size
+    )
+
+
+def device_id_of(record: bytes) -> str:
+    """The device id stored in a record, read from the BODY's first field.
+    Raises ``DecodeError`` if the record does not start with it."""
+    if len(record) < HEAD_SIZE + 3 or record[HEAD_SIZE] != _ID_TAG:
+        raise DecodeError("device record does not start with its device id")
+    n = record[HEAD_SIZE + 1]
+    end = HEAD_SIZE + 2 + n
+    if n == 0 or n >= 0x80 or end > len(record):
+        raise DecodeError("device record has a bad device id length")
+    return record[HEAD_SIZE + 2 : end].decode("ascii")
+
+
+def from_view(d: DeviceView) -> bytes:
+    """The stored record for a view (snapshot format 1 upgrade, tests)."""
+    body = storage_pb2.HeartbeatRecord(
+        device_id=d.device_id, seq=d.seq, reported=d.reported, ttl_s=d.ttl_s
+    ).SerializeToString()
+    return pack(
+        d.seq,
+        d.revision,
+        d.first_seen_ms,
+        d.last_seen_ms,
+        d.heartbeats,
+        d.ttl_s,
+        d.state_bytes,
+        body,
+    )
