@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -819,6 +820,7 @@ class SnapshotCodec:
         self.fsync = fsync
         self._capture: TableCapture | None = None
         self._staged: tuple[str, snapshotfile.Loaded] | None = None
+        self._writing: tuple[int, int, int, str] = (0, 0, 0, "")
         #: The last snapshot written here (``None`` before the first).
         self.last_written: snapshotfile.Written | None = None
 
@@ -831,18 +833,28 @@ class SnapshotCodec:
             _entry_tuple(last), _entry_tuple(prev), tuple(sorted(str(n) for n in cluster))
         )
 
-        def work() -> None:
-            written = snapshotfile.write(path, capture, raft, fsync=self.fsync)
-            self.last_written = written
-            log.info(
-                "snapshot written: %d devices, revision %d, index %d, %d bytes",
-                written.devices,
-                written.revision,
-                written.index,
-                written.bytes,
-            )
+        self._writing = (capture.devices, capture.revision, raft.last[1], path)
+
+        digest = hashlib.sha256()
+
+        def work() -> None:  # another thread or a forked child: no logging here
+            snapshotfile.write(path, capture, raft, fsync=self.fsync, digest=digest)
 
         return work
+
+    def written(self, seconds: float) -> None:
+        """Tick thread: the write started by ``start_write`` succeeded."""
+        devices, revision, index, path = self._writing
+        size = os.path.getsize(path)
+        self.last_written = snapshotfile.Written(devices, revision, index, size)
+        log.info(
+            "snapshot written in %.2f s: %d devices, revision %d, index %d, %d bytes",
+            seconds,
+            devices,
+            revision,
+            index,
+            size,
+        )
 
     def release(self) -> None:
         """Tick thread: the write ended; stop copy-on-write."""
