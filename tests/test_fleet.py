@@ -1,8 +1,9 @@
 """The CI-sized fleet: 50,000 devices through gateways while the log compacts.
 
 The [million] scenario (``raftstate bench --fleet``) scaled to CI: a
-three-node cluster whose compaction is set small (1.5 MiB of journal), so that loading 50,000 devices and then holding a heartbeat rate
-compacts every node several times under load. Checked:
+three-node cluster whose compaction is set small (1.5 MiB of journal), so
+that loading 50,000 devices and then holding a heartbeat rate compacts every
+node several times under load. Checked:
 
 * no election and no leader change from the start of the load to the end of
   the hold (Status terms, polled throughout);

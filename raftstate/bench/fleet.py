@@ -224,8 +224,10 @@ def _phase_timeout(mode: str, args: argparse.Namespace) -> float:
     if args.fleet_timeout:
         return float(args.fleet_timeout)
     if mode == "load":
-        return 120.0 + args.fleet_devices / 1000.0  # 1,000/s would be very slow
-    span = args.fleet_warmup + (args.fleet_duration if mode == "hold" else args.fleet_saturate)
+        return 120.0 + float(args.fleet_devices) / 1000.0  # 1,000/s would be very slow
+    span = float(args.fleet_warmup) + float(
+        args.fleet_duration if mode == "hold" else args.fleet_saturate
+    )
     return span + 90.0
 
 
@@ -403,6 +405,15 @@ def detect_path(endpoints: list[str], wanted: str) -> str:
     return "batch"
 
 
+def _pid_of(node: Any) -> Callable[[], int | None]:
+    """The current pid of a LocalCluster node (it changes on restart)."""
+    return lambda: node.pid
+
+
+def _popen_pid(proc: Any) -> Callable[[], int | None]:
+    return lambda: proc.pid if proc.poll() is None else None
+
+
 @contextmanager
 def raftstate_fleet(
     args: argparse.Namespace, workdir: Path, **config: Any
@@ -431,7 +442,7 @@ def raftstate_fleet(
             nodes = {
                 f"raftstate-{nid}": WatchedNode(
                     n.endpoint,
-                    (lambda n=n: n.pid),
+                    _pid_of(n),
                     Path(n.config.data_dir) / "snapshot.bin",
                 )
                 for nid, n in cluster.nodes.items()
@@ -471,7 +482,7 @@ def etcd_fleet(args: argparse.Namespace, workdir: Path) -> Iterator[SystemUnderT
         endpoints = [leader] + [e for e in endpoints if e != leader]
         procs = list(etcd._procs)
         nodes = {
-            f"etcd-{i + 1}": WatchedNode(m.client_endpoint, (lambda p=p: p.pid))
+            f"etcd-{i + 1}": WatchedNode(m.client_endpoint, _popen_pid(p))
             for i, (m, p) in enumerate(zip(etcd.members, procs, strict=True))
         }
         watch = ClusterWatch("etcd", nodes).start()
@@ -569,7 +580,9 @@ def fleet_main(args: argparse.Namespace) -> int:
     rows: list[FleetPhaseResult] = []
     with tempfile.TemporaryDirectory(prefix="raftstate-fleet-") as tmp:
         workdir = Path(tmp)
-        systems = [("raftstate", raftstate_fleet)]
+        systems: list[tuple[str, Callable[[argparse.Namespace, Path], Any]]] = [
+            ("raftstate", raftstate_fleet)
+        ]
         if args.vs_etcd:
             systems.append(("etcd", etcd_fleet))
         for system, make in systems:

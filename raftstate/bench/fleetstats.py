@@ -77,7 +77,10 @@ class LatencyHistogram:
         return self.total_ms / self.count if self.count else math.nan
 
     def summary(self) -> dict[str, float]:
-        """count, p50, p99, p99.9, max and mean (ms), rounded for the JSON."""
+        """count, p50, p99, p99.9, max and mean (ms), rounded for the JSON;
+        only the count when there are no samples."""
+        if not self.count:
+            return {"count": 0}
         return {
             "count": self.count,
             "p50": round(self.percentile(50), 3),
