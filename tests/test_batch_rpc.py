@@ -268,3 +268,23 @@ def test_scoped_credentials_are_checked_per_item(tmp_path: Path) -> None:
         assert "pump-c" not in names
     finally:
         secure.stop()
+
+
+def test_simulate_gateways_sends_batches_for_every_device(shared: LocalCluster) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "raftstate", "simulate",
+            "--endpoints", ",".join(shared.endpoints),
+            "--gateways", "3", "--devices-per-gateway", "40",
+            "--interval", "0.5", "--duration", "2", "--prefix", "simgw-",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "120 devices behind 3 gateways" in out.stdout and ", 0 errors" in out.stdout
+    with DeviceClient(shared.endpoints) as client:
+        ids = {d.device_id for d in client.iter_devices("simgw-")}
+    assert len(ids) == 120
