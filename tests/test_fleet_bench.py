@@ -157,7 +157,11 @@ def test_cursor_batches_hold_distinct_devices_and_a_device_s_seq_only_grows(
 def test_stream_and_txn_paths_get_their_own_request_shapes() -> None:
     base = FleetSpec("raftstate", "batch", ("a",), 0, 10, 0, 1, "hold", 1, 0.0, batch_max=1000)
     assert shape(base) == (1000, 2)
-    assert shape(FleetSpec(**{**_fields(base), "path": "txn"})) == (ETCD_MAX_TXN_OPS, 2)
+    # etcd: 128 Puts per Txn, and as many heartbeats in flight (8 x 128 >= 2 x 500).
+    assert shape(FleetSpec(**{**_fields(base), "path": "txn", "batch_max": 500})) == (
+        ETCD_MAX_TXN_OPS,
+        8,
+    )
     cap, flight = shape(FleetSpec(**{**_fields(base), "path": "stream"}))
     assert cap < 1000 and flight > 2
 

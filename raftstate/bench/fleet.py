@@ -541,8 +541,8 @@ def describe(args: argparse.Namespace) -> list[str]:
     lines = [
         f"fleet: {args.fleet_devices} devices behind {args.fleet_gateways} gateways in "
         f"{args.procs} load processes, spread over every node; batches of up to "
-        f"{args.fleet_batch} (etcd: 128 Puts per Txn), {args.fleet_in_flight} in flight per "
-        "gateway",
+        f"{args.fleet_batch}, {args.fleet_in_flight} in flight per gateway (etcd: Txns of "
+        "128 Puts, as many heartbeats in flight)",
         f"hold: {args.fleet_rate:g} heartbeats/s open loop for {args.fleet_duration:g}s after "
         f"{args.fleet_warmup:g}s warm-up, gateways flush every {args.fleet_flush_ms:g} ms; "
         f"saturate: {args.fleet_saturate:g}s closed loop",

@@ -347,10 +347,14 @@ STREAM_IN_FLIGHT = 8
 
 def shape(spec: FleetSpec) -> tuple[int, int]:
     """``(heartbeats per request, requests in flight per gateway)`` for
-    ``spec``'s path: etcd caps a Txn at 128 Puts; a stream gateway sends
-    small chunks, many at once. Pure."""
+    ``spec``'s path: etcd caps a Txn at 128 Puts (and gets as many Txns in
+    flight as it takes to carry ``in_flight`` batches); a stream gateway
+    sends small chunks, many at once. Pure."""
     if spec.path == "txn":
-        return min(spec.batch_max, ETCD_MAX_TXN_OPS), spec.in_flight
+        # As many heartbeats in flight as a raftstate gateway has: a batch
+        # that etcd needs several Txns for is that many Txns at once.
+        txns = -(-spec.batch_max // ETCD_MAX_TXN_OPS)
+        return min(spec.batch_max, ETCD_MAX_TXN_OPS), spec.in_flight * txns
     if spec.path == "stream":
         return min(spec.batch_max, STREAM_CHUNK), max(spec.in_flight, STREAM_IN_FLIGHT)
     return spec.batch_max, spec.in_flight
