@@ -143,14 +143,17 @@ class EtcdCluster:
         *,
         unsafe_no_fsync: bool = False,
         etcd_binary: str = DEFAULT_ETCD,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
-        """Raises ``ValueError`` if ``size`` is less than 1."""
+        """``extra_args`` are appended to every member's command line (e.g.
+        compaction settings). Raises ``ValueError`` if ``size`` is less than 1."""
         if size < 1:
             raise ValueError(f"size must be at least 1, got {size}")
         self.base_dir = Path(base_dir).resolve()
         self.size = size
         self.unsafe_no_fsync = unsafe_no_fsync
         self.etcd_binary = etcd_binary
+        self.extra_args = extra_args
         self.token = f"raftstate-bench-{secrets.token_hex(8)}"
         ports = _free_ports(2 * size)
         self.members: tuple[EtcdMember, ...] = tuple(
@@ -203,7 +206,7 @@ class EtcdCluster:
         ]  # fmt: skip
         if self.unsafe_no_fsync:
             argv.append("--unsafe-no-fsync")
-        return argv
+        return argv + list(self.extra_args)
 
     def start(self, timeout_s: float = 30.0) -> list[str]:
         """Start every member and wait until the cluster has a leader that accepts a Put.

@@ -20,8 +20,15 @@ operator knows what to raise and the client knows what it hit.
   the gRPC message limit.
 * Message size limits: :data:`MAX_REQUEST_BYTES` is far above the largest
   legal request (one heartbeat: 128-character id and 8 KiB of reported
-  state, about 9 KiB encoded) and far below gRPC's 4 MiB default, so an
-  oversized request is refused by gRPC before it is buffered whole.
+  state, about 9 KiB encoded) and far below gRPC's 4 MiB default.
+  ``HeartbeatBatch`` requests may be up to :data:`MAX_BATCH_REQUEST_BYTES`
+  (gRPC's own receive limit, which refuses anything larger before it is
+  buffered whole); every other method's requests and stream messages are
+  held to :data:`MAX_REQUEST_BYTES` by the admission layer before they are
+  decoded (:func:`request_byte_limit`). A batch is also bounded in count
+  (``batch_rpc_max_heartbeats``) and in how many are served at once
+  (``max_concurrent_batch_rpcs``), so the bytes batch calls hold are at most
+  that many times the byte limit.
   :data:`MAX_RESPONSE_BYTES` is the server's send limit and the SDK's
   receive limit; :data:`LIST_PAGE_BUDGET_BYTES` keeps every page well under it.
 
@@ -38,6 +45,16 @@ from raftstate.errors import QuotaExceeded, ResourceExhausted
 #: The largest request message a node accepts (gRPC refuses bigger ones with
 #: RESOURCE_EXHAUSTED before they reach a handler).
 MAX_REQUEST_BYTES = 64 * 1024
+#: The largest ``HeartbeatBatch`` request a node accepts: gRPC's default
+#: message limit. 1,000 heartbeats of up to ~4 KiB each fit; 1,000 of the
+#: largest legal size (~9.3 KiB) do not, so the SDK splits by bytes too.
+MAX_BATCH_REQUEST_BYTES = 4 * 1024 * 1024
+#: Heartbeats one ``HeartbeatBatch`` may carry, unless configured
+#: (``batch_rpc_max_heartbeats``), and the most a node may be configured to take.
+DEFAULT_BATCH_RPC_MAX_HEARTBEATS = 1000
+BATCH_RPC_MAX_HEARTBEATS_LIMIT = 10_000
+#: gRPC method path of the batch RPC (its own byte limit and gate).
+BATCH_METHOD = "/raftstate.v1.DeviceState/HeartbeatBatch"
 #: The largest response message a node sends / the SDK accepts.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 #: Encoded bytes of devices per ListDevices page (a quarter of the limit:
@@ -140,6 +157,11 @@ def quota_error(quota: Quota, which: str, device_id: str) -> QuotaExceeded:
         f"past its quota of {quota.max_state_bytes} bytes (ids + reported keys and values); "
         "it was not stored (heartbeats that do not grow a device's state are still accepted)",
     )
+
+
+def request_byte_limit(method: str) -> int:
+    """The most bytes one request message of ``method`` may have."""
+    return MAX_BATCH_REQUEST_BYTES if method == BATCH_METHOD else MAX_REQUEST_BYTES
 
 
 def fit_page(sizes: Iterable[int], budget: int) -> int:

@@ -16,6 +16,16 @@ A call is admitted in two steps (the I/O side is :mod:`raftstate.authn`):
    when the role or scope does not cover the method or an id. Unknown
    methods are admin-only (default deny).
 
+Requests that name many devices (``HeartbeatStream`` messages,
+``HeartbeatBatch`` items) are authorized in two steps: the role against the
+method once per call (an operator may not write heartbeats at all: the whole
+call is PERMISSION_DENIED), then each device id against the credential's
+scope (a device credential covers only its own id, a gateway its prefix or
+id list, admin everything). An id outside the scope is refused on its own,
+with a PERMISSION_DENIED result for that message or item, and the rest go
+on, so a gateway whose scope lags its fleet by one device still delivers the
+others. Nothing is written for a refused id.
+
 Identity URIs (in a client certificate's SAN)::
 
     raftstate://device/<device id>
@@ -119,6 +129,7 @@ HEALTH_SERVICE = "/grpc.health.v1.Health/"
 METHOD_ACCESS: dict[str, Access] = {
     DEVICE_SERVICE + "Heartbeat": Access.DEVICE_WRITE,
     DEVICE_SERVICE + "HeartbeatStream": Access.DEVICE_WRITE,
+    DEVICE_SERVICE + "HeartbeatBatch": Access.DEVICE_WRITE,
     DEVICE_SERVICE + "GetDevice": Access.DEVICE_READ,
     DEVICE_SERVICE + "ListDevices": Access.OPERATOR,
     DEVICE_SERVICE + "DeleteDevice": Access.OPERATOR,

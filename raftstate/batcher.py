@@ -74,6 +74,22 @@ class Batcher(Generic[T]):
         self._bytes += size
         return out + self._ready(now)
 
+    def add_many(self, items: list[T], sizes: list[int], now: float) -> list[list[T]]:
+        """Queue ``items`` (encoded ``sizes`` bytes each, in order) that
+        arrived together; return batches to propose now. The same as adding
+        them one by one, except that an idle batcher (nothing in flight) seals
+        them together rather than sending the first one alone."""
+        out = []
+        for item, size in zip(items, sizes, strict=True):
+            if self._items and self._bytes + size > self.max_bytes:
+                out.append(self._seal())
+            if not self._items:
+                self._oldest = now
+            self._items.append(item)
+            self._sizes.append(size)
+            self._bytes += size
+        return out + self._ready(now)
+
     def finished(self, now: float) -> list[list[T]]:
         """A proposed batch committed or failed; return batches to propose now."""
         if self.inflight > 0:

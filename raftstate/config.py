@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raftstate.admission import DEFAULT_STREAM_WINDOW
+from raftstate.admission import (
+    BATCH_RPC_MAX_HEARTBEATS_LIMIT,
+    DEFAULT_BATCH_RPC_MAX_HEARTBEATS,
+    DEFAULT_STREAM_WINDOW,
+)
 from raftstate.errors import ConfigError
 from raftstate.model import BATCH_HEADER_BOUND, RECORD_MAX_BYTES
 from raftstate.nodekeys import decode_key
@@ -191,6 +195,13 @@ class NodeConfig:
     #: stops reading that stream beyond it (HTTP/2 flow control then holds
     #: the client back). Sent to clients, which keep within it.
     stream_window: int = DEFAULT_STREAM_WINDOW
+    #: Heartbeats one HeartbeatBatch request may carry; more is refused as a
+    #: whole with INVALID_ARGUMENT naming ``heartbeats``. Requests are also
+    #: limited to 4 MiB (raftstate/admission.py, MAX_BATCH_REQUEST_BYTES).
+    batch_rpc_max_heartbeats: int = DEFAULT_BATCH_RPC_MAX_HEARTBEATS
+    #: HeartbeatBatch calls this node serves at once (each may hold up to
+    #: 4 MiB of request); more get RESOURCE_EXHAUSTED naming this field.
+    max_concurrent_batch_rpcs: int = 32
     #: Cluster quotas (0 = no limit): devices, and bytes of device state
     #: (UTF-8 ids + reported keys and values). The proposing node stamps them
     #: into each log entry, so every node applies the same ones; keep them
@@ -408,6 +419,8 @@ class NodeConfig:
             "max_concurrent_rpcs",
             "max_streams",
             "stream_window",
+            "batch_rpc_max_heartbeats",
+            "max_concurrent_batch_rpcs",
             "compaction_min_time_s",
             "default_ttl_s",
             "default_request_timeout_ms",
@@ -416,6 +429,15 @@ class NodeConfig:
             raise ConfigError(
                 f"batch_max_bytes: must be between {RECORD_MAX_BYTES + BATCH_HEADER_BOUND} "
                 f"(one heartbeat of the largest allowed size) and {BATCH_MAX_BYTES}"
+            )
+        if self.batch_rpc_max_heartbeats > BATCH_RPC_MAX_HEARTBEATS_LIMIT:
+            raise ConfigError(
+                f"batch_rpc_max_heartbeats: must be at most {BATCH_RPC_MAX_HEARTBEATS_LIMIT}"
+            )
+        if self.batch_rpc_max_heartbeats > self.max_pending_heartbeats:
+            raise ConfigError(
+                "batch_rpc_max_heartbeats: must not exceed max_pending_heartbeats "
+                "(a full batch could never be admitted)"
             )
         for name in ("max_devices", "max_state_bytes"):
             if getattr(self, name) < 0:

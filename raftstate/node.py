@@ -18,7 +18,7 @@ import uvloop
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from raftstate.admission import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES
+from raftstate.admission import MAX_BATCH_REQUEST_BYTES, MAX_RESPONSE_BYTES
 from raftstate.authn import Authenticator, CertReloader, load_token_keys, server_credentials
 from raftstate.authservice import AuthService
 from raftstate.config import NodeConfig
@@ -41,9 +41,10 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     # Deliberate message limits (raftstate/admission.py): a request larger than
-    # any legal one is refused by gRPC before it is buffered; responses (List
+    # any legal batch is refused by gRPC before it is buffered (the admission
+    # layer holds every other method to MAX_REQUEST_BYTES); responses (List
     # pages are cut by bytes to fit) stay within what the SDK accepts.
-    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    ("grpc.max_receive_message_length", MAX_BATCH_REQUEST_BYTES),
     ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
 ]
 
@@ -65,11 +66,12 @@ def grpc_server(
         max_concurrent_rpcs=cfg.max_concurrent_rpcs,
         max_streams=cfg.max_streams,
         authenticator=authenticator,
+        max_concurrent_batch_rpcs=cfg.max_concurrent_batch_rpcs,
     )
     services.on_denied = guard.log_denied
     # Our gates (with named errors) trip first; gRPC's own cap is a backstop
     # for calls that pile up before a handler runs.
-    backstop = 2 * (cfg.max_concurrent_rpcs + cfg.max_streams)
+    backstop = 2 * (cfg.max_concurrent_rpcs + cfg.max_streams + cfg.max_concurrent_batch_rpcs)
     server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=backstop)
     add = guard.add_guarded
     add(server, device_pb2_grpc.add_DeviceStateServicer_to_server, DeviceStateService(services))

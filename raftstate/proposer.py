@@ -3,7 +3,11 @@
 Theory of operation
 -------------------
 1. A request handler calls :meth:`Proposer.submit` with a validated heartbeat
-   and awaits the future.
+   and awaits the future, or :meth:`Proposer.submit_many` with many (a
+   ``HeartbeatBatch`` call) and awaits the one future of the returned
+   :class:`HeartbeatGroup`: one asyncio future per call, not per heartbeat;
+   each heartbeat's outcome is written into the group's result list by
+   index, and the future resolves once the last one is settled.
 2. The :class:`~raftstate.batcher.Batcher` decides when pending items become
    one ``HeartbeatBatch`` entry; the proposer encodes it, stamps it with this
    node's wall clock and this node's quotas (``max_devices``,
@@ -11,7 +15,8 @@ Theory of operation
    forwarded to the leader by pysyncobj over the Raft transport).
 3. pysyncobj calls back on its tick thread once the entry is committed and
    applied *on this node*; the callback hops to the loop with
-   ``call_soon_threadsafe`` and resolves each item's future with its result.
+   ``call_soon_threadsafe`` (once per entry) and settles each item: its own
+   future, or its slot in its group.
 4. If pysyncobj reports a failure (no leader, leader changed, queue full,
    outcome unknown) the items are proposed again after a short pause, until
    the caller's deadline. Re-proposing is always safe: a heartbeat whose
@@ -26,13 +31,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 from raftstate.admission import Quota, quota_error
 from raftstate.batcher import Batcher
 from raftstate.config import NodeConfig
-from raftstate.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from raftstate.errors import DeadlineExceeded, RaftStateError, ResourceExhausted, Unavailable
 from raftstate.model import BATCH_HEADER_BOUND, Heartbeat, HeartbeatResult
 from raftstate.raftnode import SUCCESS, ProposeCallback
 from raftstate.statemachine import encode_batch
@@ -42,13 +46,109 @@ log = logging.getLogger("raftstate.proposer")
 RETRY_DELAY_S = 0.02
 
 
-@dataclass(slots=True)
+#: What one heartbeat came to: its result, or the error that refused it.
+Outcome = HeartbeatResult | RaftStateError
+
+
+class HeartbeatGroup:
+    """Heartbeats submitted together by :meth:`Proposer.submit_many`.
+
+    ``results[i]`` is the outcome of heartbeat ``i`` once it is settled
+    (``None`` before): a :class:`HeartbeatResult`, ``QuotaExceeded`` (the
+    entry's quota refused it), ``DeadlineExceeded`` (retried past its age
+    limit) or ``Unavailable`` (node shutting down). ``future`` resolves with
+    ``results`` when every heartbeat is settled. :meth:`cancel` gives up on
+    the ones still unsettled: they are no longer proposed (one already in a
+    proposed entry may still commit; its outcome is then not recorded)."""
+
+    __slots__ = ("future", "left", "results", "_proposer")
+
+    def __init__(self, future: asyncio.Future[list[Outcome | None]], n: int, proposer: Proposer):
+        self.future = future
+        self.results: list[Outcome | None] = [None] * n
+        self.left = n
+        self._proposer = proposer
+
+    def cancel(self) -> None:
+        """Stop waiting for the unsettled heartbeats (no-op when all are settled)."""
+        if not self.future.done():
+            self.future.cancel()
+
+    def _settle(self, index: int, outcome: Outcome) -> None:
+        self.results[index] = outcome
+        self.left -= 1
+        self._proposer._waiting -= 1
+        if self.left == 0:
+            self.future.set_result(self.results)
+
+    def _on_done(self, fut: asyncio.Future[list[Outcome | None]]) -> None:
+        if fut.cancelled():  # the unsettled ones no longer wait
+            self._proposer._waiting -= self.left
+            self.left = 0
+
+
 class _Item:
-    heartbeat: Heartbeat
-    future: asyncio.Future[HeartbeatResult]
-    size: int  # upper bound of its encoded record, for the batch byte bound
-    #: Loop time after which it is no longer retried (its caller has given up).
-    expires: float = float("inf")
+    """One heartbeat in the batcher. ``size`` bounds its encoded record (for
+    the entry byte bound); after loop time ``expires`` it is no longer
+    retried (its caller has given up)."""
+
+    __slots__ = ("expires", "heartbeat", "size")
+
+    def __init__(self, heartbeat: Heartbeat, expires: float) -> None:
+        self.heartbeat = heartbeat
+        self.size = heartbeat.record_bound
+        self.expires = expires
+
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def settle(self, outcome: Outcome) -> None:
+        """Record the outcome (the item must not be done)."""
+        raise NotImplementedError
+
+
+class _One(_Item):
+    """A heartbeat from :meth:`Proposer.submit`, with its own future."""
+
+    __slots__ = ("future",)
+
+    def __init__(
+        self, heartbeat: Heartbeat, expires: float, future: asyncio.Future[HeartbeatResult]
+    ) -> None:
+        super().__init__(heartbeat, expires)
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def settle(self, outcome: Outcome) -> None:
+        if isinstance(outcome, RaftStateError):
+            self.future.set_exception(outcome)
+            # Its caller may be gone (a cancelled RPC): do not let asyncio
+            # log "exception was never retrieved" once per heartbeat.
+            self.future.exception()
+        else:
+            self.future.set_result(outcome)
+
+
+class _Member(_Item):
+    """A heartbeat of a :class:`HeartbeatGroup`, at ``index``."""
+
+    __slots__ = ("group", "index")
+
+    def __init__(
+        self, heartbeat: Heartbeat, expires: float, group: HeartbeatGroup, index: int
+    ) -> None:
+        super().__init__(heartbeat, expires)
+        self.group = group
+        self.index = index
+
+    def done(self) -> bool:
+        group = self.group
+        return group.future.done() or group.results[self.index] is not None
+
+    def settle(self, outcome: Outcome) -> None:
+        self.group._settle(self.index, outcome)
 
 
 class Proposer:
@@ -84,18 +184,54 @@ class Proposer:
         self.entries_proposed = 0
         self.entries_retried = 0
 
+    @property
+    def room(self) -> int:
+        """How many more heartbeats may wait now (``max_pending_heartbeats``)."""
+        return max(0, self._max_pending - self._waiting)
+
     def submit(self, hb: Heartbeat) -> asyncio.Future[HeartbeatResult]:
         """Queue a heartbeat; the future resolves once it is committed and
         applied here (it fails with ``QuotaExceeded`` if the entry's quota
         refused it). Raises ``ResourceExhausted`` when too many are waiting,
         ``Unavailable`` while shutting down."""
         if self._waiting >= self._max_pending:
-            raise ResourceExhausted(
-                f"max_pending_heartbeats: {self._waiting} heartbeats are waiting to commit "
-                "on this node; retry later"
-            )
-        expires = self._loop.time() + self._max_age
-        return self._enqueue(_Item(hb, self._loop.create_future(), hb.record_bound, expires))
+            raise self._full()
+        if self._closed:
+            raise Unavailable("node is shutting down")
+        item = _One(hb, self._loop.time() + self._max_age, self._loop.create_future())
+        self._waiting += 1
+        item.future.add_done_callback(self._on_item_done)
+        self._send(self._batcher.add(item, item.size, self._loop.time()))
+        return item.future
+
+    def submit_many(self, hbs: Sequence[Heartbeat]) -> HeartbeatGroup:
+        """Queue heartbeats that arrived together, in order; the returned
+        group's one future resolves when all are settled (class docstring).
+        All or nothing: raises ``ResourceExhausted`` when more than
+        :attr:`room` are given (nothing queued), ``Unavailable`` while
+        shutting down. An empty sequence gives a group already resolved."""
+        n = len(hbs)
+        if n > self.room:
+            raise self._full()
+        if self._closed:
+            raise Unavailable("node is shutting down")
+        group = HeartbeatGroup(self._loop.create_future(), n, self)
+        if n == 0:
+            group.future.set_result(group.results)
+            return group
+        self._waiting += n
+        group.future.add_done_callback(group._on_done)
+        now = self._loop.time()
+        expires = now + self._max_age
+        members: list[_Item] = [_Member(hb, expires, group, i) for i, hb in enumerate(hbs)]
+        self._send(self._batcher.add_many(members, [m.size for m in members], now))
+        return group
+
+    def _full(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"max_pending_heartbeats: {self._waiting} heartbeats are waiting to commit "
+            f"on this node (limit {self._max_pending}); retry later"
+        )
 
     def close(self) -> None:
         """Fail everything still pending with ``Unavailable``."""
@@ -103,28 +239,17 @@ class Proposer:
         if self._timer is not None:
             self._timer.cancel()
         for item in self._batcher.drain():
-            if not item.future.done():
-                item.future.set_exception(Unavailable("node is shutting down"))
-                # Its caller may be gone (a cancelled RPC): do not let asyncio
-                # log "exception was never retrieved" once per heartbeat.
-                item.future.exception()
+            if not item.done():
+                item.settle(Unavailable("node is shutting down"))
 
     # ---- internals ------------------------------------------------------------
-
-    def _enqueue(self, item: _Item) -> asyncio.Future[HeartbeatResult]:
-        if self._closed:
-            raise Unavailable("node is shutting down")
-        self._waiting += 1
-        item.future.add_done_callback(self._on_item_done)
-        self._send(self._batcher.add(item, item.size, self._loop.time()))
-        return item.future
 
     def _on_item_done(self, _fut: asyncio.Future[HeartbeatResult]) -> None:
         self._waiting -= 1
 
     def _send(self, batches: list[list[_Item]]) -> None:
         for items in batches:
-            live = [i for i in items if not i.future.done()]
+            live = [i for i in items if not i.done()]
             if not live:
                 self._send(self._batcher.finished(self._loop.time()))
                 continue
@@ -154,13 +279,12 @@ class Proposer:
     ) -> None:
         if err == SUCCESS and results is not None:
             for item, value in zip(items, results, strict=True):
-                if item.future.done():
+                if item.done():
                     continue
                 if value.rejected:
-                    refusal = quota_error(self.quota, value.rejected, item.heartbeat.device_id)
-                    item.future.set_exception(refusal)
+                    item.settle(quota_error(self.quota, value.rejected, item.heartbeat.device_id))
                 else:
-                    item.future.set_result(value)
+                    item.settle(value)
         else:
             self.entries_retried += 1
             log.debug("batch of %d failed with pysyncobj reason %d; retrying", len(items), err)
@@ -172,13 +296,12 @@ class Proposer:
             return
         now = self._loop.time()
         for item in items:
-            if item.future.done():
+            if item.done():
                 continue
             if now >= item.expires:
-                item.future.set_exception(DeadlineExceeded(
+                item.settle(DeadlineExceeded(
                     "heartbeat not committed in time; retrying with the same seq is safe"
                 ))
-                item.future.exception()  # its caller may be gone: no "never retrieved" log
                 continue
             self._send(self._batcher.add(item, item.size, now))
 

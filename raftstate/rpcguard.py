@@ -14,10 +14,14 @@ are registered through :func:`add_guarded`, which wraps each method handler:
    ``UNAUTHENTICATED`` before a byte of the request is decoded. Health
    methods are public. The identity goes into ``CURRENT_IDENTITY``.
 2. Before anything else it enters a :class:`~raftstate.admission.Gate`:
-   ``max_concurrent_rpcs`` for unary calls, ``max_streams`` for streaming
-   ones. A full gate answers ``RESOURCE_EXHAUSTED`` naming the limit; the
-   request is not decoded and nothing is kept.
-3. It decodes the bytes itself. Bytes that are not the request message
+   ``max_concurrent_rpcs`` for unary calls, ``max_concurrent_batch_rpcs``
+   for ``HeartbeatBatch``, ``max_streams`` for streaming ones. A full gate
+   answers ``RESOURCE_EXHAUSTED`` naming the limit; the request is not
+   decoded and nothing is kept.
+3. A request (or stream message) larger than its method's byte limit
+   (:func:`raftstate.admission.request_byte_limit`) answers
+   ``RESOURCE_EXHAUSTED`` naming the limit, undecoded.
+   It decodes the bytes itself. Bytes that are not the request message
    (corrupt wire format, a string that is not UTF-8) answer
    ``INVALID_ARGUMENT`` naming the message type and the decoder's reason.
    On a stream, messages already received are still answered, in order,
@@ -25,15 +29,17 @@ are registered through :func:`add_guarded`, which wraps each method handler:
    A decoded unary request is then authorized (:func:`raftstate.authz.authorize`
    with the request's ``device_id``, if it has one): ``PERMISSION_DENIED``
    otherwise. Streamed requests are authorized per message by the handler
-   (each denied message gets its own PERMISSION_DENIED ack; the stream goes on).
+   (each denied message gets its own PERMISSION_DENIED ack; the stream goes
+   on); ``HeartbeatBatch`` has its role checked here and each item's device
+   id by the handler (a per-item PERMISSION_DENIED ack).
 4. Refusals (UNAUTHENTICATED and PERMISSION_DENIED included) are logged
    through one :class:`~raftstate.ratelog.LogThrottle`:
    one line per method and kind per interval, with a count of those held
    back, whatever the client sends.
 5. The gate is left when the call ends, however it ends.
 
-Oversized requests never get this far: the server's
-``grpc.max_receive_message_length`` (``MAX_REQUEST_BYTES``) refuses them.
+Requests over ``MAX_BATCH_REQUEST_BYTES`` never get this far: the server's
+``grpc.max_receive_message_length`` refuses them.
 Handlers that are not coroutines or async generators (e.g. a generated
 "unimplemented" stub) are registered unchanged.
 """
@@ -48,10 +54,16 @@ from typing import Any
 
 import grpc
 
-from raftstate.admission import Gate
+from raftstate.admission import BATCH_METHOD, Gate, request_byte_limit
 from raftstate.authn import CURRENT_IDENTITY, Authenticator
 from raftstate.authz import Access, Identity, authorize, method_access
-from raftstate.errors import InvalidArgument, PermissionDenied, RaftStateError, Unauthenticated
+from raftstate.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    RaftStateError,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from raftstate.ratelog import LogThrottle, held_suffix
 
 log = logging.getLogger("raftstate.rpcguard")
@@ -88,9 +100,14 @@ class RpcGuard:
         max_streams: int,
         clock: Callable[[], float] = time.monotonic,
         authenticator: Authenticator | None = None,
+        max_concurrent_batch_rpcs: int = 32,
     ) -> None:
         self.unary = Gate("max_concurrent_rpcs", max_concurrent_rpcs, "concurrent unary RPCs")
         self.streams = Gate("max_streams", max_streams, "open streams")
+        self.batches = Gate(
+            "max_concurrent_batch_rpcs", max_concurrent_batch_rpcs, "HeartbeatBatch calls"
+        )
+        self.oversized = 0
         self.bad_requests = 0
         self.unauthenticated = 0
         self.denied = 0
@@ -117,6 +134,8 @@ class RpcGuard:
             return h
         streaming = h.request_streaming or h.response_streaming
         gate = self.streams if streaming else self.unary
+        if method == BATCH_METHOD:
+            gate = self.batches
         if h.unary_unary is not None:
             behavior = h.unary_unary
         elif h.unary_stream is not None:
@@ -255,7 +274,19 @@ class RpcGuard:
         await context.abort(err.grpc_code, err.message)
 
     def _parser(self, method: str, decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+        limit = request_byte_limit(method)
+
         def parse(raw: bytes) -> Any:
+            if len(raw) > limit:
+                self.oversized += 1
+                too_big = ResourceExhausted(
+                    f"request: {len(raw)} bytes, more than the {limit} bytes a "
+                    f"{method.rsplit('/', 1)[-1]} request may have"
+                )
+                held = self._throttle.admit((method, "oversized"), self._clock())
+                if held is not None:
+                    log.warning("refused %s: %s%s", method, too_big.message, held_suffix(held))
+                raise too_big
             try:
                 return decode(raw)
             except Exception as exc:  # protobuf's DecodeError, or anything a decoder raises

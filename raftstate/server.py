@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from raftstate.admission import (
+    BATCH_METHOD,
     LIST_PAGE_BUDGET_BYTES,
     STREAM_WINDOW_KEY,
     fit_page,
@@ -28,6 +29,7 @@ from raftstate.admission import (
 )
 from raftstate.authn import CURRENT_IDENTITY
 from raftstate.authz import DEVICE_SERVICE, Identity, authorize
+from raftstate.authz import Role as AuthRole
 from raftstate.config import NodeConfig
 from raftstate.errors import (
     LEADER_HINT_KEY,
@@ -36,7 +38,9 @@ from raftstate.errors import (
     NotFound,
     NotLeader,
     PermissionDenied,
+    QuotaExceeded,
     RaftStateError,
+    ResourceExhausted,
     Unavailable,
 )
 from raftstate.model import (
@@ -52,7 +56,7 @@ from raftstate.model import (
     validate_heartbeat,
     validate_page_size,
 )
-from raftstate.proposer import Proposer
+from raftstate.proposer import Outcome, Proposer
 from raftstate.raftnode import SUCCESS, RaftNode, Role
 from raftstate.reads import ReadFailed, ReadIndexDriver
 from raftstate.statemachine import ControlResult, DeviceTable, encode_delete
@@ -199,12 +203,15 @@ class NodeServices:
         try:
             return await asyncio.wait_for(fut, budget)
         except TimeoutError:
-            if self.raft.leader_raft_address() is None:
-                raise Unavailable(f"no leader elected; {what} not committed in time") from None
-            raise Unavailable(
-                f"{what} not committed in time "
-                "(outcome unknown; retrying with the same seq is safe)"
-            ) from None
+            raise self.not_committed(what) from None
+
+    def not_committed(self, what: str) -> Unavailable:
+        """The error for a write not committed within its budget."""
+        if self.raft.leader_raft_address() is None:
+            return Unavailable(f"no leader elected; {what} not committed in time")
+        return Unavailable(
+            f"{what} not committed in time (outcome unknown; retrying with the same seq is safe)"
+        )
 
     async def read_fence(self, consistency: Consistency, budget: float) -> None:
         """Make the local table fit for a read of the given consistency.
@@ -376,6 +383,116 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                 queued = queue.get_nowait()
                 if isinstance(queued, tuple) and isinstance(queued[1], asyncio.Future):
                     queued[1].cancel()
+
+    @_unary
+    async def HeartbeatBatch(  # noqa: N802
+        self, request: device_pb2.HeartbeatBatchRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.HeartbeatBatchResponse:
+        """Many devices' heartbeats; one ack per heartbeat, in request order.
+
+        Request-level failures (the whole call): more than
+        ``batch_rpc_max_heartbeats`` heartbeats (INVALID_ARGUMENT naming
+        ``heartbeats``), and what the admission layer refuses (credentials,
+        a role that may not write, size, ``max_concurrent_batch_rpcs``). An
+        empty request is answered with an empty response. Everything else is
+        per heartbeat, exactly as Heartbeat would answer it: INVALID_ARGUMENT
+        naming ``heartbeats[i].<field>``; PERMISSION_DENIED for an id outside
+        the credential's scope; RESOURCE_EXHAUSTED for a quota
+        (``max_devices``/``max_state_bytes``) or when the node's
+        ``max_pending_heartbeats`` has no room for it (the later heartbeats
+        of the request are the ones refused); OK with the result (a
+        duplicate for a seq already stored). All admitted heartbeats go to
+        the proposer at once (one future for the call). Those not committed
+        when the call's budget (its deadline less a margin) runs out are
+        answered UNAVAILABLE (outcome unknown; the same seq may be retried)
+        and are no longer proposed, so the gateway always gets the acks of
+        those that did commit."""
+        node = self.node
+        items = request.heartbeats
+        n = len(items)
+        limit = node.cfg.batch_rpc_max_heartbeats
+        if n > limit:
+            raise InvalidArgument(
+                "heartbeats",
+                f"{n} heartbeats, at most {limit} per request (batch_rpc_max_heartbeats)",
+            )
+        response = device_pb2.HeartbeatBatchResponse()
+        if n == 0:
+            return response
+        identity = CURRENT_IDENTITY.get()
+        scoped = identity is not None and identity.role is not AuthRole.ADMIN
+        outcomes: list[Outcome | None] = [None] * n
+        admitted: list[Heartbeat] = []
+        where: list[int] = []
+        now_us = time.time_ns() // 1000
+        ahead = node.cfg.max_seq_ahead_s
+        denied: PermissionDenied | None = None
+        for i, req in enumerate(items):
+            try:
+                hb = validate_heartbeat(
+                    req.device_id,
+                    req.seq,
+                    req.reported,
+                    req.ttl_s,
+                    now_us=now_us,
+                    max_seq_ahead_s=ahead,
+                )
+            except InvalidArgument as err:
+                outcomes[i] = InvalidArgument(f"heartbeats[{i}].{err.field}", err.problem)
+                continue
+            try:
+                if scoped and identity is not None:
+                    authorize(identity, BATCH_METHOD, (hb.device_id,))
+                node.check_quota(hb)
+            except PermissionDenied as err:
+                outcomes[i] = denied = err
+                continue
+            except QuotaExceeded as err:
+                outcomes[i] = err
+                continue
+            admitted.append(hb)
+            where.append(i)
+        if denied is not None and identity is not None:
+            node.on_denied(BATCH_METHOD, identity, denied)
+        room = node.proposer.room
+        if len(admitted) > room:
+            full = ResourceExhausted(
+                f"max_pending_heartbeats: this node has room for {room} more waiting "
+                f"heartbeats, and this request brought {len(admitted)}; retry later"
+            )
+            for i in where[room:]:
+                outcomes[i] = full
+            del admitted[room:], where[room:]
+        if admitted:
+            try:
+                group = node.proposer.submit_many(admitted)
+            except RaftStateError as err:
+                for i in where:
+                    outcomes[i] = err
+            else:
+                try:
+                    await asyncio.wait((group.future,), timeout=node.budget(context))
+                finally:
+                    group.cancel()  # stop proposing what did not commit in time
+                late: Unavailable | None = None
+                for i, res in zip(where, group.results, strict=True):
+                    if res is None:
+                        res = late = late or node.not_committed("heartbeat")
+                    outcomes[i] = res
+        acks = response.acks
+        for req, out in zip(items, outcomes, strict=True):
+            ack = acks.add(device_id=req.device_id, seq=req.seq)
+            if isinstance(out, HeartbeatResult):
+                result = ack.result
+                result.revision = out.revision
+                result.duplicate = out.duplicate
+                result.stored_seq = out.stored_seq
+            elif out is not None:
+                ack.code = out.grpc_code.value[0]
+                ack.message = out.message
+            else:  # unreachable: every heartbeat got an outcome above
+                raise AssertionError("heartbeat without an outcome")
+        return response
 
     def _authorize_message(self, identity: Identity, device_id: str) -> None:
         """Per-message authorization on HeartbeatStream: a denied message

@@ -194,6 +194,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "secure,insecure: both side by side in --rounds alternating rounds (medians reported)",
     )
     add_transport_arguments(p)
+    from raftstate.bench.fleet import add_fleet_arguments
+
+    add_fleet_arguments(p)
 
 
 def _securities(text: str) -> tuple[str, ...]:
@@ -540,6 +543,10 @@ def command_line() -> str:
 
 
 def bench_main(args: argparse.Namespace) -> int:
+    if getattr(args, "fleet", False):
+        from raftstate.bench.fleet import fleet_main
+
+        return fleet_main(args)
     if comparing(args):
         return compare_main(args)
     if len(getattr(args, "security", ())) > 1:

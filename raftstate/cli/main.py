@@ -195,6 +195,13 @@ def cmd_rendezvous(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from raftstate.cli.simulate import simulate
 
+    if args.gateways < 0 or args.devices_per_gateway < 1:
+        print(
+            "raftstate simulate: --gateways must be >= 0, --devices-per-gateway >= 1",
+            file=sys.stderr,
+        )
+        return 2
+
     return simulate(_endpoints(args), args)
 
 
@@ -327,6 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--interval", type=float, default=1.0, help="seconds between heartbeats")
     sim.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
     sim.add_argument("--prefix", default="sim-")
+    sim.add_argument(
+        "--gateways",
+        type=int,
+        default=0,
+        help="simulate this many gateways, each sending its devices' heartbeats in batches",
+    )
+    sim.add_argument(
+        "--devices-per-gateway", type=int, default=100, help="devices behind each gateway"
+    )
     sim.set_defaults(fn=cmd_simulate)
 
     from raftstate.bench.run import add_bench_arguments

@@ -5,7 +5,12 @@
 ...     ack = client.heartbeat("pump-17", {"temp_c": "21.5"})
 ...     device = client.get("pump-17")
 
-A gateway pipelines many devices' heartbeats on one stream:
+A gateway sends many devices' heartbeats per call, one result per item:
+
+>>> results = client.heartbeat_batch([("pump-17", {"temp_c": "21.5"}), ("pump-18", {})])
+>>> [r.ok for r in results]
+
+or pipelines them on one stream:
 
 >>> async with AsyncDeviceClient(endpoints) as client, client.stream() as stream:
 ...     acks = await asyncio.gather(*(stream.send(d, state) for d, state in batch))
@@ -31,6 +36,8 @@ from raftstate.sdk.retry import Backoff
 from raftstate.sdk.stream import HeartbeatStream
 from raftstate.sdk.sync import DeviceClient, SyncHeartbeatStream
 from raftstate.sdk.types import (
+    BatchItem,
+    BatchResult,
     ClusterStatus,
     DeleteResult,
     Device,
@@ -42,6 +49,8 @@ from raftstate.sdk.types import (
 __all__ = [
     "AsyncDeviceClient",
     "Backoff",
+    "BatchItem",
+    "BatchResult",
     "Cancelled",
     "ClusterStatus",
     "Credentials",

@@ -35,7 +35,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from raftstate.admission import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES
+from raftstate.admission import (
+    DEFAULT_BATCH_RPC_MAX_HEARTBEATS,
+    MAX_BATCH_REQUEST_BYTES,
+    MAX_REQUEST_BYTES,
+    MAX_RESPONSE_BYTES,
+)
 from raftstate.errors import (
     LEADER_HINT_KEY,
     DeadlineExceeded,
@@ -49,7 +54,15 @@ from raftstate.errors import (
 from raftstate.model import Consistency, OnlineFilter, validate_device_id, validate_heartbeat
 from raftstate.sdk.credentials import Credentials, resolve
 from raftstate.sdk.retry import Backoff, retry_allowed
-from raftstate.sdk.types import ClusterStatus, DeleteResult, Device, DevicePage, HeartbeatAck
+from raftstate.sdk.types import (
+    BatchItem,
+    BatchResult,
+    ClusterStatus,
+    DeleteResult,
+    Device,
+    DevicePage,
+    HeartbeatAck,
+)
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
 
 if TYPE_CHECKING:
@@ -115,6 +128,9 @@ class AsyncDeviceClient:
         self._next = 0
         self._last_seq: dict[str, int] = {}
         self.retries = 0
+        #: Heartbeats per HeartbeatBatch request; lowered when a node says
+        #: its ``batch_rpc_max_heartbeats`` is smaller.
+        self.max_batch = DEFAULT_BATCH_RPC_MAX_HEARTBEATS
 
     async def __aenter__(self) -> AsyncDeviceClient:
         return self
@@ -181,6 +197,27 @@ class AsyncDeviceClient:
                 self._last_seq[device_id] = previous
             raise
         return HeartbeatAck(device_id, seq, res.revision, res.duplicate, res.stored_seq, attempts)
+
+    async def heartbeat_batch(
+        self,
+        items: Sequence[BatchItem | tuple[str, Mapping[str, str]]],
+        *,
+        deadline_s: float | None = None,
+    ) -> list[BatchResult]:
+        """Commit many devices' heartbeats with ``HeartbeatBatch`` calls; one
+        :class:`~raftstate.sdk.types.BatchResult` per item, in order.
+
+        Any number of items: they are sent in requests of at most
+        ``max_batch`` heartbeats and 4 MiB. Items are given as
+        :class:`~raftstate.sdk.types.BatchItem` or ``(device_id, reported)``.
+        Only items that failed with a retriable code are sent again, with
+        the same seq, until ``deadline_s`` (default: the client's) covering
+        the whole call; see :mod:`raftstate.sdk.batch`. Per-item problems
+        are results, not exceptions; raises ``ValueError`` for an item that
+        is neither form."""
+        from raftstate.sdk.batch import heartbeat_batch
+
+        return await heartbeat_batch(self, items, deadline_s=deadline_s)
 
     def stream(self, *, max_in_flight: int = 256, endpoint: str | None = None) -> HeartbeatStream:
         """A :class:`~raftstate.sdk.stream.HeartbeatStream`: heartbeats of many
@@ -357,7 +394,7 @@ class AsyncDeviceClient:
                     ("grpc.initial_reconnect_backoff_ms", 100),
                     ("grpc.max_reconnect_backoff_ms", 1000),
                     # The node's limits (raftstate/admission.py), set deliberately.
-                    ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+                    ("grpc.max_send_message_length", MAX_BATCH_REQUEST_BYTES),
                     ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
                 ],
             )

@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 from raftstate.model import Consistency, OnlineFilter
 from raftstate.sdk.client import AsyncDeviceClient
 from raftstate.sdk.stream import HeartbeatStream
-from raftstate.sdk.types import ClusterStatus, DeleteResult, Device, DevicePage, HeartbeatAck
+from raftstate.sdk.types import (
+    BatchItem,
+    BatchResult,
+    ClusterStatus,
+    DeleteResult,
+    Device,
+    DevicePage,
+    HeartbeatAck,
+)
 
 T = TypeVar("T")
 
@@ -66,6 +74,14 @@ class DeviceClient:
         return self._run(
             self._client.heartbeat(device_id, reported, seq=seq, ttl_s=ttl_s, deadline_s=deadline_s)
         )
+
+    def heartbeat_batch(
+        self,
+        items: Sequence[BatchItem | tuple[str, Mapping[str, str]]],
+        *,
+        deadline_s: float | None = None,
+    ) -> list[BatchResult]:
+        return self._run(self._client.heartbeat_batch(items, deadline_s=deadline_s))
 
     def get(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from raftstate.errors import RaftStateError
 from raftstate.v1 import cluster_pb2, device_pb2
 
 ROLE_NAMES = {0: "unknown", 1: "follower", 2: "candidate", 3: "leader"}
@@ -38,6 +39,37 @@ class HeartbeatAck:
     duplicate: bool
     stored_seq: int
     attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One heartbeat for :meth:`AsyncDeviceClient.heartbeat_batch`. ``seq``
+    ``None``: the client chooses it (as for ``heartbeat``)."""
+
+    device_id: str
+    reported: Mapping[str, str]
+    seq: int | None = None
+    ttl_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What became of one :class:`BatchItem`: exactly one of ``ack`` (it is
+    committed on a majority) and ``error`` (a ``RaftStateError``: e.g.
+    ``InvalidArgument`` naming ``heartbeats[i].<field>``, ``PermissionDenied``,
+    ``QuotaExceeded``, or ``Unavailable``/``DeadlineExceeded`` when the
+    deadline passed with the outcome unknown: sending the same seq again is
+    safe). ``seq`` is the seq it was sent with (0 if it was never sent)."""
+
+    device_id: str
+    seq: int
+    ack: HeartbeatAck | None
+    error: RaftStateError | None
+
+    @property
+    def ok(self) -> bool:
+        """True when the heartbeat is acknowledged."""
+        return self.ack is not None
 
 
 @dataclass(frozen=True, slots=True)
