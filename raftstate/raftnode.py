@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import enum
 import functools
-import hashlib
 import logging
 import os
 import threading
@@ -835,10 +834,8 @@ class SnapshotCodec:
 
         self._writing = (capture.devices, capture.revision, raft.last[1], path)
 
-        digest = hashlib.sha256()
-
-        def work() -> None:  # another thread or a forked child: no logging here
-            snapshotfile.write(path, capture, raft, fsync=self.fsync, digest=digest)
+        def work() -> None:  # the writer thread
+            snapshotfile.write(path, capture, raft, fsync=self.fsync)
 
         return work
 

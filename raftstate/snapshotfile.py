@@ -39,7 +39,7 @@ import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
 from raftstate import devicerecord
 from raftstate.integrity import SNAPSHOT_MAGIC, CorruptData
@@ -115,18 +115,13 @@ def _header(capture: TableCapture, raft: RaftFields) -> bytes:
     return out
 
 
-def write(
-    path: str, capture: TableCapture, raft: RaftFields, *, fsync: bool, digest: Any = None
-) -> Written:
+def write(path: str, capture: TableCapture, raft: RaftFields, *, fsync: bool) -> Written:
     """Write the capture to ``path`` (via ``path + '.writing'`` and an atomic
     rename). Any thread; see the module docstring for why it does not hold
-    the GIL for long. ``digest``: a fresh ``hashlib.sha256()`` made by the
-    caller (a forked writer gets one made before the fork, so the child never
-    asks OpenSSL for an algorithm, which takes a lock another thread may have
-    held at the fork)."""
+    the GIL for long."""
     tmp = path + ".writing"
     with open_private(tmp, "wb") as fh:
-        size = write_to(fh, capture, raft, digest)
+        size = write_to(fh, capture, raft)
         fh.flush()
         if fsync:
             os.fsync(fh.fileno())
@@ -136,7 +131,7 @@ def write(
     return Written(capture.devices, capture.revision, raft.last[1], size)
 
 
-def write_to(fh: IO[bytes], capture: TableCapture, raft: RaftFields, digest: Any = None) -> int:
+def write_to(fh: IO[bytes], capture: TableCapture, raft: RaftFields) -> int:
     """Write the sealed snapshot of ``capture`` to ``fh``; return its size."""
     records = list(capture.records())
     if len(records) != capture.devices:
@@ -144,9 +139,7 @@ def write_to(fh: IO[bytes], capture: TableCapture, raft: RaftFields, digest: Any
     header = _header(capture, raft)
     length = _U32.size + len(header) + _U32.size * len(records) + sum(map(len, records))
     head = _HEAD.pack(MAGIC_V2, length)
-    if digest is None:
-        digest = hashlib.sha256()
-    digest.update(head)
+    digest = hashlib.sha256(head)
     pack = _U32.pack
     first = head + pack(len(header)) + header
     digest.update(first[_HEAD.size :])

@@ -10,13 +10,17 @@ Raft for ~14 s, past the election timeout. :class:`BackgroundSerializer`
 keeps pysyncobj's protocol and moves the work:
 
 * ``serialize`` (tick thread) takes a :class:`~raftstate.statemachine.TableCapture`
-  and writes it (raftstate/snapshotfile.py) elsewhere: by default in a
-  forked child (``fork``: the child's memory is the table at the fork and it
-  has its own GIL, so the encoder never competes with the tick thread; the
-  capture is released at once), else on a thread (the capture stays
-  consistent by copy-on-write until the write ends). ``checkSerializing``
-  reports SERIALIZING until the writer ends, then SUCCESS (the log is
-  compacted to the captured index) or FAILED.
+  (O(n/B) references; copy-on-write keeps it the table at the captured
+  index) and starts a thread that writes it (raftstate/snapshotfile.py);
+  ``checkSerializing`` reports SERIALIZING until that thread ends, then
+  SUCCESS (the log is compacted to the captured index) or FAILED, and
+  releases the capture.
+* Why a thread and not pysyncobj's ``useFork``: a child forked from a node
+  (gRPC and uvloop threads running) crashed with SIGSEGV/SIGABRT in 5 of
+  ~150 snapshots in a loaded 3-node run (Python finalises the other threads'
+  state in the child). The thread shares the GIL, but the writer only runs
+  Python for short stretches between C calls (join, hash, write) and the
+  interpreter hands the GIL to the tick thread every switch interval (5 ms).
 * A leader keeps sending a follower the previous snapshot file while a new
   one is written (the open file is unaffected by the rename); pysyncobj's
   own serializer restarted every transfer at each compaction.
@@ -35,11 +39,9 @@ finished ``threading.Thread`` and an attribute written once.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -53,11 +55,6 @@ from raftstate.privfile import open_private
 from raftstate.snapshotfile import Loaded, Loader
 
 log = logging.getLogger("raftstate.snapshot")
-
-#: A forked writer still running after this long is killed and the write
-#: reported FAILED; later snapshots are then written on a thread. (A million
-#: devices take seconds; a child can only hang on a lock it inherited.)
-FORK_WRITER_TIMEOUT_S = 600.0
 
 
 class Codec(Protocol):
@@ -102,46 +99,6 @@ class _ThreadWriter(threading.Thread):
         return not self.is_alive()
 
 
-class _ForkWriter:
-    """Runs the write in a forked child: the child's memory is the table as
-    it was at the fork, and the child has its own GIL, so the tick thread
-    never waits for the encoder. The child only encodes and writes files (no
-    locks, no logging, no gRPC) and leaves with ``os._exit``."""
-
-    def __init__(self, work: Callable[[], None]) -> None:
-        self.error: BaseException | None = None
-        self.started_at = time.monotonic()
-        self.seconds = 0.0
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            gc.disable()  # no finalizers of the parent's objects (gRPC) in the child
-            status = 0
-            try:
-                work()
-            except BaseException:
-                status = 1
-            os._exit(status)
-        self._pid = pid
-
-    def done(self) -> bool:
-        if time.monotonic() - self.started_at > FORK_WRITER_TIMEOUT_S:
-            os.kill(self._pid, signal.SIGKILL)
-            os.waitpid(self._pid, 0)
-            self.error = TimeoutError(f"snapshot writer ran over {FORK_WRITER_TIMEOUT_S} s")
-            return True
-        try:
-            pid, status = os.waitpid(self._pid, os.WNOHANG)
-        except ChildProcessError as exc:
-            self.error = exc
-            return True
-        if pid == 0:
-            return False
-        self.seconds = time.monotonic() - self.started_at
-        if os.waitstatus_to_exitcode(status) != 0:
-            self.error = RuntimeError(f"snapshot writer exited with status {status}")
-        return True
-
-
 class _Receiver(threading.Thread):
     """Feeds queued pieces to a ``Loader``; ``None`` ends the queue."""
 
@@ -179,11 +136,10 @@ class BackgroundSerializer(VerifyingSerializer):
     (module docstring). Built by pysyncobj through ``functools.partial``
     with ``codec`` (and ``verify``/``fsync`` for the base class)."""
 
-    def __init__(self, *args: Any, codec: Codec, fork: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, codec: Codec, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.codec = codec
-        self.fork = fork and hasattr(os, "fork")
-        self._writer: _ThreadWriter | _ForkWriter | None = None
+        self._writer: _ThreadWriter | None = None
         self._writing_id: Any = None
         self._receiver: _Receiver | None = None
         #: Seconds the last snapshot took to write (on the writer thread).
@@ -199,13 +155,7 @@ class BackgroundSerializer(VerifyingSerializer):
         self._writing_id = id
         last, prev, cluster = data[1:]
         work = self.codec.start_write(self._path, (last, prev, cluster))
-        if self.fork:
-            try:
-                self._writer = _ForkWriter(work)
-            finally:
-                self.codec.release()  # the child has its own copy
-        else:
-            self._writer = _ThreadWriter(work)
+        self._writer = _ThreadWriter(work)
 
     def checkSerializing(self) -> tuple[int, Any]:  # noqa: N802 - pysyncobj's name
         writer = self._writer
@@ -218,9 +168,6 @@ class BackgroundSerializer(VerifyingSerializer):
         self.last_write_s = writer.seconds
         if writer.error is not None:
             log.error("snapshot write failed: %r", writer.error)
-            if isinstance(writer, _ForkWriter) and isinstance(writer.error, TimeoutError):
-                log.error("writing snapshots on a thread from now on")
-                self.fork = False
             return SERIALIZER_STATE.FAILED, self._writing_id
         self.codec.written(writer.seconds)
         return SERIALIZER_STATE.SUCCESS, self._writing_id

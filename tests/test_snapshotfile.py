@@ -249,9 +249,7 @@ def test_a_capture_is_the_table_at_capture_time_while_applies_continue(tmp_path:
 # ---- pysyncobj's serializer protocol ---------------------------------------------------
 
 
-def _serializer(
-    path: Path, table: DeviceTable, fork: bool = True
-) -> tuple[BackgroundSerializer, SnapshotCodec]:
+def _serializer(path: Path, table: DeviceTable) -> tuple[BackgroundSerializer, SnapshotCodec]:
     codec = SnapshotCodec(table, fsync=False)
     s = BackgroundSerializer(
         str(path),
@@ -262,17 +260,13 @@ def _serializer(
         None,
         codec=codec,
         verify=SnapshotCodec.verify,
-        fork=fork,
     )
     return s, codec
 
 
-@pytest.mark.parametrize("fork", [True, False])
-def test_serialize_returns_at_once_and_reports_success_when_written(
-    tmp_path: Path, fork: bool
-) -> None:
+def test_serialize_returns_at_once_and_reports_success_when_written(tmp_path: Path) -> None:
     t = _table(2000)
-    s, codec = _serializer(tmp_path / "snapshot.bin", t, fork)
+    s, codec = _serializer(tmp_path / "snapshot.bin", t)
     captured = len(t)
     assert s.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
     s.serialize((None, (b"l", 7, 1), (b"p", 6, 1), set()), 6)
@@ -286,36 +280,6 @@ def test_serialize_returns_at_once_and_reports_success_when_written(
     last, prev, _ = SnapshotCodec(u, fsync=False).read(str(tmp_path / "snapshot.bin"))
     assert last == (b"l", 7, 1) and prev == (b"p", 6, 1)
     assert len(u) == captured and u.get("late") is None
-
-
-def test_a_forked_writer_that_hangs_is_killed_and_later_writes_use_a_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import time
-
-    from raftstate import snapshotter
-
-    t = _table(50)
-    s, codec = _serializer(tmp_path / "snapshot.bin", t)
-    real = codec.start_write
-
-    def hanging(path: str, data: tuple[object, object, object]) -> object:
-        real(path, data)  # type: ignore[arg-type]
-        return lambda: time.sleep(3600)
-
-    monkeypatch.setattr(codec, "start_write", hanging)
-    monkeypatch.setattr(snapshotter, "FORK_WRITER_TIMEOUT_S", 0.3)
-    s.serialize((None, (b"l", 7, 1), (b"p", 6, 1), set()), 6)
-    deadline = time.monotonic() + 10
-    while (state := s.checkSerializing())[0] == SERIALIZER_STATE.SERIALIZING:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert state == (SERIALIZER_STATE.FAILED, 6) and s.fork is False
-    monkeypatch.setattr(codec, "start_write", real)
-    s.serialize((None, (b"l", 8, 1), (b"p", 7, 1), set()), 7)
-    while (state := s.checkSerializing())[0] == SERIALIZER_STATE.SERIALIZING:
-        time.sleep(0.01)
-    assert state == (SERIALIZER_STATE.SUCCESS, 7)
 
 
 def test_a_received_snapshot_is_installed_only_when_it_verifies(tmp_path: Path) -> None:
