@@ -233,8 +233,8 @@ def test_quota_refuses_only_the_items_past_it(make_cluster: object) -> None:
 
 def test_scoped_credentials_are_checked_per_item(tmp_path: Path) -> None:
     secure = LocalCluster(tmp_path / "secure", 3, base_config=NodeConfig.for_tests(), secure=True)
-    secure.start(timeout_s=60)
     try:
+        secure.start(timeout_s=60)
         assert secure.pki is not None
         ca = str(secure.pki.ca_cert)
         endpoint = leader_endpoint(secure)
