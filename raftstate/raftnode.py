@@ -116,6 +116,7 @@ class RaftStatus:
     journal_bytes: int = 0
     #: Longest tick work since start (raftstate/tickstats.py), and ticks over 50 ms.
     max_tick_s: float = 0.0
+    max_tick_cpu_s: float = 0.0
     tick_stalls: int = 0
 
 
@@ -485,6 +486,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             catching_up=self._catch_up.active,
             journal_bytes=self.journal.size_bytes,
             max_tick_s=self.tick_stats.max_s,
+            max_tick_cpu_s=self.tick_stats.max_cpu_s,
             tick_stalls=self.tick_stats.stalls,
         )
 
@@ -519,11 +521,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         start an election before pysyncobj looks at it
         (raftstate/prevotegate.py). Tick thread only."""
         started = time.monotonic()
+        cpu = time.thread_time()
         poller = self._timed_poller
         waited = poller.waited if poller is not None else 0.0
         if self._guarded_tick(timeToWait) and poller is not None:
             work = time.monotonic() - started - (poller.waited - waited)
-            self.tick_stats.observe(work)
+            self.tick_stats.observe(work, time.thread_time() - cpu)
 
     def _guarded_tick(self, timeToWait: float) -> bool:  # noqa: N803 - pysyncobj's name
         """One tick; True if it ran normally (not failed, transport ready:

@@ -633,6 +633,7 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
         catching_up=st.catching_up,
         journal_bytes=st.journal_bytes,
         max_tick_ms=st.max_tick_s * 1000,
+        max_tick_cpu_ms=st.max_tick_cpu_s * 1000,
         tick_stalls=st.tick_stalls,
     )
 

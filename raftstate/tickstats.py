@@ -39,6 +39,9 @@ class TickSnapshot:
     #: Longest tick since the last ``take_max`` (or start).
     recent_max_s: float
     stalls: int
+    #: CPU time of the longest tick (wall work minus CPU = time the thread
+    #: waited for the GIL or a core: contention, not Raft work).
+    max_cpu_s: float
     #: Cumulative counts per bucket in ``BUCKETS_S`` order, then +Inf.
     buckets: tuple[int, ...]
 
@@ -53,15 +56,18 @@ class TickStats:
         self.max_s = 0.0
         self.recent_max_s = 0.0
         self.stalls = 0
+        self.max_cpu_s = 0.0
 
-    def observe(self, work_s: float) -> None:
-        """Record one tick that worked ``work_s`` seconds."""
+    def observe(self, work_s: float, cpu_s: float = 0.0) -> None:
+        """Record one tick that worked ``work_s`` seconds of wall time, of
+        which ``cpu_s`` on a core."""
         work_s = max(work_s, 0.0)
         self._counts[bisect.bisect_left(BUCKETS_S, work_s)] += 1
         self.count += 1
         self.sum_s += work_s
         if work_s > self.max_s:
             self.max_s = work_s
+            self.max_cpu_s = cpu_s
         if work_s > self.recent_max_s:
             self.recent_max_s = work_s
         if work_s > STALL_S:
@@ -81,5 +87,11 @@ class TickStats:
             total += n
             cumulative.append(total)
         return TickSnapshot(
-            self.count, self.sum_s, self.max_s, self.recent_max_s, self.stalls, tuple(cumulative)
+            self.count,
+            self.sum_s,
+            self.max_s,
+            self.recent_max_s,
+            self.stalls,
+            self.max_cpu_s,
+            tuple(cumulative),
         )

@@ -53,7 +53,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "role", "term", "commit_index", "last_applied", "leader_id", "leader_grpc_address", "members", "revision", "devices", "transport", "durability", "transport_drops", "last_log_index", "tick_failures", "last_tick_error", "catching_up", "journal_bytes", "max_tick_ms", "tick_stalls")
+    __slots__ = ("node_id", "role", "term", "commit_index", "last_applied", "leader_id", "leader_grpc_address", "members", "revision", "devices", "transport", "durability", "transport_drops", "last_log_index", "tick_failures", "last_tick_error", "catching_up", "journal_bytes", "max_tick_ms", "tick_stalls", "max_tick_cpu_ms")
     class TransportDropsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class StatusResponse(_message.Message):
     JOURNAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TICK_MS_FIELD_NUMBER: _ClassVar[int]
     TICK_STALLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TICK_CPU_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: Role
     term: int
@@ -101,4 +102,5 @@ class StatusResponse(_message.Message):
     journal_bytes: int
     max_tick_ms: float
     tick_stalls: int
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_address: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., revision: _Optional[int] = ..., devices: _Optional[int] = ..., transport: _Optional[str] = ..., durability: _Optional[str] = ..., transport_drops: _Optional[_Mapping[str, int]] = ..., last_log_index: _Optional[int] = ..., tick_failures: _Optional[int] = ..., last_tick_error: _Optional[str] = ..., catching_up: _Optional[bool] = ..., journal_bytes: _Optional[int] = ..., max_tick_ms: _Optional[float] = ..., tick_stalls: _Optional[int] = ...) -> None: ...
+    max_tick_cpu_ms: float
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_address: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., revision: _Optional[int] = ..., devices: _Optional[int] = ..., transport: _Optional[str] = ..., durability: _Optional[str] = ..., transport_drops: _Optional[_Mapping[str, int]] = ..., last_log_index: _Optional[int] = ..., tick_failures: _Optional[int] = ..., last_tick_error: _Optional[str] = ..., catching_up: _Optional[bool] = ..., journal_bytes: _Optional[int] = ..., max_tick_ms: _Optional[float] = ..., tick_stalls: _Optional[int] = ..., max_tick_cpu_ms: _Optional[float] = ...) -> None: ...
