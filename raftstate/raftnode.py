@@ -64,6 +64,7 @@ from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
 from raftstate.prevote import PREVOTE
 from raftstate.prevotegate import PreVoteGate
 from raftstate.privfile import open_private, private_dir
+from raftstate.raftevents import RaftEvents, SnapshotStats
 from raftstate.statemachine import ControlResult, DeviceTable
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
 from raftstate.tickstats import TickStats
@@ -367,7 +368,11 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self._by_raft = {m.raft: m for m in cfg.members}
         me = cfg.self_member
         others = [m.raft for m in cfg.members if m.id != me.id]
+        #: Elections and leader changes (raftstate/raftevents.py), snapshots written.
+        self.raft_events = RaftEvents()
+        self.snapshot_stats = SnapshotStats()
         conf = syncobj_conf(cfg, table)
+        conf.serializer = self.snapshot_stats.timed(conf.serializer)
         fsync = cfg.durability == "fsync"
         data = Path(cfg.data_dir)
         self.journal = ChecksummedJournal(str(data / JOURNAL_FILE), fsync=fsync)
@@ -521,6 +526,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         if self._guarded_tick(timeToWait) and poller is not None:
             work = time.monotonic() - started - (poller.waited - waited)
             self.tick_stats.observe(work)
+        self.raft_events.observe(
+            self._SyncObj__raftState, self._SyncObj__raftCurrentTerm, self._SyncObj__raftLeader
+        )
 
     def _guarded_tick(self, timeToWait: float) -> bool:  # noqa: N803 - pysyncobj's name
         """One tick; True if it ran normally (not failed, transport ready:
