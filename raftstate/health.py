@@ -11,8 +11,12 @@ as a whole) has one too. :func:`service_health` is the rule, pure:
   operator finds out why there is none);
 * ``raftstate.v1.DeviceState`` and ``raftstate.v1.Auth`` (writes and
   linearizable reads, token revocation: all go through the Raft log):
-  SERVING only while this node knows a leader, its Raft ticks succeed and
-  it is not catching up after lost data; NOT_SERVING otherwise.
+  SERVING only while this node can get work committed (:func:`can_commit`:
+  it knows a leader that it is connected to, or is the leader, and reaches
+  a majority of the voters counting itself), its Raft ticks succeed and it
+  is not catching up after lost data; NOT_SERVING otherwise. (pysyncobj
+  keeps a follower's last leader while no election can start, e.g. when
+  every peer is gone, so "knows a leader" alone would stay SERVING.)
 
 :func:`track_health` applies the rule every ``period_s`` and on shutdown
 :meth:`HealthService.enter_graceful_shutdown` turns everything NOT_SERVING
@@ -43,10 +47,23 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CONSENSUS_SERVICES = frozenset({"raftstate.v1.DeviceState", "raftstate.v1.Auth"})
 
 
-def service_health(service: str, *, has_leader: bool, problem: str | None) -> int:
+def can_commit(
+    leader: str | None, connected: Iterable[str], self_address: str, voters: int
+) -> bool:
+    """Whether a node can get an entry committed: it knows a ``leader``
+    (Raft address) that is itself or among its ``connected`` peers, and
+    itself plus its connected peers are a majority of ``voters``."""
+    peers = frozenset(connected) - {self_address}
+    if leader is None or (leader != self_address and leader not in peers):
+        return False
+    return 2 * (len(peers) + 1) > voters
+
+
+def service_health(service: str, *, can_commit: bool, problem: str | None) -> int:
     """The status of ``service`` (a full name, ``""`` for the server) on a
-    node that does or does not know a leader and has ``problem`` (or ``None``)."""
-    if service in CONSENSUS_SERVICES and (not has_leader or problem):
+    node that can or cannot commit (:func:`can_commit`) and has ``problem``
+    (or ``None``)."""
+    if service in CONSENSUS_SERVICES and (not can_commit or problem):
         return int(NOT_SERVING)
     return int(SERVING)
 
@@ -77,15 +94,23 @@ async def track_health(
     changes (so ``Watch`` streams see changes only)."""
     names = ["", *services]
     last: dict[str, int] = {}
+    me, voters = raft.cfg.self_member.raft, len(raft.cfg.members)
     while True:
-        has_leader = raft.leader_raft_address() is not None
+        st = raft.status()
+        commit = can_commit(st.leader_raft_address, st.connected, me, voters)
         problem = raft.health_problem()
         for name in names:
-            status = service_health(name, has_leader=has_leader, problem=problem)
+            status = service_health(name, can_commit=commit, problem=problem)
             if last.get(name) != status:
                 await health.set(name, status)
                 last[name] = status
         await asyncio.sleep(period_s)
 
 
-__all__ = ["CONSENSUS_SERVICES", "HealthService", "service_health", "track_health"]
+__all__ = [
+    "CONSENSUS_SERVICES",
+    "HealthService",
+    "can_commit",
+    "service_health",
+    "track_health",
+]
