@@ -8,6 +8,7 @@ and is parsed with prometheus_client's own text-format parser.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import ssl
 import time
@@ -292,3 +293,13 @@ def test_health_per_service_without_quorum(tmp_path: Path) -> None:
         assert 'raftstate_transport_peer_up{peer="n2"} 0.0' in text
     finally:
         c.stop()
+
+
+def test_grafana_dashboard_uses_only_served_metric_names(cluster: LocalCluster) -> None:
+    path = Path(__file__).parent.parent / "docs" / "grafana" / "raftstate.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    names = {n for e in exprs for n in re.findall(r"\b(?:raftstate|grpc_server)_[a-z0-9_]+", e)}
+    families = scrape(cluster, 0)  # a family may have no samples yet (no drops)
+    bases = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in names}
+    assert names and bases <= set(families), sorted(bases - set(families))
