@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 from raftstate.admission import Quota
 from raftstate.authz import Identity, Role
-from raftstate.errors import Unauthenticated
+from raftstate.config import Member, NodeConfig
+from raftstate.errors import ConfigError, Unauthenticated
 from raftstate.grpcmetrics import GrpcMetrics, MethodKey, rpc_type, split_method, status_of
 from raftstate.health import NOT_SERVING, SERVING, can_commit, service_health
 from raftstate.histogram import LATENCY_BUCKETS_S, Histogram
@@ -209,3 +211,18 @@ def test_online_count_scans_every_page(online: int, offline: int, page: int) -> 
     counter = OnlineCounter(table, lambda: now, page=page)
     assert counter.count_now() == online
     assert asyncio.run(counter.refresh()) == online == counter.value
+
+
+def test_metrics_listen_is_checked_like_the_grpc_addresses() -> None:
+    cfg = NodeConfig.for_tests(
+        node_id="n1",
+        members=(Member("n1", "127.0.0.1:7101", "127.0.0.1:7001"),),
+        cluster_secret="",
+        allow_insecure_transport=True,
+        transport="tcp",
+    )
+    cfg.validate()
+    dataclasses.replace(cfg, metrics_listen=":9464").validate()
+    for bad, field in (("nonsense", "metrics_listen"), ("10.0.0.1:9464", "metrics_listen")):
+        with pytest.raises(ConfigError, match=field):
+            dataclasses.replace(cfg, metrics_listen=bad).validate()
