@@ -61,6 +61,9 @@ GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
 }
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+#: Enum member access is slow on Python 3.11; the per-call path uses these.
+_OK = grpc.StatusCode.OK
+_UNKNOWN = grpc.StatusCode.UNKNOWN
 UNKNOWN_METHOD = ("unknown", "unknown")
 
 
@@ -101,26 +104,51 @@ def status_of(code: Any) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+class MethodStats:
+    """The counters of one method: calls started, calls that ended OK, other
+    codes, and the handling-time histogram. Held by the wrapped handler, so a
+    call touches no dict on the OK path."""
+
+    __slots__ = ("key", "started", "ok", "codes", "handling")
+
+    def __init__(self, key: MethodKey, buckets: tuple[float, ...]) -> None:
+        self.key = key
+        self.started = 0
+        self.ok = 0
+        self.codes: dict[grpc.StatusCode, int] = {}
+        self.handling = Histogram(buckets)
+
+    def end(self, code: Any, seconds: float) -> None:
+        """One call ended with ``code`` (what ``context.code()`` gave, or a
+        ``StatusCode``) after ``seconds``."""
+        if code is None or code is _OK or code == 0:
+            self.ok += 1
+        else:
+            status = status_of(code)
+            self.codes[status] = self.codes.get(status, 0) + 1
+        self.handling.observe(seconds)
+
+
 class GrpcMetrics:
     """Counters and handling-time histograms per method (and code). Written
     on the event loop only."""
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
         self._buckets = buckets
-        self.started: dict[MethodKey, int] = {}
-        self.handled: dict[tuple[MethodKey, grpc.StatusCode], int] = {}
-        self.handling: dict[MethodKey, Histogram] = {}
+        self.methods: dict[MethodKey, MethodStats] = {}
+
+    def stats_for(self, key: MethodKey) -> MethodStats:
+        """The (one) counters of ``key``, made on first use."""
+        stats = self.methods.get(key)
+        if stats is None:
+            stats = self.methods[key] = MethodStats(key, self._buckets)
+        return stats
 
     def on_start(self, key: MethodKey) -> None:
-        self.started[key] = self.started.get(key, 0) + 1
+        self.stats_for(key).started += 1
 
     def on_end(self, key: MethodKey, code: grpc.StatusCode, seconds: float) -> None:
-        pair = (key, code)
-        self.handled[pair] = self.handled.get(pair, 0) + 1
-        hist = self.handling.get(key)
-        if hist is None:
-            hist = self.handling[key] = Histogram(self._buckets)
-        hist.observe(seconds)
+        self.stats_for(key).end(code, seconds)
 
     def samples(
         self,
@@ -131,12 +159,15 @@ class GrpcMetrics:
     ]:
         """Copies for a scrape: started, handled (with the Go code name) and
         handling-time snapshots. Any thread."""
-        started = list(self.started.items())
-        handled = [
-            (k, GO_CODE_NAMES.get(c, "Unknown"), n) for (k, c), n in list(self.handled.items())
-        ]
-        handling = [(k, h.snapshot()) for k, h in list(self.handling.items())]
-        return started, handled, handling
+        methods = list(self.methods.values())
+        started = [(m.key, m.started) for m in methods]
+        handled: list[tuple[MethodKey, str, int]] = []
+        for m in methods:
+            if m.ok:
+                handled.append((m.key, "OK", m.ok))
+            for code, n in list(m.codes.items()):
+                handled.append((m.key, GO_CODE_NAMES.get(code, "Unknown"), n))
+        return started, handled, [(m.key, m.handling.snapshot()) for m in methods]
 
 
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -192,15 +223,15 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
     def _coroutine(self, key: MethodKey, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        metrics, clock = self.metrics, self._clock
+        stats, clock = self.metrics.stats_for(key), self._clock
 
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics.on_start(key)
+            stats.started += 1
             started = clock()
-            code = grpc.StatusCode.UNKNOWN
+            code: Any = _UNKNOWN
             try:
                 result = await behavior(request, context)
-                code = status_of(context.code())
+                code = context.code()
                 return result
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -209,21 +240,21 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 code = _raised_status(context)
                 raise
             finally:
-                metrics.on_end(key, code, clock() - started)
+                stats.end(code, clock() - started)
 
         return handler
 
     def _generator(self, key: MethodKey, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        metrics, clock = self.metrics, self._clock
+        stats, clock = self.metrics.stats_for(key), self._clock
 
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            metrics.on_start(key)
+            stats.started += 1
             started = clock()
-            code = grpc.StatusCode.UNKNOWN
+            code: Any = _UNKNOWN
             try:
                 async for response in behavior(request, context):
                     yield response
-                code = status_of(context.code())
+                code = context.code()
             except (asyncio.CancelledError, GeneratorExit):
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -231,7 +262,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 code = _raised_status(context)
                 raise
             finally:
-                metrics.on_end(key, code, clock() - started)
+                stats.end(code, clock() - started)
 
         return handler
 
@@ -248,6 +279,7 @@ __all__ = [
     "GrpcMetrics",
     "GrpcMetricsInterceptor",
     "MethodKey",
+    "MethodStats",
     "rpc_type",
     "split_method",
     "status_of",

@@ -7,7 +7,7 @@ import dataclasses
 
 import grpc
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raftstate.admission import Quota
@@ -196,6 +196,7 @@ def test_uri_sans_come_from_the_certificate_only() -> None:
     assert uri_sans({}) == [] and uri_sans(None) == []
 
 
+@settings(deadline=None, max_examples=40)
 @given(
     online=st.integers(min_value=0, max_value=120),
     offline=st.integers(min_value=0, max_value=120),
