@@ -45,6 +45,10 @@ DEFAULT_GRPC_BASE = 7001
 DEFAULT_RAFT_BASE = 7101
 
 
+def _is_loopback_host(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports that were free a moment ago (bound to port 0 and
     released; another process could still take one before we use it)."""
@@ -146,6 +150,7 @@ class LocalCluster:
         mtls_ports: list[int] | None = None,
         admin_ttl_s: int = 24 * 3600,
         tls_hosts: Sequence[str] = (),
+        metrics_ports: list[int] | None = None,
     ) -> None:
         """``hosts`` gives each node its own address (e.g. one per network
         namespace; ports then default to 7001/7101 on every host) and
@@ -159,13 +164,17 @@ class LocalCluster:
         file written in it 0600. ``secure``: see the module docstring
         (``None``: secure unless ``base_config`` is ``insecure_grpc`` or
         brings its own TLS files). ``tls_hosts``: more names for the node
-        certificates (addresses the nodes are also dialled at). Raises
-        ``ConfigError`` if a resulting config is invalid."""
+        certificates (addresses the nodes are also dialled at).
+        ``metrics_ports``: each node serves ``/metrics`` on 127.0.0.1 at that
+        port (default: free ports when the nodes run on this host's loopback,
+        none with ``hosts``). Raises ``ConfigError`` if a resulting config is
+        invalid."""
         self.base_dir = private_dir(Path(base_dir).resolve())
         self.size = size
         self.python = python
         self.exec_prefix = exec_prefix
         self.detach = detach
+        on_loopback = hosts is None and _is_loopback_host(host)
         if hosts is not None:
             grpc_ports = grpc_ports or [DEFAULT_GRPC_BASE] * size
             raft_ports = raft_ports or [DEFAULT_RAFT_BASE] * size
@@ -187,6 +196,12 @@ class LocalCluster:
         #: Credentials with the admin role (plaintext, no token, when not secure).
         self.credentials = Credentials()
         per_node: dict[str, dict[str, Any]] = {m.id: {} for m in members}
+        if metrics_ports is None and on_loopback:
+            metrics_ports = free_ports(size)
+        #: ``host:port`` of each node's ``/metrics`` (empty: not served).
+        self.metrics_endpoints = [f"127.0.0.1:{p}" for p in metrics_ports or []]
+        for m, endpoint in zip(members, self.metrics_endpoints, strict=False):
+            per_node[m.id]["metrics_listen"] = endpoint
         if secure:
             names = sorted({*hosts, "localhost", *tls_hosts})
             self.pki = self._make_pki([m.id for m in members], names)
@@ -209,7 +224,7 @@ class LocalCluster:
                 token_key_file=str(self.pki.token_key),
             )
             for i, m in enumerate(members):
-                per_node[m.id] = {
+                per_node[m.id] |= {
                     "tls_cert_file": str(self.pki.nodes[m.id].cert),
                     "tls_key_file": str(self.pki.nodes[m.id].key),
                     "grpc_mtls_listen": self.mtls_endpoints[i],

@@ -154,13 +154,19 @@ class Authenticator:
     def authenticate(self, context: grpc.aio.ServicerContext) -> Identity:
         """The caller's identity. Raises ``Unauthenticated`` (module docstring)."""
         token = bearer_token(context.invocation_metadata())
+        sans = () if token else context.auth_context().get("x509_subject_alternative_name")
+        return self.identify(token, [s.decode(errors="replace") for s in sans or ()])
+
+    def identify(self, token: str | None, uri_sans: list[str]) -> Identity:
+        """The identity of a bearer ``token`` or, without one, of a verified
+        client certificate's URI SANs (also for ``/metrics``). Raises
+        ``Unauthenticated``."""
         if token is not None:
             if not self._keys:
                 raise Unauthenticated("bearer tokens are not enabled on this node")
             return self._tokens.verify(token, int(self._clock_s()), self._revoked())
-        sans = context.auth_context().get("x509_subject_alternative_name")
-        if sans:
-            return identity_from_sans(s.decode(errors="replace") for s in sans)
+        if uri_sans:
+            return identity_from_sans(uri_sans)
         raise Unauthenticated(
             "no credential: send `authorization: Bearer <token>` or connect with a client "
             "certificate to the mTLS port (see `raftstate auth issue`)"

@@ -115,6 +115,7 @@ class Access(enum.Enum):
     """What a method needs."""
 
     PUBLIC = "public"  # no credential at all (health)
+    AUTHENTICATED = "authenticated"  # any valid credential, any role (reflection)
     DEVICE_WRITE = "device-write"  # device/gateway in scope, or admin
     DEVICE_READ = "device-read"  # device/gateway in scope, operator, admin
     OPERATOR = "operator"  # operator or admin
@@ -125,6 +126,9 @@ DEVICE_SERVICE = "/raftstate.v1.DeviceState/"
 CLUSTER_SERVICE = "/raftstate.v1.Cluster/"
 AUTH_SERVICE = "/raftstate.v1.Auth/"
 HEALTH_SERVICE = "/grpc.health.v1.Health/"
+REFLECTION_SERVICE = "/grpc.reflection.v1alpha.ServerReflection/"
+#: Not a gRPC method: an HTTP scrape of ``/metrics`` (raftstate/metricsserver.py).
+METRICS_SCRAPE = "GET /metrics"
 
 METHOD_ACCESS: dict[str, Access] = {
     DEVICE_SERVICE + "Heartbeat": Access.DEVICE_WRITE,
@@ -136,6 +140,8 @@ METHOD_ACCESS: dict[str, Access] = {
     CLUSTER_SERVICE + "Status": Access.OPERATOR,
     AUTH_SERVICE + "IssueToken": Access.ADMIN,
     AUTH_SERVICE + "RevokeToken": Access.ADMIN,
+    REFLECTION_SERVICE + "ServerReflectionInfo": Access.AUTHENTICATED,
+    METRICS_SCRAPE: Access.OPERATOR,
 }
 
 
@@ -153,7 +159,7 @@ def authorize(identity: Identity, method: str, device_ids: Iterable[str] = ()) -
     access = method_access(method)
     role = identity.role
     short = method.rsplit("/", 1)[-1]
-    if access is Access.PUBLIC or role is Role.ADMIN:
+    if access in (Access.PUBLIC, Access.AUTHENTICATED) or role is Role.ADMIN:
         return
     if access in (Access.OPERATOR, Access.ADMIN):
         if access is Access.OPERATOR and role is Role.OPERATOR:

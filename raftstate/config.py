@@ -139,6 +139,12 @@ class NodeConfig:
     #: Bearer token keys (``<kid> <base64 key>`` per line, first one signs);
     #: empty: tokens are refused. ``raftstate cluster up`` writes token.key.
     token_key_file: str = ""
+    #: Prometheus ``/metrics`` over HTTP (raftstate/metricsserver.py), e.g.
+    #: ``127.0.0.1:9464``; empty: not served. HTTPS with this node's TLS
+    #: certificate unless ``insecure_grpc``; with ``auth = "required"`` a
+    #: scrape needs the operator (or admin) role: a bearer token, or a client
+    #: certificate (verified against ``client_ca_file``, optional on this port).
+    metrics_listen: str = ""
     #: "required": every RPC but health needs a credential (mTLS certificate
     #: or bearer token) whose role allows it. "off": no authentication
     #: (anyone reaching the port may do anything), loopback only.
@@ -505,6 +511,9 @@ class NodeConfig:
         grpc_addrs = [("grpc_listen" if self.grpc_listen else "members.grpc", self.grpc_bind)]
         if self.grpc_mtls_listen:
             grpc_addrs.append(("grpc_mtls_listen", self.grpc_mtls_listen))
+        if self.metrics_listen:
+            _check_hostport("metrics_listen", loopback_if_no_host(self.metrics_listen))
+            grpc_addrs.append(("metrics_listen", loopback_if_no_host(self.metrics_listen)))
         if self.insecure_grpc or self.auth == "off":
             what = "insecure_grpc" if self.insecure_grpc else 'auth = "off"'
             for name, address in grpc_addrs:

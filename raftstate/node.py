@@ -8,6 +8,7 @@ what is still pending with UNAVAILABLE, stop Raft.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -15,21 +16,36 @@ from typing import Any
 
 import grpc
 import uvloop
-from grpc_health.v1 import health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from raftstate.admission import MAX_BATCH_REQUEST_BYTES, MAX_RESPONSE_BYTES
 from raftstate.authn import Authenticator, CertReloader, load_token_keys, server_credentials
 from raftstate.authservice import AuthService
-from raftstate.config import NodeConfig
+from raftstate.config import NodeConfig, loopback_if_no_host
 from raftstate.errors import ConfigError
+from raftstate.grpcmetrics import GrpcMetrics, GrpcMetricsInterceptor
+from raftstate.health import HealthService, track_health
+from raftstate.metrics import NodeCollector, OnlineCounter, now_ms
+from raftstate.metricsserver import MetricsServer, TlsContexts
 from raftstate.proposer import Proposer
 from raftstate.raftnode import RaftNode
 from raftstate.reads import ReadIndexDriver
 from raftstate.rpcguard import RpcGuard
-from raftstate.server import ClusterService, DeviceStateService, NodeServices, track_health
+from raftstate.server import ClusterService, DeviceStateService, NodeServices
 from raftstate.statemachine import DeviceTable
-from raftstate.v1 import auth_pb2_grpc, cluster_pb2_grpc, device_pb2_grpc
+from raftstate.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
+    cluster_pb2,
+    cluster_pb2_grpc,
+    device_pb2,
+    device_pb2_grpc,
+)
 
 log = logging.getLogger("raftstate.node")
 
@@ -48,14 +64,24 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
 ]
 
+#: Every service a node serves, by full name (health statuses, reflection).
+SERVICE_NAMES = (
+    device_pb2.DESCRIPTOR.services_by_name["DeviceState"].full_name,
+    cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name,
+    auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
 
 def grpc_server(
-    services: NodeServices,
-) -> tuple[grpc.aio.Server, RpcGuard, health_aio.HealthServicer]:
+    services: NodeServices, grpc_metrics: GrpcMetrics | None = None
+) -> tuple[grpc.aio.Server, RpcGuard, HealthService]:
     """The node's gRPC server (not yet bound or started) with every service
-    registered behind an :class:`RpcGuard` built from ``services.cfg``
-    (authenticating callers unless ``auth = "off"``). Raises ``ConfigError``
-    for an unreadable token key file."""
+    of :data:`SERVICE_NAMES` registered behind an :class:`RpcGuard` built
+    from ``services.cfg`` (authenticating callers unless ``auth = "off"``),
+    and the standard server metrics recorded into ``grpc_metrics`` when
+    given. Raises ``ConfigError`` for an unreadable token key file."""
     cfg = services.cfg
     token_keys = load_token_keys(cfg.token_key_file)
     table = services.table
@@ -72,13 +98,22 @@ def grpc_server(
     # Our gates (with named errors) trip first; gRPC's own cap is a backstop
     # for calls that pile up before a handler runs.
     backstop = 2 * (cfg.max_concurrent_rpcs + cfg.max_streams + cfg.max_concurrent_batch_rpcs)
-    server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=backstop)
+    interceptors = [GrpcMetricsInterceptor(grpc_metrics)] if grpc_metrics is not None else []
+    server = grpc.aio.server(
+        options=GRPC_OPTIONS, maximum_concurrent_rpcs=backstop, interceptors=interceptors
+    )
     add = guard.add_guarded
     add(server, device_pb2_grpc.add_DeviceStateServicer_to_server, DeviceStateService(services))
     add(server, cluster_pb2_grpc.add_ClusterServicer_to_server, ClusterService(services))
     add(server, auth_pb2_grpc.add_AuthServicer_to_server, AuthService(services, token_keys))
-    health = health_aio.HealthServicer()
+    health = HealthService()
     add(server, health_pb2_grpc.add_HealthServicer_to_server, health)
+    # Reflection (grpcurl, Postman): any authenticated caller (raftstate/authz.py).
+    add(
+        server,
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+        reflection.aio.ReflectionServicer(SERVICE_NAMES),
+    )
     return server, guard, health
 
 
@@ -96,6 +131,10 @@ class Node:
         #: The TLS certificate reloaders of the listening ports (for tests/metrics).
         self.cert_reloaders: list[CertReloader] = []
         self._health_task: asyncio.Task[None] | None = None
+        self._health: HealthService | None = None
+        #: ``/metrics`` (None unless ``metrics_listen`` is set).
+        self.metrics: MetricsServer | None = None
+        self.grpc_metrics = GrpcMetrics()
         #: Set (with the exit status) when Raft cannot go on; see RaftNode.set_fatal_handler.
         self.fatal: asyncio.Future[int] | None = None
 
@@ -118,13 +157,17 @@ class Node:
         self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
         services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)
         try:
-            self.server, self.guard, health = grpc_server(services)
+            self.server, self.guard, health = grpc_server(services, self.grpc_metrics)
             self._bind(self.server)
+            if self.cfg.metrics_listen:
+                self.metrics = self._metrics_server(services, self.guard)
+                await self.metrics.start()
         except ConfigError:
             self.raft.destroy()
             raise
         await self.server.start()
-        self._health_task = asyncio.create_task(track_health(services, health))
+        self._health = health
+        self._health_task = asyncio.create_task(track_health(self.raft, health, SERVICE_NAMES))
         log.info(
             "node %s serving gRPC on %s, raft on %s, data in %s, durability %s",
             self.cfg.node_id,
@@ -133,6 +176,29 @@ class Node:
             self.cfg.data_dir,
             self.cfg.durability,
         )
+
+    def _metrics_server(self, services: NodeServices, guard: RpcGuard) -> MetricsServer:
+        """``/metrics`` on ``metrics_listen`` (raftstate/metricsserver.py):
+        HTTPS with the node's certificate unless ``insecure_grpc``; the
+        operator role required unless ``auth = "off"``."""
+        cfg = self.cfg
+        registry = CollectorRegistry(auto_describe=False)
+        online = OnlineCounter(self.table, now_ms)
+        registry.register(NodeCollector(services, guard, self.grpc_metrics, online, _version()))
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+        async def render() -> bytes:
+            await online.refresh()
+            return generate_latest(registry)
+
+        tls = None
+        if not cfg.insecure_grpc:
+            tls = TlsContexts(cfg.tls_cert_file, cfg.tls_key_file, cfg.client_ca_file)
+        authenticator = guard.authenticator
+        identify = authenticator.identify if authenticator is not None else None
+        return MetricsServer(loopback_if_no_host(cfg.metrics_listen), render, identify, tls)
 
     def _bind(self, server: grpc.aio.Server) -> None:
         """Add the listening ports: TLS (or plaintext when ``insecure_grpc``)
@@ -168,6 +234,10 @@ class Node:
         """Stop serving and release every resource. Idempotent."""
         if self._health_task is not None:
             self._health_task.cancel()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.server is not None:
             await self.server.stop(grace_s)
         if self.proposer is not None:
@@ -177,6 +247,13 @@ class Node:
         if self.raft is not None:
             raft, self.raft = self.raft, None
             await asyncio.get_running_loop().run_in_executor(None, raft.destroy_synchronous)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("raftstate")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _resolve(fut: asyncio.Future[int], status: int) -> None:

@@ -37,6 +37,7 @@ from raftstate.admission import Quota, quota_error
 from raftstate.batcher import Batcher
 from raftstate.config import NodeConfig
 from raftstate.errors import DeadlineExceeded, RaftStateError, ResourceExhausted, Unavailable
+from raftstate.histogram import LATENCY_BUCKETS_S, SIZE_BUCKETS, Histogram
 from raftstate.model import BATCH_HEADER_BOUND, Heartbeat, HeartbeatResult
 from raftstate.raftnode import SUCCESS, ProposeCallback
 from raftstate.statemachine import encode_batch
@@ -183,6 +184,15 @@ class Proposer:
         self._closed = False
         self.entries_proposed = 0
         self.entries_retried = 0
+        #: For /metrics: heartbeats per proposed entry, and seconds from
+        #: submit to commit-and-apply on this node per answered heartbeat.
+        self.batch_sizes = Histogram(SIZE_BUCKETS)
+        self.ack_latency = Histogram(LATENCY_BUCKETS_S)
+
+    @property
+    def waiting(self) -> int:
+        """Heartbeats submitted and not yet answered (``max_pending_heartbeats``)."""
+        return self._waiting
 
     @property
     def room(self) -> int:
@@ -259,6 +269,7 @@ class Proposer:
                     f"entry of {len(entry)} bytes exceeds batch_max_bytes ({self._max_entry})"
                 )
             self.entries_proposed += 1
+            self.batch_sizes.observe(len(live))
             self._propose(entry, self._callback_for(live))
         self._arm_timer()
 
@@ -278,9 +289,13 @@ class Proposer:
         self, items: list[_Item], results: list[HeartbeatResult] | None, err: int
     ) -> None:
         if err == SUCCESS and results is not None:
+            # An item's ``expires`` is its submit time plus ``_max_age``, so
+            # its wait so far is ``horizon - expires``.
+            horizon = self._loop.time() + self._max_age
             for item, value in zip(items, results, strict=True):
                 if item.done():
                     continue
+                self.ack_latency.observe(horizon - item.expires)
                 if value.rejected:
                     item.settle(quota_error(self.quota, value.rejected, item.heartbeat.device_id))
                 else:

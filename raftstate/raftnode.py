@@ -63,6 +63,7 @@ from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
 from raftstate.prevote import PREVOTE
 from raftstate.prevotegate import PreVoteGate
 from raftstate.privfile import private_dir
+from raftstate.raftevents import RaftEvents, SnapshotStats
 from raftstate.snapshotter import BackgroundSerializer
 from raftstate.statemachine import ControlResult, DeviceTable, TableCapture
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
@@ -370,7 +371,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self._by_raft = {m.raft: m for m in cfg.members}
         me = cfg.self_member
         others = [m.raft for m in cfg.members if m.id != me.id]
-        self._codec = SnapshotCodec(table, fsync=cfg.durability == "fsync")
+        #: Elections and leader changes (raftstate/raftevents.py), snapshots written.
+        self.raft_events = RaftEvents()
+        self.snapshot_stats = SnapshotStats()
+        self._codec = SnapshotCodec(
+            table, fsync=cfg.durability == "fsync", stats=self.snapshot_stats
+        )
         conf = syncobj_conf(cfg, table, self._codec)
         fsync = cfg.durability == "fsync"
         data = Path(cfg.data_dir)
@@ -527,6 +533,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         if self._guarded_tick(timeToWait) and poller is not None:
             work = time.monotonic() - started - (poller.waited - waited)
             self.tick_stats.observe(work, time.thread_time() - cpu)
+        self.raft_events.observe(
+            self._SyncObj__raftState, self._SyncObj__raftCurrentTerm, self._SyncObj__raftLeader
+        )
 
     def _guarded_tick(self, timeToWait: float) -> bool:  # noqa: N803 - pysyncobj's name
         """One tick; True if it ran normally (not failed, transport ready:
@@ -817,9 +826,12 @@ class SnapshotCodec:
     (raftstate/snapshotter.py runs them off the tick thread,
     raftstate/snapshotfile.py is the format)."""
 
-    def __init__(self, table: DeviceTable, *, fsync: bool) -> None:
+    def __init__(
+        self, table: DeviceTable, *, fsync: bool, stats: SnapshotStats | None = None
+    ) -> None:
         self.table = table
         self.fsync = fsync
+        self.stats = stats
         self._capture: TableCapture | None = None
         self._staged: tuple[str, snapshotfile.Loaded] | None = None
         self._writing: tuple[int, int, int, str] = (0, 0, 0, "")
@@ -847,6 +859,8 @@ class SnapshotCodec:
         devices, revision, index, path = self._writing
         size = os.path.getsize(path)
         self.last_written = snapshotfile.Written(devices, revision, index, size)
+        if self.stats is not None:
+            self.stats.observe(seconds, size)
         log.info(
             "snapshot written in %.2f s: %d devices, revision %d, index %d, %d bytes",
             seconds,
@@ -861,6 +875,11 @@ class SnapshotCodec:
         if self._capture is not None:
             self.table.release(self._capture)
             self._capture = None
+
+    def failed(self) -> None:
+        """Tick thread: the write started by ``start_write`` failed."""
+        if self.stats is not None:
+            self.stats.failures += 1
 
     def stage(self, path: str, loaded: snapshotfile.Loaded) -> None:
         """Tick thread: ``loaded`` is ``path``'s verified content; the next

@@ -72,6 +72,10 @@ class Codec(Protocol):
         """Tick thread: the write succeeded (log it, keep its numbers)."""
         ...
 
+    def failed(self) -> None:
+        """Tick thread: the write failed (count it)."""
+        ...
+
     def stage(self, path: str, loaded: Loaded) -> None:
         """Tick thread: ``loaded`` is the verified content of ``path``."""
         ...
@@ -168,6 +172,7 @@ class BackgroundSerializer(VerifyingSerializer):
         self.last_write_s = writer.seconds
         if writer.error is not None:
             log.error("snapshot write failed: %r", writer.error)
+            self.codec.failed()
             return SERIALIZER_STATE.FAILED, self._writing_id
         self.codec.written(writer.seconds)
         return SERIALIZER_STATE.SUCCESS, self._writing_id

@@ -59,7 +59,8 @@ def test_cluster_up_serves_device_commands_and_stops_cleanly_on_ctrl_c(tmp_path:
         raft_base = free_ports(1)[0]
         ports = list(range(grpc_base, grpc_base + 3)) + list(range(raft_base, raft_base + 3))
         ports += [p + 50 for p in range(grpc_base, grpc_base + 3)]  # the mTLS ports
-        if len(set(ports)) == 9 and all(port_is_free("127.0.0.1", p) for p in ports):
+        ports += [p + 90 for p in range(grpc_base, grpc_base + 3)]  # the /metrics ports
+        if len(set(ports)) == 12 and all(port_is_free("127.0.0.1", p) for p in ports):
             break
     else:
         pytest.fail("found no two free ranges of three ports")

@@ -73,6 +73,8 @@ def _status_line(cluster: LocalCluster) -> str:
 
 #: The mTLS (client certificate) port of a node is its gRPC port + this.
 MTLS_PORT_OFFSET = 50
+#: Each node's /metrics port is its gRPC port plus this (7001 -> 7091).
+METRICS_PORT_OFFSET = 90
 ADMIN_TOKEN_TTL_S = 30 * 86400
 
 
@@ -112,7 +114,10 @@ def cluster_up(args: argparse.Namespace) -> int:
     size = int(meta["size"])  # type: ignore[call-overload]
     grpc_ports = [int(p) for p in meta["grpc_ports"]]  # type: ignore[attr-defined]
     raft_ports = [int(p) for p in meta["raft_ports"]]  # type: ignore[attr-defined]
-    busy = [p for p in grpc_ports + raft_ports if not port_is_free("127.0.0.1", p)]
+    metrics_ports = [p + METRICS_PORT_OFFSET for p in grpc_ports]
+    busy = [
+        p for p in grpc_ports + raft_ports + metrics_ports if not port_is_free("127.0.0.1", p)
+    ]
     if busy:
         print(
             f"raftstate cluster up: ports {busy} are in use; is a cluster already running? "
@@ -140,6 +145,7 @@ def cluster_up(args: argparse.Namespace) -> int:
         secure=not insecure,
         mtls_ports=mtls_ports,
         admin_ttl_s=ADMIN_TOKEN_TTL_S,
+        metrics_ports=metrics_ports,
     )
     stopping = False
 
@@ -166,6 +172,8 @@ def cluster_up(args: argparse.Namespace) -> int:
             f"pid {node.pid}  log {node.log_path}"
         )
     _print_quick_start(cluster, endpoints, insecure)
+    scheme = "http" if insecure else "https"
+    print(f"  Prometheus: {scheme}://{{{','.join(cluster.metrics_endpoints)}}}/metrics\n")
     tty = sys.stdout.isatty()
     deadline = None if args.for_seconds is None else time.monotonic() + args.for_seconds
     last_print = 0.0

@@ -169,3 +169,4 @@ class LinkStats:
     messages_sent: int
     messages_delivered: int
     send_rejected: int
+    redundant_bytes: int = 0  # bytes of the proactive copies (their records)

@@ -136,6 +136,7 @@ class ReliableLink:
         self._failure: str | None = None
         self._frames_sent = self._ack_frames_sent = self._frames_received = 0
         self._retransmissions = self._redundant = self._probes = 0
+        self._redundant_bytes = 0
         self._duplicates = self._malformed = self._window_drops = 0
         self._messages_sent = self._messages_delivered = self._send_rejected = 0
 
@@ -274,6 +275,7 @@ class ReliableLink:
             tail = fit(list(self._recent)[-max(copies, 1) :][::-1], self._max_record)
             if tail and self._cap_open():
                 self._redundant += len(tail)
+                self._redundant_bytes += sum(c.record_size for c in tail)
                 out.append(self._build(now, tail))
                 self._tail_left -= 1
                 if self._tail_left > 0:
@@ -347,6 +349,7 @@ class ReliableLink:
             messages_sent=self._messages_sent,
             messages_delivered=self._messages_delivered,
             send_rejected=self._send_rejected,
+            redundant_bytes=self._redundant_bytes,
         )
 
     # ------------------------------------------------------------ sending
@@ -423,6 +426,7 @@ class ReliableLink:
             extra = fit(recent, space, taken=len(chunks)) if recent else recent
             if extra:
                 self._redundant += len(extra)
+                self._redundant_bytes += sum(c.record_size for c in extra)
                 chunks = primary + extra
             self._recent.extend(primary)
         payload = encode_fields(number, floor, ack[0] if ack else None, chunks, ack_now)

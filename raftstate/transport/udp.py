@@ -559,6 +559,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 loss_rate=st.loss_rate if st else 0.0,
                 sessions=peer.sessions,
                 paths=built,
+                link=st,
             )
         return out
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from raftstate.transport.crypto import NodeIdentity
-from raftstate.transport.linkconfig import LinkConfig
+from raftstate.transport.linkconfig import LinkConfig, LinkStats
 
 DATAGRAM_SIZE = 1200
 HELLO_MIN_INTERVAL = 0.05
@@ -86,6 +86,8 @@ class PeerLinkStats:
     loss_rate: float
     sessions: int  # sessions established with this peer since start
     paths: int  # paths built to this peer since start (ICE rebuilds add one)
+    #: The current session's link counters (reset when a new session starts).
+    link: LinkStats | None = None
 
 
 def split_hostport(value: str) -> tuple[str, int]:
