@@ -33,13 +33,6 @@ from raftstate.v1 import auth_pb2_grpc, cluster_pb2_grpc, device_pb2_grpc
 
 log = logging.getLogger("raftstate.node")
 
-#: ``sys.setswitchinterval`` for node processes. Three threads take turns on
-#: the GIL (the event loop, pysyncobj's tick thread, gRPC's poller) and every
-#: heartbeat and read is handed between them; a thread woken while another
-#: runs Python waits up to the switch interval (CPython's default: 5 ms) for
-#: the GIL. 1 ms bounds each hand-off lower at a small cost in forced switches.
-GIL_SWITCH_INTERVAL_S = 0.001
-
 GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_time_ms", 20_000),
@@ -226,7 +219,6 @@ def configure_logging(level: str, node_id: str = "") -> None:
 def run_node(cfg: NodeConfig) -> int:
     """Run one node until signalled. Returns the process exit code."""
     configure_logging(cfg.log_level, cfg.node_id)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         return uvloop.run(_serve(cfg))
     except ConfigError as err:
