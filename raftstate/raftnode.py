@@ -680,11 +680,11 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             return 0
 
     def read_floor(self) -> int:
-        """Tick thread, on the leader: the lowest index a linearizable read
-        must wait for. The commit index, unless followers commit on their own
-        (three voters, see raftstate/fastcommit.py): then the last log index,
-        since a follower may have acknowledged entries the leader has not yet
-        counted."""
+        """On the leader, any thread (values the tick thread writes, each read
+        atomically): the lowest index a linearizable read must wait for. The
+        commit index, unless followers commit on their own (three voters, see
+        raftstate/fastcommit.py): then the last log index, since a follower may
+        have acknowledged entries the leader has not yet counted."""
         return fastcommit.read_floor(
             self._follower_commit, int(self.raftCommitIndex), self._last_log_index()
         )
@@ -778,6 +778,13 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         """Send one of our messages to a peer ``Node``. Tick thread only; a
         message to a disconnected peer is dropped (senders retransmit)."""
         self._own_transport.send(node, message)
+
+    def loop_transport(self) -> UdpTransport | None:
+        """The UDP transport, whose socket lives on the node's event loop
+        (:meth:`UdpTransport.send_from_loop`, :meth:`UdpTransport.set_loop_receiver`);
+        ``None`` for TCP, whose sockets belong to the tick thread."""
+        transport = self._own_transport
+        return transport if isinstance(transport, UdpTransport) else None
 
     def peer_link_stats(self) -> dict[str, PeerLinkStats]:
         """Per-peer path stats (srtt, retransmissions, loss) keyed by member

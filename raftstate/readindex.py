@@ -65,6 +65,8 @@ one thread (pysyncobj's tick thread).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -117,6 +119,7 @@ class _Read:
     read_index: int
     deadline: float
     required: int  # the first round that can start after this read arrived
+    seq: int  # arrival order; tells a live deadline-heap entry from a stale one
 
 
 @dataclass(slots=True)
@@ -155,7 +158,14 @@ class ReadIndexTracker(Generic[R]):
         self._term_first_round = 1
         self._inflight: _Round | None = None
         self._acked: dict[str, int] = {}  # peer -> highest round acked this term
+        # In arrival order, so ``required`` never decreases along it: the reads
+        # a round confirms are a prefix, and the first and last entries bound
+        # every read's ``required``. That keeps each call O(1) amortised (plus
+        # O(log n) per read for the deadline heap) however many reads wait.
         self._reads: dict[R, _Read] = {}
+        # (deadline, seq, read_id); entries of reads that ended are skipped lazily.
+        self._deadlines: list[tuple[float, int, R]] = []
+        self._seq = itertools.count()
 
     # -- read-only state -------------------------------------------------
 
@@ -188,7 +198,8 @@ class ReadIndexTracker(Generic[R]):
     def next_tick_at(self) -> float | None:
         """When :meth:`on_tick` next has work (a resend or an expiry), or
         ``None``. Drivers that tick periodically can ignore this."""
-        times = [r.deadline for r in self._reads.values()]
+        self._drop_stale_deadlines()
+        times = [self._deadlines[0][0]] if self._deadlines else []
         if self._inflight is not None and self._unacked():
             times.append(self._inflight.last_sent + self.resend_after)
         return min(times, default=None)
@@ -224,6 +235,7 @@ class ReadIndexTracker(Generic[R]):
         """We are no longer leader (or never were). Fails every waiting read."""
         failed = tuple(self._reads)
         self._reads.clear()
+        self._deadlines.clear()
         self._term = None
         self._ready = False
         self._commit_floor = 0
@@ -251,11 +263,14 @@ class ReadIndexTracker(Generic[R]):
             return Output(failed=(*self.on_step_down().failed, read_id))
         if deadline <= now:
             return Output(failed=(read_id,))
+        seq = next(self._seq)
         self._reads[read_id] = _Read(
             read_index=max(commit_index, self._commit_floor),
             deadline=deadline,
             required=self._rounds_started + 1,
+            seq=seq,
         )
+        heapq.heappush(self._deadlines, (deadline, seq, read_id))
         return self._advance(now, [])
 
     def on_ack(self, peer: str, term: int, round: int, now: float) -> Output[R]:
@@ -306,24 +321,53 @@ class ReadIndexTracker(Generic[R]):
         highest = sorted((self._acked.get(p, 0) for p in self.peers), reverse=True)
         return highest[self._needed - 1]
 
+    def _drop_stale_deadlines(self) -> None:
+        heap, reads = self._deadlines, self._reads
+        while heap:
+            _, seq, rid = heap[0]
+            read = reads.get(rid)
+            if read is not None and read.seq == seq:
+                return
+            heapq.heappop(heap)
+
+    def _expire(self, now: float) -> list[R]:
+        """Remove the reads whose deadline is ``<= now``; in arrival order."""
+        heap, reads = self._deadlines, self._reads
+        expired: list[tuple[int, R]] = []
+        while heap and heap[0][0] <= now:
+            _, seq, rid = heapq.heappop(heap)
+            read = reads.get(rid)
+            if read is not None and read.seq == seq:
+                del reads[rid]
+                expired.append((seq, rid))
+        expired.sort(key=lambda e: e[0])
+        return [rid for _, rid in expired]
+
     def _advance(self, now: float, probes: list[Probe]) -> Output[R]:
         """Expire, grant, retire the in-flight round, start the next one."""
-        failed = [rid for rid, r in self._reads.items() if r.deadline <= now]
-        for rid in failed:
-            del self._reads[rid]
+        failed = self._expire(now) if self._deadlines and self._deadlines[0][0] <= now else []
         grants: list[Grant[R]] = []
+        reads = self._reads
         while self._ready and self._term is not None:
             confirmed = self._confirmed_round()
-            for rid in [rid for rid, r in self._reads.items() if r.required <= confirmed]:
-                grants.append(Grant(rid, self._reads.pop(rid).read_index))
+            while reads:
+                rid = next(iter(reads))
+                if reads[rid].required > confirmed:
+                    break
+                grants.append(Grant(rid, reads.pop(rid).read_index))
             inflight = self._inflight
+            # ``required`` never decreases in arrival order: the first read has
+            # the lowest, the last the highest.
             if inflight is not None and (
                 inflight.number <= confirmed
-                or all(r.required > inflight.number for r in self._reads.values())
+                or not reads
+                or reads[next(iter(reads))].required > inflight.number
             ):
                 self._inflight = None  # reached quorum, or failed: nobody needs it
-            if self._inflight is not None or all(
-                r.required <= self._rounds_started for r in self._reads.values()
+            if (
+                self._inflight is not None
+                or not reads
+                or reads[next(reversed(reads))].required <= self._rounds_started
             ):
                 break
             self._rounds_started += 1

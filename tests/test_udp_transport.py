@@ -262,3 +262,56 @@ def test_garbage_forged_and_replayed_datagrams_never_harm_a_node(tmp_path: Path)
         cluster.stop()
         for r in relays.values():
             r.close()
+
+
+def test_loop_side_messages_bypass_the_tick_thread_both_ways(tmp_path: Path) -> None:
+    """``send_from_loop`` sends from the transport's loop and
+    ``set_loop_receiver`` hands the chosen wire kinds (ReadIndex's) to a
+    handler on the receiver's loop thread, decoded; pysyncobj's tick thread
+    never sees them."""
+    from cluster.local import free_ports
+    from raftstate.raftnode import RaftNode
+    from raftstate.reads import ACK, PROBE, WIRE_KINDS
+    from raftstate.statemachine import DeviceTable
+
+    ports = free_ports(4)
+    members = tuple(
+        Member(f"n{i + 1}", f"127.0.0.1:{ports[i]}", f"127.0.0.1:{ports[i + 2]}") for i in range(2)
+    )
+    base = NodeConfig.for_tests(transport="udp", members=members, cluster_secret=generate_secret())
+    nodes = [
+        RaftNode(
+            dataclasses.replace(base, node_id=m.id, data_dir=str(tmp_path / m.id)), DeviceTable(30)
+        )
+        for m in members
+    ]
+    got: list[tuple[str, dict[str, object], str]] = []
+    on_tick: list[dict[str, object]] = []
+    try:
+        sender, receiver = (n.loop_transport() for n in nodes)
+        assert sender is not None and receiver is not None
+        nodes[1].set_message_handler(lambda _node, msg: on_tick.append(msg))
+
+        def record(node: object, msg: dict[str, object]) -> None:
+            got.append((str(getattr(node, "id", "")), msg, threading.current_thread().name))
+
+        receiver.loop.call_soon_threadsafe(receiver.set_loop_receiver, WIRE_KINDS, record)
+        wait_until(lambda: all(n.status().connected for n in nodes), 20, "both nodes connected")
+        peer = next(iter(nodes[0].otherNodes))
+        sent: list[bool] = []
+        send = sender.send_from_loop
+        for i, kind in enumerate((PROBE, ACK)):
+            msg = {"type": kind, "term": 7, "round": i + 1}
+            sender.loop.call_soon_threadsafe(lambda m=msg: sent.append(send(peer, m)))
+        wait_until(lambda: len(got) == 2, 10, "both messages on the receiver's loop")
+        assert sent == [True, True]
+        assert [m for _, m, _ in got] == [
+            {"type": PROBE, "term": 7, "round": 1},
+            {"type": ACK, "term": 7, "round": 2},
+        ]
+        assert all(who == nodes[0].selfNode.id for who, _, _ in got)
+        assert all(thread == "raftstate-udp" for _, _, thread in got)  # the loop, not the tick
+        assert on_tick == []
+    finally:
+        for n in nodes:
+            n.destroy_synchronous()

@@ -48,6 +48,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from pysyncobj.pipe_notifier import PipeNotifier
@@ -72,6 +73,8 @@ from raftstate.transport.udpconfig import (
 )
 
 log = logging.getLogger("raftstate.transport.udp")
+#: ``handler(node, message)`` for messages handled on the loop thread.
+LoopHandler = Callable[[Any, dict[str, Any]], None]
 _AUTH_DROPS = (DropReason.BAD_MAC, DropReason.UNKNOWN_PEER, DropReason.STALE_HELLO)
 
 
@@ -168,6 +171,9 @@ class UdpTransport(Transport):  # type: ignore[misc]
         self._connected: set[str] = set()  # tick thread's view
         self._undecodable = 0  # authenticated messages that failed to decode
         self._undecodable_logged = -DROP_LOG_INTERVAL
+        # Loop-side messages (set_loop_receiver): wire kinds and their handler.
+        self._loop_kinds: frozenset[int] = frozenset()
+        self._loop_handler: LoopHandler | None = None
         self._bound = asyncio.run_coroutine_threadsafe(self._open(), loop)
         syncObj.addOnTickCallback(self._on_tick)
 
@@ -331,6 +337,64 @@ class UdpTransport(Transport):  # type: ignore[misc]
                     continue
                 self._onMessageReceived(node, message)
 
+    # ------------------------------------------------------- loop-side messages
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop that owns the socket (and runs :meth:`send_from_loop`)."""
+        return self._loop
+
+    def set_loop_receiver(self, kinds: frozenset[int], handler: LoopHandler | None) -> None:
+        """Loop thread: authenticated messages whose wire kind is in ``kinds``
+        are decoded and handed to ``handler(node, message)`` on the loop, as
+        they arrive, instead of to the tick thread; their order relative to
+        other messages is not kept. ``None`` undoes it. For messages that need
+        no Raft state change (ReadIndex probes and acks): no thread hop."""
+        self._loop_handler = handler
+        self._loop_kinds = kinds if handler is not None else frozenset()
+
+    def send_from_loop(self, node: Any, message: dict[str, Any]) -> bool:
+        """Loop thread: queue ``message`` for ``node`` and transmit it at the
+        end of this loop turn (with whatever else is due), without the tick
+        thread. ``False`` (dropped: the sender retransmits) when there is no
+        live session with the peer or its backlog is full. Its order relative
+        to messages sent with :meth:`send` is not kept."""
+        peer_id = self._node_peer.get(node)
+        if peer_id is None or self._closed:
+            return False
+        peer = self._peers[peer_id]
+        if peer.link is None or not peer.reported_up:
+            return False
+        data = wirecodec.encode(message)  # EncodeError: a bug in the sender
+        with self._out_lock:
+            held = peer.outbox_bytes + peer.backlog_bytes + peer.link_buffered
+            if held + len(data) > self._settings.max_peer_bytes:
+                return False
+            peer.backlog.append(data)
+            peer.backlog_bytes += len(data)
+        self._transmit_soon(peer)
+        return True
+
+    def _divert(self, peer: _Peer, messages: list[bytes]) -> list[bytes]:
+        """Loop thread: hand the loop-side messages to their handler; return
+        the rest (for the tick thread), in order."""
+        kinds, handler = self._loop_kinds, self._loop_handler
+        rest: list[bytes] = []
+        for m in messages:
+            if handler is None or len(m) < 2 or m[1] not in kinds:
+                rest.append(m)
+                continue
+            try:
+                message = wirecodec.decode(m)
+            except DecodeError as exc:
+                self._on_undecodable(peer.id, exc)
+                continue
+            try:
+                handler(peer.node, message)
+            except Exception:  # a handler bug must not break the transport
+                log.exception("loop-side handler failed for %s", message.get("type"))
+        return rest
+
     def _on_undecodable(self, peer_id: str, exc: DecodeError) -> None:
         self._undecodable += 1
         now = time.monotonic()
@@ -489,6 +553,8 @@ class UdpTransport(Transport):  # type: ignore[misc]
             if peer.link is None:
                 return
             messages = peer.link.receive(event.payload, self._loop.time())
+            if messages and self._loop_kinds:
+                messages = self._divert(peer, messages)
             if messages:
                 self._inbox.extend(("msg", peer.id, m) for m in messages)
                 self._wake_tick()
