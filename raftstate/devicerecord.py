@@ -17,9 +17,9 @@ table keeps each device as a single ``bytes`` instead:
   is read (``view``).
 * A record is never mutated, only replaced, so a reference to one is a
   consistent copy: snapshots capture references, not copies.
-* The BODY starts with the device id (field 1, a length below 128, so the
-  first two bytes are ``0x0a, len``); :func:`device_id_of` reads it without
-  parsing the record (snapshot loading). ``body_device_id_ok`` checks it.
+* The BODY starts with the device id (field 1, ``0x0a`` and a one- or
+  two-byte length); :func:`device_id_of` reads it without parsing the
+  record (snapshot loading).
 
 Pure functions; any thread.
 """
@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import struct
 
-from raftstate.errors import DecodeError
+from raftstate.batchentry import id_at
 from raftstate.model import DeviceView
 from raftstate.v1 import storage_pb2
 
 HEAD = struct.Struct("<QQqqQII")
 HEAD_SIZE = HEAD.size
 _SEQ = struct.Struct("<Q")
-_ID_TAG = 0x0A
 
 
 def pack(
@@ -81,13 +80,7 @@ def view(record: bytes) -> DeviceView:
 def device_id_of(record: bytes) -> str:
     """The device id stored in a record, read from the BODY's first field.
     Raises ``DecodeError`` if the record does not start with it."""
-    if len(record) < HEAD_SIZE + 3 or record[HEAD_SIZE] != _ID_TAG:
-        raise DecodeError("device record does not start with its device id")
-    n = record[HEAD_SIZE + 1]
-    end = HEAD_SIZE + 2 + n
-    if n == 0 or n >= 0x80 or end > len(record):
-        raise DecodeError("device record has a bad device id length")
-    return record[HEAD_SIZE + 2 : end].decode("ascii")
+    return id_at(record, HEAD_SIZE)
 
 
 def from_view(d: DeviceView) -> bytes:

@@ -60,7 +60,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from raftstate import devicerecord
+from raftstate import batchentry, devicerecord
 from raftstate.admission import Quota, quota_refusal, state_bytes
 from raftstate.errors import DecodeError
 from raftstate.model import DevicePage, DeviceView, Heartbeat, HeartbeatResult, OnlineFilter
@@ -107,11 +107,23 @@ class DeviceTable:
     # ---- writes (tick thread) -------------------------------------------------
 
     def apply(self, entry: bytes) -> list[HeartbeatResult]:
-        """Apply one ``HeartbeatBatch`` log entry; return one result per heartbeat.
+        """Apply one heartbeat batch log entry (format 2, raftstate/batchentry.py,
+        or a format-1 ``HeartbeatBatch``); return one result per heartbeat.
 
         An entry with no heartbeats (a new leader's barrier) changes nothing and
-        returns ``[]``. Raises ``DecodeError`` if the bytes are not a batch.
+        returns ``[]``. Raises ``DecodeError`` (changing nothing) if the bytes
+        are not a batch.
         """
+        if batchentry.is_v2(entry):
+            now_ms, quota, count = batchentry.decode_head(entry)
+            items = list(batchentry.records(entry, count))
+            if now_ms > self.max_proposed_at_ms:
+                self.max_proposed_at_ms = now_ms
+            store = self._store
+            return [
+                store(device_id, seq, ttl_s, size, body, now_ms, quota)
+                for device_id, seq, ttl_s, size, body in items
+            ]
         batch = storage_pb2.HeartbeatBatch()
         try:
             batch.ParseFromString(entry)
@@ -121,8 +133,19 @@ class DeviceTable:
         if now_ms > self.max_proposed_at_ms:
             self.max_proposed_at_ms = now_ms
         quota = Quota(batch.max_devices, batch.max_state_bytes)
-        apply_one = self._apply_one
-        return [apply_one(hb, now_ms, quota) for hb in batch.heartbeats]
+        store = self._store
+        return [
+            store(
+                hb.device_id,
+                hb.seq,
+                hb.ttl_s,
+                state_bytes(hb.device_id, hb.reported),
+                hb.SerializeToString(),
+                now_ms,
+                quota,
+            )
+            for hb in batch.heartbeats
+        ]
 
     def apply_control(self, entry: bytes) -> ControlResult:
         """Apply one ``ControlCommand`` log entry (module docstring). Raises
@@ -174,16 +197,23 @@ class DeviceTable:
             quota, len(self._recs), self.state_bytes, old is None, old_bytes, new_bytes
         )
 
-    def _apply_one(
-        self, hb: storage_pb2.HeartbeatRecord, now_ms: int, quota: Quota
+    def _store(
+        self,
+        device_id: str,
+        seq: int,
+        ttl_s: int,
+        size: int,
+        body: bytes,
+        now_ms: int,
+        quota: Quota,
     ) -> HeartbeatResult:
-        device_id = hb.device_id
+        """Apply one heartbeat: ``body`` is its ``HeartbeatRecord`` bytes and
+        ``size`` its quota measure (``admission.state_bytes``)."""
         old = self._recs.get(device_id)
         if old is not None:
             o_seq, o_rev, first, last, beats, o_ttl, o_size = _HEAD_UNPACK(old)
-            if hb.seq <= o_seq:
+            if seq <= o_seq:
                 return HeartbeatResult(o_rev, True, o_seq)
-        size = state_bytes(device_id, hb.reported)
         if quota.max_devices or quota.max_state_bytes:
             refused = self.quota_refusal(quota, device_id, size)
             if refused is not None:
@@ -196,25 +226,24 @@ class DeviceTable:
             undo[device_id] = old
         if old is None:
             self.state_bytes += size
-            record = _HEAD_PACK(
-                hb.seq, self.revision, now_ms, now_ms, 1, hb.ttl_s or self.default_ttl_s, size
-            )
-            self._recs[device_id] = record + hb.SerializeToString()
+            ttl_s = ttl_s or self.default_ttl_s
+            head = _HEAD_PACK(seq, self.revision, now_ms, now_ms, 1, ttl_s, size)
+            self._recs[device_id] = head + body
             with self._ids_lock:
                 self._ids.add(device_id)
         else:
             self.state_bytes += size - o_size
-            record = _HEAD_PACK(
-                hb.seq,
+            head = _HEAD_PACK(
+                seq,
                 self.revision,
                 first,
                 last if last > now_ms else now_ms,
                 beats + 1,
-                hb.ttl_s or o_ttl,
+                ttl_s or o_ttl,
                 size,
             )
-            self._recs[device_id] = record + hb.SerializeToString()
-        return HeartbeatResult(self.revision, False, hb.seq)
+            self._recs[device_id] = head + body
+        return HeartbeatResult(self.revision, False, seq)
 
     # ---- reads (any thread) ---------------------------------------------------
 
@@ -404,9 +433,17 @@ def encode_revoke(token_id: bytes, expires_at_s: int, proposed_at_ms: int) -> by
 def encode_batch(
     heartbeats: Iterable[Heartbeat], proposed_at_ms: int, quota: Quota | None = None
 ) -> bytes:
-    """Encode validated heartbeats as one ``HeartbeatBatch`` log entry,
-    carrying ``quota`` (none when omitted). An empty iterable gives a barrier
-    entry that changes nothing."""
+    """Encode validated heartbeats as one heartbeat batch log entry (format 2,
+    raftstate/batchentry.py), carrying ``quota`` (none when omitted). An
+    empty iterable gives a barrier entry that changes nothing."""
+    return batchentry.encode(heartbeats, proposed_at_ms, quota)
+
+
+def encode_batch_v1(
+    heartbeats: Iterable[Heartbeat], proposed_at_ms: int, quota: Quota | None = None
+) -> bytes:
+    """The same entry in format 1 (one protobuf ``HeartbeatBatch``), as
+    journals written before format 2 hold it; ``apply`` reads both."""
     batch = storage_pb2.HeartbeatBatch(proposed_at_ms=proposed_at_ms)
     if quota is not None:
         batch.max_devices = quota.max_devices
