@@ -51,6 +51,7 @@ from raftstate.bench.transportreport import (
     render_summary,
     summarize,
 )
+from raftstate.cli.argtypes import Real
 from raftstate.config import TRANSPORTS
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def add_transport_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--cost-gap-ms",
-        type=float,
+        type=Real(0.0, 1e6, unit="ms"),
         default=5.0,
         help="transport-cost: virtual ms between AppendEntries (5 = 200/s per follower)",
     )

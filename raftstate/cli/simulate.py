@@ -18,6 +18,7 @@ import time
 import uvloop
 
 from raftstate.bench.stats import LatencySummary
+from raftstate.cli.words import plural
 from raftstate.errors import RaftStateError
 from raftstate.sdk import AsyncDeviceClient
 
@@ -57,7 +58,9 @@ async def _run(endpoints: str, args: argparse.Namespace) -> int:
     window: list[float] = []
     all_ms: list[float] = []
     errors: list[str] = []
-    async with AsyncDeviceClient(endpoints) as client:
+    async with AsyncDeviceClient(
+        endpoints, deadline_s=args.deadline, credentials=args.credentials
+    ) as client:
         tasks = [
             asyncio.create_task(
                 _device(client, f"{args.prefix}{i:06d}", args.interval, window, errors, stop, rng)
@@ -89,9 +92,10 @@ async def _run(endpoints: str, args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - started
     s = LatencySummary.of(all_ms)
     print(
-        f"summary: {args.devices} devices, {s.count} heartbeats acknowledged in {elapsed:.0f}s "
+        f"summary: {plural(args.devices, 'device')}, {plural(s.count, 'heartbeat')} acknowledged "
+        f"in {elapsed:.0f}s "
         f"({s.count / elapsed:.0f}/s), p50 {s.p50:.1f} ms, p99 {s.p99:.1f} ms, "
-        f"{len(errors)} errors"
+        f"{plural(len(errors), 'error')}"
     )
     return 0 if not errors else 1
 

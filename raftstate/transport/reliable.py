@@ -347,6 +347,7 @@ class ReliableLink:
             messages_sent=self._messages_sent,
             messages_delivered=self._messages_delivered,
             send_rejected=self._send_rejected,
+            loss_measured=rec.measured_loss_rate(),
         )
 
     # ------------------------------------------------------------ sending
