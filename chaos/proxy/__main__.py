@@ -13,7 +13,8 @@ from chaos.proxy.registry import ProxyRegistry
 from raftstate.cli.argtypes import PORT_OR_ZERO, CliParser
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``raftstate-toxiproxy`` command line."""
     parser = CliParser(
         prog="raftstate-toxiproxy",
         description='Toxiproxy 2.x-compatible chaos proxy (TCP; UDP via "protocol": "udp").',
@@ -28,7 +29,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--port", type=PORT_OR_ZERO, default=8474, help="API listen port; 0 picks one"
     )
     parser.add_argument("--seed", type=int, default=None, help="seed toxic randomness")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> int:
