@@ -41,6 +41,8 @@ class LazySubParsers(_SubParsers):
     """Subcommands whose options a builder adds when the command is chosen."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("metavar") is None:
+            kwargs["metavar"] = "COMMAND"  # "required: COMMAND", not the dest's name
         super().__init__(*args, **kwargs)
         self._builders: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
 
@@ -165,6 +167,14 @@ def _number(x: float) -> str:
     return f"{int(x):,}" if x == int(x) else f"{x:g}"
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (the value may be empty or hold ``=``) as a pair."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expects KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def readable_file(text: str) -> str:
     """A path to a file this process can read (returned unchanged)."""
     if not os.path.isfile(text):
@@ -214,5 +224,6 @@ __all__ = [
     "build_all",
     "lazy",
     "fail",
+    "key_value",
     "readable_file",
 ]

@@ -29,6 +29,7 @@ from raftstate.cli.argtypes import (
     Integer,
     build_all,
     fail,
+    key_value,
     lazy,
 )
 from raftstate.cli.clientflags import add_client_flags
@@ -40,14 +41,9 @@ from raftstate.model import TTL_MAX_S
 CLUSTER_UP_MAX_SIZE = 9
 
 
-def _kv(items: Sequence[str], what: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"raftstate: {what} expects KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
+def _kv(items: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Repeated ``--set KEY=VALUE`` pairs (parsed by ``key_value``); later wins."""
+    return dict(items)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -55,7 +51,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from raftstate.node import run_node
 
     try:
-        cfg = NodeConfig.load(args.config, flags=_kv(args.set, "--set"))
+        cfg = NodeConfig.load(args.config, flags=_kv(args.set))
     except ConfigError as err:
         print(f"raftstate node: {err.message}", file=sys.stderr)
         return 2
@@ -171,7 +167,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         try:
             if args.device_cmd == "heartbeat":
                 ack = client.heartbeat(
-                    args.device_id, _kv(args.set, "--set"), seq=args.seq, ttl_s=args.ttl
+                    args.device_id, _kv(args.set), seq=args.seq, ttl_s=args.ttl
                 )
                 print(json.dumps(asdict(ack)))
             elif args.device_cmd == "delete":
@@ -308,6 +304,7 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
         "--set",
         action="append",
         default=[],
+        type=key_value,
         metavar="FIELD=VALUE",
         help="override a config field (environment RAFTSTATE_<FIELD> wins)",
     )
@@ -352,8 +349,14 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
     dev = sub.add_parser("device", help="send a heartbeat, get, list or delete devices")
     add_client_flags(dev, outer=True)
     dsub = dev.add_subparsers(dest="device_cmd", required=True)
-    for name in ("heartbeat", "get", "list", "delete"):
-        d = dsub.add_parser(name)
+    device_help = {
+        "heartbeat": "send one heartbeat; prints the ack",
+        "get": "print one device",
+        "list": "print devices, one JSON line each (the count on stderr)",
+        "delete": "delete a device (operator/admin; idempotent)",
+    }
+    for name, helptext in device_help.items():
+        d = dsub.add_parser(name, help=helptext)
         add_client_flags(d, outer=False)
         if name in ("heartbeat", "get", "delete"):
             d.add_argument("device_id")
@@ -362,6 +365,7 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
                 "--set",
                 action="append",
                 default=[],
+                type=key_value,
                 metavar="KEY=VALUE",
                 help="a reported key (repeat)",
             )
