@@ -60,6 +60,7 @@ from chaos.tcpcluster import TcpChaosCluster, new_cluster
 from chaos.verify import Record, Verdict, node_table, verify
 from raftstate.bench.stats import LatencySummary
 from raftstate.cli.argtypes import COUNT, RATE, RATE_OR_ZERO, SECONDS
+from raftstate.cli.words import plural
 
 __all__ = ["BenchSettings", "add_arguments", "bench_main", "parse_transports", "run_profile"]
 
@@ -294,7 +295,7 @@ def bench_main(args: argparse.Namespace) -> int:
     started = time.time()
     _say(
         f"== {plan.heartbeats} device heartbeats per run at {plan.rate:g}/s from "
-        f"{plan.devices} devices, {plan.probe_rate:g}/s commit probes at the leader, "
+        f"{plural(plan.devices, 'device')}, {plan.probe_rate:g}/s commit probes at the leader, "
         f"{plan.read_rate:g} linearizable reads/s, deadline {plan.deadline_s:g}s; "
         f"node transport {' and '.join(s.transports)}; {os.cpu_count()} cpus shared by "
         "nodes, proxy and load"

@@ -75,6 +75,7 @@ from raftstate.bench.stats import (
 from raftstate.bench.transportreport import COMPARISON_PHASE_HELP, COMPARISON_PHASES
 from raftstate.bench.transports import add_transport_arguments, compare_main, comparing
 from raftstate.cli.argtypes import COUNT, SECONDS, SECONDS_OR_ZERO, Integer
+from raftstate.cli.words import plural
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -491,7 +492,7 @@ def _describe(args: argparse.Namespace) -> list[str]:
     if "stream" in args.phases:
         gateways = max(1, args.procs) * args.streams
         lines.append(
-            f"stream phase: {args.devices} devices behind {gateways} gateways "
+            f"stream phase: {plural(args.devices, 'device')} behind {plural(gateways, 'gateway')} "
             f"({args.streams} per load process) spread over all endpoints; raftstate gateways "
             "pipeline on one HeartbeatStream each, etcd gateways ('gateway') pipeline concurrent "
             "unary Puts on one channel each (etcd has no streaming put)"
@@ -510,7 +511,7 @@ def _describe(args: argparse.Namespace) -> list[str]:
             "latency from the actual send"
         )
     lines.append(
-        f"load: {args.procs} processes, {args.duration:g}s measured after "
+        f"load: {plural(args.procs, 'process', 'processes')}, {args.duration:g}s measured after "
         f"{args.warmup:g}s warm-up; machine: {os.cpu_count()} cpus"
     )
     return lines

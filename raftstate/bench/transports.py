@@ -52,6 +52,7 @@ from raftstate.bench.transportreport import (
     summarize,
 )
 from raftstate.cli.argtypes import Real
+from raftstate.cli.words import plural
 from raftstate.config import TRANSPORTS
 
 if TYPE_CHECKING:
@@ -153,7 +154,8 @@ def describe(args: argparse.Namespace, transports: tuple[str, ...]) -> list[str]
     if "hb-open" in args.phases:
         lines.append(
             f"hb-open: {args.hb_rate:g} heartbeats/s evenly spaced, unary at the leader from "
-            f"{args.procs} processes over {args.devices} devices (at most that many in flight); "
+            f"{plural(args.procs, 'process', 'processes')} over {plural(args.devices, 'device')} "
+            "(at most that many in flight); "
             "cpu per committed heartbeat = all node processes' CPU in the window "
             "(/proc/<pid>/task/*/schedstat) / heartbeats the leader committed in it (revision)"
         )
@@ -164,7 +166,8 @@ def describe(args: argparse.Namespace, transports: tuple[str, ...]) -> list[str]
             "codec path only, no Raft, sockets or thread hand-offs (see bench/transportcost.py)"
         )
     lines.append(
-        f"load: {args.procs} processes, {args.duration:g}s measured after {args.warmup:g}s "
+        f"load: {plural(args.procs, 'process', 'processes')}, {args.duration:g}s measured after "
+        f"{args.warmup:g}s "
         f"warm-up; machine: {os.cpu_count()} cpus"
     )
     return lines
