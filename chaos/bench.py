@@ -224,7 +224,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a profile of chaos/profiles.toml (repeat for several)",
     )
     p.add_argument("--heartbeats", type=COUNT, default=d.heartbeats, help="to attempt per profile")
-    p.add_argument("--devices", type=COUNT, default=d.devices)
+    p.add_argument("--devices", type=COUNT, default=d.devices, help="simulated devices")
     p.add_argument(
         "--rate", type=RATE, default=d.rate, help="device heartbeats/s offered in total"
     )

@@ -152,7 +152,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         default=1000,
         help="requests in the single-client sequential phase",
     )
-    p.add_argument("--durability", choices=["process-crash", "fsync"], default="process-crash")
+    p.add_argument(
+        "--durability",
+        choices=["process-crash", "fsync"],
+        default="process-crash",
+        help="the nodes' durability policy (default process-crash)",
+    )
     p.add_argument(
         "--streams",
         type=COUNT,

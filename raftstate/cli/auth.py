@@ -45,7 +45,12 @@ def add_auth_parser(sub: Any) -> None:
     add_client_flags(auth, outer=True)
     asub = auth.add_subparsers(dest="auth_cmd", required=True)
     issue = asub.add_parser("issue", help="print a new token")
-    issue.add_argument("--role", required=True, choices=[r.name.lower() for r in Role])
+    issue.add_argument(
+        "--role",
+        required=True,
+        choices=[r.name.lower() for r in Role],
+        help="device: its own id; gateway: --prefix or --device ids; operator; admin",
+    )
     issue.add_argument("--device", action="append", default=[], help="device id (repeat: list)")
     issue.add_argument("--prefix", default="", help="gateway: every id with this prefix")
     issue.add_argument("--name", default="", help="operator/admin: who (shown in logs)")

@@ -243,7 +243,12 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
         help="first gRPC port; node i gets this + i, and + 50 for mTLS (default 7001)",
     )
     up.add_argument("--raft-port", type=PORT, default=7101, help="first Raft port (default 7101)")
-    up.add_argument("--durability", choices=["process-crash", "fsync"], default=None)
+    up.add_argument(
+        "--durability",
+        choices=["process-crash", "fsync"],
+        default=None,
+        help="when a heartbeat counts as kept (default process-crash; fixed at the first up)",
+    )
     up.add_argument(
         "--insecure",
         action="store_true",
@@ -304,8 +309,13 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
                 help="read the node's local state (may be stale)",
             )
         if name == "list":
-            d.add_argument("--prefix", default="")
-            d.add_argument("--state", choices=["all", "online", "offline"], default="all")
+            d.add_argument("--prefix", default="", help="only ids starting with this")
+            d.add_argument(
+                "--state",
+                choices=["all", "online", "offline"],
+                default="all",
+                help="online: seen within its ttl_s (default all)",
+            )
             d.add_argument(
                 "--limit", type=COUNT, default=1000, help="print at most this many (default 1000)"
             )
