@@ -173,3 +173,13 @@ def test_the_two_commands_come_first_and_the_test_command_is_what_ci_runs() -> N
 def test_readme_links_to_docs_that_exist(doc: str) -> None:
     assert f"]({doc}" in README
     assert (ROOT / doc).exists()
+
+
+def test_every_option_explains_itself_in_help() -> None:
+    bare = [
+        f"{' '.join(path)} {action.option_strings[0]}"
+        for path, parser in every_command().items()
+        for action in parser._actions
+        if action.option_strings and action.help is None
+    ]
+    assert not bare, f"options without a help line: {bare}"
