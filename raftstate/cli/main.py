@@ -233,16 +233,24 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
     up.add_argument(
         "--size",
         type=Integer(1, CLUSTER_UP_MAX_SIZE),
+        metavar="N",
         default=3,
         help=f"nodes, 1-{CLUSTER_UP_MAX_SIZE} (default 3)",
     )
     up.add_argument(
         "--grpc-port",
         type=PORT,
+        metavar="PORT",
         default=7001,
         help="first gRPC port; node i gets this + i, and + 50 for mTLS (default 7001)",
     )
-    up.add_argument("--raft-port", type=PORT, default=7101, help="first Raft port (default 7101)")
+    up.add_argument(
+        "--raft-port",
+        type=PORT,
+        metavar="PORT",
+        default=7101,
+        help="first Raft port; node i gets this + i (default 7101)",
+    )
     up.add_argument(
         "--durability",
         choices=["process-crash", "fsync"],
@@ -257,6 +265,7 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
     up.add_argument(
         "--for-seconds",
         type=SECONDS,
+        metavar="S",
         default=None,
         help="stop by itself after this long (for scripts)",
     )
