@@ -59,6 +59,8 @@ from chaos.profiles import ProfileError, load_profile
 from chaos.tcpcluster import TcpChaosCluster, new_cluster
 from chaos.verify import Record, Verdict, node_table, verify
 from raftstate.bench.stats import LatencySummary
+from raftstate.cli.argtypes import COUNT, RATE, RATE_OR_ZERO, SECONDS
+from raftstate.cli.words import plural
 
 __all__ = ["BenchSettings", "add_arguments", "bench_main", "parse_transports", "run_profile"]
 
@@ -221,27 +223,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="a profile of chaos/profiles.toml (repeat for several)",
     )
-    p.add_argument("--heartbeats", type=int, default=d.heartbeats, help="to attempt per profile")
-    p.add_argument("--devices", type=int, default=d.devices)
+    p.add_argument("--heartbeats", type=COUNT, default=d.heartbeats, help="to attempt per profile")
+    p.add_argument("--devices", type=COUNT, default=d.devices, help="simulated devices")
     p.add_argument(
-        "--rate", type=float, default=d.rate, help="device heartbeats/s offered in total"
+        "--rate", type=RATE, default=d.rate, help="device heartbeats/s offered in total"
     )
     p.add_argument(
         "--read-rate",
-        type=float,
+        type=RATE_OR_ZERO,
         default=d.read_rate,
         help="linearizable reads/s offered in total (0: none)",
     )
     p.add_argument(
         "--probe-rate",
-        type=float,
+        type=RATE_OR_ZERO,
         default=d.probe_rate,
         help="commit-latency probe heartbeats/s sent straight to the leader, no device link "
         "(0: none)",
     )
     p.add_argument(
         "--deadline",
-        type=float,
+        type=SECONDS,
         default=d.deadline_s,
         help="seconds per device call, retries included",
     )
@@ -293,7 +295,7 @@ def bench_main(args: argparse.Namespace) -> int:
     started = time.time()
     _say(
         f"== {plan.heartbeats} device heartbeats per run at {plan.rate:g}/s from "
-        f"{plan.devices} devices, {plan.probe_rate:g}/s commit probes at the leader, "
+        f"{plural(plan.devices, 'device')}, {plan.probe_rate:g}/s commit probes at the leader, "
         f"{plan.read_rate:g} linearizable reads/s, deadline {plan.deadline_s:g}s; "
         f"node transport {' and '.join(s.transports)}; {os.cpu_count()} cpus shared by "
         "nodes, proxy and load"

@@ -30,6 +30,8 @@ from pathlib import Path
 from chaos.flood import FloodResult, flood
 from chaos.verify import node_table
 from cluster.local import LocalCluster
+from raftstate.cli.argtypes import COUNT
+from raftstate.cli.words import plural
 from raftstate.config import NodeConfig
 from raftstate.sdk import DeviceClient
 
@@ -178,11 +180,11 @@ def render(reports: list[FloodReport]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", type=int, default=20_000,
+    p.add_argument("--devices", type=COUNT, default=20_000,
                    help="new devices to send, each with a map of up to 8 KiB (default 20000)")
     p.add_argument("--transport", default="udp", help="udp, tcp or udp,tcp (default udp)")
-    p.add_argument("--streams", type=int, default=4, help="streams per target node (default 4)")
-    p.add_argument("--window", type=int, default=32, help="in-flight heartbeats per stream")
+    p.add_argument("--streams", type=COUNT, default=4, help="streams per target node (default 4)")
+    p.add_argument("--window", type=COUNT, default=32, help="in-flight heartbeats per stream")
     p.add_argument("--dir", default="", help="where the clusters live (default: a temp dir)")
     p.add_argument("--json", default="flood.json", help="where to save the results")
 
@@ -196,7 +198,7 @@ def main(args: argparse.Namespace) -> int:
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="raftstate-flood-"))
     reports = []
     for transport in [t.strip() for t in args.transport.split(",") if t.strip()]:
-        print(f"flood: {args.devices} devices over {transport} ...", flush=True)
+        print(f"flood: {plural(args.devices, 'device')} over {transport} ...", flush=True)
         reports.append(run_flood(base / transport, devices=args.devices, transport=transport,
                                  streams_per_target=args.streams, window=args.window))
         print(render(reports[-1:]), flush=True)
@@ -208,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     record = {**run_header(started, time.time() - started, []),
               "results": [asdict(r) | {"ok": r.ok} for r in reports]}
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {args.json}; {sum(r.ok for r in reports)} of {len(reports)} runs OK")
+    print(f"saved {args.json}; {sum(r.ok for r in reports)} of {plural(len(reports), 'run')} OK")
     return 0 if all(r.ok for r in reports) else 1
 
 

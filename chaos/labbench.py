@@ -57,6 +57,7 @@ from typing import Any
 import grpc
 
 from raftstate.bench.stats import LatencySummary
+from raftstate.cli.words import plural
 
 SYSTEMS = ("udp", "tcp", "etcd")
 PROFILES = ("lan", "wan", "weak", "bad")
@@ -295,7 +296,8 @@ def target_verdicts(results: Sequence[RunResult]) -> list[str]:
     out.append("target zero acknowledged heartbeats lost: "
                + ("MISSED: " + ", ".join(f"{r.profile}/{r.system} {r.acked_lost}" for r in lost)
                   if lost else "met")
-               + (f" ({len(unchecked)} runs unchecked)" if unchecked else ""))  # fmt: skip
+               + (f" ({plural(len(unchecked), 'run')} unchecked)"
+                  if unchecked else ""))  # fmt: skip
     return out
 
 
@@ -796,7 +798,7 @@ def write_outputs(results: Sequence[RunResult], cfg: BenchConfig, stem: Path,
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     nat = f"symmetric: {cfg.symmetric}" if cfg.symmetric else "all cone"
     md = [f"# raftstate lab bench ({meta['finished_utc']})", "", f"`{command}`", "",
-          f"{cfg.sites} sites ({nat}), one node each; one load process per site in its "
+          f"{plural(cfg.sites, 'site')} ({nat}), one node each; one load process per site in its "
           f"device namespace, open loop, "
           f"{cfg.rate:g} heartbeats/s in total, deadline {cfg.deadline_s:g} s, to the site's "
           f"local node (followers forward to the leader). Latency over acked ops; "

@@ -57,6 +57,7 @@ from chaos.history import (
     validate_operation,
 )
 from chaos.search import Outcome, legal_in, observations, possible, requirement, search
+from raftstate.cli.words import plural
 
 
 class Verdict(enum.Enum):
@@ -182,7 +183,8 @@ class CheckResult:
     def explain(self) -> str:
         """A summary line, then every counterexample and the unknown devices."""
         lines = [
-            f"{self.verdict.value}: {self.devices_checked} devices, {self.ops_checked} ops "
+            f"{self.verdict.value}: {plural(self.devices_checked, 'device')}, "
+            f"{plural(self.ops_checked, 'op')} "
             f"checked in {self.elapsed_s:.2f} s; {len(self.failures)} failed, "
             f"{len(self.unknown)} unknown"
         ]

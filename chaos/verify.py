@@ -19,6 +19,7 @@ import grpc
 
 from chaos.history import History
 from chaos.linearizability import CheckResult, check
+from raftstate.cli.words import plural
 from raftstate.sdk.credentials import Credentials
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
 
@@ -37,7 +38,7 @@ class Verdict:
     def explain(self) -> str:
         lines = [
             f"verifier: {'OK' if self.ok else 'FAILED'} at applied index "
-            f"{self.applied_index}, {self.devices} devices"
+            f"{self.applied_index}, {plural(self.devices, 'device')}"
         ]
         lines += [f"  - {p}" for p in self.problems]
         if self.lin is not None and not self.lin.ok:
@@ -131,7 +132,8 @@ def verify(
         if table != first:
             diff = sorted(k for k in set(table) | set(first) if table.get(k) != first.get(k))
             problems.append(
-                f"{endpoint} differs from {first_endpoint} on {len(diff)} devices, e.g. {diff[:3]}"
+                f"{endpoint} differs from {first_endpoint} on {plural(len(diff), 'device')}, "
+                f"e.g. {diff[:3]}"
             )
     lin = check(history) if history is not None else None
     if lin is not None and not lin.ok:

@@ -190,6 +190,17 @@ def validate_heartbeat(
     return Heartbeat(device_id, seq, reported, ttl_s, total)
 
 
+def validate_seq_ttl(seq: int | None, ttl_s: int | None) -> None:
+    """Client-side range check of a heartbeat's numbers before they are put
+    in a protobuf (which would raise ``ValueError`` for a negative or a
+    65-bit value). ``None`` is "choose for me". Raises ``InvalidArgument``
+    naming ``seq`` or ``ttl_s``."""
+    if seq is not None and not 1 <= seq <= SEQ_MAX:
+        raise InvalidArgument("seq", f"must be from 1 to {SEQ_MAX}, got {seq}")
+    if ttl_s is not None and not 0 <= ttl_s <= TTL_MAX_S:
+        raise InvalidArgument("ttl_s", f"must be between 0 and {TTL_MAX_S} seconds, got {ttl_s}")
+
+
 def validate_consistency(value: int) -> Consistency:
     """Map a wire enum value to :class:`Consistency`; 0 means LINEARIZABLE."""
     if value == 0:

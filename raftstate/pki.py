@@ -13,7 +13,7 @@
 Private keys are written 0600 from the first byte (``os.open`` with the
 mode, never chmod after writing). Bring your own CA: any CA works, as long as
 node certificates carry the names clients dial and client certificates carry
-one ``raftstate://`` URI SAN (README, "Security").
+one ``raftstate://`` URI SAN (docs/operating.md, "Security").
 """
 
 from __future__ import annotations

@@ -607,8 +607,10 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
             pb.entries_sent, pb.entries_resent = sent.get(m.raft, (0, 0))
         if link is not None:
             pb.path = link.path
-            pb.rtt_ms = (link.srtt or 0.0) * 1000
-            pb.loss_rate = link.loss_rate
+            if link.srtt is not None:  # unset: no sample (an idle link)
+                pb.rtt_ms = link.srtt * 1000
+            if link.loss_rate is not None:
+                pb.loss_rate = link.loss_rate
             pb.retransmissions = link.retransmissions
             pb.sessions = link.sessions
             pb.paths = link.paths

@@ -124,10 +124,28 @@ def test_cluster_up_serves_device_commands_and_stops_cleanly_on_ctrl_c(tmp_path:
         assert sdk.returncode == 0 and int(sdk.stdout) == ack["seq"], sdk.stderr
         listed = raftstate("device", "list", "--prefix", "pump", env=env)
         assert [json.loads(line)["device_id"] for line in listed.stdout.splitlines()] == ["pump-1"]
+        assert listed.stderr.strip() == "1 device"
+        # The client flags instead of the environment, before or after the command.
+        flags = ["--endpoints", endpoints, "--ca", exports["RAFTSTATE_CA"]]
+        flags += ["--token-file", str(tmp_path / "state" / "pki" / "admin.token")]
+        for argv in (
+            [*flags, "device", "get", "pump-1"],
+            ["device", "get", "pump-1", *flags],
+        ):
+            by_flags = raftstate(*argv, env=bare)
+            assert by_flags.returncode == 0, by_flags.stderr
+            assert json.loads(by_flags.stdout)["seq"] == ack["seq"]
         bad = raftstate("device", "heartbeat", "bad id", env=env)
         assert bad.returncode == 1 and "InvalidArgument: device_id:" in bad.stderr
         status = raftstate("status", env=env)
         assert status.returncode == 0 and "3/3 nodes answering" in status.stdout
+        # Followers send each other nothing: those links have measured no
+        # loss, and say so ("-"), instead of showing the 2 % prior.
+        leader = status.stdout.rsplit("leader: ", 1)[1].strip()
+        links = [line.split() for line in status.stdout.splitlines() if " -> " in line]
+        idle = [row for row in links if leader not in (row[0], row[2])]
+        assert len(links) == 6 and len(idle) == 2, status.stdout
+        assert all(row[6] == "-" for row in idle), status.stdout
     finally:
         up.send_signal(signal.SIGINT)
         rc = up.wait(timeout=60)

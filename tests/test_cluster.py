@@ -215,6 +215,30 @@ def test_status_reports_link_rtt_between_leader_and_followers(shared: LocalClust
     wait_until(rtts_measured, 10, "an RTT sample on every leader <-> follower link")
 
 
+def test_status_reports_no_loss_or_rtt_for_links_that_measured_none(shared: LocalCluster) -> None:
+    """Idle follower <-> follower links carry no frames of their own: their
+    loss is unset (not the 2 % prior), their RTT unset or a real sample;
+    leader links report a measured loss once enough frames were acked."""
+    leader = shared.wait_for_leader()
+
+    def leader_links_measured() -> bool:
+        st = shared.status(leader)
+        peers = [] if st is None else [m for m in st.members if m.node_id != leader]
+        return bool(peers) and all(m.HasField("loss_rate") for m in peers)
+
+    wait_until(leader_links_measured, 10, "a loss rate on every leader -> follower link")
+    for node_id in shared.nodes:
+        if node_id == leader:
+            continue
+        st = shared.status(node_id)
+        assert st is not None and st.leader_id == leader
+        for m in st.members:
+            if m.node_id in (node_id, leader):
+                continue
+            assert not m.HasField("loss_rate"), m
+            assert not m.HasField("rtt_ms") or m.rtt_ms > 0, m
+
+
 def test_without_quorum_writes_fail_unavailable_within_deadline(
     make_cluster: Callable[..., LocalCluster],
 ) -> None:

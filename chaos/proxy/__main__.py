@@ -10,10 +10,12 @@ import sys
 
 from chaos.proxy.api import VERSION, ApiServer
 from chaos.proxy.registry import ProxyRegistry
+from raftstate.cli.argtypes import PORT_OR_ZERO, CliParser
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    """The ``raftstate-toxiproxy`` command line."""
+    parser = CliParser(
         prog="raftstate-toxiproxy",
         description='Toxiproxy 2.x-compatible chaos proxy (TCP; UDP via "protocol": "udp").',
     )
@@ -23,9 +25,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="API listen host (default localhost; an empty host is loopback too, "
         "give 0.0.0.0 explicitly to listen on every interface)",
     )
-    parser.add_argument("--port", type=int, default=8474, help="API listen port; 0 picks one")
+    parser.add_argument(
+        "--port", type=PORT_OR_ZERO, default=8474, help="API listen port; 0 picks one"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed toxic randomness")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> int:

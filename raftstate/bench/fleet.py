@@ -68,7 +68,9 @@ def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
     """The ``--fleet*`` options of ``raftstate bench``."""
     g = p.add_argument_group("fleet (--fleet)")
     g.add_argument("--fleet", action="store_true", help="run the fleet benchmark (see below)")
-    g.add_argument("--fleet-devices", type=_positive_int, default=1_000_000)
+    g.add_argument(
+        "--fleet-devices", type=_positive_int, default=1_000_000, help="devices (default 1,000,000)"
+    )
     g.add_argument(
         "--fleet-rate",
         type=_positive_float,

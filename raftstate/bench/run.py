@@ -74,6 +74,8 @@ from raftstate.bench.stats import (
 )
 from raftstate.bench.transportreport import COMPARISON_PHASE_HELP, COMPARISON_PHASES
 from raftstate.bench.transports import add_transport_arguments, compare_main, comparing
+from raftstate.cli.argtypes import COUNT, SECONDS, SECONDS_OR_ZERO, Integer
+from raftstate.cli.words import plural
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -137,23 +139,28 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoints", help="benchmark a running cluster instead of starting one")
     p.add_argument(
         "--devices",
-        type=int,
+        type=COUNT,
         default=256,
         help="concurrent simulated devices (open-loop phases: the bound on reads in flight)",
     )
-    p.add_argument("--procs", type=int, default=2, help="load-generator processes")
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
-    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    p.add_argument("--procs", type=Integer(1, 256), default=2, help="load-generator processes")
+    p.add_argument("--duration", type=SECONDS, default=10.0, help="measured seconds per phase")
+    p.add_argument("--warmup", type=SECONDS_OR_ZERO, default=2.0, help="unmeasured seconds first")
     p.add_argument(
         "--sequential",
-        type=int,
+        type=COUNT,
         default=1000,
         help="requests in the single-client sequential phase",
     )
-    p.add_argument("--durability", choices=["process-crash", "fsync"], default="process-crash")
+    p.add_argument(
+        "--durability",
+        choices=["process-crash", "fsync"],
+        default="process-crash",
+        help="the nodes' durability policy (default process-crash)",
+    )
     p.add_argument(
         "--streams",
-        type=int,
+        type=COUNT,
         default=4,
         help="gateways (HeartbeatStreams) per load process in the stream phase",
     )
@@ -493,7 +500,7 @@ def _describe(args: argparse.Namespace) -> list[str]:
     if "stream" in args.phases:
         gateways = max(1, args.procs) * args.streams
         lines.append(
-            f"stream phase: {args.devices} devices behind {gateways} gateways "
+            f"stream phase: {plural(args.devices, 'device')} behind {plural(gateways, 'gateway')} "
             f"({args.streams} per load process) spread over all endpoints; raftstate gateways "
             "pipeline on one HeartbeatStream each, etcd gateways ('gateway') pipeline concurrent "
             "unary Puts on one channel each (etcd has no streaming put)"
@@ -512,7 +519,7 @@ def _describe(args: argparse.Namespace) -> list[str]:
             "latency from the actual send"
         )
     lines.append(
-        f"load: {args.procs} processes, {args.duration:g}s measured after "
+        f"load: {plural(args.procs, 'process', 'processes')}, {args.duration:g}s measured after "
         f"{args.warmup:g}s warm-up; machine: {os.cpu_count()} cpus"
     )
     return lines

@@ -24,6 +24,7 @@ from typing import Any
 
 from raftstate.bench.run import client_env, command_line, local_raftstate, run_phase
 from raftstate.bench.stats import PhaseResult
+from raftstate.cli.words import plural
 
 DEFAULT_SECURITY_PHASES = ("sequential", "write", "stream")
 MAX_THROUGHPUT_COST = 0.15
@@ -45,7 +46,10 @@ def security_main(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows: dict[tuple[str, str], list[PhaseResult]] = {(m, p): [] for m in modes for p in phases}
-    print(f"== security: {','.join(modes)}, phases {','.join(phases)}, {rounds} rounds", flush=True)
+    print(
+        f"== security: {','.join(modes)}, phases {','.join(phases)}, {plural(rounds, 'round')}",
+        flush=True,
+    )
     with (
         tempfile.TemporaryDirectory(prefix="raftstate-bench-") as tmp,
         contextlib.ExitStack() as st,
@@ -101,7 +105,8 @@ def security_main(args: argparse.Namespace) -> int:
     path = out_dir / f"bench-security-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}.json"
     path.write_text(json.dumps(record, indent=2))
     errors = sum(x.errors for rs in rows.values() for x in rs)
-    print(f"saved {path.resolve()}\n{'targets met' if ok else 'targets missed'}; {errors} errors")
+    met = "targets met" if ok else "targets missed"
+    print(f"saved {path.resolve()}\n{met}; {plural(errors, 'error')}")
     return 0 if errors == 0 else 1
 
 

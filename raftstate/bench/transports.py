@@ -51,6 +51,8 @@ from raftstate.bench.transportreport import (
     render_summary,
     summarize,
 )
+from raftstate.cli.argtypes import Real
+from raftstate.cli.words import plural
 from raftstate.config import TRANSPORTS
 
 if TYPE_CHECKING:
@@ -88,7 +90,7 @@ def add_transport_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--cost-gap-ms",
-        type=float,
+        type=Real(0.0, 1e6, unit="ms"),
         default=5.0,
         help="transport-cost: virtual ms between AppendEntries (5 = 200/s per follower)",
     )
@@ -152,7 +154,8 @@ def describe(args: argparse.Namespace, transports: tuple[str, ...]) -> list[str]
     if "hb-open" in args.phases:
         lines.append(
             f"hb-open: {args.hb_rate:g} heartbeats/s evenly spaced, unary at the leader from "
-            f"{args.procs} processes over {args.devices} devices (at most that many in flight); "
+            f"{plural(args.procs, 'process', 'processes')} over {plural(args.devices, 'device')} "
+            "(at most that many in flight); "
             "cpu per committed heartbeat = all node processes' CPU in the window "
             "(/proc/<pid>/task/*/schedstat) / heartbeats the leader committed in it (revision)"
         )
@@ -163,7 +166,8 @@ def describe(args: argparse.Namespace, transports: tuple[str, ...]) -> list[str]
             "codec path only, no Raft, sockets or thread hand-offs (see bench/transportcost.py)"
         )
     lines.append(
-        f"load: {args.procs} processes, {args.duration:g}s measured after {args.warmup:g}s "
+        f"load: {plural(args.procs, 'process', 'processes')}, {args.duration:g}s measured after "
+        f"{args.warmup:g}s "
         f"warm-up; machine: {os.cpu_count()} cpus"
     )
     return lines

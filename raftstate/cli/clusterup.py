@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from cluster.local import LocalCluster, port_is_free
+from raftstate.cli.words import plural
 from raftstate.config import NodeConfig
 from raftstate.privfile import private_dir, write_private
 from raftstate.secretcheck import generate_secret
@@ -156,7 +157,7 @@ def cluster_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     started = time.monotonic()
-    print(f"starting {size} nodes; data and logs in {state.resolve()}", flush=True)
+    print(f"starting {plural(size, 'node')}; data and logs in {state.resolve()}", flush=True)
     cluster.start(wait=False)
     try:
         leader = cluster.wait_for_leader(timeout_s=60)
@@ -205,5 +206,8 @@ def cluster_up(args: argparse.Namespace) -> int:
         time.sleep(1.0)
     print("\nstopping...", flush=True)
     cluster.stop()
-    print(f"stopped {size} nodes after {time.monotonic() - started:.0f}s; data kept in {state}")
+    print(
+        f"stopped {plural(size, 'node')} after {time.monotonic() - started:.0f}s; "
+        f"data kept in {state}"
+    )
     return 0

@@ -23,7 +23,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from raftstate.cli.argtypes import COUNT, RATE, SECONDS, SECONDS_OR_ZERO, Integer
+from raftstate.cli.words import plural
 
 if TYPE_CHECKING:
     from cluster.labcluster import LabCluster, LabState
@@ -32,13 +35,14 @@ DEFAULT_DIR = ".raftstate/lab"
 STATE_FILE = "lab.json"
 
 
-def add_lab_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_lab_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Register ``raftstate lab`` and its subcommands on ``sub``."""
     lab = sub.add_parser("lab", help="NATed sites behind an emulated WAN, on this host (root)")
     lsub = lab.add_subparsers(dest="lab_cmd", required=True)
 
     up = lsub.add_parser("up", help="build the lab, start a cluster in it, return")
-    up.add_argument("--sites", type=int, default=3, help="sites, one node each (default 3)")
+    up.add_argument("--sites", type=Integer(1, 200), default=3,
+                    help="sites, one node each, 1-200 (default 3)")  # fmt: skip
     up.add_argument(
         "--symmetric",
         default="",
@@ -50,7 +54,7 @@ def add_lab_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                     help="udp: ICE through the rendezvous (default); tcp: pysyncobj TCP "
                     "through router port forwards")  # fmt: skip
     up.add_argument("--prefix", default=None, help="namespace name prefix (default random)")
-    up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for a leader")
+    up.add_argument("--timeout", type=SECONDS, default=90.0, help="seconds to wait for a leader")
     up.set_defaults(fn=cmd_lab_up)
 
     imp = lsub.add_parser("impair", help="change the WAN's impairment of a running lab")
@@ -79,13 +83,13 @@ def add_lab_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     bench.add_argument("--systems", default="udp,tcp,etcd",
                        help="systems: udp (raftstate, ICE), tcp (raftstate, pysyncobj TCP "
                        "through DNAT), etcd (default all three)")  # fmt: skip
-    bench.add_argument("--heartbeats", type=int, default=3000,
+    bench.add_argument("--heartbeats", type=COUNT, default=3000,
                        help="heartbeats per (profile, system), all sites together")  # fmt: skip
-    bench.add_argument("--rate", type=float, default=100.0,
+    bench.add_argument("--rate", type=RATE, default=100.0,
                        help="heartbeats/s offered in total, open loop, split over "
                        "the sites")  # fmt: skip
-    bench.add_argument("--deadline", type=float, default=5.0, help="per-heartbeat deadline, s")
-    bench.add_argument("--warmup", type=float, default=5.0,
+    bench.add_argument("--deadline", type=SECONDS, default=5.0, help="per-heartbeat deadline, s")
+    bench.add_argument("--warmup", type=SECONDS_OR_ZERO, default=5.0,
                        help="seconds of load after each profile change, not measured "
                        "(default 5)")  # fmt: skip
     bench.add_argument("--symmetric", default="", metavar="I[,J...]",
@@ -199,7 +203,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     state.save(path)
     _print_guide(lab, state, args)
     print(
-        f"lab {prefix} is up in {time.monotonic() - started:.1f}s: {args.sites} nodes over "
+        f"lab {prefix} is up in {time.monotonic() - started:.1f}s: "
+        f"{plural(args.sites, 'node')} over "
         f"{args.transport}, leader {leader}, profile {args.profile or 'none'}, "
         f"gRPC port {GRPC_PORT}; state in {path}"
     )
@@ -287,7 +292,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
     if state is None:
         return _fail("status", f"no lab state in {args.dir}", 1)
     alive = [p for p in state.processes if p.alive()]
-    print(f"lab {state.prefix}: {len(state.kinds)} sites ({', '.join(state.kinds)}), "
+    print(f"lab {state.prefix}: {plural(len(state.kinds), 'site')} ({', '.join(state.kinds)}), "
           f"{state.transport}, profile {state.profile or 'none'}")  # fmt: skip
     for p in state.processes:
         print(f"  {p.name:<11} pid {p.pid:<8} {'running' if p in alive else 'GONE'}")
@@ -307,7 +312,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
                 f"  {d.src + '>' + d.dst:<11}{imp.delay_ms:>7.1f}{imp.jitter_ms:>7.1f}"
                 f"{imp.loss:>7.1%}{st.submitted:>9}{st.lost:>7}{st.blackholed:>7}"
             )
-    print(f"{len(alive)}/{len(state.processes)} processes running; "
+    print(f"{len(alive)}/{plural(len(state.processes), 'process', 'processes')} running; "
           f"endpoints {','.join(state.endpoints) or '-'}")  # fmt: skip
     return 0 if len(alive) == len(state.processes) else 1
 
@@ -336,7 +341,7 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
     names = f" ({', '.join(stopped)})" if stopped else ""
     print(
         f"lab {state.prefix} removed in {time.monotonic() - started:.1f}s: stopped "
-        f"{len(stopped)} processes{names}; logs kept in {args.dir}"
+        f"{plural(len(stopped), 'process', 'processes')}{names}; logs kept in {args.dir}"
     )
     return 0
 

@@ -24,6 +24,7 @@ import sys
 import tomllib
 from collections.abc import Mapping
 
+from raftstate.cli.argtypes import COUNT, SECONDS
 from raftstate.errors import ConfigError
 from raftstate.secretcheck import check_secret
 from raftstate.transport.rendezvous import (
@@ -48,11 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"TOML file with rendezvous_secret (node config or cluster.toml); {SECRET_ENV} wins",
     )
-    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+    p.add_argument("--max-connections", type=COUNT, default=MAX_CONNECTIONS, metavar="N",
                    help=f"connections open at once (default {MAX_CONNECTIONS})")  # fmt: skip
-    p.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE, metavar="N",
+    p.add_argument("--max-per-source", type=COUNT, default=MAX_PER_SOURCE, metavar="N",
                    help=f"connections from one IP (default {MAX_PER_SOURCE})")  # fmt: skip
-    p.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S, metavar="S",
+    p.add_argument("--handshake-timeout", type=SECONDS, default=HANDSHAKE_TIMEOUT_S, metavar="S",
                    help=f"seconds to authenticate (default {HANDSHAKE_TIMEOUT_S:g})")  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import time
 import uvloop
 
 from raftstate.bench.stats import LatencySummary
+from raftstate.cli.words import plural
 from raftstate.errors import RaftStateError
 from raftstate.sdk import AsyncDeviceClient
 
@@ -93,7 +94,9 @@ async def _run(endpoints: str, args: argparse.Namespace) -> int:
     gateways = getattr(args, "gateways", 0) or 0
     per_gateway = getattr(args, "devices_per_gateway", 0) or 0
     devices = gateways * per_gateway if gateways else args.devices
-    async with AsyncDeviceClient(endpoints) as client:
+    async with AsyncDeviceClient(
+        endpoints, deadline_s=args.deadline, credentials=args.credentials
+    ) as client:
         if gateways:
             tasks = [
                 asyncio.create_task(
@@ -142,11 +145,14 @@ async def _run(endpoints: str, args: argparse.Namespace) -> int:
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - started
     s = LatencySummary.of(all_ms)
-    fleet = f"{devices} devices" + (f" behind {gateways} gateways" if gateways else "")
+    fleet = plural(devices, "device")
+    if gateways:
+        fleet += f" behind {plural(gateways, 'gateway')}"
     print(
-        f"summary: {fleet}, {s.count} heartbeats acknowledged in {elapsed:.0f}s "
+        f"summary: {fleet}, {plural(s.count, 'heartbeat')} acknowledged "
+        f"in {elapsed:.0f}s "
         f"({s.count / elapsed:.0f}/s), p50 {s.p50:.1f} ms, p99 {s.p99:.1f} ms, "
-        f"{len(errors)} errors"
+        f"{plural(len(errors), 'error')}"
     )
     return 0 if not errors else 1
 

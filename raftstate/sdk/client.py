@@ -51,7 +51,13 @@ from raftstate.errors import (
     Unavailable,
     from_status,
 )
-from raftstate.model import Consistency, OnlineFilter, validate_device_id, validate_heartbeat
+from raftstate.model import (
+    Consistency,
+    OnlineFilter,
+    validate_device_id,
+    validate_heartbeat,
+    validate_seq_ttl,
+)
 from raftstate.sdk.credentials import Credentials, resolve
 from raftstate.sdk.retry import Backoff, retry_allowed
 from raftstate.sdk.types import (
@@ -167,6 +173,7 @@ class AsyncDeviceClient:
         ``DeadlineExceeded`` when the deadline passes without an answer (the
         outcome is then unknown; calling again with the same seq is safe).
         """
+        validate_seq_ttl(seq, ttl_s)
         previous = self._last_seq.get(device_id)
         if seq is None:
             validate_device_id(device_id)

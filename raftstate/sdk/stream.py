@@ -77,7 +77,7 @@ from raftstate.errors import (
     Unavailable,
     from_status,
 )
-from raftstate.model import validate_device_id
+from raftstate.model import validate_device_id, validate_seq_ttl
 from raftstate.sdk.client import check_size
 from raftstate.sdk.inflight import InFlight, Outgoing
 from raftstate.sdk.types import HeartbeatAck
@@ -214,6 +214,7 @@ class HeartbeatStream:
         if self._fatal is not None:
             raise self._fatal.with_traceback(None)
         client = self._client
+        validate_seq_ttl(seq, ttl_s)
         if seq is None:
             validate_device_id(device_id)
             seq = client.next_seq(device_id)

@@ -115,8 +115,9 @@ class MemberStatus:
     match_index: int
     #: UDP transport: "static", "host", "srflx", "relay" or "none"; "" otherwise.
     path: str = ""
-    rtt_ms: float = 0.0
-    loss_rate: float = 0.0
+    #: ``None``: not measured (no traffic on the link yet, or not UDP).
+    rtt_ms: float | None = None
+    loss_rate: float | None = None
     retransmissions: int = 0
     sessions: int = 0
     paths: int = 0
@@ -170,8 +171,8 @@ class ClusterStatus:
                     m.connected,
                     m.match_index,
                     m.path,
-                    m.rtt_ms,
-                    m.loss_rate,
+                    m.rtt_ms if m.HasField("rtt_ms") else None,
+                    m.loss_rate if m.HasField("loss_rate") else None,
                     m.retransmissions,
                     m.sessions,
                     m.paths,

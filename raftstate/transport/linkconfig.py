@@ -148,7 +148,8 @@ class LinkStats:
     rttvar: float | None
     min_rtt: float | None
     pto: float
-    #: EWMA of frame fates; spurious losses (reordering) count too.
+    #: EWMA of frame fates; spurious losses (reordering) count too. It starts
+    #: at ``initial_loss_rate`` (a prior, for redundancy); see loss_measured.
     loss_rate: float
     redundancy: int  # copies currently added per chunk
     bytes_in_flight: int
@@ -170,3 +171,6 @@ class LinkStats:
     messages_delivered: int
     send_rejected: int
     redundant_bytes: int = 0  # bytes of the proactive copies (their records)
+    #: The loss rate measured on this link (the prior taken out), or ``None``
+    #: before enough frames' fates are known (an idle link): what to show.
+    loss_measured: float | None = None

@@ -28,6 +28,12 @@ Karn's rule (RFC 6298 §3) has nothing to exclude.
   Counting from the oldest (not, as RFC 9002 does, the newest) frame bounds
   how long the data that blocks delivery can wait, even while newer frames
   keep leaving.
+* **Loss rate**: an EWMA of frame fates (1 lost, 0 acked) that starts at
+  ``initial_loss_rate``, a prior that keeps redundancy on until the path has
+  shown itself. What is *reported* (:meth:`LossRecovery.measured_loss_rate`)
+  is the estimate with that prior divided out, and nothing at all before
+  ``MIN_LOSS_SAMPLES`` fates are known: an idle link has measured nothing,
+  and must not show the prior as if it were a loss.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ MAX_REORDER_MULT = 8
 REORDER_PERSIST = 16
 #: Most ghosts remembered at once.
 MAX_GHOSTS = 1024
+#: Frame fates needed before a loss rate is reported: below this one loss
+#: says more about chance than about the path (1 of 8 would read 12.5 %).
+MIN_LOSS_SAMPLES = 32
 
 
 class RttEstimator:
@@ -120,6 +129,8 @@ class LossRecovery:
         self.last_probe = float("-inf")
         #: EWMA of frame fates (1 lost, 0 acked; a spurious loss is undone).
         self.loss_rate = params.initial_loss_rate
+        #: Frames whose fate (acked or lost) went into :attr:`loss_rate`.
+        self.fates = 0
         self.frames_lost = 0
         self.spurious_losses = 0
         #: Sticky once seen: the packet threshold is then ignored.
@@ -244,5 +255,18 @@ class LossRecovery:
             w = self._p.loss_ewma_weight
             self.loss_rate = max(0.0, self.loss_rate - w * len(spurious))
 
+    def measured_loss_rate(self) -> float | None:
+        """The loss rate measured on this link: :attr:`loss_rate` without the
+        ``initial_loss_rate`` prior (after n fates the prior's weight is
+        ``(1 - w)^n``; the fates' weights sum to the rest), clamped to
+        [0, 1]. ``None`` before ``MIN_LOSS_SAMPLES`` fates are known."""
+        n = self.fates
+        if n < MIN_LOSS_SAMPLES:
+            return None
+        decay = (1.0 - self._p.loss_ewma_weight) ** n
+        measured = (self.loss_rate - self._p.initial_loss_rate * decay) / (1.0 - decay)
+        return min(1.0, max(0.0, measured))
+
     def _note_fate(self, lost: float) -> None:
+        self.fates += 1
         self.loss_rate += self._p.loss_ewma_weight * (lost - self.loss_rate)

@@ -350,6 +350,7 @@ class ReliableLink:
             messages_delivered=self._messages_delivered,
             send_rejected=self._send_rejected,
             redundant_bytes=self._redundant_bytes,
+            loss_measured=rec.measured_loss_rate(),
         )
 
     # ------------------------------------------------------------ sending

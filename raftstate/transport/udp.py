@@ -622,7 +622,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 connected=peer.reported_up,
                 srtt=st.srtt if st else None,
                 retransmissions=st.retransmissions if st else 0,
-                loss_rate=st.loss_rate if st else 0.0,
+                loss_rate=st.loss_measured if st else None,
                 sessions=peer.sessions,
                 paths=built,
                 link=st,

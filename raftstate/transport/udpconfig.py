@@ -81,9 +81,9 @@ class PeerLinkStats:
     peer_id: str
     path: str  # "static", or over ICE "host" | "srflx" | "relay" | "none"
     connected: bool
-    srtt: float | None
+    srtt: float | None  # None: no RTT sample yet (an idle link)
     retransmissions: int
-    loss_rate: float
+    loss_rate: float | None  # measured fraction lost; None: too few frames yet
     sessions: int  # sessions established with this peer since start
     paths: int  # paths built to this peer since start (ICE rebuilds add one)
     #: The current session's link counters (reset when a new session starts).
