@@ -309,7 +309,8 @@ class NodeCollector(Collector):
             up.add_metric([peer_id], 1.0 if link.connected else 0.0)
             if link.srtt is not None:
                 rtt.add_metric([peer_id], link.srtt)
-            loss.add_metric([peer_id], link.loss_rate)
+            if link.loss_rate is not None:  # None: too few frames' fates known yet
+                loss.add_metric([peer_id], link.loss_rate)
             path.add_metric([peer_id, link.path], 1.0)
             sessions.add_metric([peer_id], link.sessions)
             paths.add_metric([peer_id], link.paths)

@@ -252,24 +252,36 @@ class Loader:
             recs, ids = self._recs, self._ids
             prev = ids[-1] if ids else ""
             unpack = _U32.unpack_from
+            id_at = devicerecord.device_id_of
+            append = ids.append
+            low, high = devicerecord.HEAD_SIZE + 3, RECORD_LIMIT
+            tag_at, len_at = devicerecord.HEAD_SIZE, devicerecord.HEAD_SIZE + 1
             state = 0
             while avail - off >= 4:
                 n = unpack(buf, off)[0]
-                if n > RECORD_LIMIT or n < devicerecord.HEAD_SIZE + 3:
+                if n > high or n < low:
                     raise CorruptData(f"snapshot record length {n} is out of range")
                 if avail - off - 4 < n:
                     break
-                record = bytes(view[off + 4 : off + 4 + n])
-                off += 4 + n
-                try:
-                    device_id = devicerecord.device_id_of(record)
-                except Exception as exc:
-                    raise CorruptData(f"snapshot record is malformed: {exc}") from exc
+                start = off + 4
+                off = start + n
+                record = bytes(view[start:off])
+                k = record[len_at]
+                if record[tag_at] == 0x0A and 0 < k < 0x80 and len_at + 1 + k <= n:
+                    try:
+                        device_id = record[len_at + 1 : len_at + 1 + k].decode("ascii")
+                    except UnicodeDecodeError as exc:
+                        raise CorruptData(f"snapshot record is malformed: {exc}") from exc
+                else:
+                    try:
+                        device_id = id_at(record)
+                    except Exception as exc:
+                        raise CorruptData(f"snapshot record is malformed: {exc}") from exc
                 if device_id <= prev:
                     raise CorruptData(f"snapshot records out of order at {device_id!r}")
                 prev = device_id
                 recs[device_id] = record
-                ids.append(device_id)
+                append(device_id)
                 state += unpack(record, _STATE_BYTES_AT)[0]
             self._state_bytes += state
         finally:
