@@ -103,7 +103,7 @@ def _load_main(argv: Sequence[str]) -> int:
 
 
 async def _load(args: argparse.Namespace) -> None:
-    from raftstate.benchpb import etcd_kv_pb2, etcd_kv_pb2_grpc
+    from bench.etcdpb import etcd_kv_pb2, etcd_kv_pb2_grpc
     from raftstate.sdk.client import AsyncDeviceClient
 
     out = open(args.out, "w")  # noqa: SIM115 - closed below
@@ -446,7 +446,7 @@ class _Raftstate(_System):
         for ep in self.lc.endpoints:
             with creds.channel(ep) as ch:
                 try:
-                    s = cluster_pb2_grpc.ClusterStub(ch).Status(
+                    s = cluster_pb2_grpc.ClusterServiceStub(ch).Status(
                         cluster_pb2.StatusRequest(), timeout=1, metadata=creds.metadata()
                     )
                 except grpc.RpcError:
@@ -566,7 +566,7 @@ class _Etcd(_System):
         return {f"e{i}": p.pid for i, p in enumerate(self.procs, 1) if p.poll() is None}
 
     def check_lost(self, records: list[dict[str, Any]], tag_prefix: str) -> int:
-        from raftstate.benchpb import etcd_kv_pb2, etcd_kv_pb2_grpc
+        from bench.etcdpb import etcd_kv_pb2, etcd_kv_pb2_grpc
 
         acked = {r["key"] for r in records if r["ok"]}
         key = tag_prefix.encode()

@@ -165,7 +165,9 @@ class NodeServices:
         margin = min(DEADLINE_MARGIN_MAX_S, max(DEADLINE_MARGIN_S, 0.1 * remaining))
         return max(0.0, remaining - margin)
 
-    def validate(self, request: device_pb2.HeartbeatRequest) -> Heartbeat:
+    def validate(
+        self, request: device_pb2.HeartbeatRequest | device_pb2.HeartbeatStreamRequest
+    ) -> Heartbeat:
         """The request as a checked heartbeat, its seq checked against this
         node's clock (``max_seq_ahead_s``). Raises ``InvalidArgument``."""
         return validate_heartbeat(
@@ -286,7 +288,7 @@ def decode_page_token(token: str) -> str:
         raise InvalidArgument("page_token", "is not a token from a previous response") from None
 
 
-class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
+class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
     def __init__(self, node: NodeServices) -> None:
         self.node = node
 
@@ -302,9 +304,9 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
 
     async def HeartbeatStream(  # noqa: N802
         self,
-        request_iterator: AsyncIterator[device_pb2.HeartbeatRequest],
+        request_iterator: AsyncIterator[device_pb2.HeartbeatStreamRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[device_pb2.HeartbeatAck]:
+    ) -> AsyncIterator[device_pb2.HeartbeatStreamResponse]:
         """Pipelined: requests are proposed as they arrive; acks go back in
         request order, one per request, each with its own status code.
 
@@ -317,7 +319,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
         window = self.node.cfg.stream_window
         slots = asyncio.Semaphore(window)
         queue: asyncio.Queue[
-            tuple[device_pb2.HeartbeatRequest, asyncio.Future[Any] | RaftStateError]
+            tuple[device_pb2.HeartbeatStreamRequest, asyncio.Future[Any] | RaftStateError]
             | RaftStateError
             | None
         ] = asyncio.Queue()
@@ -361,7 +363,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                 if isinstance(item, RaftStateError):
                     raise item
                 req, outcome = item
-                ack = device_pb2.HeartbeatAck(device_id=req.device_id, seq=req.seq)
+                ack = device_pb2.HeartbeatStreamResponse(device_id=req.device_id, seq=req.seq)
                 try:
                     if isinstance(outcome, RaftStateError):
                         raise outcome
@@ -571,7 +573,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
         )
 
 
-class ClusterService(cluster_pb2_grpc.ClusterServicer):
+class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
     def __init__(self, node: NodeServices) -> None:
         self.node = node
 
@@ -640,7 +642,7 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
 
 async def track_health(node: NodeServices, health: Any, period_s: float = 0.2) -> None:
     """Keep the health service current: the overall service is SERVING while
-    the process runs; ``raftstate.v1.DeviceState`` is SERVING only while this
+    the process runs; ``raftstate.v1.DeviceStateService`` is SERVING only while this
     node knows a leader (it can commit and serve linearizable reads), its
     Raft ticks succeed and it is not catching up after lost data."""
     serving = health_pb2.HealthCheckResponse.SERVING
@@ -651,7 +653,7 @@ async def track_health(node: NodeServices, health: Any, period_s: float = 0.2) -
         healthy = node.raft.leader_raft_address() is not None and not node.raft.health_problem()
         state = serving if healthy else not_serving
         if state != last:
-            await health.set("raftstate.v1.DeviceState", state)
+            await health.set("raftstate.v1.DeviceStateService", state)
             last = state
         await asyncio.sleep(period_s)
 

@@ -396,7 +396,7 @@ def detect_path(endpoints: list[str], wanted: str) -> str:
     creds = Credentials.from_env()
     with creds.channel(endpoints[0]) as ch:
         try:
-            device_pb2_grpc.DeviceStateStub(ch).HeartbeatBatch(
+            device_pb2_grpc.DeviceStateServiceStub(ch).HeartbeatBatch(
                 device_pb2.HeartbeatBatchRequest(), timeout=5.0, metadata=creds.metadata()
             )
         except grpc.RpcError as err:

@@ -53,8 +53,8 @@ from raftstate.bench.fleetstats import LatencyHistogram
 from raftstate.bench.fleetwire import FleetDevices
 from raftstate.v1 import device_pb2
 
-BATCH_METHOD = "/raftstate.v1.DeviceState/HeartbeatBatch"
-STREAM_METHOD = "/raftstate.v1.DeviceState/HeartbeatStream"
+BATCH_METHOD = "/raftstate.v1.DeviceStateService/HeartbeatBatch"
+STREAM_METHOD = "/raftstate.v1.DeviceStateService/HeartbeatStream"
 TXN_METHOD = "/etcdserverpb.KV/Txn"
 #: etcd's default --max-txn-ops.
 ETCD_MAX_TXN_OPS = 128
@@ -232,7 +232,7 @@ class _StreamGateway:
         stub: Any = self.channel.stream_stream(
             STREAM_METHOD,
             request_serializer=None,
-            response_deserializer=device_pb2.HeartbeatAck.FromString,
+            response_deserializer=device_pb2.HeartbeatStreamResponse.FromString,
         )
         self.call = stub(metadata=self.md)
         md = await self.call.initial_metadata()

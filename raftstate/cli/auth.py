@@ -41,7 +41,7 @@ def add_auth_parser(sub: Any, endpoints_help: str) -> None:
 
 
 def _call(
-    endpoints: str, deadline_s: float, fn: Callable[[auth_pb2_grpc.AuthStub, Any], Any]
+    endpoints: str, deadline_s: float, fn: Callable[[auth_pb2_grpc.AuthServiceStub, Any], Any]
 ) -> Any:
     """Try each endpoint in turn until one answers (or the deadline)."""
     creds = Credentials.from_env()
@@ -51,7 +51,7 @@ def _call(
         for endpoint in parse_endpoints(endpoints):
             with creds.channel(endpoint) as ch:
                 try:
-                    return fn(auth_pb2_grpc.AuthStub(ch), creds.metadata())
+                    return fn(auth_pb2_grpc.AuthServiceStub(ch), creds.metadata())
                 except grpc.RpcError as err:
                     last = err
                     if err.code() not in (grpc.StatusCode.UNAVAILABLE,):

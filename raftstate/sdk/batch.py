@@ -225,7 +225,7 @@ async def _send_chunk(call: _Call, pending: list[int], deadline: float) -> None:
 
 def _attempt(client: AsyncDeviceClient, request: device_pb2.HeartbeatBatchRequest) -> Any:
     async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
-        return await device_pb2_grpc.DeviceStateStub(channel).HeartbeatBatch(
+        return await device_pb2_grpc.DeviceStateServiceStub(channel).HeartbeatBatch(
             request, timeout=timeout, metadata=client._metadata
         )
 

@@ -182,7 +182,7 @@ class AsyncDeviceClient:
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
             nonlocal attempts
             attempts += 1
-            return await device_pb2_grpc.DeviceStateStub(channel).Heartbeat(
+            return await device_pb2_grpc.DeviceStateServiceStub(channel).Heartbeat(
                 request, timeout=timeout, metadata=self._metadata
             )
 
@@ -245,10 +245,12 @@ class AsyncDeviceClient:
         deadline_s: float | None = None,
     ) -> Device:
         """Read one device. Raises ``NotFound`` if it never sent a heartbeat."""
-        request = device_pb2.GetDeviceRequest(device_id=device_id, consistency=consistency.name)
+        request = device_pb2.GetDeviceRequest(
+            device_id=device_id, consistency=device_pb2.Consistency.ValueType(consistency)
+        )
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
-            return await device_pb2_grpc.DeviceStateStub(channel).GetDevice(
+            return await device_pb2_grpc.DeviceStateServiceStub(channel).GetDevice(
                 request, timeout=timeout, metadata=self._metadata
             )
 
@@ -270,12 +272,12 @@ class AsyncDeviceClient:
             prefix=prefix,
             page_size=page_size,
             page_token=page_token,
-            filter=online.name,
-            consistency=consistency.name,
+            filter=device_pb2.OnlineFilter.ValueType(online),
+            consistency=device_pb2.Consistency.ValueType(consistency),
         )
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
-            stub = device_pb2_grpc.DeviceStateStub(channel)
+            stub = device_pb2_grpc.DeviceStateServiceStub(channel)
             return await stub.ListDevices(request, timeout=timeout, metadata=self._metadata)
 
         res = await self._with_retries(attempt, deadline_s)
@@ -298,7 +300,7 @@ class AsyncDeviceClient:
         """``Cluster.Status`` of one node (default: the preferred endpoint).
         Raises the mapped error; not retried."""
         target = endpoint or self._pick()
-        stub = cluster_pb2_grpc.ClusterStub(self._channel(target))
+        stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(target))
         try:
             res = await stub.Status(
                 cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=self._metadata
@@ -315,7 +317,7 @@ class AsyncDeviceClient:
         request = device_pb2.DeleteDeviceRequest(device_id=device_id)
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
-            stub = device_pb2_grpc.DeviceStateStub(channel)
+            stub = device_pb2_grpc.DeviceStateServiceStub(channel)
             return await stub.DeleteDevice(request, timeout=timeout, metadata=self._metadata)
 
         res = await self._with_retries(attempt, deadline_s)
@@ -402,7 +404,9 @@ class AsyncDeviceClient:
         return ch
 
 
-def check_size(request: device_pb2.HeartbeatRequest) -> None:
+def check_size(
+    request: device_pb2.HeartbeatRequest | device_pb2.HeartbeatStreamRequest,
+) -> None:
     """Raise ``InvalidArgument`` for a request too big for any node to read
     (which gRPC would refuse as RESOURCE_EXHAUSTED, a status we retry); such
     a heartbeat is always invalid, and validation names the field."""

@@ -222,7 +222,7 @@ class HeartbeatStream:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (deadline_s if deadline_s is not None else client.deadline_s)
         fut: asyncio.Future[HeartbeatAck] = loop.create_future()
-        request = device_pb2.HeartbeatRequest(
+        request = device_pb2.HeartbeatStreamRequest(
             device_id=device_id, seq=seq, reported=dict(reported), ttl_s=ttl_s or 0
         )
         check_size(request)
@@ -316,7 +316,9 @@ class HeartbeatStream:
         self._fatal = Unavailable(f"heartbeat stream failed: {task.exception()!r}")
         self._fail_everything(self._fatal)
 
-    def _on_ack(self, conn: _Connection, ack: device_pb2.HeartbeatAck, now: float) -> None:
+    def _on_ack(
+        self, conn: _Connection, ack: device_pb2.HeartbeatStreamResponse, now: float
+    ) -> None:
         """Resolve or retry the message ``ack`` answers. Raises ``Unavailable``
         when the stream must be abandoned (protocol error, node cut off)."""
         msg = conn.inflight.match(ack.device_id, ack.seq)
@@ -404,7 +406,7 @@ class HeartbeatStream:
         """Run one gRPC stream to ``endpoint`` until it ends. Returns the
         error that ended it, or ``None`` after a clean half-close."""
         loop = asyncio.get_running_loop()
-        stub = device_pb2_grpc.DeviceStateStub(self._client._channel(endpoint))
+        stub = device_pb2_grpc.DeviceStateServiceStub(self._client._channel(endpoint))
         call = stub.HeartbeatStream(metadata=self._client._metadata)
         window = min(self._max_in_flight, DEFAULT_STREAM_WINDOW)
         conn = _Connection(endpoint, call, InFlight(), loop.time(), window, asyncio.Event())
