@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
+from raftstate import richstatus
 from raftstate.admission import (
     BATCH_METHOD,
     LIST_PAGE_BUDGET_BYTES,
@@ -32,11 +33,9 @@ from raftstate.authz import DEVICE_SERVICE, Identity, authorize
 from raftstate.authz import Role as AuthRole
 from raftstate.config import NodeConfig
 from raftstate.errors import (
-    LEADER_HINT_KEY,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
-    NotLeader,
     PermissionDenied,
     QuotaExceeded,
     RaftStateError,
@@ -82,10 +81,9 @@ def now_ms() -> int:
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: RaftStateError) -> None:
-    """The single mapping from our errors to gRPC statuses."""
-    if isinstance(err, NotLeader) and err.leader_hint:
-        context.set_trailing_metadata(((LEADER_HINT_KEY, err.leader_hint),))
-    await context.abort(err.grpc_code, err.message)
+    """The single mapping from our errors to gRPC statuses: code, message
+    and the ``google.rpc.Status`` details (``raftstate.richstatus``)."""
+    await context.abort(err.grpc_code, err.message, richstatus.trailing_metadata(err))
 
 
 def _unary(
@@ -153,8 +151,10 @@ class NodeServices:
                 return result
             if loop.time() + READ_RETRY_S >= end:
                 if self.raft.leader_raft_address() is None:
-                    raise Unavailable(f"no leader elected; {what} not committed in time")
-                raise Unavailable(f"{what} not committed in time (retrying is safe)")
+                    raise Unavailable(
+                        f"no leader elected; {what} not committed in time", "NO_LEADER"
+                    )
+                raise Unavailable(f"{what} not committed in time (retrying is safe)", "NO_QUORUM")
             await asyncio.sleep(READ_RETRY_S)
 
     def budget(self, context: grpc.aio.ServicerContext) -> float:
@@ -210,9 +210,10 @@ class NodeServices:
     def not_committed(self, what: str) -> Unavailable:
         """The error for a write not committed within its budget."""
         if self.raft.leader_raft_address() is None:
-            return Unavailable(f"no leader elected; {what} not committed in time")
+            return Unavailable(f"no leader elected; {what} not committed in time", "NO_LEADER")
         return Unavailable(
-            f"{what} not committed in time (outcome unknown; retrying with the same seq is safe)"
+            f"{what} not committed in time (outcome unknown; retrying with the same seq is safe)",
+            "NO_QUORUM",
         )
 
     async def read_fence(self, consistency: Consistency, budget: float) -> None:
@@ -229,7 +230,9 @@ class NodeServices:
         if consistency is Consistency.SERIALIZABLE:
             problem = self.raft.health_problem()
             if problem:
-                raise Unavailable(f"this node cannot serve local reads now: {problem}")
+                raise Unavailable(
+                    f"this node cannot serve local reads now: {problem}", "NODE_NOT_READY"
+                )
             return
         if self.cfg.unsafe_serve_local_reads:
             return
@@ -246,10 +249,13 @@ class NodeServices:
                 except TimeoutError:
                     pass
             if self.raft.leader_raft_address() is None:
-                raise Unavailable("no leader elected; linearizable read not served in time")
+                raise Unavailable(
+                    "no leader elected; linearizable read not served in time", "NO_LEADER"
+                )
             raise Unavailable(
                 "leadership could not be confirmed by a quorum in time; "
-                "linearizable read not served (a SERIALIZABLE read may be stale)"
+                "linearizable read not served (a SERIALIZABLE read may be stale)",
+                "NO_QUORUM",
             )
 
 
@@ -349,7 +355,8 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
                 queue.put_nowait(err)
                 return
             except Exception as exc:  # the call broke under us; end the stream
-                queue.put_nowait(Unavailable(f"reading the stream failed: {exc!r}"))
+                broken = Unavailable(f"reading the stream failed: {exc!r}", "STREAM_BROKEN")
+                queue.put_nowait(broken)
                 return
             queue.put_nowait(None)
 
@@ -382,6 +389,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
                 except RaftStateError as err:
                     ack.code = err.grpc_code.value[0]
                     ack.message = err.message
+                    ack.details.extend(richstatus.encode_details(err))
                 yield ack
                 slots.release()
             await task  # surfaces a reader failure, if any
@@ -492,6 +500,9 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
                         res = late = late or node.not_committed("heartbeat")
                     outcomes[i] = res
         acks = response.acks
+        # Errors shared by many heartbeats (a full queue, a late commit) are
+        # encoded once.
+        details: dict[int, list[Any]] = {}
         for req, out in zip(items, outcomes, strict=True):
             ack = acks.add(device_id=req.device_id, seq=req.seq)
             if isinstance(out, HeartbeatResult):
@@ -502,6 +513,10 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
             elif out is not None:
                 ack.code = out.grpc_code.value[0]
                 ack.message = out.message
+                known = details.get(id(out))
+                if known is None:
+                    known = details[id(out)] = richstatus.encode_details(out)
+                ack.details.extend(known)
             else:  # unreachable: every heartbeat got an outcome above
                 raise AssertionError("heartbeat without an outcome")
         return response

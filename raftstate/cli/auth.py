@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from raftstate.authz import Role, parse_ttl
-from raftstate.errors import from_status
+from raftstate.richstatus import decode_trailer
 from raftstate.sdk.client import parse_endpoints
 from raftstate.sdk.credentials import Credentials
 from raftstate.v1 import auth_pb2, auth_pb2_grpc
@@ -55,10 +55,12 @@ def _call(
                 except grpc.RpcError as err:
                     last = err
                     if err.code() not in (grpc.StatusCode.UNAVAILABLE,):
-                        raise from_status(err.code(), err.details() or "") from None
+                        raise decode_trailer(
+                            err.code(), err.details() or "", err.trailing_metadata()
+                        ) from None
         time.sleep(0.2)
     assert last is not None
-    raise from_status(last.code(), last.details() or "")
+    raise decode_trailer(last.code(), last.details() or "", last.trailing_metadata())
 
 
 def auth_main(args: argparse.Namespace, endpoints: str) -> int:

@@ -49,9 +49,9 @@ from raftstate.errors import (
     InvalidArgument,
     RaftStateError,
     Unavailable,
-    from_status,
 )
 from raftstate.model import validate_heartbeat
+from raftstate.richstatus import decode
 from raftstate.sdk.retry import retry_allowed
 from raftstate.sdk.types import BatchItem, BatchResult, HeartbeatAck
 from raftstate.v1 import device_pb2, device_pb2_grpc
@@ -214,7 +214,10 @@ async def _send_chunk(call: _Call, pending: list[int], deadline: float) -> None:
         if not progressed:
             client._leader = None  # nothing settled: look for the leader again
             client._next += 1
-        delay = client.backoff.delay(rounds)
+        # Never sooner than the longest RetryInfo delay among those to resend.
+        errs = [call.last_error[i] for i in pending]
+        slowest = max(errs, key=lambda e: -1.0 if e is None else e.retry_delay_s or 0.0)
+        delay = client.backoff.after(rounds, slowest)
         rounds += 1
         if loop.time() + delay >= deadline:
             _give_up(call, pending)
@@ -262,8 +265,8 @@ def _absorb(
                 None,
             )
             continue
-        err: RaftStateError = from_status(
-            _CODES.get(ack.code, grpc.StatusCode.UNKNOWN), ack.message
+        err: RaftStateError = decode(
+            _CODES.get(ack.code, grpc.StatusCode.UNKNOWN), ack.message, ack.details
         )
         if isinstance(err, InvalidArgument) and err.field.startswith("heartbeats["):
             # The node numbers the request's heartbeats; name the caller's item.

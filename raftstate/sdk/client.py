@@ -42,16 +42,15 @@ from raftstate.admission import (
     MAX_RESPONSE_BYTES,
 )
 from raftstate.errors import (
-    LEADER_HINT_KEY,
     DeadlineExceeded,
     InvalidArgument,
     NotLeader,
     PermissionDenied,
     RaftStateError,
     Unavailable,
-    from_status,
 )
 from raftstate.model import Consistency, OnlineFilter, validate_device_id, validate_heartbeat
+from raftstate.richstatus import decode_trailer
 from raftstate.sdk.credentials import Credentials, resolve
 from raftstate.sdk.retry import Backoff, retry_allowed
 from raftstate.sdk.types import (
@@ -360,7 +359,7 @@ class AsyncDeviceClient:
             if not retry_allowed(err, caller_cancelling=_cancelling()):
                 raise err
             self._on_retriable(endpoint, err)
-            delay = self.backoff.delay(n)
+            delay = self.backoff.after(n, err)
             n += 1
             if loop.time() + delay >= deadline:
                 if isinstance(err, DeadlineExceeded):
@@ -423,8 +422,6 @@ def _cancelling() -> bool:
 
 
 def _map(e: grpc.aio.AioRpcError) -> RaftStateError:
-    hint = ""
-    for key, value in e.trailing_metadata() or ():
-        if key == LEADER_HINT_KEY:
-            hint = str(value)
-    return from_status(e.code(), e.details() or "", hint)
+    """The error of a failed call, with the reason, field and retry delay of
+    its ``google.rpc.Status`` details (``raftstate.richstatus``)."""
+    return decode_trailer(e.code(), e.details() or "", e.trailing_metadata())

@@ -75,9 +75,9 @@ from raftstate.errors import (
     RaftStateError,
     ResourceExhausted,
     Unavailable,
-    from_status,
 )
 from raftstate.model import validate_device_id
+from raftstate.richstatus import decode, decode_trailer
 from raftstate.sdk.client import check_size
 from raftstate.sdk.inflight import InFlight, Outgoing
 from raftstate.sdk.types import HeartbeatAck
@@ -337,12 +337,12 @@ class HeartbeatStream:
             )
             return
         code = _CODE_BY_VALUE.get(ack.code, grpc.StatusCode.UNKNOWN)
-        err = from_status(code, ack.message)
+        err = decode(code, ack.message, ack.details)
         if not err.retriable:
             msg.future.set_exception(err)
             return
         msg.last_error = err
-        delay = self._client.backoff.delay(msg.failures)
+        delay = self._client.backoff.after(msg.failures, err)
         msg.failures += 1
         if now + delay >= msg.deadline:
             self._expire(msg)
@@ -398,7 +398,7 @@ class HeartbeatStream:
             self.reconnects += 1
             client._on_retriable(endpoint, err)
             endpoint = None
-            delay = client.backoff.delay(breaks)
+            delay = client.backoff.after(breaks, err)
             breaks += 1
             await asyncio.sleep(delay)
 
@@ -433,7 +433,7 @@ class HeartbeatStream:
             try:
                 ack = await call.read()
             except grpc.aio.AioRpcError as e:
-                return from_status(e.code(), e.details() or "")
+                return decode_trailer(e.code(), e.details() or "", e.trailing_metadata())
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
