@@ -41,6 +41,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.stats import LatencySummary
 from chaos.benchreport import (
     ProfileResult,
     cdf_points,
@@ -58,7 +59,6 @@ from chaos.linearizability import check
 from chaos.profiles import ProfileError, load_profile
 from chaos.tcpcluster import TcpChaosCluster, new_cluster
 from chaos.verify import Record, Verdict, node_table, verify
-from raftstate.bench.stats import LatencySummary
 
 __all__ = ["BenchSettings", "add_arguments", "bench_main", "parse_transports", "run_profile"]
 

@@ -24,7 +24,7 @@ Theory of operation:
    to the leader over the Raft transport; etcd: ``Put`` to the local member,
    which forwards to its leader). Every operation has a deadline and is
    written as a JSON line: latency, ok, error. Node CPU is sampled from
-   ``/proc`` around the window (:mod:`raftstate.bench.proccpu`).
+   ``/proc`` around the window (:mod:`bench.proccpu`).
 3. After the window every acknowledged heartbeat is looked up on every node
    (raftstate: the stored seq per device, serializable, after the nodes
    converged; etcd: every acknowledged key, serializable, on every member).
@@ -56,7 +56,7 @@ from typing import Any
 
 import grpc
 
-from raftstate.bench.stats import LatencySummary
+from bench.stats import LatencySummary
 
 SYSTEMS = ("udp", "tcp", "etcd")
 PROFILES = ("lan", "wan", "weak", "bad")
@@ -612,7 +612,7 @@ def _window(
     system: _System, cfg: BenchConfig, profile: str, run_dir: Path,
     progress: Callable[[str], None],
 ) -> RunResult:  # fmt: skip
-    from raftstate.bench.proccpu import busy_cpu_seconds, cpu_between, sample
+    from bench.proccpu import busy_cpu_seconds, cpu_between, sample
 
     lab = system.lab
     n = cfg.sites

@@ -7,7 +7,7 @@ as a whole) has one too. :func:`service_health` is the rule, pure:
 
 * ``""``, ``raftstate.v1.ClusterService``, ``grpc.health.v1.Health`` and
   ``grpc.reflection.v1alpha.ServerReflection``: SERVING while the process
-  serves (``Cluster.Status`` answers without a leader: it is how an
+  serves (``ClusterService.Status`` answers without a leader: it is how an
   operator finds out why there is none);
 * ``raftstate.v1.DeviceStateService`` and ``raftstate.v1.AuthService`` (writes and
   linearizable reads, token revocation: all go through the Raft log):

@@ -1,4 +1,4 @@
-"""gRPC services: DeviceState, Cluster and the standard health service.
+"""gRPC services: DeviceStateService, ClusterService and the standard health service.
 
 Every handler validates its request before touching Raft and lets
 :class:`~raftstate.errors.RaftStateError` propagate; :func:`_abort` is the one
@@ -600,7 +600,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
 
 
 def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
-    """This node's view of the cluster, as ``Cluster.Status`` returns it."""
+    """This node's view of the cluster, as ``ClusterService.Status`` returns it."""
     st = node.raft.status()
     cfg = node.cfg
     leader = node.members_by_raft.get(st.leader_raft_address or "")

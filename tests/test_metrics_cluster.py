@@ -283,7 +283,7 @@ def test_health_per_service_without_quorum(tmp_path: Path) -> None:
             statuses = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
             return statuses["raftstate.v1.DeviceStateService"].status == not_serving
 
-        wait_until("DeviceState NOT_SERVING", lost)
+        wait_until("DeviceStateService NOT_SERVING", lost)
         statuses = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
         assert statuses["raftstate.v1.AuthService"].status == not_serving
         cluster_status = statuses["raftstate.v1.ClusterService"].status

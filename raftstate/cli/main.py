@@ -206,9 +206,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from raftstate.bench.run import bench_main
+    from bench.run import bench_main
 
     return bench_main(args)
+
+
+def _needs_repository(err: ImportError) -> int:
+    print(
+        f"raftstate bench: {err}; the benchmark lives in the repository's bench/ package: "
+        "run it from a checkout installed with pip install -e '.[test]'",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def cmd_chaos_bench(args: argparse.Namespace) -> int:
@@ -345,11 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(fn=cmd_simulate)
 
-    from raftstate.bench.run import add_bench_arguments
-
-    bench = sub.add_parser("bench", help="benchmark heartbeats (optionally against etcd)")
-    add_bench_arguments(bench)
-    bench.set_defaults(fn=cmd_bench)
+    bench = sub.add_parser(
+        "bench", help="benchmark heartbeats (optionally against etcd; needs the repository)"
+    )
+    try:  # bench/ sits next to raftstate/ in the repository, not in the runtime
+        from bench.run import add_bench_arguments
+    except ImportError as err:
+        missing_bench = err
+        bench.set_defaults(fn=lambda _args: _needs_repository(missing_bench))
+    else:
+        add_bench_arguments(bench)
+        bench.set_defaults(fn=cmd_bench)
 
     chaos = sub.add_parser("chaos", help="weak-network chaos runs (needs the test extras)")
     chsub = chaos.add_subparsers(dest="chaos_cmd", required=True)

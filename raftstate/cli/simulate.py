@@ -21,8 +21,8 @@ import time
 
 import uvloop
 
-from raftstate.bench.stats import LatencySummary
 from raftstate.errors import RaftStateError
+from raftstate.latency import LatencySummary
 from raftstate.sdk import AsyncDeviceClient
 
 

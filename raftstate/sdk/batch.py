@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -52,12 +52,10 @@ from raftstate.errors import (
 )
 from raftstate.model import validate_heartbeat
 from raftstate.richstatus import decode
+from raftstate.sdk.core import ClientCore
 from raftstate.sdk.retry import retry_allowed
 from raftstate.sdk.types import BatchItem, BatchResult, HeartbeatAck
 from raftstate.v1 import device_pb2, device_pb2_grpc
-
-if TYPE_CHECKING:
-    from raftstate.sdk.client import AsyncDeviceClient
 
 #: Bytes a request keeps free of the byte limit (tags, lengths, slack).
 _REQUEST_SLACK = 1024
@@ -96,7 +94,7 @@ def _item(x: ItemLike) -> BatchItem:
 class _Call:
     """One ``heartbeat_batch`` call in progress."""
 
-    def __init__(self, client: AsyncDeviceClient, items: Sequence[ItemLike]) -> None:
+    def __init__(self, client: ClientCore, items: Sequence[ItemLike]) -> None:
         self.client = client
         self.items = [_item(x) for x in items]
         n = len(self.items)
@@ -158,7 +156,7 @@ class _Call:
 
 
 async def heartbeat_batch(
-    client: AsyncDeviceClient,
+    client: ClientCore,
     items: Sequence[ItemLike],
     *,
     deadline_s: float | None = None,
@@ -226,7 +224,7 @@ async def _send_chunk(call: _Call, pending: list[int], deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
-def _attempt(client: AsyncDeviceClient, request: device_pb2.HeartbeatBatchRequest) -> Any:
+def _attempt(client: ClientCore, request: device_pb2.HeartbeatBatchRequest) -> Any:
     async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
         return await device_pb2_grpc.DeviceStateServiceStub(channel).HeartbeatBatch(
             request, timeout=timeout, metadata=client._metadata

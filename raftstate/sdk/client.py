@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 * **Finding the leader.** The client knows a list of endpoints. It asks them
-  for ``Cluster.Status`` and sends requests to the leader's gRPC address,
+  for ``ClusterService.Status`` and sends requests to the leader's gRPC address,
   which saves the follower-to-leader hop. Any node would do: followers
   forward writes to the leader over the Raft transport.
 * **Retrying safely.** ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, a
@@ -31,14 +31,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from raftstate.admission import (
     DEFAULT_BATCH_RPC_MAX_HEARTBEATS,
     MAX_BATCH_REQUEST_BYTES,
-    MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES,
 )
 from raftstate.errors import (
@@ -49,10 +48,13 @@ from raftstate.errors import (
     RaftStateError,
     Unavailable,
 )
-from raftstate.model import Consistency, OnlineFilter, validate_device_id, validate_heartbeat
+from raftstate.model import Consistency, OnlineFilter, validate_device_id
 from raftstate.richstatus import decode_trailer
+from raftstate.sdk.batch import heartbeat_batch
+from raftstate.sdk.core import check_size
 from raftstate.sdk.credentials import Credentials, resolve
 from raftstate.sdk.retry import Backoff, retry_allowed
+from raftstate.sdk.stream import HeartbeatStream
 from raftstate.sdk.types import (
     BatchItem,
     BatchResult,
@@ -63,9 +65,6 @@ from raftstate.sdk.types import (
     HeartbeatAck,
 )
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
-
-if TYPE_CHECKING:
-    from raftstate.sdk.stream import HeartbeatStream
 
 T = TypeVar("T")
 
@@ -109,7 +108,7 @@ class AsyncDeviceClient:
         CA), ``token`` or ``cert``+``key`` (paths or PEM bytes), or a
         ``credentials`` object; with none given, ``RAFTSTATE_CA`` /
         ``RAFTSTATE_TOKEN`` / ``RAFTSTATE_CERT`` / ``RAFTSTATE_KEY`` are read.
-        Finding the leader needs ``Cluster.Status`` (operator role); a device
+        Finding the leader needs ``ClusterService.Status`` (operator role); a device
         or gateway credential is refused it, and the client then sends to its
         endpoints in order (followers forward writes)."""
         self.endpoints = parse_endpoints(endpoints)
@@ -214,8 +213,6 @@ class AsyncDeviceClient:
         the whole call; see :mod:`raftstate.sdk.batch`. Per-item problems
         are results, not exceptions; raises ``ValueError`` for an item that
         is neither form."""
-        from raftstate.sdk.batch import heartbeat_batch
-
         return await heartbeat_batch(self, items, deadline_s=deadline_s)
 
     def stream(self, *, max_in_flight: int = 256, endpoint: str | None = None) -> HeartbeatStream:
@@ -228,8 +225,6 @@ class AsyncDeviceClient:
         nearest node); otherwise the stream goes to the leader. Raises
         ``ValueError`` if ``max_in_flight`` is below 1.
         """
-        from raftstate.sdk.stream import HeartbeatStream
-
         return HeartbeatStream(self, max_in_flight=max_in_flight, endpoint=endpoint)
 
     def _note_seq(self, device_id: str, seq: int) -> None:
@@ -296,7 +291,7 @@ class AsyncDeviceClient:
             token = page.next_page_token
 
     async def status(self, endpoint: str | None = None, *, timeout_s: float = 2.0) -> ClusterStatus:
-        """``Cluster.Status`` of one node (default: the preferred endpoint).
+        """``ClusterService.Status`` of one node (default: the preferred endpoint).
         Raises the mapped error; not retried."""
         target = endpoint or self._pick()
         stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(target))
@@ -401,18 +396,6 @@ class AsyncDeviceClient:
             )
             self._channels[endpoint] = ch
         return ch
-
-
-def check_size(
-    request: device_pb2.HeartbeatRequest | device_pb2.HeartbeatStreamRequest,
-) -> None:
-    """Raise ``InvalidArgument`` for a request too big for any node to read
-    (which gRPC would refuse as RESOURCE_EXHAUSTED, a status we retry); such
-    a heartbeat is always invalid, and validation names the field."""
-    if request.ByteSize() > MAX_REQUEST_BYTES:
-        r = request
-        validate_heartbeat(r.device_id, r.seq, r.reported, r.ttl_s)
-        raise InvalidArgument("request", f"larger than {MAX_REQUEST_BYTES} bytes")
 
 
 def _cancelling() -> bool:

@@ -1,6 +1,6 @@
 """HeartbeatStream: many devices' heartbeats pipelined on one gRPC stream.
 
-A gateway that fronts many devices keeps one ``DeviceState.HeartbeatStream``
+A gateway that fronts many devices keeps one ``DeviceStateService.HeartbeatStream``
 open and writes each heartbeat to it as soon as the device produces one. A
 message on a long-lived stream costs the server a fraction of a unary call,
 which is what lets one Python node commit several thousand heartbeats per
@@ -64,7 +64,7 @@ import logging
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -78,13 +78,10 @@ from raftstate.errors import (
 )
 from raftstate.model import validate_device_id
 from raftstate.richstatus import decode, decode_trailer
-from raftstate.sdk.client import check_size
+from raftstate.sdk.core import ClientCore, check_size
 from raftstate.sdk.inflight import InFlight, Outgoing
 from raftstate.sdk.types import HeartbeatAck
 from raftstate.v1 import device_pb2, device_pb2_grpc
-
-if TYPE_CHECKING:
-    from raftstate.sdk.client import AsyncDeviceClient
 
 log = logging.getLogger("raftstate.sdk.stream")
 
@@ -138,7 +135,7 @@ class HeartbeatStream:
     """
 
     def __init__(
-        self, client: AsyncDeviceClient, *, max_in_flight: int = 256, endpoint: str | None = None
+        self, client: ClientCore, *, max_in_flight: int = 256, endpoint: str | None = None
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight: must be at least 1")
