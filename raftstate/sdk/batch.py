@@ -289,4 +289,5 @@ def _give_up(call: _Call, pending: list[int]) -> None:
             )
         else:
             err = Unavailable(f"gave up after {n} sends: {last.message}")
+            err.reason = last.reason
         call.settle(i, None, err)

@@ -357,11 +357,16 @@ class AsyncDeviceClient:
             delay = self.backoff.after(n, err)
             n += 1
             if loop.time() + delay >= deadline:
+                final: RaftStateError
                 if isinstance(err, DeadlineExceeded):
-                    raise DeadlineExceeded(
+                    final = DeadlineExceeded(
                         f"no answer within the deadline after {n} attempts: {err.message}"
                     )
-                raise Unavailable(f"gave up after {n} attempts: {err.message}")
+                else:
+                    final = Unavailable(f"gave up after {n} attempts: {err.message}")
+                # The last answer's reason (NO_LEADER, LIMIT_..., ...) says why.
+                final.reason = err.reason
+                raise final
             self.retries += 1
             await asyncio.sleep(delay)
 

@@ -292,9 +292,9 @@ class HeartbeatStream:
                 )
             )
         else:
-            msg.future.set_exception(
-                Unavailable(f"gave up after {msg.attempts} sends: {err.message}")
-            )
+            gave_up = Unavailable(f"gave up after {msg.attempts} sends: {err.message}")
+            gave_up.reason = err.reason
+            msg.future.set_exception(gave_up)
 
     def _requeue(self, msg: Outgoing) -> None:
         if not msg.future.done():
