@@ -41,6 +41,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.stats import LatencySummary
 from chaos.benchreport import (
     ProfileResult,
     cdf_points,
@@ -58,7 +59,6 @@ from chaos.linearizability import check
 from chaos.profiles import ProfileError, load_profile
 from chaos.tcpcluster import TcpChaosCluster, new_cluster
 from chaos.verify import Record, Verdict, node_table, verify
-from raftstate.bench.stats import LatencySummary
 from raftstate.cli.argtypes import COUNT, RATE, RATE_OR_ZERO, SECONDS
 from raftstate.cli.words import plural
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raftstate.bench.stats import LatencySummary
+from bench.stats import LatencySummary
 
 __all__ = [
     "ProfileResult",

@@ -192,7 +192,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import tempfile
 
-    from raftstate.bench.run import run_header
+    from bench.phases import run_header
 
     started = time.time()
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="raftstate-flood-"))

@@ -24,7 +24,7 @@ Theory of operation:
    to the leader over the Raft transport; etcd: ``Put`` to the local member,
    which forwards to its leader). Every operation has a deadline and is
    written as a JSON line: latency, ok, error. Node CPU is sampled from
-   ``/proc`` around the window (:mod:`raftstate.bench.proccpu`).
+   ``/proc`` around the window (:mod:`bench.proccpu`).
 3. After the window every acknowledged heartbeat is looked up on every node
    (raftstate: the stored seq per device, serializable, after the nodes
    converged; etcd: every acknowledged key, serializable, on every member).
@@ -56,7 +56,7 @@ from typing import Any
 
 import grpc
 
-from raftstate.bench.stats import LatencySummary
+from bench.stats import LatencySummary
 from raftstate.cli.words import plural
 
 SYSTEMS = ("udp", "tcp", "etcd")
@@ -104,7 +104,7 @@ def _load_main(argv: Sequence[str]) -> int:
 
 
 async def _load(args: argparse.Namespace) -> None:
-    from raftstate.benchpb import etcd_kv_pb2, etcd_kv_pb2_grpc
+    from bench.etcdpb import etcd_kv_pb2, etcd_kv_pb2_grpc
     from raftstate.sdk.client import AsyncDeviceClient
 
     out = open(args.out, "w")  # noqa: SIM115 - closed below
@@ -448,7 +448,7 @@ class _Raftstate(_System):
         for ep in self.lc.endpoints:
             with creds.channel(ep) as ch:
                 try:
-                    s = cluster_pb2_grpc.ClusterStub(ch).Status(
+                    s = cluster_pb2_grpc.ClusterServiceStub(ch).Status(
                         cluster_pb2.StatusRequest(), timeout=1, metadata=creds.metadata()
                     )
                 except grpc.RpcError:
@@ -568,7 +568,7 @@ class _Etcd(_System):
         return {f"e{i}": p.pid for i, p in enumerate(self.procs, 1) if p.poll() is None}
 
     def check_lost(self, records: list[dict[str, Any]], tag_prefix: str) -> int:
-        from raftstate.benchpb import etcd_kv_pb2, etcd_kv_pb2_grpc
+        from bench.etcdpb import etcd_kv_pb2, etcd_kv_pb2_grpc
 
         acked = {r["key"] for r in records if r["ok"]}
         key = tag_prefix.encode()
@@ -614,7 +614,7 @@ def _window(
     system: _System, cfg: BenchConfig, profile: str, run_dir: Path,
     progress: Callable[[str], None],
 ) -> RunResult:  # fmt: skip
-    from raftstate.bench.proccpu import busy_cpu_seconds, cpu_between, sample
+    from bench.proccpu import busy_cpu_seconds, cpu_between, sample
 
     lab = system.lab
     n = cfg.sites

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raftstate.bench import proccpu
+from bench import proccpu
 
 IPERF_PORT = 5201
 

@@ -53,14 +53,14 @@ def node_table(endpoint: str, prefix: str = "", timeout_s: float = 5.0) -> dict[
     token = ""
     creds = Credentials.from_env()  # a secure cluster: RAFTSTATE_CA + an operator token
     with creds.channel(endpoint) as ch:
-        stub = device_pb2_grpc.DeviceStateStub(ch)
+        stub = device_pb2_grpc.DeviceStateServiceStub(ch)
         while True:
             res = stub.ListDevices(
                 device_pb2.ListDevicesRequest(
                     prefix=prefix,
                     page_size=200,  # 200 devices of 8 KiB stay under 4 MB
                     page_token=token,
-                    consistency=device_pb2.SERIALIZABLE,
+                    consistency=device_pb2.CONSISTENCY_SERIALIZABLE,
                 ),
                 timeout=timeout_s,
                 metadata=creds.metadata(),
@@ -81,7 +81,7 @@ def _status(endpoint: str) -> cluster_pb2.StatusResponse | None:
     creds = Credentials.from_env()
     with creds.channel(endpoint) as ch:
         try:
-            res: cluster_pb2.StatusResponse = cluster_pb2_grpc.ClusterStub(ch).Status(
+            res: cluster_pb2.StatusResponse = cluster_pb2_grpc.ClusterServiceStub(ch).Status(
                 cluster_pb2.StatusRequest(), timeout=2, metadata=creds.metadata()
             )
         except grpc.RpcError:

@@ -163,7 +163,7 @@ class Workload:
     def _read_loop(self, client_id: str, endpoint: str, offset: int) -> None:
         creds = Credentials.from_env()  # plaintext unless RAFTSTATE_CA/TOKEN are set
         with creds.channel(endpoint) as ch:
-            stub = device_pb2_grpc.DeviceStateStub(ch)
+            stub = device_pb2_grpc.DeviceStateServiceStub(ch)
             i = offset
             while not self._stop.is_set():
                 device_id = self._ids[i % len(self._ids)]
@@ -172,7 +172,7 @@ class Workload:
                 try:
                     res = stub.GetDevice(
                         device_pb2.GetDeviceRequest(device_id=device_id,
-                                                    consistency=device_pb2.LINEARIZABLE),
+                                                    consistency=device_pb2.CONSISTENCY_LINEARIZABLE),
                         timeout=self._read_deadline,
                         metadata=creds.metadata(),
                     )

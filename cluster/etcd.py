@@ -46,7 +46,7 @@ from types import TracebackType
 
 import grpc
 
-from raftstate.benchpb import etcd_kv_pb2, etcd_kv_pb2_grpc
+from bench.etcdpb import etcd_kv_pb2, etcd_kv_pb2_grpc
 
 READY_KEY = b"__raftstate_bench_ready__"
 """Key written once by :meth:`EtcdCluster.start` to prove the cluster accepts writes."""

@@ -82,7 +82,7 @@ def node_status(
     creds = credentials if credentials is not None else Credentials.from_env()
     with creds.channel(endpoint) as ch:
         try:
-            res: cluster_pb2.StatusResponse = cluster_pb2_grpc.ClusterStub(ch).Status(
+            res: cluster_pb2.StatusResponse = cluster_pb2_grpc.ClusterServiceStub(ch).Status(
                 cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=creds.metadata()
             )
         except grpc.RpcError:

@@ -54,7 +54,7 @@ MAX_BATCH_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_BATCH_RPC_MAX_HEARTBEATS = 1000
 BATCH_RPC_MAX_HEARTBEATS_LIMIT = 10_000
 #: gRPC method path of the batch RPC (its own byte limit and gate).
-BATCH_METHOD = "/raftstate.v1.DeviceState/HeartbeatBatch"
+BATCH_METHOD = "/raftstate.v1.DeviceStateService/HeartbeatBatch"
 #: The largest response message a node sends / the SDK accepts.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 #: Encoded bytes of devices per ListDevices page (a quarter of the limit:

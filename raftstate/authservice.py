@@ -1,4 +1,4 @@
-"""The ``raftstate.v1.Auth`` service: issue and revoke bearer tokens (admin only).
+"""The ``raftstate.v1.AuthService`` service: issue and revoke bearer tokens (admin only).
 
 IssueToken signs claims with this node's first token key (every node holds
 the same key file, so any node can issue and every node verifies); nothing
@@ -26,7 +26,7 @@ from raftstate.v1 import auth_pb2, auth_pb2_grpc
 _HEX_ID = re.compile(rf"[0-9a-f]{{{2 * TOKEN_ID_BYTES}}}")
 
 
-class AuthService(auth_pb2_grpc.AuthServicer):
+class AuthService(auth_pb2_grpc.AuthServiceServicer):
     def __init__(self, node: NodeServices, token_keys: dict[str, bytes]) -> None:
         self.node = node
         self._keys = token_keys

@@ -122,9 +122,9 @@ class Access(enum.Enum):
     ADMIN = "admin"
 
 
-DEVICE_SERVICE = "/raftstate.v1.DeviceState/"
-CLUSTER_SERVICE = "/raftstate.v1.Cluster/"
-AUTH_SERVICE = "/raftstate.v1.Auth/"
+DEVICE_SERVICE = "/raftstate.v1.DeviceStateService/"
+CLUSTER_SERVICE = "/raftstate.v1.ClusterService/"
+AUTH_SERVICE = "/raftstate.v1.AuthService/"
 HEALTH_SERVICE = "/grpc.health.v1.Health/"
 REFLECTION_SERVICE = "/grpc.reflection.v1alpha.ServerReflection/"
 #: Not a gRPC method: an HTTP scrape of ``/metrics`` (raftstate/metricsserver.py).

@@ -31,8 +31,8 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from raftstate.admission import Quota
 from raftstate.errors import DecodeError
+from raftstate.internal.v1 import storage_pb2
 from raftstate.model import Heartbeat
-from raftstate.v1 import storage_pb2
 
 MAGIC = b"\xff"
 HEAD = struct.Struct("<qQQI")

@@ -29,8 +29,8 @@ from __future__ import annotations
 import struct
 
 from raftstate.batchentry import id_at
+from raftstate.internal.v1 import storage_pb2
 from raftstate.model import DeviceView
-from raftstate.v1 import storage_pb2
 
 HEAD = struct.Struct("<QQqqQII")
 HEAD_SIZE = HEAD.size

@@ -3,7 +3,10 @@
 Every error a caller can see is a :class:`RaftStateError`. Each class knows the
 gRPC status code it travels as and whether retrying the same request can
 succeed. The server converts them to a status in exactly one place
-(``raftstate.server``); the SDK converts statuses back with :func:`from_status`.
+(``raftstate.server``), with ``google.rpc`` details built by
+``raftstate.richstatus``; the SDK converts statuses back with
+``richstatus.decode`` (details) on top of :func:`from_status` (code and
+message alone).
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ class RaftStateError(Exception):
 
     grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     retriable: bool = False
+    #: The stable ``ErrorInfo.reason`` (e.g. ``NO_LEADER``); empty: derived
+    #: from the class by ``richstatus.reason_of``. Set by the SDK from a
+    #: status's details.
+    reason: str = ""
+    #: The server's ``RetryInfo`` delay in seconds (SDK side), else ``None``.
+    retry_delay_s: float | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -47,13 +56,18 @@ class Unavailable(RaftStateError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
     retriable = True
 
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        if reason:
+            self.reason = reason
+
 
 class NotLeader(Unavailable):
     """This node is not the leader. ``leader_hint`` is the leader's gRPC
     address when known, else the empty string."""
 
     def __init__(self, message: str, leader_hint: str = "") -> None:
-        super().__init__(message)
+        super().__init__(message, "NOT_LEADER")
         self.leader_hint = leader_hint
 
 

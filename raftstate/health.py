@@ -5,11 +5,11 @@ Theory of operation
 Every service the node serves has its own status, and ``""`` (the server
 as a whole) has one too. :func:`service_health` is the rule, pure:
 
-* ``""``, ``raftstate.v1.Cluster``, ``grpc.health.v1.Health`` and
+* ``""``, ``raftstate.v1.ClusterService``, ``grpc.health.v1.Health`` and
   ``grpc.reflection.v1alpha.ServerReflection``: SERVING while the process
-  serves (``Cluster.Status`` answers without a leader: it is how an
+  serves (``ClusterService.Status`` answers without a leader: it is how an
   operator finds out why there is none);
-* ``raftstate.v1.DeviceState`` and ``raftstate.v1.Auth`` (writes and
+* ``raftstate.v1.DeviceStateService`` and ``raftstate.v1.AuthService`` (writes and
   linearizable reads, token revocation: all go through the Raft log):
   SERVING only while this node can get work committed (:func:`can_commit`:
   it knows a leader that it is connected to, or is the leader, and reaches
@@ -44,7 +44,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 #: Services whose work goes through the Raft log.
-CONSENSUS_SERVICES = frozenset({"raftstate.v1.DeviceState", "raftstate.v1.Auth"})
+CONSENSUS_SERVICES = frozenset({"raftstate.v1.DeviceStateService", "raftstate.v1.AuthService"})
 
 
 def can_commit(

@@ -67,9 +67,9 @@ GRPC_OPTIONS = [
 
 #: Every service a node serves, by full name (health statuses, reflection).
 SERVICE_NAMES = (
-    device_pb2.DESCRIPTOR.services_by_name["DeviceState"].full_name,
-    cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name,
-    auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name,
+    device_pb2.DESCRIPTOR.services_by_name["DeviceStateService"].full_name,
+    cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+    auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
@@ -104,9 +104,10 @@ def grpc_server(
         options=GRPC_OPTIONS, maximum_concurrent_rpcs=backstop, interceptors=interceptors
     )
     add = guard.add_guarded
-    add(server, device_pb2_grpc.add_DeviceStateServicer_to_server, DeviceStateService(services))
-    add(server, cluster_pb2_grpc.add_ClusterServicer_to_server, ClusterService(services))
-    add(server, auth_pb2_grpc.add_AuthServicer_to_server, AuthService(services, token_keys))
+    add_device = device_pb2_grpc.add_DeviceStateServiceServicer_to_server
+    add(server, add_device, DeviceStateService(services))
+    add(server, cluster_pb2_grpc.add_ClusterServiceServicer_to_server, ClusterService(services))
+    add(server, auth_pb2_grpc.add_AuthServiceServicer_to_server, AuthService(services, token_keys))
     health = HealthService()
     add(server, health_pb2_grpc.add_HealthServicer_to_server, health)
     # Reflection (grpcurl, Postman): any authenticated caller (raftstate/authz.py).

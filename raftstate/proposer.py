@@ -207,7 +207,7 @@ class Proposer:
         if self._waiting >= self._max_pending:
             raise self._full()
         if self._closed:
-            raise Unavailable("node is shutting down")
+            raise Unavailable("node is shutting down", "SHUTTING_DOWN")
         item = _One(hb, self._loop.time() + self._max_age, self._loop.create_future())
         self._waiting += 1
         item.future.add_done_callback(self._on_item_done)
@@ -224,7 +224,7 @@ class Proposer:
         if n > self.room:
             raise self._full()
         if self._closed:
-            raise Unavailable("node is shutting down")
+            raise Unavailable("node is shutting down", "SHUTTING_DOWN")
         group = HeartbeatGroup(self._loop.create_future(), n, self)
         if n == 0:
             group.future.set_result(group.results)
@@ -250,7 +250,7 @@ class Proposer:
             self._timer.cancel()
         for item in self._batcher.drain():
             if not item.done():
-                item.settle(Unavailable("node is shutting down"))
+                item.settle(Unavailable("node is shutting down", "SHUTTING_DOWN"))
 
     # ---- internals ------------------------------------------------------------
 

@@ -65,6 +65,7 @@ from raftstate.errors import (
     Unauthenticated,
 )
 from raftstate.ratelog import LogThrottle, held_suffix
+from raftstate.richstatus import trailing_metadata
 
 log = logging.getLogger("raftstate.rpcguard")
 
@@ -183,7 +184,7 @@ class RpcGuard:
                     request = request_of(raw)
                     check(identity, request)
                 except RaftStateError as err:
-                    await context.abort(err.grpc_code, err.message)
+                    await context.abort(err.grpc_code, err.message, trailing_metadata(err))
                 return await behavior(request, context)
             finally:
                 gate.leave()
@@ -209,12 +210,12 @@ class RpcGuard:
                     request = request_of(raw)
                     check(identity, request)
                 except RaftStateError as err:
-                    await context.abort(err.grpc_code, err.message)
+                    await context.abort(err.grpc_code, err.message, trailing_metadata(err))
                 try:
                     async for response in behavior(request, context):
                         yield response
                 except RaftStateError as err:
-                    await context.abort(err.grpc_code, err.message)
+                    await context.abort(err.grpc_code, err.message, trailing_metadata(err))
             finally:
                 gate.leave()
 
@@ -235,7 +236,7 @@ class RpcGuard:
         except Unauthenticated as err:
             self.unauthenticated += 1
             self._log_refusal(method, "unauthenticated", f"{err.message} (peer {context.peer()})")
-            await context.abort(err.grpc_code, err.message)
+            await context.abort(err.grpc_code, err.message, trailing_metadata(err))
             raise AssertionError("unreachable: abort raises") from err
         CURRENT_IDENTITY.set(identity)
         return identity
@@ -271,7 +272,7 @@ class RpcGuard:
         held = self._throttle.admit((method, gate.field), self._clock())
         if held is not None:
             log.warning("refused %s: %s%s", method, err.message, held_suffix(held))
-        await context.abort(err.grpc_code, err.message)
+        await context.abort(err.grpc_code, err.message, trailing_metadata(err))
 
     def _parser(self, method: str, decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         limit = request_byte_limit(method)
@@ -283,6 +284,7 @@ class RpcGuard:
                     f"request: {len(raw)} bytes, more than the {limit} bytes a "
                     f"{method.rsplit('/', 1)[-1]} request may have"
                 )
+                too_big.reason = "REQUEST_TOO_LARGE"
                 held = self._throttle.admit((method, "oversized"), self._clock())
                 if held is not None:
                     log.warning("refused %s: %s%s", method, too_big.message, held_suffix(held))

@@ -1,4 +1,4 @@
-"""gRPC services: DeviceState, Cluster and the standard health service.
+"""gRPC services: DeviceStateService, ClusterService and the standard health service.
 
 Every handler validates its request before touching Raft and lets
 :class:`~raftstate.errors.RaftStateError` propagate; :func:`_abort` is the one
@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
+from raftstate import richstatus
 from raftstate.admission import (
     BATCH_METHOD,
     LIST_PAGE_BUDGET_BYTES,
@@ -32,11 +33,9 @@ from raftstate.authz import DEVICE_SERVICE, Identity, authorize
 from raftstate.authz import Role as AuthRole
 from raftstate.config import NodeConfig
 from raftstate.errors import (
-    LEADER_HINT_KEY,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
-    NotLeader,
     PermissionDenied,
     QuotaExceeded,
     RaftStateError,
@@ -82,10 +81,9 @@ def now_ms() -> int:
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: RaftStateError) -> None:
-    """The single mapping from our errors to gRPC statuses."""
-    if isinstance(err, NotLeader) and err.leader_hint:
-        context.set_trailing_metadata(((LEADER_HINT_KEY, err.leader_hint),))
-    await context.abort(err.grpc_code, err.message)
+    """The single mapping from our errors to gRPC statuses: code, message
+    and the ``google.rpc.Status`` details (``raftstate.richstatus``)."""
+    await context.abort(err.grpc_code, err.message, richstatus.trailing_metadata(err))
 
 
 def _unary(
@@ -153,8 +151,10 @@ class NodeServices:
                 return result
             if loop.time() + READ_RETRY_S >= end:
                 if self.raft.leader_raft_address() is None:
-                    raise Unavailable(f"no leader elected; {what} not committed in time")
-                raise Unavailable(f"{what} not committed in time (retrying is safe)")
+                    raise Unavailable(
+                        f"no leader elected; {what} not committed in time", "NO_LEADER"
+                    )
+                raise Unavailable(f"{what} not committed in time (retrying is safe)", "NO_QUORUM")
             await asyncio.sleep(READ_RETRY_S)
 
     def budget(self, context: grpc.aio.ServicerContext) -> float:
@@ -165,7 +165,9 @@ class NodeServices:
         margin = min(DEADLINE_MARGIN_MAX_S, max(DEADLINE_MARGIN_S, 0.1 * remaining))
         return max(0.0, remaining - margin)
 
-    def validate(self, request: device_pb2.HeartbeatRequest) -> Heartbeat:
+    def validate(
+        self, request: device_pb2.HeartbeatRequest | device_pb2.HeartbeatStreamRequest
+    ) -> Heartbeat:
         """The request as a checked heartbeat, its seq checked against this
         node's clock (``max_seq_ahead_s``). Raises ``InvalidArgument``."""
         return validate_heartbeat(
@@ -208,9 +210,10 @@ class NodeServices:
     def not_committed(self, what: str) -> Unavailable:
         """The error for a write not committed within its budget."""
         if self.raft.leader_raft_address() is None:
-            return Unavailable(f"no leader elected; {what} not committed in time")
+            return Unavailable(f"no leader elected; {what} not committed in time", "NO_LEADER")
         return Unavailable(
-            f"{what} not committed in time (outcome unknown; retrying with the same seq is safe)"
+            f"{what} not committed in time (outcome unknown; retrying with the same seq is safe)",
+            "NO_QUORUM",
         )
 
     async def read_fence(self, consistency: Consistency, budget: float) -> None:
@@ -227,7 +230,9 @@ class NodeServices:
         if consistency is Consistency.SERIALIZABLE:
             problem = self.raft.health_problem()
             if problem:
-                raise Unavailable(f"this node cannot serve local reads now: {problem}")
+                raise Unavailable(
+                    f"this node cannot serve local reads now: {problem}", "NODE_NOT_READY"
+                )
             return
         if self.cfg.unsafe_serve_local_reads:
             return
@@ -244,10 +249,13 @@ class NodeServices:
                 except TimeoutError:
                     pass
             if self.raft.leader_raft_address() is None:
-                raise Unavailable("no leader elected; linearizable read not served in time")
+                raise Unavailable(
+                    "no leader elected; linearizable read not served in time", "NO_LEADER"
+                )
             raise Unavailable(
                 "leadership could not be confirmed by a quorum in time; "
-                "linearizable read not served (a SERIALIZABLE read may be stale)"
+                "linearizable read not served (a SERIALIZABLE read may be stale)",
+                "NO_QUORUM",
             )
 
 
@@ -286,7 +294,7 @@ def decode_page_token(token: str) -> str:
         raise InvalidArgument("page_token", "is not a token from a previous response") from None
 
 
-class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
+class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
     def __init__(self, node: NodeServices) -> None:
         self.node = node
 
@@ -302,9 +310,9 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
 
     async def HeartbeatStream(  # noqa: N802
         self,
-        request_iterator: AsyncIterator[device_pb2.HeartbeatRequest],
+        request_iterator: AsyncIterator[device_pb2.HeartbeatStreamRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[device_pb2.HeartbeatAck]:
+    ) -> AsyncIterator[device_pb2.HeartbeatStreamResponse]:
         """Pipelined: requests are proposed as they arrive; acks go back in
         request order, one per request, each with its own status code.
 
@@ -317,7 +325,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
         window = self.node.cfg.stream_window
         slots = asyncio.Semaphore(window)
         queue: asyncio.Queue[
-            tuple[device_pb2.HeartbeatRequest, asyncio.Future[Any] | RaftStateError]
+            tuple[device_pb2.HeartbeatStreamRequest, asyncio.Future[Any] | RaftStateError]
             | RaftStateError
             | None
         ] = asyncio.Queue()
@@ -347,7 +355,8 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                 queue.put_nowait(err)
                 return
             except Exception as exc:  # the call broke under us; end the stream
-                queue.put_nowait(Unavailable(f"reading the stream failed: {exc!r}"))
+                broken = Unavailable(f"reading the stream failed: {exc!r}", "STREAM_BROKEN")
+                queue.put_nowait(broken)
                 return
             queue.put_nowait(None)
 
@@ -361,7 +370,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                 if isinstance(item, RaftStateError):
                     raise item
                 req, outcome = item
-                ack = device_pb2.HeartbeatAck(device_id=req.device_id, seq=req.seq)
+                ack = device_pb2.HeartbeatStreamResponse(device_id=req.device_id, seq=req.seq)
                 try:
                     if isinstance(outcome, RaftStateError):
                         raise outcome
@@ -380,6 +389,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                 except RaftStateError as err:
                     ack.code = err.grpc_code.value[0]
                     ack.message = err.message
+                    ack.details.extend(richstatus.encode_details(err))
                 yield ack
                 slots.release()
             await task  # surfaces a reader failure, if any
@@ -490,6 +500,9 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
                         res = late = late or node.not_committed("heartbeat")
                     outcomes[i] = res
         acks = response.acks
+        # Errors shared by many heartbeats (a full queue, a late commit) are
+        # encoded once.
+        details: dict[int, list[Any]] = {}
         for req, out in zip(items, outcomes, strict=True):
             ack = acks.add(device_id=req.device_id, seq=req.seq)
             if isinstance(out, HeartbeatResult):
@@ -500,6 +513,10 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
             elif out is not None:
                 ack.code = out.grpc_code.value[0]
                 ack.message = out.message
+                known = details.get(id(out))
+                if known is None:
+                    known = details[id(out)] = richstatus.encode_details(out)
+                ack.details.extend(known)
             else:  # unreachable: every heartbeat got an outcome above
                 raise AssertionError("heartbeat without an outcome")
         return response
@@ -571,7 +588,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServicer):
         )
 
 
-class ClusterService(cluster_pb2_grpc.ClusterServicer):
+class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
     def __init__(self, node: NodeServices) -> None:
         self.node = node
 
@@ -583,7 +600,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
 
 
 def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
-    """This node's view of the cluster, as ``Cluster.Status`` returns it."""
+    """This node's view of the cluster, as ``ClusterService.Status`` returns it."""
     st = node.raft.status()
     cfg = node.cfg
     leader = node.members_by_raft.get(st.leader_raft_address or "")
@@ -642,7 +659,7 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
 
 async def track_health(node: NodeServices, health: Any, period_s: float = 0.2) -> None:
     """Keep the health service current: the overall service is SERVING while
-    the process runs; ``raftstate.v1.DeviceState`` is SERVING only while this
+    the process runs; ``raftstate.v1.DeviceStateService`` is SERVING only while this
     node knows a leader (it can commit and serve linearizable reads), its
     Raft ticks succeed and it is not catching up after lost data."""
     serving = health_pb2.HealthCheckResponse.SERVING
@@ -653,7 +670,7 @@ async def track_health(node: NodeServices, health: Any, period_s: float = 0.2) -
         healthy = node.raft.leader_raft_address() is not None and not node.raft.health_problem()
         state = serving if healthy else not_serving
         if state != last:
-            await health.set("raftstate.v1.DeviceState", state)
+            await health.set("raftstate.v1.DeviceStateService", state)
             last = state
         await asyncio.sleep(period_s)
 

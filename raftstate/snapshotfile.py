@@ -43,11 +43,11 @@ from typing import IO
 
 from raftstate import devicerecord
 from raftstate.integrity import SNAPSHOT_MAGIC, CorruptData
+from raftstate.internal.v1 import storage_pb2
 from raftstate.model import RECORD_MAX_BYTES
 from raftstate.privfile import open_private
 from raftstate.sortedids import SortedIds
 from raftstate.statemachine import DeviceTable, LoadedTable, TableCapture
-from raftstate.v1 import storage_pb2
 
 #: Magic of a format-2 snapshot (format 1 used ``integrity.SNAPSHOT_MAGIC``).
 MAGIC_V2 = b"RSSNAP\x00\x03"

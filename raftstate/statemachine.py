@@ -63,9 +63,9 @@ from dataclasses import dataclass, field
 from raftstate import batchentry, devicerecord
 from raftstate.admission import Quota, quota_refusal, state_bytes
 from raftstate.errors import DecodeError
+from raftstate.internal.v1 import storage_pb2
 from raftstate.model import DevicePage, DeviceView, Heartbeat, HeartbeatResult, OnlineFilter
 from raftstate.sortedids import SortedIds
-from raftstate.v1 import storage_pb2
 
 
 @dataclass(frozen=True, slots=True)

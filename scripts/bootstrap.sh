@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 # measures the WAN lab's delays (tests/test_wanlab.py, docs/wanlab.md), iperf3
 # its rate limits and packet rate (`raftstate lab probe`; its daemon stays off,
 # debconf's default under noninteractive).
-APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack coturn iputils-ping iperf3)
+# nodejs/npm: buf (the proto linter, shipped as an npm package) and the grpc-js
+# client test (tests/node/, tests/test_node_client.py).
+APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack coturn iputils-ping iperf3 nodejs npm)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -46,4 +48,16 @@ fi
 # project is meant to own its machine, so allow it there. Harmless elsewhere.
 export PIP_BREAK_SYSTEM_PACKAGES=1
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# Node tools, pinned by tests/node/package-lock.json: buf (`buf lint` of
+# proto/ in scripts/test.sh) and @grpc/grpc-js + @grpc/proto-loader for the
+# Node client test. Reinstalled only when the lockfile changed.
+if command -v npm >/dev/null; then
+  if [ ! -f tests/node/node_modules/.package-lock.json ] \
+     || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then
+    npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+  fi
+else
+  echo "bootstrap: warning: npm missing; buf lint fails and the Node client test is skipped" >&2
+fi
+
 echo "bootstrap: ok ($(python3 --version), raftstate $(python3 -c 'import raftstate; print(raftstate.__version__)'))"

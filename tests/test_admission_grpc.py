@@ -84,7 +84,7 @@ def test_a_stream_is_not_read_past_its_window_until_acks_free_it() -> None:
         server, addr = await _serve(proposer, stream_window=8)
         try:
             async with grpc.aio.insecure_channel(addr) as ch:
-                call = device_pb2_grpc.DeviceStateStub(ch).HeartbeatStream()
+                call = device_pb2_grpc.DeviceStateServiceStub(ch).HeartbeatStream()
                 assert (STREAM_WINDOW_KEY, "8") in tuple(await call.initial_metadata())
                 for i in range(1, 21):
                     await call.write(REQ(device_id=f"d{i}", seq=1))
@@ -146,7 +146,7 @@ def test_unary_calls_past_max_concurrent_rpcs_are_refused_naming_it() -> None:
         server, addr = await _serve(proposer, max_concurrent_rpcs=4)
         try:
             async with grpc.aio.insecure_channel(addr) as ch:
-                stub = device_pb2_grpc.DeviceStateStub(ch)
+                stub = device_pb2_grpc.DeviceStateServiceStub(ch)
                 held = [
                     asyncio.ensure_future(stub.Heartbeat(REQ(device_id=f"h{i}", seq=1), timeout=20))
                     for i in range(4)
@@ -174,7 +174,7 @@ def test_streams_past_max_streams_are_refused_naming_it_and_freed_on_close() -> 
         server, addr = await _serve(FakeProposer(), max_streams=3)
         try:
             async with grpc.aio.insecure_channel(addr) as ch:
-                stub = device_pb2_grpc.DeviceStateStub(ch)
+                stub = device_pb2_grpc.DeviceStateServiceStub(ch)
                 open_calls = [stub.HeartbeatStream() for _ in range(3)]
                 for call in open_calls:
                     await call.initial_metadata()
@@ -209,12 +209,12 @@ def test_undecodable_requests_are_invalid_argument_logged_once(
 ) -> None:
     caplog.set_level(logging.INFO)
 
-    async def run() -> list[device_pb2.HeartbeatAck]:
+    async def run() -> list[device_pb2.HeartbeatStreamResponse]:
         server, addr = await _serve(FakeProposer(auto_commit_s=0.0))
         try:
             async with grpc.aio.insecure_channel(addr) as ch:
                 unary = ch.unary_unary(
-                    "/raftstate.v1.DeviceState/Heartbeat",
+                    "/raftstate.v1.DeviceStateService/Heartbeat",
                     request_serializer=_identity,
                     response_deserializer=_identity,
                 )
@@ -228,9 +228,9 @@ def test_undecodable_requests_are_invalid_argument_logged_once(
                         if kind == "utf8":
                             assert "UTF-8" in details
                 stream = ch.stream_stream(
-                    "/raftstate.v1.DeviceState/HeartbeatStream",
+                    "/raftstate.v1.DeviceStateService/HeartbeatStream",
                     request_serializer=_identity,
-                    response_deserializer=device_pb2.HeartbeatAck.FromString,
+                    response_deserializer=device_pb2.HeartbeatStreamResponse.FromString,
                 )
 
                 async def requests() -> AsyncIterator[bytes]:
@@ -238,7 +238,7 @@ def test_undecodable_requests_are_invalid_argument_logged_once(
                     yield BAD["utf8"]
 
                 call = stream(requests())
-                acks: list[device_pb2.HeartbeatAck] = []
+                acks: list[device_pb2.HeartbeatStreamResponse] = []
                 try:
                     async for ack in call:
                         acks.append(ack)

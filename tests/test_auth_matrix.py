@@ -53,7 +53,7 @@ def call(method: str, endpoint: str, creds: Credentials, device_id: str = VICTIM
     """One call; the status code name (stream: the first ack's code)."""
     md = creds.metadata()
     with creds.channel(endpoint) as ch:
-        dev = device_pb2_grpc.DeviceStateStub(ch)
+        dev = device_pb2_grpc.DeviceStateServiceStub(ch)
         hb = device_pb2.HeartbeatRequest(
             device_id=device_id, seq=time.time_ns() // 1000, reported={"k": "v"}
         )
@@ -74,7 +74,7 @@ def call(method: str, endpoint: str, creds: Credentials, device_id: str = VICTIM
                     device_pb2.DeleteDeviceRequest(device_id=device_id), timeout=10, metadata=md
                 )
             else:
-                cluster_pb2_grpc.ClusterStub(ch).Status(
+                cluster_pb2_grpc.ClusterServiceStub(ch).Status(
                     cluster_pb2.StatusRequest(), timeout=10, metadata=md
                 )
         except grpc.RpcError as err:
@@ -98,7 +98,7 @@ def _foreign_ca_cert(tmp: Path) -> Credentials:
 
 def _revoke(c: LocalCluster, endpoint: str, token: str) -> auth_pb2.RevokeTokenResponse:
     with c.credentials.channel(endpoint) as ch:
-        return auth_pb2_grpc.AuthStub(ch).RevokeToken(  # type: ignore[no-any-return]
+        return auth_pb2_grpc.AuthServiceStub(ch).RevokeToken(  # type: ignore[no-any-return]
             auth_pb2.RevokeTokenRequest(token=token), timeout=10, metadata=c.credentials.metadata()
         )
 
@@ -218,12 +218,12 @@ def test_a_stream_goes_on_after_a_denied_message(cluster: LocalCluster) -> None:
     creds = _token_creds(c, Role.DEVICE, device_ids=("pump-a",))
     seq = time.time_ns() // 1000
     reqs = [
-        device_pb2.HeartbeatRequest(device_id=d, seq=seq + i)
+        device_pb2.HeartbeatStreamRequest(device_id=d, seq=seq + i)
         for i, d in enumerate(["pump-a", VICTIM, "pump-a"])
     ]
     with creds.channel(c.endpoints[0]) as ch:
         acks = list(
-            device_pb2_grpc.DeviceStateStub(ch).HeartbeatStream(
+            device_pb2_grpc.DeviceStateServiceStub(ch).HeartbeatStream(
                 iter(reqs), timeout=10, metadata=creds.metadata()
             )
         )
@@ -238,7 +238,7 @@ def test_revocation_reaches_every_node_and_survives_restart_and_snapshot(
     follower_id = next(n for n in c.nodes if n != leader_id)
     follower = c.nodes[follower_id].endpoint
     with c.credentials.channel(c.nodes[leader_id].endpoint) as ch:
-        issued = auth_pb2_grpc.AuthStub(ch).IssueToken(
+        issued = auth_pb2_grpc.AuthServiceStub(ch).IssueToken(
             auth_pb2.IssueTokenRequest(role=int(Role.DEVICE), device_ids=["rv-1"], ttl_s=3600),
             timeout=10,
             metadata=c.credentials.metadata(),

@@ -28,12 +28,12 @@ from raftstate.v1 import auth_pb2
 KEY = b"k" * 32
 KEYS = {"k1": KEY}
 NOW = 1_800_000_000
-D = "/raftstate.v1.DeviceState/"
+D = "/raftstate.v1.DeviceStateService/"
 HB, STREAM, GET, LIST, DELETE = (
     D + m for m in ("Heartbeat", "HeartbeatStream", "GetDevice", "ListDevices", "DeleteDevice")
 )
-STATUS = "/raftstate.v1.Cluster/Status"
-ISSUE, REVOKE = "/raftstate.v1.Auth/IssueToken", "/raftstate.v1.Auth/RevokeToken"
+STATUS = "/raftstate.v1.ClusterService/Status"
+ISSUE, REVOKE = "/raftstate.v1.AuthService/IssueToken", "/raftstate.v1.AuthService/RevokeToken"
 
 
 def claims(role: Role = Role.DEVICE, **kw: object) -> auth_pb2.TokenClaims:

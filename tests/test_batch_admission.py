@@ -75,7 +75,7 @@ def test_a_full_proposer_refuses_the_later_items_of_a_request_per_item() -> None
         )
         try:
             async with grpc.aio.insecure_channel(addr) as ch:
-                stub = device_pb2_grpc.DeviceStateStub(ch)
+                stub = device_pb2_grpc.DeviceStateServiceStub(ch)
                 first = asyncio.ensure_future(stub.HeartbeatBatch(reqs("a", 6), timeout=10))
                 await until(lambda: proposer.room == 4)
                 second = asyncio.ensure_future(stub.HeartbeatBatch(reqs("b", 6), timeout=10))
@@ -101,7 +101,7 @@ def test_items_not_committed_by_the_deadline_are_unavailable_and_no_longer_propo
         )
         try:
             async with grpc.aio.insecure_channel(addr) as ch:
-                stub = device_pb2_grpc.DeviceStateStub(ch)
+                stub = device_pb2_grpc.DeviceStateServiceStub(ch)
                 call = asyncio.ensure_future(stub.HeartbeatBatch(reqs("d", 5), timeout=1.0))
                 await until(lambda: bool(raft.entries))
                 raft.commit(1)  # the first two commit; the rest never do
@@ -124,7 +124,7 @@ def test_concurrent_batch_calls_are_bounded_by_their_own_gate() -> None:
         server, addr, raft, _proposer = await serve(max_concurrent_batch_rpcs=1)
         try:
             async with grpc.aio.insecure_channel(addr) as ch:
-                stub = device_pb2_grpc.DeviceStateStub(ch)
+                stub = device_pb2_grpc.DeviceStateServiceStub(ch)
                 held = asyncio.ensure_future(stub.HeartbeatBatch(reqs("g", 3), timeout=10))
                 await until(lambda: bool(raft.entries))
                 try:

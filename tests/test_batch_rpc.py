@@ -56,7 +56,7 @@ def batch(
     with grpc.insecure_channel(
         endpoint, options=[("grpc.max_send_message_length", 2 * MAX_BATCH_REQUEST_BYTES)]
     ) as ch:
-        return device_pb2_grpc.DeviceStateStub(ch).HeartbeatBatch(  # type: ignore[no-any-return]
+        return device_pb2_grpc.DeviceStateServiceStub(ch).HeartbeatBatch(  # type: ignore[no-any-return]
             device_pb2.HeartbeatBatchRequest(heartbeats=heartbeats), timeout=30, **kw
         )
 
@@ -243,7 +243,7 @@ def test_scoped_credentials_are_checked_per_item(tmp_path: Path) -> None:
 
         def codes(creds: Credentials) -> list[int]:
             with creds.channel(endpoint) as ch:
-                res = device_pb2_grpc.DeviceStateStub(ch).HeartbeatBatch(
+                res = device_pb2_grpc.DeviceStateServiceStub(ch).HeartbeatBatch(
                     device_pb2.HeartbeatBatchRequest(heartbeats=reqs),
                     timeout=20,
                     metadata=creds.metadata(),

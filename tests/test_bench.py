@@ -15,18 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from raftstate.bench.load import LoadResult, LoadSpec, _open_loop, _unary_op, arrival_offsets
-from raftstate.bench.run import (
+from bench.load import LoadResult, LoadSpec, _open_loop, _unary_op, arrival_offsets
+from bench.phases import (
     DEFAULT_PHASES,
     PHASES,
-    _phases,
-    add_bench_arguments,
     follower_endpoint,
     load_specs,
     phase_label,
     split_evenly,
 )
-from raftstate.bench.stats import (
+from bench.run import _phases, add_bench_arguments
+from bench.stats import (
     LatencySummary,
     PhaseResult,
     ratios,

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from raftstate.bench.load import LoadResult, LoadSpec, _open_loop, _unary_op
-from raftstate.bench.proccpu import CLK_TCK, CpuSample, cpu_between
-from raftstate.bench.run import add_bench_arguments
-from raftstate.bench.stats import LatencySummary, PhaseResult
-from raftstate.bench.transportcost import measure, render_costs
-from raftstate.bench.transportreport import (
+from bench.load import LoadResult, LoadSpec, _open_loop, _unary_op
+from bench.proccpu import CLK_TCK, CpuSample, cpu_between
+from bench.run import add_bench_arguments
+from bench.stats import LatencySummary, PhaseResult
+from bench.transportcost import measure, render_costs
+from bench.transportreport import (
     CPU_METRIC,
     HbCpuResult,
     clean_note,
@@ -31,7 +31,7 @@ from raftstate.bench.transportreport import (
     render_summary,
     summarize,
 )
-from raftstate.bench.transports import chosen_transports, comparing
+from bench.transports import chosen_transports, comparing
 from raftstate.config import NodeConfig
 
 

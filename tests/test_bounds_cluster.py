@@ -51,7 +51,7 @@ def test_streams_past_max_streams_are_refused_memory_stays_bounded_and_leadershi
     async def flood() -> tuple[int, int, set[str]]:
         accepted, refused, details = 0, 0, set()
         async with grpc.aio.insecure_channel(node.endpoint) as ch:
-            stub = device_pb2_grpc.DeviceStateStub(ch)
+            stub = device_pb2_grpc.DeviceStateServiceStub(ch)
             kept = []
             for _ in range(6):  # 6 x 500 attempts, the accepted ones stay open
                 calls = [stub.HeartbeatStream() for _ in range(500)]
@@ -155,7 +155,7 @@ def test_a_list_of_1000_devices_of_up_to_8_kib_pages_within_the_message_limit(
     wait_caught_up(cluster)
     endpoint = cluster.endpoints[0]
     with grpc.insecure_channel(endpoint) as ch:  # gRPC's default 4 MiB receive limit
-        first = device_pb2_grpc.DeviceStateStub(ch).ListDevices(
+        first = device_pb2_grpc.DeviceStateServiceStub(ch).ListDevices(
             device_pb2.ListDevicesRequest(prefix="big-", page_size=1000), timeout=10
         )
     assert 0 < len(first.devices) < 1000 and first.next_page_token
@@ -180,12 +180,12 @@ def test_undecodable_or_oversized_requests_are_refused_and_the_log_does_not_grow
     before = lines()
     with grpc.insecure_channel(node.endpoint) as ch:
         unary = ch.unary_unary(
-            "/raftstate.v1.DeviceState/Heartbeat",
+            "/raftstate.v1.DeviceStateService/Heartbeat",
             request_serializer=identity,
             response_deserializer=identity,
         )
         stream = ch.stream_stream(
-            "/raftstate.v1.DeviceState/HeartbeatStream",
+            "/raftstate.v1.DeviceStateService/HeartbeatStream",
             request_serializer=identity,
             response_deserializer=identity,
         )

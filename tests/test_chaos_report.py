@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.stats import LatencySummary
 from chaos.bench import parse_transports
 from chaos.benchreport import (
     ProfileResult,
@@ -20,7 +21,6 @@ from chaos.benchreport import (
     target_lines,
     transport_ratios,
 )
-from raftstate.bench.stats import LatencySummary
 
 
 def _result(profile: str, transport: str, scale: float, **changes: object) -> ProfileResult:

@@ -28,9 +28,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     cluster.stop()
 
 
-def stub(endpoint: str) -> tuple[grpc.Channel, device_pb2_grpc.DeviceStateStub]:
+def stub(endpoint: str) -> tuple[grpc.Channel, device_pb2_grpc.DeviceStateServiceStub]:
     ch = grpc.insecure_channel(endpoint)
-    return ch, device_pb2_grpc.DeviceStateStub(ch)
+    return ch, device_pb2_grpc.DeviceStateServiceStub(ch)
 
 
 def test_heartbeats_via_sdk_are_visible_on_every_node(shared: LocalCluster) -> None:
@@ -148,11 +148,11 @@ def test_list_devices_pages_and_filters(shared: LocalCluster) -> None:
 
 def test_heartbeat_stream_acks_each_message_in_order(shared: LocalCluster) -> None:
     reqs = [
-        device_pb2.HeartbeatRequest(device_id="st-1", seq=1),
-        device_pb2.HeartbeatRequest(device_id="bad id", seq=1),
-        device_pb2.HeartbeatRequest(device_id="st-1", seq=2),
-        device_pb2.HeartbeatRequest(device_id="st-1", seq=2),
-        device_pb2.HeartbeatRequest(device_id="st-2", seq=0),
+        device_pb2.HeartbeatStreamRequest(device_id="st-1", seq=1),
+        device_pb2.HeartbeatStreamRequest(device_id="bad id", seq=1),
+        device_pb2.HeartbeatStreamRequest(device_id="st-1", seq=2),
+        device_pb2.HeartbeatStreamRequest(device_id="st-1", seq=2),
+        device_pb2.HeartbeatStreamRequest(device_id="st-2", seq=0),
     ]
     ch, s = stub(shared.endpoints[0])
     with ch:
@@ -165,7 +165,7 @@ def test_heartbeat_stream_acks_each_message_in_order(shared: LocalCluster) -> No
 
 
 def test_health_service_reports_serving(shared: LocalCluster) -> None:
-    request = health_pb2.HealthCheckRequest(service="raftstate.v1.DeviceState")
+    request = health_pb2.HealthCheckRequest(service="raftstate.v1.DeviceStateService")
     serving = health_pb2.HealthCheckResponse.SERVING
     for endpoint in shared.endpoints:
         with grpc.insecure_channel(endpoint) as ch:

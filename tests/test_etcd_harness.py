@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.etcd_client import EtcdClient
 from cluster.etcd import DEFAULT_ETCD, EtcdCluster
-from raftstate.bench.etcd_client import EtcdClient
 
 pytestmark = [
     pytest.mark.cluster,

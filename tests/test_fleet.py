@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.fleet import raftstate_fleet, run_load_phase
+from bench.fleetwatch import between
+from bench.run import add_bench_arguments
 from chaos.verify import verify
-from raftstate.bench.fleet import raftstate_fleet, run_load_phase
-from raftstate.bench.fleetwatch import between
-from raftstate.bench.run import add_bench_arguments
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

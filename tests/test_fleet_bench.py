@@ -11,18 +11,18 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raftstate.bench.fleet import fleet_specs
-from raftstate.bench.fleetdrive import ETCD_MAX_TXN_OPS, FleetSpec, _Cursor, shape
-from raftstate.bench.fleetstats import (
+from bench.fleet import fleet_specs
+from bench.fleetdrive import ETCD_MAX_TXN_OPS, FleetSpec, _Cursor, shape
+from bench.fleetstats import (
     FleetPhaseResult,
     LatencyHistogram,
     fleet_verdicts,
     merged,
 )
-from raftstate.bench.fleetwatch import Checkpoint, NodeState, between
-from raftstate.bench.fleetwire import FleetDevices, fleet_device_id, varint
-from raftstate.bench.run import add_bench_arguments
-from raftstate.bench.stats import percentile
+from bench.fleetwatch import Checkpoint, NodeState, between
+from bench.fleetwire import FleetDevices, fleet_device_id, varint
+from bench.run import add_bench_arguments
+from bench.stats import percentile
 from raftstate.v1 import device_pb2
 
 SEQS = st.integers(min_value=1, max_value=2**64 - 1)

@@ -138,7 +138,7 @@ def test_large_heartbeats_compact_the_journal_by_bytes(
 def _health(endpoint: str) -> int:
     with grpc.insecure_channel(endpoint) as ch:
         res = health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service="raftstate.v1.DeviceState"), timeout=2
+            health_pb2.HealthCheckRequest(service="raftstate.v1.DeviceStateService"), timeout=2
         )
         return int(res.status)
 

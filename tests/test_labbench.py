@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.stats import LatencySummary
 from chaos.labbench import RunResult, render_markdown, render_table, target_verdicts
 from cluster.natlab import available
-from raftstate.bench.stats import LatencySummary
 
 REPO = Path(__file__).resolve().parent.parent
 _REASON = available() if os.geteuid() == 0 else "needs root"

@@ -196,7 +196,7 @@ def test_metrics_agree_with_cluster_status(cluster: LocalCluster) -> None:
         families = scrape(cluster, i)
         for s in families["grpc_server_handled"][1]:
             if s.labels["grpc_method"] == "Heartbeat" and s.labels["grpc_code"] == "OK":
-                assert s.labels["grpc_service"] == "raftstate.v1.DeviceState"
+                assert s.labels["grpc_service"] == "raftstate.v1.DeviceStateService"
                 assert s.labels["grpc_type"] == "unary"
                 handled += s.value
         answered += value(families, "raftstate_heartbeat_ack_seconds_count")
@@ -237,11 +237,11 @@ def test_reflection_lists_every_service_and_resolves_methods(cluster: LocalClust
         db = ProtoReflectionDescriptorDatabase(channel)
         assert set(db.get_services()) == set(SERVICE_NAMES)
         pool = DescriptorPool(db)
-        service = pool.FindServiceByName("raftstate.v1.DeviceState")
+        service = pool.FindServiceByName("raftstate.v1.DeviceStateService")
         method = service.methods_by_name["Heartbeat"]
         assert method.input_type.full_name == "raftstate.v1.HeartbeatRequest"
         assert "device_id" in method.input_type.fields_by_name
-        status = pool.FindServiceByName("raftstate.v1.Cluster").methods_by_name["Status"]
+        status = pool.FindServiceByName("raftstate.v1.ClusterService").methods_by_name["Status"]
         assert status.output_type.full_name == "raftstate.v1.StatusResponse"
     with _channel(cluster, None) as channel, pytest.raises(grpc.RpcError) as err:
         ProtoReflectionDescriptorDatabase(channel).get_services()
@@ -260,7 +260,9 @@ def test_health_serves_every_service_with_list_check_and_watch(cluster: LocalClu
         with pytest.raises(grpc.RpcError) as err:
             health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
-        watch = health.Watch(health_pb2.HealthCheckRequest(service="raftstate.v1.DeviceState"))
+        watch = health.Watch(
+            health_pb2.HealthCheckRequest(service="raftstate.v1.DeviceStateService")
+        )
         assert next(watch).status == serving
         watch.cancel()
 
@@ -279,12 +281,13 @@ def test_health_per_service_without_quorum(tmp_path: Path) -> None:
 
         def lost() -> bool:
             statuses = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
-            return statuses["raftstate.v1.DeviceState"].status == not_serving
+            return statuses["raftstate.v1.DeviceStateService"].status == not_serving
 
-        wait_until("DeviceState NOT_SERVING", lost)
+        wait_until("DeviceStateService NOT_SERVING", lost)
         statuses = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
-        assert statuses["raftstate.v1.Auth"].status == not_serving
-        assert statuses["raftstate.v1.Cluster"].status == health_pb2.HealthCheckResponse.SERVING
+        assert statuses["raftstate.v1.AuthService"].status == not_serving
+        cluster_status = statuses["raftstate.v1.ClusterService"].status
+        assert cluster_status == health_pb2.HealthCheckResponse.SERVING
         assert statuses[""].status == health_pb2.HealthCheckResponse.SERVING
         channel.close()
         # Plaintext metrics without auth on a test cluster: served to anyone.

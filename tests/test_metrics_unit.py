@@ -89,8 +89,8 @@ def test_snapshot_stats_time_each_write_and_keep_its_size(tmp_path: object) -> N
 
 
 def test_grpc_metric_labels_are_bounded_and_named_like_go() -> None:
-    assert split_method("/raftstate.v1.DeviceState/Heartbeat") == (
-        "raftstate.v1.DeviceState",
+    assert split_method("/raftstate.v1.DeviceStateService/Heartbeat") == (
+        "raftstate.v1.DeviceStateService",
         "Heartbeat",
     )
     assert split_method("garbage") == ("unknown", "unknown")
@@ -134,11 +134,11 @@ def test_can_commit_needs_a_reachable_leader_and_a_majority(
 
 
 def test_health_of_raft_services_follows_commit_ability() -> None:
-    for service in ("raftstate.v1.DeviceState", "raftstate.v1.Auth"):
+    for service in ("raftstate.v1.DeviceStateService", "raftstate.v1.AuthService"):
         assert service_health(service, can_commit=True, problem=None) == SERVING
         assert service_health(service, can_commit=False, problem=None) == NOT_SERVING
         assert service_health(service, can_commit=True, problem="tick failing") == NOT_SERVING
-    for service in ("", "raftstate.v1.Cluster", "grpc.health.v1.Health"):
+    for service in ("", "raftstate.v1.ClusterService", "grpc.health.v1.Health"):
         assert service_health(service, can_commit=False, problem="x") == SERVING
 
 

@@ -81,9 +81,9 @@ def isolate_leader(lab: NetnsLab, cluster: LocalCluster) -> tuple[str, list[str]
 def read_on(endpoint: str, device_id: str, timeout: float = 1.0) -> device_pb2.Device:
     creds = Credentials.from_env()
     with creds.channel(endpoint) as ch:
-        res = device_pb2_grpc.DeviceStateStub(ch).GetDevice(
+        res = device_pb2_grpc.DeviceStateServiceStub(ch).GetDevice(
             device_pb2.GetDeviceRequest(device_id=device_id,
-                                        consistency=device_pb2.LINEARIZABLE),
+                                        consistency=device_pb2.CONSISTENCY_LINEARIZABLE),
             timeout=timeout, metadata=creds.metadata(),
         )
         return res.device

@@ -19,7 +19,7 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
-class Scripted(device_pb2_grpc.DeviceStateServicer):
+class Scripted(device_pb2_grpc.DeviceStateServiceServicer):
     """Answers per item from ``script[device_id]``: a list of codes, one per
     time that device is seen (then OK); records every request."""
 
@@ -47,7 +47,7 @@ class Scripted(device_pb2_grpc.DeviceStateServicer):
 
 async def serve(servicer: Scripted) -> tuple[grpc.aio.Server, str]:
     server = grpc.aio.server()
-    device_pb2_grpc.add_DeviceStateServicer_to_server(servicer, server)
+    device_pb2_grpc.add_DeviceStateServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"

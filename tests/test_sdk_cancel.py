@@ -41,7 +41,7 @@ def test_retry_policy_never_retries_a_caller_cancellation() -> None:
 # ---- against a real gRPC server -------------------------------------------------
 
 
-class CancellingServicer(device_pb2_grpc.DeviceStateServicer):  # type: ignore[misc]
+class CancellingServicer(device_pb2_grpc.DeviceStateServiceServicer):  # type: ignore[misc]
     """Ends the first ``cancel_first`` calls of each method with CANCELLED,
     then answers. ``hang``: never answers."""
 
@@ -76,7 +76,7 @@ class CancellingServicer(device_pb2_grpc.DeviceStateServicer):  # type: ignore[m
 
 async def serve(servicer: CancellingServicer) -> AsyncIterator[str]:
     server = grpc.aio.server()
-    device_pb2_grpc.add_DeviceStateServicer_to_server(servicer, server)
+    device_pb2_grpc.add_DeviceStateServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -94,7 +94,7 @@ def client(endpoint: str) -> AsyncDeviceClient:
 async def _raw_code(endpoint: str) -> grpc.StatusCode:
     async with grpc.aio.insecure_channel(endpoint) as ch:
         try:
-            await device_pb2_grpc.DeviceStateStub(ch).Heartbeat(
+            await device_pb2_grpc.DeviceStateServiceStub(ch).Heartbeat(
                 device_pb2.HeartbeatRequest(device_id="d", seq=1), timeout=5
             )
         except grpc.aio.AioRpcError as e:

@@ -31,7 +31,7 @@ STATE = {"temp_c": "21.5", "fw": "1.4.2"}
 
 
 def _outgoing(loop: asyncio.AbstractEventLoop, device_id: str, seq: int) -> Outgoing:
-    request = device_pb2.HeartbeatRequest(device_id=device_id, seq=seq)
+    request = device_pb2.HeartbeatStreamRequest(device_id=device_id, seq=seq)
     return Outgoing(request, device_id, seq, 0.0, loop.create_future())
 
 

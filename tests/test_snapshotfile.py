@@ -14,12 +14,12 @@ from pysyncobj.config import SERIALIZER_STATE
 
 from raftstate import devicerecord, snapshotfile
 from raftstate.integrity import CorruptData, seal_snapshot
+from raftstate.internal.v1 import storage_pb2
 from raftstate.model import REPORTED_MAX_BYTES, DeviceView, Heartbeat
 from raftstate.raftnode import SnapshotCodec
 from raftstate.snapshotter import BackgroundSerializer
 from raftstate.sortedids import SortedIds
 from raftstate.statemachine import DeviceTable, encode_batch
-from raftstate.v1 import storage_pb2
 
 RAFT = snapshotfile.RaftFields((b"last", 9, 2), (b"prev", 8, 2), ("n1:1", "n2:1"))
 ids_strategy = st.text(alphabet="ab.:-09", min_size=1, max_size=6)

@@ -20,7 +20,7 @@ import grpc
 
 from raftstate.authz import MAX_TTL_S, Role, parse_ttl
 from raftstate.cli.clientflags import add_client_flags
-from raftstate.errors import from_status
+from raftstate.richstatus import decode_trailer
 from raftstate.sdk.client import parse_endpoints
 from raftstate.sdk.credentials import Credentials
 from raftstate.v1 import auth_pb2, auth_pb2_grpc
@@ -70,7 +70,7 @@ def _call(
     endpoints: str,
     deadline_s: float,
     creds: Credentials,
-    fn: Callable[[auth_pb2_grpc.AuthStub, Any], Any],
+    fn: Callable[[auth_pb2_grpc.AuthServiceStub, Any], Any],
 ) -> Any:
     """Try each endpoint in turn until one answers (or the deadline)."""
     end = time.monotonic() + deadline_s
@@ -79,14 +79,16 @@ def _call(
         for endpoint in parse_endpoints(endpoints):
             with creds.channel(endpoint) as ch:
                 try:
-                    return fn(auth_pb2_grpc.AuthStub(ch), creds.metadata())
+                    return fn(auth_pb2_grpc.AuthServiceStub(ch), creds.metadata())
                 except grpc.RpcError as err:
                     last = err
                     if err.code() not in (grpc.StatusCode.UNAVAILABLE,):
-                        raise from_status(err.code(), err.details() or "") from None
+                        raise decode_trailer(
+                            err.code(), err.details() or "", err.trailing_metadata()
+                        ) from None
         time.sleep(0.2)
     assert last is not None
-    raise from_status(last.code(), last.details() or "")
+    raise decode_trailer(last.code(), last.details() or "", last.trailing_metadata())
 
 
 def auth_main(args: argparse.Namespace, endpoints: str) -> int:

@@ -136,9 +136,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from raftstate.bench.run import bench_main
+    from bench.run import bench_main
 
     return bench_main(args)
+
+
+def _needs_repository(err: ImportError) -> int:
+    print(
+        f"raftstate bench: {err}; the benchmark lives in the repository's bench/ package: "
+        "run it from a checkout installed with pip install -e '.[test]'",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def cmd_chaos_bench(args: argparse.Namespace) -> int:
@@ -171,10 +180,14 @@ def _build_rendezvous(rz: argparse.ArgumentParser) -> None:
 
 
 def _build_bench(bench: argparse.ArgumentParser) -> None:
-    from raftstate.bench.run import add_bench_arguments
-
-    add_bench_arguments(bench)
-    bench.set_defaults(fn=cmd_bench)
+    try:  # bench/ sits next to raftstate/ in the repository, not in the runtime
+        from bench.run import add_bench_arguments
+    except ImportError as err:
+        missing_bench = err
+        bench.set_defaults(fn=lambda _args: _needs_repository(missing_bench))
+    else:
+        add_bench_arguments(bench)
+        bench.set_defaults(fn=cmd_bench)
 
 
 def _build_chaos(chaos: argparse.ArgumentParser) -> None:
@@ -373,7 +386,12 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
     )
     sim.set_defaults(fn=cmd_simulate, client=True)
 
-    lazy(sub, "bench", _build_bench, help="benchmark heartbeats (optionally against etcd)")
+    lazy(
+        sub,
+        "bench",
+        _build_bench,
+        help="benchmark heartbeats (optionally against etcd; needs the repository)",
+    )
     lazy(sub, "chaos", _build_chaos, help="weak-network chaos runs (needs the test extras)")
     if not lazily:
         build_all(p)

@@ -21,9 +21,9 @@ import time
 
 import uvloop
 
-from raftstate.bench.stats import LatencySummary
 from raftstate.cli.words import plural
 from raftstate.errors import RaftStateError
+from raftstate.latency import LatencySummary
 from raftstate.sdk import AsyncDeviceClient
 
 

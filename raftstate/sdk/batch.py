@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -49,15 +49,13 @@ from raftstate.errors import (
     InvalidArgument,
     RaftStateError,
     Unavailable,
-    from_status,
 )
 from raftstate.model import validate_heartbeat
+from raftstate.richstatus import decode
+from raftstate.sdk.core import ClientCore
 from raftstate.sdk.retry import retry_allowed
 from raftstate.sdk.types import BatchItem, BatchResult, HeartbeatAck
 from raftstate.v1 import device_pb2, device_pb2_grpc
-
-if TYPE_CHECKING:
-    from raftstate.sdk.client import AsyncDeviceClient
 
 #: Bytes a request keeps free of the byte limit (tags, lengths, slack).
 _REQUEST_SLACK = 1024
@@ -96,7 +94,7 @@ def _item(x: ItemLike) -> BatchItem:
 class _Call:
     """One ``heartbeat_batch`` call in progress."""
 
-    def __init__(self, client: AsyncDeviceClient, items: Sequence[ItemLike]) -> None:
+    def __init__(self, client: ClientCore, items: Sequence[ItemLike]) -> None:
         self.client = client
         self.items = [_item(x) for x in items]
         n = len(self.items)
@@ -158,7 +156,7 @@ class _Call:
 
 
 async def heartbeat_batch(
-    client: AsyncDeviceClient,
+    client: ClientCore,
     items: Sequence[ItemLike],
     *,
     deadline_s: float | None = None,
@@ -214,7 +212,10 @@ async def _send_chunk(call: _Call, pending: list[int], deadline: float) -> None:
         if not progressed:
             client._leader = None  # nothing settled: look for the leader again
             client._next += 1
-        delay = client.backoff.delay(rounds)
+        # Never sooner than the longest RetryInfo delay among those to resend.
+        errs = [call.last_error[i] for i in pending]
+        slowest = max(errs, key=lambda e: -1.0 if e is None else e.retry_delay_s or 0.0)
+        delay = client.backoff.after(rounds, slowest)
         rounds += 1
         if loop.time() + delay >= deadline:
             _give_up(call, pending)
@@ -223,9 +224,9 @@ async def _send_chunk(call: _Call, pending: list[int], deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
-def _attempt(client: AsyncDeviceClient, request: device_pb2.HeartbeatBatchRequest) -> Any:
+def _attempt(client: ClientCore, request: device_pb2.HeartbeatBatchRequest) -> Any:
     async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
-        return await device_pb2_grpc.DeviceStateStub(channel).HeartbeatBatch(
+        return await device_pb2_grpc.DeviceStateServiceStub(channel).HeartbeatBatch(
             request, timeout=timeout, metadata=client._metadata
         )
 
@@ -262,8 +263,8 @@ def _absorb(
                 None,
             )
             continue
-        err: RaftStateError = from_status(
-            _CODES.get(ack.code, grpc.StatusCode.UNKNOWN), ack.message
+        err: RaftStateError = decode(
+            _CODES.get(ack.code, grpc.StatusCode.UNKNOWN), ack.message, ack.details
         )
         if isinstance(err, InvalidArgument) and err.field.startswith("heartbeats["):
             # The node numbers the request's heartbeats; name the caller's item.
@@ -288,4 +289,5 @@ def _give_up(call: _Call, pending: list[int]) -> None:
             )
         else:
             err = Unavailable(f"gave up after {n} sends: {last.message}")
+            err.reason = last.reason
         call.settle(i, None, err)

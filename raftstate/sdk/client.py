@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 * **Finding the leader.** The client knows a list of endpoints. It asks them
-  for ``Cluster.Status`` and sends requests to the leader's gRPC address,
+  for ``ClusterService.Status`` and sends requests to the leader's gRPC address,
   which saves the follower-to-leader hop. Any node would do: followers
   forward writes to the leader over the Raft transport.
 * **Retrying safely.** ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, a
@@ -31,35 +31,35 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from raftstate.admission import (
     DEFAULT_BATCH_RPC_MAX_HEARTBEATS,
     MAX_BATCH_REQUEST_BYTES,
-    MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES,
 )
 from raftstate.errors import (
-    LEADER_HINT_KEY,
     DeadlineExceeded,
     InvalidArgument,
     NotLeader,
     PermissionDenied,
     RaftStateError,
     Unavailable,
-    from_status,
 )
 from raftstate.model import (
     Consistency,
     OnlineFilter,
     validate_device_id,
-    validate_heartbeat,
     validate_seq_ttl,
 )
+from raftstate.richstatus import decode_trailer
+from raftstate.sdk.batch import heartbeat_batch
+from raftstate.sdk.core import check_size
 from raftstate.sdk.credentials import Credentials, resolve
 from raftstate.sdk.retry import Backoff, retry_allowed
+from raftstate.sdk.stream import HeartbeatStream
 from raftstate.sdk.types import (
     BatchItem,
     BatchResult,
@@ -70,9 +70,6 @@ from raftstate.sdk.types import (
     HeartbeatAck,
 )
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
-
-if TYPE_CHECKING:
-    from raftstate.sdk.stream import HeartbeatStream
 
 T = TypeVar("T")
 
@@ -116,7 +113,7 @@ class AsyncDeviceClient:
         CA), ``token`` or ``cert``+``key`` (paths or PEM bytes), or a
         ``credentials`` object; with none given, ``RAFTSTATE_CA`` /
         ``RAFTSTATE_TOKEN`` / ``RAFTSTATE_CERT`` / ``RAFTSTATE_KEY`` are read.
-        Finding the leader needs ``Cluster.Status`` (operator role); a device
+        Finding the leader needs ``ClusterService.Status`` (operator role); a device
         or gateway credential is refused it, and the client then sends to its
         endpoints in order (followers forward writes)."""
         self.endpoints = parse_endpoints(endpoints)
@@ -189,7 +186,7 @@ class AsyncDeviceClient:
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
             nonlocal attempts
             attempts += 1
-            return await device_pb2_grpc.DeviceStateStub(channel).Heartbeat(
+            return await device_pb2_grpc.DeviceStateServiceStub(channel).Heartbeat(
                 request, timeout=timeout, metadata=self._metadata
             )
 
@@ -222,8 +219,6 @@ class AsyncDeviceClient:
         the whole call; see :mod:`raftstate.sdk.batch`. Per-item problems
         are results, not exceptions; raises ``ValueError`` for an item that
         is neither form."""
-        from raftstate.sdk.batch import heartbeat_batch
-
         return await heartbeat_batch(self, items, deadline_s=deadline_s)
 
     def stream(self, *, max_in_flight: int = 256, endpoint: str | None = None) -> HeartbeatStream:
@@ -236,8 +231,6 @@ class AsyncDeviceClient:
         nearest node); otherwise the stream goes to the leader. Raises
         ``ValueError`` if ``max_in_flight`` is below 1.
         """
-        from raftstate.sdk.stream import HeartbeatStream
-
         return HeartbeatStream(self, max_in_flight=max_in_flight, endpoint=endpoint)
 
     def _note_seq(self, device_id: str, seq: int) -> None:
@@ -252,10 +245,12 @@ class AsyncDeviceClient:
         deadline_s: float | None = None,
     ) -> Device:
         """Read one device. Raises ``NotFound`` if it never sent a heartbeat."""
-        request = device_pb2.GetDeviceRequest(device_id=device_id, consistency=consistency.name)
+        request = device_pb2.GetDeviceRequest(
+            device_id=device_id, consistency=device_pb2.Consistency.ValueType(consistency)
+        )
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
-            return await device_pb2_grpc.DeviceStateStub(channel).GetDevice(
+            return await device_pb2_grpc.DeviceStateServiceStub(channel).GetDevice(
                 request, timeout=timeout, metadata=self._metadata
             )
 
@@ -277,12 +272,12 @@ class AsyncDeviceClient:
             prefix=prefix,
             page_size=page_size,
             page_token=page_token,
-            filter=online.name,
-            consistency=consistency.name,
+            filter=device_pb2.OnlineFilter.ValueType(online),
+            consistency=device_pb2.Consistency.ValueType(consistency),
         )
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
-            stub = device_pb2_grpc.DeviceStateStub(channel)
+            stub = device_pb2_grpc.DeviceStateServiceStub(channel)
             return await stub.ListDevices(request, timeout=timeout, metadata=self._metadata)
 
         res = await self._with_retries(attempt, deadline_s)
@@ -302,10 +297,10 @@ class AsyncDeviceClient:
             token = page.next_page_token
 
     async def status(self, endpoint: str | None = None, *, timeout_s: float = 2.0) -> ClusterStatus:
-        """``Cluster.Status`` of one node (default: the preferred endpoint).
+        """``ClusterService.Status`` of one node (default: the preferred endpoint).
         Raises the mapped error; not retried."""
         target = endpoint or self._pick()
-        stub = cluster_pb2_grpc.ClusterStub(self._channel(target))
+        stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(target))
         try:
             res = await stub.Status(
                 cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=self._metadata
@@ -322,7 +317,7 @@ class AsyncDeviceClient:
         request = device_pb2.DeleteDeviceRequest(device_id=device_id)
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
-            stub = device_pb2_grpc.DeviceStateStub(channel)
+            stub = device_pb2_grpc.DeviceStateServiceStub(channel)
             return await stub.DeleteDevice(request, timeout=timeout, metadata=self._metadata)
 
         res = await self._with_retries(attempt, deadline_s)
@@ -365,14 +360,19 @@ class AsyncDeviceClient:
             if not retry_allowed(err, caller_cancelling=_cancelling()):
                 raise err
             self._on_retriable(endpoint, err)
-            delay = self.backoff.delay(n)
+            delay = self.backoff.after(n, err)
             n += 1
             if loop.time() + delay >= deadline:
+                final: RaftStateError
                 if isinstance(err, DeadlineExceeded):
-                    raise DeadlineExceeded(
+                    final = DeadlineExceeded(
                         f"no answer within the deadline after {n} attempts: {err.message}"
                     )
-                raise Unavailable(f"gave up after {n} attempts: {err.message}")
+                else:
+                    final = Unavailable(f"gave up after {n} attempts: {err.message}")
+                # The last answer's reason (NO_LEADER, LIMIT_..., ...) says why.
+                final.reason = err.reason
+                raise final
             self.retries += 1
             await asyncio.sleep(delay)
 
@@ -409,16 +409,6 @@ class AsyncDeviceClient:
         return ch
 
 
-def check_size(request: device_pb2.HeartbeatRequest) -> None:
-    """Raise ``InvalidArgument`` for a request too big for any node to read
-    (which gRPC would refuse as RESOURCE_EXHAUSTED, a status we retry); such
-    a heartbeat is always invalid, and validation names the field."""
-    if request.ByteSize() > MAX_REQUEST_BYTES:
-        r = request
-        validate_heartbeat(r.device_id, r.seq, r.reported, r.ttl_s)
-        raise InvalidArgument("request", f"larger than {MAX_REQUEST_BYTES} bytes")
-
-
 def _cancelling() -> bool:
     """True if the running task is being cancelled by its caller."""
     task = asyncio.current_task()
@@ -426,8 +416,6 @@ def _cancelling() -> bool:
 
 
 def _map(e: grpc.aio.AioRpcError) -> RaftStateError:
-    hint = ""
-    for key, value in e.trailing_metadata() or ():
-        if key == LEADER_HINT_KEY:
-            hint = str(value)
-    return from_status(e.code(), e.details() or "", hint)
+    """The error of a failed call, with the reason, field and retry delay of
+    its ``google.rpc.Status`` details (``raftstate.richstatus``)."""
+    return decode_trailer(e.code(), e.details() or "", e.trailing_metadata())

@@ -19,7 +19,7 @@ from raftstate.v1 import device_pb2
 class Outgoing:
     """One heartbeat from ``send`` until its future is resolved."""
 
-    request: device_pb2.HeartbeatRequest
+    request: device_pb2.HeartbeatStreamRequest
     device_id: str
     seq: int
     deadline: float

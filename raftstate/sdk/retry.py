@@ -14,6 +14,9 @@ from raftstate.errors import Cancelled, RaftStateError
 
 #: How gRPC words a CANCELLED status that the client side itself caused.
 LOCAL_CANCEL_DETAILS = "Locally cancelled"
+#: The longest RetryInfo delay the SDK obeys (a bound against a broken or
+#: hostile server stalling every retry).
+MAX_SERVER_DELAY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,16 @@ class Backoff:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
         ceiling = min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
         return self.rng.uniform(0.0, ceiling)
+
+    def after(self, attempt: int, err: RaftStateError | None) -> float:
+        """Seconds to wait before retry ``attempt`` after ``err``: the jittered
+        backoff, but never less than the server's ``RetryInfo`` delay
+        (``err.retry_delay_s``; at most :data:`MAX_SERVER_DELAY_S` of it)."""
+        own = self.delay(attempt)
+        asked = err.retry_delay_s if err is not None else None
+        if asked is None:
+            return own
+        return max(own, min(asked, MAX_SERVER_DELAY_S))
 
 
 def retry_allowed(err: RaftStateError, *, caller_cancelling: bool) -> bool:

@@ -1,6 +1,6 @@
 """HeartbeatStream: many devices' heartbeats pipelined on one gRPC stream.
 
-A gateway that fronts many devices keeps one ``DeviceState.HeartbeatStream``
+A gateway that fronts many devices keeps one ``DeviceStateService.HeartbeatStream``
 open and writes each heartbeat to it as soon as the device produces one. A
 message on a long-lived stream costs the server a fraction of a unary call,
 which is what lets one Python node commit several thousand heartbeats per
@@ -64,7 +64,7 @@ import logging
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -75,16 +75,13 @@ from raftstate.errors import (
     RaftStateError,
     ResourceExhausted,
     Unavailable,
-    from_status,
 )
 from raftstate.model import validate_device_id, validate_seq_ttl
-from raftstate.sdk.client import check_size
+from raftstate.richstatus import decode, decode_trailer
+from raftstate.sdk.core import ClientCore, check_size
 from raftstate.sdk.inflight import InFlight, Outgoing
 from raftstate.sdk.types import HeartbeatAck
 from raftstate.v1 import device_pb2, device_pb2_grpc
-
-if TYPE_CHECKING:
-    from raftstate.sdk.client import AsyncDeviceClient
 
 log = logging.getLogger("raftstate.sdk.stream")
 
@@ -138,7 +135,7 @@ class HeartbeatStream:
     """
 
     def __init__(
-        self, client: AsyncDeviceClient, *, max_in_flight: int = 256, endpoint: str | None = None
+        self, client: ClientCore, *, max_in_flight: int = 256, endpoint: str | None = None
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight: must be at least 1")
@@ -223,7 +220,7 @@ class HeartbeatStream:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (deadline_s if deadline_s is not None else client.deadline_s)
         fut: asyncio.Future[HeartbeatAck] = loop.create_future()
-        request = device_pb2.HeartbeatRequest(
+        request = device_pb2.HeartbeatStreamRequest(
             device_id=device_id, seq=seq, reported=dict(reported), ttl_s=ttl_s or 0
         )
         check_size(request)
@@ -296,9 +293,9 @@ class HeartbeatStream:
                 )
             )
         else:
-            msg.future.set_exception(
-                Unavailable(f"gave up after {msg.attempts} sends: {err.message}")
-            )
+            gave_up = Unavailable(f"gave up after {msg.attempts} sends: {err.message}")
+            gave_up.reason = err.reason
+            msg.future.set_exception(gave_up)
 
     def _requeue(self, msg: Outgoing) -> None:
         if not msg.future.done():
@@ -317,7 +314,9 @@ class HeartbeatStream:
         self._fatal = Unavailable(f"heartbeat stream failed: {task.exception()!r}")
         self._fail_everything(self._fatal)
 
-    def _on_ack(self, conn: _Connection, ack: device_pb2.HeartbeatAck, now: float) -> None:
+    def _on_ack(
+        self, conn: _Connection, ack: device_pb2.HeartbeatStreamResponse, now: float
+    ) -> None:
         """Resolve or retry the message ``ack`` answers. Raises ``Unavailable``
         when the stream must be abandoned (protocol error, node cut off)."""
         msg = conn.inflight.match(ack.device_id, ack.seq)
@@ -336,12 +335,12 @@ class HeartbeatStream:
             )
             return
         code = _CODE_BY_VALUE.get(ack.code, grpc.StatusCode.UNKNOWN)
-        err = from_status(code, ack.message)
+        err = decode(code, ack.message, ack.details)
         if not err.retriable:
             msg.future.set_exception(err)
             return
         msg.last_error = err
-        delay = self._client.backoff.delay(msg.failures)
+        delay = self._client.backoff.after(msg.failures, err)
         msg.failures += 1
         if now + delay >= msg.deadline:
             self._expire(msg)
@@ -397,7 +396,7 @@ class HeartbeatStream:
             self.reconnects += 1
             client._on_retriable(endpoint, err)
             endpoint = None
-            delay = client.backoff.delay(breaks)
+            delay = client.backoff.after(breaks, err)
             breaks += 1
             await asyncio.sleep(delay)
 
@@ -405,7 +404,7 @@ class HeartbeatStream:
         """Run one gRPC stream to ``endpoint`` until it ends. Returns the
         error that ended it, or ``None`` after a clean half-close."""
         loop = asyncio.get_running_loop()
-        stub = device_pb2_grpc.DeviceStateStub(self._client._channel(endpoint))
+        stub = device_pb2_grpc.DeviceStateServiceStub(self._client._channel(endpoint))
         call = stub.HeartbeatStream(metadata=self._client._metadata)
         window = min(self._max_in_flight, DEFAULT_STREAM_WINDOW)
         conn = _Connection(endpoint, call, InFlight(), loop.time(), window, asyncio.Event())
@@ -432,7 +431,7 @@ class HeartbeatStream:
             try:
                 ack = await call.read()
             except grpc.aio.AioRpcError as e:
-                return from_status(e.code(), e.details() or "")
+                return decode_trailer(e.code(), e.details() or "", e.trailing_metadata())
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():

@@ -24,15 +24,16 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17raftstate/v1/auth.proto\x12\x0craftstate.v1\"\xa2\x01\n\x0bTokenClaims\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.raftstate.v1.AuthRole\x12\x10\n\x08token_id\x18\x02 \x01(\x0c\x12\x13\n\x0bissued_at_s\x18\x03 \x01(\x03\x12\x14\n\x0c\x65xpires_at_s\x18\x04 \x01(\x03\x12\x12\n\ndevice_ids\x18\x05 \x03(\t\x12\x0e\n\x06prefix\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\"z\n\x11IssueTokenRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.raftstate.v1.AuthRole\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\r\n\x05ttl_s\x18\x05 \x01(\r\"K\n\x12IssueTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x14\n\x0c\x65xpires_at_s\x18\x03 \x01(\x03\"#\n\x12RevokeTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"R\n\x13RevokeTokenResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_revoked\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x04*W\n\x08\x41uthRole\x12\x19\n\x15\x41UTH_ROLE_UNSPECIFIED\x10\x00\x12\n\n\x06\x44\x45VICE\x10\x01\x12\x0b\n\x07GATEWAY\x10\x02\x12\x0c\n\x08OPERATOR\x10\x03\x12\t\n\x05\x41\x44MIN\x10\x04\x32\xab\x01\n\x04\x41uth\x12O\n\nIssueToken\x12\x1f.raftstate.v1.IssueTokenRequest\x1a .raftstate.v1.IssueTokenResponse\x12R\n\x0bRevokeToken\x12 .raftstate.v1.RevokeTokenRequest\x1a!.raftstate.v1.RevokeTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17raftstate/v1/auth.proto\x12\x0craftstate.v1\"\xa2\x01\n\x0bTokenClaims\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.raftstate.v1.AuthRole\x12\x10\n\x08token_id\x18\x02 \x01(\x0c\x12\x13\n\x0bissued_at_s\x18\x03 \x01(\x03\x12\x14\n\x0c\x65xpires_at_s\x18\x04 \x01(\x03\x12\x12\n\ndevice_ids\x18\x05 \x03(\t\x12\x0e\n\x06prefix\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\"z\n\x11IssueTokenRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.raftstate.v1.AuthRole\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\r\n\x05ttl_s\x18\x05 \x01(\r\"K\n\x12IssueTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x14\n\x0c\x65xpires_at_s\x18\x03 \x01(\x03\"#\n\x12RevokeTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"R\n\x13RevokeTokenResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_revoked\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x04*\x7f\n\x08\x41uthRole\x12\x19\n\x15\x41UTH_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UTH_ROLE_DEVICE\x10\x01\x12\x15\n\x11\x41UTH_ROLE_GATEWAY\x10\x02\x12\x16\n\x12\x41UTH_ROLE_OPERATOR\x10\x03\x12\x13\n\x0f\x41UTH_ROLE_ADMIN\x10\x04\x32\xb2\x01\n\x0b\x41uthService\x12O\n\nIssueToken\x12\x1f.raftstate.v1.IssueTokenRequest\x1a .raftstate.v1.IssueTokenResponse\x12R\n\x0bRevokeToken\x12 .raftstate.v1.RevokeTokenRequest\x1a!.raftstate.v1.RevokeTokenResponseBr\n\x10\x64\x65v.raftstate.v1B\tAuthProtoP\x01Z-raftstate.dev/gen/go/raftstate/v1;raftstatev1\xa2\x02\x03RSX\xaa\x02\x0cRaftState.V1\xca\x02\x0cRaftState\\V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raftstate.v1.auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.raftstate.v1B\tAuthProtoP\001Z-raftstate.dev/gen/go/raftstate/v1;raftstatev1\242\002\003RSX\252\002\014RaftState.V1\312\002\014RaftState\\V1'
   _globals['_AUTHROLE']._serialized_start=528
-  _globals['_AUTHROLE']._serialized_end=615
+  _globals['_AUTHROLE']._serialized_end=655
   _globals['_TOKENCLAIMS']._serialized_start=42
   _globals['_TOKENCLAIMS']._serialized_end=204
   _globals['_ISSUETOKENREQUEST']._serialized_start=206
@@ -43,6 +44,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKETOKENREQUEST']._serialized_end=442
   _globals['_REVOKETOKENRESPONSE']._serialized_start=444
   _globals['_REVOKETOKENRESPONSE']._serialized_end=526
-  _globals['_AUTH']._serialized_start=618
-  _globals['_AUTH']._serialized_end=789
+  _globals['_AUTHSERVICE']._serialized_start=658
+  _globals['_AUTHSERVICE']._serialized_end=836
 # @@protoc_insertion_point(module_scope)

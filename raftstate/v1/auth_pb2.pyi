@@ -10,15 +10,15 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class AuthRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     AUTH_ROLE_UNSPECIFIED: _ClassVar[AuthRole]
-    DEVICE: _ClassVar[AuthRole]
-    GATEWAY: _ClassVar[AuthRole]
-    OPERATOR: _ClassVar[AuthRole]
-    ADMIN: _ClassVar[AuthRole]
+    AUTH_ROLE_DEVICE: _ClassVar[AuthRole]
+    AUTH_ROLE_GATEWAY: _ClassVar[AuthRole]
+    AUTH_ROLE_OPERATOR: _ClassVar[AuthRole]
+    AUTH_ROLE_ADMIN: _ClassVar[AuthRole]
 AUTH_ROLE_UNSPECIFIED: AuthRole
-DEVICE: AuthRole
-GATEWAY: AuthRole
-OPERATOR: AuthRole
-ADMIN: AuthRole
+AUTH_ROLE_DEVICE: AuthRole
+AUTH_ROLE_GATEWAY: AuthRole
+AUTH_ROLE_OPERATOR: AuthRole
+AUTH_ROLE_ADMIN: AuthRole
 
 class TokenClaims(_message.Message):
     __slots__ = ("role", "token_id", "issued_at_s", "expires_at_s", "device_ids", "prefix", "name")

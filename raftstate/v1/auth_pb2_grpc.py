@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class AuthStub:
+class AuthServiceStub:
     """Admin only. Revocations are committed through the Raft log, so every node
     refuses a revoked token once the revocation is applied there.
     """
@@ -37,36 +37,39 @@ class AuthStub:
             channel: A grpc.Channel.
         """
         self.IssueToken = channel.unary_unary(
-                '/raftstate.v1.Auth/IssueToken',
+                '/raftstate.v1.AuthService/IssueToken',
                 request_serializer=raftstate_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
                 _registered_method=True)
         self.RevokeToken = channel.unary_unary(
-                '/raftstate.v1.Auth/RevokeToken',
+                '/raftstate.v1.AuthService/RevokeToken',
                 request_serializer=raftstate_dot_v1_dot_auth__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_auth__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
 
 
-class AuthServicer:
+class AuthServiceServicer:
     """Admin only. Revocations are committed through the Raft log, so every node
     refuses a revoked token once the revocation is applied there.
     """
 
     def IssueToken(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Sign a new token for a role and scope (FAILED_PRECONDITION on a node
+        without a token key).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeToken(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Revoke a token by id or by the whole token; idempotent.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_AuthServicer_to_server(servicer, server):
+def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'IssueToken': grpc.unary_unary_rpc_method_handler(
                     servicer.IssueToken,
@@ -80,13 +83,13 @@ def add_AuthServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'raftstate.v1.Auth', rpc_method_handlers)
+            'raftstate.v1.AuthService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('raftstate.v1.Auth', rpc_method_handlers)
+    server.add_registered_method_handlers('raftstate.v1.AuthService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Auth:
+class AuthService:
     """Admin only. Revocations are committed through the Raft log, so every node
     refuses a revoked token once the revocation is applied there.
     """
@@ -105,7 +108,7 @@ class Auth:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raftstate.v1.Auth/IssueToken',
+            '/raftstate.v1.AuthService/IssueToken',
             raftstate_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
             raftstate_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
             options,
@@ -132,7 +135,7 @@ class Auth:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raftstate.v1.Auth/RevokeToken',
+            '/raftstate.v1.AuthService/RevokeToken',
             raftstate_dot_v1_dot_auth__pb2.RevokeTokenRequest.SerializeToString,
             raftstate_dot_v1_dot_auth__pb2.RevokeTokenResponse.FromString,
             options,

@@ -10,13 +10,13 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ROLE_UNSPECIFIED: _ClassVar[Role]
-    FOLLOWER: _ClassVar[Role]
-    CANDIDATE: _ClassVar[Role]
-    LEADER: _ClassVar[Role]
+    ROLE_FOLLOWER: _ClassVar[Role]
+    ROLE_CANDIDATE: _ClassVar[Role]
+    ROLE_LEADER: _ClassVar[Role]
 ROLE_UNSPECIFIED: Role
-FOLLOWER: Role
-CANDIDATE: Role
-LEADER: Role
+ROLE_FOLLOWER: Role
+ROLE_CANDIDATE: Role
+ROLE_LEADER: Role
 
 class Member(_message.Message):
     __slots__ = ("node_id", "raft_address", "grpc_address", "connected", "match_index", "path", "rtt_ms", "loss_rate", "retransmissions", "sessions", "paths", "entries_sent", "entries_resent")

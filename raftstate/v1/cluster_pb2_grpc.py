@@ -25,8 +25,9 @@ if _version_not_supported:
     )
 
 
-class ClusterStub:
-    """Missing associated documentation comment in .proto file."""
+class ClusterServiceStub:
+    """Cluster introspection (operator or admin credentials when auth is on).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -35,23 +36,26 @@ class ClusterStub:
             channel: A grpc.Channel.
         """
         self.Status = channel.unary_unary(
-                '/raftstate.v1.Cluster/Status',
+                '/raftstate.v1.ClusterService/Status',
                 request_serializer=raftstate_dot_v1_dot_cluster__pb2.StatusRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_cluster__pb2.StatusResponse.FromString,
                 _registered_method=True)
 
 
-class ClusterServicer:
-    """Missing associated documentation comment in .proto file."""
+class ClusterServiceServicer:
+    """Cluster introspection (operator or admin credentials when auth is on).
+    """
 
     def Status(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """This node's status: role, term, indexes, members and link statistics.
+        Answered locally, without a quorum.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_ClusterServicer_to_server(servicer, server):
+def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -60,14 +64,15 @@ def add_ClusterServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'raftstate.v1.Cluster', rpc_method_handlers)
+            'raftstate.v1.ClusterService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('raftstate.v1.Cluster', rpc_method_handlers)
+    server.add_registered_method_handlers('raftstate.v1.ClusterService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Cluster:
-    """Missing associated documentation comment in .proto file."""
+class ClusterService:
+    """Cluster introspection (operator or admin credentials when auth is on).
+    """
 
     @staticmethod
     def Status(request,
@@ -83,7 +88,7 @@ class Cluster:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raftstate.v1.Cluster/Status',
+            '/raftstate.v1.ClusterService/Status',
             raftstate_dot_v1_dot_cluster__pb2.StatusRequest.SerializeToString,
             raftstate_dot_v1_dot_cluster__pb2.StatusResponse.FromString,
             options,

@@ -22,51 +22,61 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19raftstate/v1/device.proto\x12\x0craftstate.v1\"\xb2\x01\n\x10HeartbeatRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12>\n\x08reported\x18\x03 \x03(\x0b\x32,.raftstate.v1.HeartbeatRequest.ReportedEntry\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x11HeartbeatResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x12\n\nstored_seq\x18\x03 \x01(\x04\"~\n\x0cHeartbeatAck\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12/\n\x06result\x18\x05 \x01(\x0b\x32\x1f.raftstate.v1.HeartbeatResponse\"K\n\x15HeartbeatBatchRequest\x12\x32\n\nheartbeats\x18\x01 \x03(\x0b\x32\x1e.raftstate.v1.HeartbeatRequest\"B\n\x16HeartbeatBatchResponse\x12(\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1a.raftstate.v1.HeartbeatAck\"\x81\x02\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x34\n\x08reported\x18\x03 \x03(\x0b\x32\".raftstate.v1.Device.ReportedEntry\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x15\n\rfirst_seen_ms\x18\x05 \x01(\x03\x12\x14\n\x0clast_seen_ms\x18\x06 \x01(\x03\x12\x12\n\nheartbeats\x18\x07 \x01(\x04\x12\r\n\x05ttl_s\x18\x08 \x01(\r\x12\x0e\n\x06online\x18\t \x01(\x08\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12.\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x19.raftstate.v1.Consistency\"K\n\x11GetDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.raftstate.v1.Device\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\xa7\x01\n\x12ListDevicesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12*\n\x06\x66ilter\x18\x04 \x01(\x0e\x32\x1a.raftstate.v1.OnlineFilter\x12.\n\x0b\x63onsistency\x18\x05 \x01(\x0e\x32\x19.raftstate.v1.Consistency\"g\n\x13ListDevicesResponse\x12%\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x14.raftstate.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"(\n\x13\x44\x65leteDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"N\n\x14\x44\x65leteDeviceResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65leted_seq\x18\x03 \x01(\x04*N\n\x0b\x43onsistency\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x10\n\x0cLINEARIZABLE\x10\x01\x12\x10\n\x0cSERIALIZABLE\x10\x02*O\n\x0cOnlineFilter\x12\x1d\n\x19ONLINE_FILTER_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41LL\x10\x01\x12\n\n\x06ONLINE\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\x32\x84\x04\n\x0b\x44\x65viceState\x12L\n\tHeartbeat\x12\x1e.raftstate.v1.HeartbeatRequest\x1a\x1f.raftstate.v1.HeartbeatResponse\x12Q\n\x0fHeartbeatStream\x12\x1e.raftstate.v1.HeartbeatRequest\x1a\x1a.raftstate.v1.HeartbeatAck(\x01\x30\x01\x12[\n\x0eHeartbeatBatch\x12#.raftstate.v1.HeartbeatBatchRequest\x1a$.raftstate.v1.HeartbeatBatchResponse\x12L\n\tGetDevice\x12\x1e.raftstate.v1.GetDeviceRequest\x1a\x1f.raftstate.v1.GetDeviceResponse\x12R\n\x0bListDevices\x12 .raftstate.v1.ListDevicesRequest\x1a!.raftstate.v1.ListDevicesResponse\x12U\n\x0c\x44\x65leteDevice\x12!.raftstate.v1.DeleteDeviceRequest\x1a\".raftstate.v1.DeleteDeviceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19raftstate/v1/device.proto\x12\x0craftstate.v1\x1a\x19google/protobuf/any.proto\"\xb2\x01\n\x10HeartbeatRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12>\n\x08reported\x18\x03 \x03(\x0b\x32,.raftstate.v1.HeartbeatRequest.ReportedEntry\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x11HeartbeatResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x12\n\nstored_seq\x18\x03 \x01(\x04\"\xa5\x01\n\x0cHeartbeatAck\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12/\n\x06result\x18\x05 \x01(\x0b\x32\x1f.raftstate.v1.HeartbeatResponse\x12%\n\x07\x64\x65tails\x18\x06 \x03(\x0b\x32\x14.google.protobuf.Any\"\xbe\x01\n\x16HeartbeatStreamRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x44\n\x08reported\x18\x03 \x03(\x0b\x32\x32.raftstate.v1.HeartbeatStreamRequest.ReportedEntry\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb0\x01\n\x17HeartbeatStreamResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12/\n\x06result\x18\x05 \x01(\x0b\x32\x1f.raftstate.v1.HeartbeatResponse\x12%\n\x07\x64\x65tails\x18\x06 \x03(\x0b\x32\x14.google.protobuf.Any\"K\n\x15HeartbeatBatchRequest\x12\x32\n\nheartbeats\x18\x01 \x03(\x0b\x32\x1e.raftstate.v1.HeartbeatRequest\"B\n\x16HeartbeatBatchResponse\x12(\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1a.raftstate.v1.HeartbeatAck\"\x81\x02\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x34\n\x08reported\x18\x03 \x03(\x0b\x32\".raftstate.v1.Device.ReportedEntry\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x15\n\rfirst_seen_ms\x18\x05 \x01(\x03\x12\x14\n\x0clast_seen_ms\x18\x06 \x01(\x03\x12\x12\n\nheartbeats\x18\x07 \x01(\x04\x12\r\n\x05ttl_s\x18\x08 \x01(\r\x12\x0e\n\x06online\x18\t \x01(\x08\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12.\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x19.raftstate.v1.Consistency\"K\n\x11GetDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.raftstate.v1.Device\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\xa7\x01\n\x12ListDevicesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12*\n\x06\x66ilter\x18\x04 \x01(\x0e\x32\x1a.raftstate.v1.OnlineFilter\x12.\n\x0b\x63onsistency\x18\x05 \x01(\x0e\x32\x19.raftstate.v1.Consistency\"g\n\x13ListDevicesResponse\x12%\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x14.raftstate.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"(\n\x13\x44\x65leteDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"N\n\x14\x44\x65leteDeviceResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65leted_seq\x18\x03 \x01(\x04*f\n\x0b\x43onsistency\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONSISTENCY_LINEARIZABLE\x10\x01\x12\x1c\n\x18\x43ONSISTENCY_SERIALIZABLE\x10\x02*y\n\x0cOnlineFilter\x12\x1d\n\x19ONLINE_FILTER_UNSPECIFIED\x10\x00\x12\x15\n\x11ONLINE_FILTER_ALL\x10\x01\x12\x18\n\x14ONLINE_FILTER_ONLINE\x10\x02\x12\x19\n\x15ONLINE_FILTER_OFFLINE\x10\x03\x32\x9c\x04\n\x12\x44\x65viceStateService\x12L\n\tHeartbeat\x12\x1e.raftstate.v1.HeartbeatRequest\x1a\x1f.raftstate.v1.HeartbeatResponse\x12\x62\n\x0fHeartbeatStream\x12$.raftstate.v1.HeartbeatStreamRequest\x1a%.raftstate.v1.HeartbeatStreamResponse(\x01\x30\x01\x12[\n\x0eHeartbeatBatch\x12#.raftstate.v1.HeartbeatBatchRequest\x1a$.raftstate.v1.HeartbeatBatchResponse\x12L\n\tGetDevice\x12\x1e.raftstate.v1.GetDeviceRequest\x1a\x1f.raftstate.v1.GetDeviceResponse\x12R\n\x0bListDevices\x12 .raftstate.v1.ListDevicesRequest\x1a!.raftstate.v1.ListDevicesResponse\x12U\n\x0c\x44\x65leteDevice\x12!.raftstate.v1.DeleteDeviceRequest\x1a\".raftstate.v1.DeleteDeviceResponseBt\n\x10\x64\x65v.raftstate.v1B\x0b\x44\x65viceProtoP\x01Z-raftstate.dev/gen/go/raftstate/v1;raftstatev1\xa2\x02\x03RSX\xaa\x02\x0cRaftState.V1\xca\x02\x0cRaftState\\V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raftstate.v1.device_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.raftstate.v1B\013DeviceProtoP\001Z-raftstate.dev/gen/go/raftstate/v1;raftstatev1\242\002\003RSX\252\002\014RaftState.V1\312\002\014RaftState\\V1'
   _globals['_HEARTBEATREQUEST_REPORTEDENTRY']._loaded_options = None
   _globals['_HEARTBEATREQUEST_REPORTEDENTRY']._serialized_options = b'8\001'
+  _globals['_HEARTBEATSTREAMREQUEST_REPORTEDENTRY']._loaded_options = None
+  _globals['_HEARTBEATSTREAMREQUEST_REPORTEDENTRY']._serialized_options = b'8\001'
   _globals['_DEVICE_REPORTEDENTRY']._loaded_options = None
   _globals['_DEVICE_REPORTEDENTRY']._serialized_options = b'8\001'
-  _globals['_CONSISTENCY']._serialized_start=1396
-  _globals['_CONSISTENCY']._serialized_end=1474
-  _globals['_ONLINEFILTER']._serialized_start=1476
-  _globals['_ONLINEFILTER']._serialized_end=1555
-  _globals['_HEARTBEATREQUEST']._serialized_start=44
-  _globals['_HEARTBEATREQUEST']._serialized_end=222
-  _globals['_HEARTBEATREQUEST_REPORTEDENTRY']._serialized_start=175
-  _globals['_HEARTBEATREQUEST_REPORTEDENTRY']._serialized_end=222
-  _globals['_HEARTBEATRESPONSE']._serialized_start=224
-  _globals['_HEARTBEATRESPONSE']._serialized_end=300
-  _globals['_HEARTBEATACK']._serialized_start=302
-  _globals['_HEARTBEATACK']._serialized_end=428
-  _globals['_HEARTBEATBATCHREQUEST']._serialized_start=430
-  _globals['_HEARTBEATBATCHREQUEST']._serialized_end=505
-  _globals['_HEARTBEATBATCHRESPONSE']._serialized_start=507
-  _globals['_HEARTBEATBATCHRESPONSE']._serialized_end=573
-  _globals['_DEVICE']._serialized_start=576
-  _globals['_DEVICE']._serialized_end=833
-  _globals['_DEVICE_REPORTEDENTRY']._serialized_start=175
-  _globals['_DEVICE_REPORTEDENTRY']._serialized_end=222
-  _globals['_GETDEVICEREQUEST']._serialized_start=835
-  _globals['_GETDEVICEREQUEST']._serialized_end=920
-  _globals['_GETDEVICERESPONSE']._serialized_start=922
-  _globals['_GETDEVICERESPONSE']._serialized_end=997
-  _globals['_LISTDEVICESREQUEST']._serialized_start=1000
-  _globals['_LISTDEVICESREQUEST']._serialized_end=1167
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=1169
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=1272
-  _globals['_DELETEDEVICEREQUEST']._serialized_start=1274
-  _globals['_DELETEDEVICEREQUEST']._serialized_end=1314
-  _globals['_DELETEDEVICERESPONSE']._serialized_start=1316
-  _globals['_DELETEDEVICERESPONSE']._serialized_end=1394
-  _globals['_DEVICESTATE']._serialized_start=1558
-  _globals['_DEVICESTATE']._serialized_end=2074
+  _globals['_CONSISTENCY']._serialized_start=1835
+  _globals['_CONSISTENCY']._serialized_end=1937
+  _globals['_ONLINEFILTER']._serialized_start=1939
+  _globals['_ONLINEFILTER']._serialized_end=2060
+  _globals['_HEARTBEATREQUEST']._serialized_start=71
+  _globals['_HEARTBEATREQUEST']._serialized_end=249
+  _globals['_HEARTBEATREQUEST_REPORTEDENTRY']._serialized_start=202
+  _globals['_HEARTBEATREQUEST_REPORTEDENTRY']._serialized_end=249
+  _globals['_HEARTBEATRESPONSE']._serialized_start=251
+  _globals['_HEARTBEATRESPONSE']._serialized_end=327
+  _globals['_HEARTBEATACK']._serialized_start=330
+  _globals['_HEARTBEATACK']._serialized_end=495
+  _globals['_HEARTBEATSTREAMREQUEST']._serialized_start=498
+  _globals['_HEARTBEATSTREAMREQUEST']._serialized_end=688
+  _globals['_HEARTBEATSTREAMREQUEST_REPORTEDENTRY']._serialized_start=202
+  _globals['_HEARTBEATSTREAMREQUEST_REPORTEDENTRY']._serialized_end=249
+  _globals['_HEARTBEATSTREAMRESPONSE']._serialized_start=691
+  _globals['_HEARTBEATSTREAMRESPONSE']._serialized_end=867
+  _globals['_HEARTBEATBATCHREQUEST']._serialized_start=869
+  _globals['_HEARTBEATBATCHREQUEST']._serialized_end=944
+  _globals['_HEARTBEATBATCHRESPONSE']._serialized_start=946
+  _globals['_HEARTBEATBATCHRESPONSE']._serialized_end=1012
+  _globals['_DEVICE']._serialized_start=1015
+  _globals['_DEVICE']._serialized_end=1272
+  _globals['_DEVICE_REPORTEDENTRY']._serialized_start=202
+  _globals['_DEVICE_REPORTEDENTRY']._serialized_end=249
+  _globals['_GETDEVICEREQUEST']._serialized_start=1274
+  _globals['_GETDEVICEREQUEST']._serialized_end=1359
+  _globals['_GETDEVICERESPONSE']._serialized_start=1361
+  _globals['_GETDEVICERESPONSE']._serialized_end=1436
+  _globals['_LISTDEVICESREQUEST']._serialized_start=1439
+  _globals['_LISTDEVICESREQUEST']._serialized_end=1606
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=1608
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=1711
+  _globals['_DELETEDEVICEREQUEST']._serialized_start=1713
+  _globals['_DELETEDEVICEREQUEST']._serialized_end=1753
+  _globals['_DELETEDEVICERESPONSE']._serialized_start=1755
+  _globals['_DELETEDEVICERESPONSE']._serialized_end=1833
+  _globals['_DEVICESTATESERVICE']._serialized_start=2063
+  _globals['_DEVICESTATESERVICE']._serialized_end=2603
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -10,22 +11,22 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CONSISTENCY_UNSPECIFIED: _ClassVar[Consistency]
-    LINEARIZABLE: _ClassVar[Consistency]
-    SERIALIZABLE: _ClassVar[Consistency]
+    CONSISTENCY_LINEARIZABLE: _ClassVar[Consistency]
+    CONSISTENCY_SERIALIZABLE: _ClassVar[Consistency]
 
 class OnlineFilter(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ONLINE_FILTER_UNSPECIFIED: _ClassVar[OnlineFilter]
-    ALL: _ClassVar[OnlineFilter]
-    ONLINE: _ClassVar[OnlineFilter]
-    OFFLINE: _ClassVar[OnlineFilter]
+    ONLINE_FILTER_ALL: _ClassVar[OnlineFilter]
+    ONLINE_FILTER_ONLINE: _ClassVar[OnlineFilter]
+    ONLINE_FILTER_OFFLINE: _ClassVar[OnlineFilter]
 CONSISTENCY_UNSPECIFIED: Consistency
-LINEARIZABLE: Consistency
-SERIALIZABLE: Consistency
+CONSISTENCY_LINEARIZABLE: Consistency
+CONSISTENCY_SERIALIZABLE: Consistency
 ONLINE_FILTER_UNSPECIFIED: OnlineFilter
-ALL: OnlineFilter
-ONLINE: OnlineFilter
-OFFLINE: OnlineFilter
+ONLINE_FILTER_ALL: OnlineFilter
+ONLINE_FILTER_ONLINE: OnlineFilter
+ONLINE_FILTER_OFFLINE: OnlineFilter
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("device_id", "seq", "reported", "ttl_s")
@@ -57,18 +58,55 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., duplicate: _Optional[bool] = ..., stored_seq: _Optional[int] = ...) -> None: ...
 
 class HeartbeatAck(_message.Message):
-    __slots__ = ("device_id", "seq", "code", "message", "result")
+    __slots__ = ("device_id", "seq", "code", "message", "result", "details")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     seq: int
     code: int
     message: str
     result: HeartbeatResponse
-    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., result: _Optional[_Union[HeartbeatResponse, _Mapping]] = ...) -> None: ...
+    details: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
+    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., result: _Optional[_Union[HeartbeatResponse, _Mapping]] = ..., details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
+
+class HeartbeatStreamRequest(_message.Message):
+    __slots__ = ("device_id", "seq", "reported", "ttl_s")
+    class ReportedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    seq: int
+    reported: _containers.ScalarMap[str, str]
+    ttl_s: int
+    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., reported: _Optional[_Mapping[str, str]] = ..., ttl_s: _Optional[int] = ...) -> None: ...
+
+class HeartbeatStreamResponse(_message.Message):
+    __slots__ = ("device_id", "seq", "code", "message", "result", "details")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    seq: int
+    code: int
+    message: str
+    result: HeartbeatResponse
+    details: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
+    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., result: _Optional[_Union[HeartbeatResponse, _Mapping]] = ..., details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatBatchRequest(_message.Message):
     __slots__ = ("heartbeats",)

@@ -25,8 +25,10 @@ if _version_not_supported:
     )
 
 
-class DeviceStateStub:
-    """Missing associated documentation comment in .proto file."""
+class DeviceStateServiceStub:
+    """Device heartbeats and reads. Any node serves every RPC: writes are
+    forwarded to the leader inside the cluster.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -35,49 +37,60 @@ class DeviceStateStub:
             channel: A grpc.Channel.
         """
         self.Heartbeat = channel.unary_unary(
-                '/raftstate.v1.DeviceState/Heartbeat',
+                '/raftstate.v1.DeviceStateService/Heartbeat',
                 request_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.HeartbeatStream = channel.stream_stream(
-                '/raftstate.v1.DeviceState/HeartbeatStream',
-                request_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatAck.FromString,
+                '/raftstate.v1.DeviceStateService/HeartbeatStream',
+                request_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatStreamRequest.SerializeToString,
+                response_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatStreamResponse.FromString,
                 _registered_method=True)
         self.HeartbeatBatch = channel.unary_unary(
-                '/raftstate.v1.DeviceState/HeartbeatBatch',
+                '/raftstate.v1.DeviceStateService/HeartbeatBatch',
                 request_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatBatchRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatBatchResponse.FromString,
                 _registered_method=True)
         self.GetDevice = channel.unary_unary(
-                '/raftstate.v1.DeviceState/GetDevice',
+                '/raftstate.v1.DeviceStateService/GetDevice',
                 request_serializer=raftstate_dot_v1_dot_device__pb2.GetDeviceRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_device__pb2.GetDeviceResponse.FromString,
                 _registered_method=True)
         self.ListDevices = channel.unary_unary(
-                '/raftstate.v1.DeviceState/ListDevices',
+                '/raftstate.v1.DeviceStateService/ListDevices',
                 request_serializer=raftstate_dot_v1_dot_device__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_device__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
         self.DeleteDevice = channel.unary_unary(
-                '/raftstate.v1.DeviceState/DeleteDevice',
+                '/raftstate.v1.DeviceStateService/DeleteDevice',
                 request_serializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceResponse.FromString,
                 _registered_method=True)
 
 
-class DeviceStateServicer:
-    """Missing associated documentation comment in .proto file."""
+class DeviceStateServiceServicer:
+    """Device heartbeats and reads. Any node serves every RPC: writes are
+    forwarded to the leader inside the cluster.
+    """
 
     def Heartbeat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Record one heartbeat. Answers once it is committed on a majority.
+        INVALID_ARGUMENT (BadRequest names the field) changes nothing;
+        UNAVAILABLE means the outcome is unknown: retry with the same seq after
+        the RetryInfo delay.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def HeartbeatStream(self, request_iterator, context):
         """For devices and gateways that keep one stream open. Each request is
-        acknowledged individually, in order, by one HeartbeatAck.
+        acknowledged individually, in order, by one HeartbeatStreamResponse
+        carrying its own status; the stream itself fails only for a
+        stream-level problem (credentials, a request that cannot be decoded,
+        the node shutting down). At most `stream_window` requests (sent in the
+        initial metadata as `raftstate-stream-window`) are read ahead of their
+        acks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,25 +107,28 @@ class DeviceStateServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetDevice(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Read one device. NOT_FOUND if it does not exist as of the read.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDevices(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """List devices by id prefix and connectivity, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDevice(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Delete a device's record (operator or admin); see DeleteDeviceRequest.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_DeviceStateServicer_to_server(servicer, server):
+def add_DeviceStateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -121,8 +137,8 @@ def add_DeviceStateServicer_to_server(servicer, server):
             ),
             'HeartbeatStream': grpc.stream_stream_rpc_method_handler(
                     servicer.HeartbeatStream,
-                    request_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatRequest.FromString,
-                    response_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatAck.SerializeToString,
+                    request_deserializer=raftstate_dot_v1_dot_device__pb2.HeartbeatStreamRequest.FromString,
+                    response_serializer=raftstate_dot_v1_dot_device__pb2.HeartbeatStreamResponse.SerializeToString,
             ),
             'HeartbeatBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.HeartbeatBatch,
@@ -146,14 +162,16 @@ def add_DeviceStateServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'raftstate.v1.DeviceState', rpc_method_handlers)
+            'raftstate.v1.DeviceStateService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('raftstate.v1.DeviceState', rpc_method_handlers)
+    server.add_registered_method_handlers('raftstate.v1.DeviceStateService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class DeviceState:
-    """Missing associated documentation comment in .proto file."""
+class DeviceStateService:
+    """Device heartbeats and reads. Any node serves every RPC: writes are
+    forwarded to the leader inside the cluster.
+    """
 
     @staticmethod
     def Heartbeat(request,
@@ -169,7 +187,7 @@ class DeviceState:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raftstate.v1.DeviceState/Heartbeat',
+            '/raftstate.v1.DeviceStateService/Heartbeat',
             raftstate_dot_v1_dot_device__pb2.HeartbeatRequest.SerializeToString,
             raftstate_dot_v1_dot_device__pb2.HeartbeatResponse.FromString,
             options,
@@ -196,9 +214,9 @@ class DeviceState:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/raftstate.v1.DeviceState/HeartbeatStream',
-            raftstate_dot_v1_dot_device__pb2.HeartbeatRequest.SerializeToString,
-            raftstate_dot_v1_dot_device__pb2.HeartbeatAck.FromString,
+            '/raftstate.v1.DeviceStateService/HeartbeatStream',
+            raftstate_dot_v1_dot_device__pb2.HeartbeatStreamRequest.SerializeToString,
+            raftstate_dot_v1_dot_device__pb2.HeartbeatStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,7 +241,7 @@ class DeviceState:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raftstate.v1.DeviceState/HeartbeatBatch',
+            '/raftstate.v1.DeviceStateService/HeartbeatBatch',
             raftstate_dot_v1_dot_device__pb2.HeartbeatBatchRequest.SerializeToString,
             raftstate_dot_v1_dot_device__pb2.HeartbeatBatchResponse.FromString,
             options,
@@ -250,7 +268,7 @@ class DeviceState:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raftstate.v1.DeviceState/GetDevice',
+            '/raftstate.v1.DeviceStateService/GetDevice',
             raftstate_dot_v1_dot_device__pb2.GetDeviceRequest.SerializeToString,
             raftstate_dot_v1_dot_device__pb2.GetDeviceResponse.FromString,
             options,
@@ -277,7 +295,7 @@ class DeviceState:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raftstate.v1.DeviceState/ListDevices',
+            '/raftstate.v1.DeviceStateService/ListDevices',
             raftstate_dot_v1_dot_device__pb2.ListDevicesRequest.SerializeToString,
             raftstate_dot_v1_dot_device__pb2.ListDevicesResponse.FromString,
             options,
@@ -304,7 +322,7 @@ class DeviceState:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/raftstate.v1.DeviceState/DeleteDevice',
+            '/raftstate.v1.DeviceStateService/DeleteDevice',
             raftstate_dot_v1_dot_device__pb2.DeleteDeviceRequest.SerializeToString,
             raftstate_dot_v1_dot_device__pb2.DeleteDeviceResponse.FromString,
             options,

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from raftstate.benchpb import etcd_kv_pb2, etcd_kv_pb2_grpc
+from bench.etcdpb import etcd_kv_pb2, etcd_kv_pb2_grpc
 from raftstate.errors import Unavailable
 
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [

@@ -2,14 +2,14 @@
 
 A fixed rate of heartbeats (``--hb-rate`` per second, evenly spaced, so
 every transport gets the same offered work) goes as unary calls to the
-leader from ``--procs`` load processes (:mod:`raftstate.bench.load`, open
+leader from ``--procs`` load processes (:mod:`bench.load`, open
 loop, at most ``--devices`` in flight). At both ends of the measurement
 window, in this order, the phase reads the leader's ``Cluster.Status``
 (``revision`` counts applied heartbeats, ``commit_index`` entries), every
-node process's CPU (:mod:`raftstate.bench.proccpu`) and the machine's busy
+node process's CPU (:mod:`bench.proccpu`) and the machine's busy
 time. Node CPU in the window over heartbeats committed in it gives µs per
 committed heartbeat, in total and split leader / followers
-(:func:`~raftstate.bench.transportreport.hb_cpu_result`). A leader that
+(:func:`~bench.transportreport.hb_cpu_result`). A leader that
 changed during the window is flagged, since the split then means little.
 """
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raftstate.bench import proccpu
-from raftstate.bench.load import LoadResult, LoadSpec, run_load
-from raftstate.bench.stats import LatencySummary, PhaseResult
-from raftstate.bench.transportreport import HbCpuResult, hb_cpu_result
+from bench import proccpu
+from bench.load import LoadResult, LoadSpec, run_load
+from bench.stats import LatencySummary, PhaseResult
+from bench.transportreport import HbCpuResult, hb_cpu_result
 
 if TYPE_CHECKING:
     from cluster.local import LocalCluster
@@ -64,8 +64,8 @@ class ClusterTarget:
 def cluster_target(
     transport: str, args: argparse.Namespace, workdir: Path
 ) -> Iterator[ClusterTarget]:
+    from bench.phases import client_env
     from cluster.local import LocalCluster
-    from raftstate.bench.run import client_env
     from raftstate.config import NodeConfig
 
     base = NodeConfig.default(durability=args.durability, transport=transport)
@@ -84,7 +84,7 @@ def hb_open_specs(
 ) -> list[LoadSpec]:
     """One open-loop heartbeat :class:`LoadSpec` per load process, at the
     leader (``endpoints[0]``), evenly spaced, ``--hb-rate`` in total."""
-    from raftstate.bench.run import split_evenly
+    from bench.phases import split_evenly
 
     procs = max(1, args.procs)
     specs = []
@@ -142,7 +142,7 @@ def run_hb_open(
     begin = start_at + args.warmup
     loadavg = os.getloadavg()[0]
     t0 = time.time()
-    from raftstate.bench.run import client_env
+    from bench.phases import client_env
 
     # Load processes inherit the credentials of this target's cluster.
     with client_env(target.env), multiprocessing.get_context("spawn").Pool(procs) as pool:

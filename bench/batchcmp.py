@@ -1,6 +1,6 @@
 """Heartbeats/s through HeartbeatBatch vs HeartbeatStream vs unary Heartbeat.
 
-``python -m raftstate.bench.batchcmp`` starts a local three-node cluster
+``python -m bench.batchcmp`` starts a local three-node cluster
 (test timers, plaintext loopback) and runs closed-loop load of each shape in
 turn, rotating the order every round so drift on a noisy box hits all three
 alike:
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import uvloop
 
+from bench import proccpu
 from cluster.local import LocalCluster
-from raftstate.bench import proccpu
 from raftstate.config import NodeConfig
 from raftstate.sdk import AsyncDeviceClient
 
@@ -162,7 +162,7 @@ def _table(samples: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raftstate.bench.batchcmp", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.batchcmp", description=__doc__)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--unary-concurrency", type=int, default=64)

@@ -11,10 +11,10 @@ transport and the UDP/TCP ratio of the medians.
 Phases (in ``--phases``; without it: hb-open, write, stream, transport-cost):
 
 * ``hb-open``: a fixed rate of heartbeats at the leader; node CPU per
-  committed heartbeat, leader / followers (:mod:`raftstate.bench.hbopen`).
+  committed heartbeat, leader / followers (:mod:`bench.hbopen`).
 * ``write``, ``stream`` (or any other phase of ``raftstate bench``): run
-  unchanged by :func:`raftstate.bench.run.run_phase` against each cluster.
-* ``transport-cost``: :func:`raftstate.bench.transportcost.measure`, in this
+  unchanged by :func:`bench.phases.run_phase` against each cluster.
+* ``transport-cost``: :func:`bench.transportcost.measure`, in this
   process, per transport.
 
 Idle clusters keep running while another is measured; their CPU falls in
@@ -36,9 +36,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raftstate.bench.hbopen import ClusterTarget, cluster_target, run_hb_open
-from raftstate.bench.stats import PhaseResult, render_table
-from raftstate.bench.transportreport import (
+from bench.hbopen import ClusterTarget, cluster_target, run_hb_open
+from bench.stats import PhaseResult, render_table
+from bench.transportreport import (
     COMPARISON_DEFAULT_PHASES,
     COMPARISON_PHASES,
     CPU_METRIC,
@@ -56,7 +56,7 @@ from raftstate.cli.words import plural
 from raftstate.config import TRANSPORTS
 
 if TYPE_CHECKING:
-    from raftstate.bench.transportcost import TransportCost
+    from bench.transportcost import TransportCost
 
 
 def add_transport_arguments(p: argparse.ArgumentParser) -> None:
@@ -176,8 +176,8 @@ def describe(args: argparse.Namespace, transports: tuple[str, ...]) -> list[str]
 def compare_main(args: argparse.Namespace) -> int:
     """Run the comparison, print the tables, save the JSON. Returns the
     exit status: 0, 1 if any load phase had errors, 2 for bad options."""
-    from raftstate.bench.run import run_header, run_phase
-    from raftstate.bench.transportcost import measure, render_costs
+    from bench.phases import run_header, run_phase
+    from bench.transportcost import measure, render_costs
 
     if args.endpoints or args.vs_etcd:
         print(
@@ -222,7 +222,7 @@ def compare_main(args: argparse.Namespace) -> int:
                     else:
                         target = targets[t]
                         target.leader = target.cluster.wait_for_leader()
-                        from raftstate.bench.run import client_env  # run imports this module
+                        from bench.phases import client_env
 
                         with client_env(target.env):  # this cluster's CA and token
                             row = run_phase(

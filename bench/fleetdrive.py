@@ -13,7 +13,7 @@ all endpoints, as a fleet's gateways attach to their nearest node):
 * ``path="txn"``: etcd ``KV.Txn`` with one Put per heartbeat (etcd allows
   at most 128 operations per transaction by default: ``--max-txn-ops``).
 
-Requests are pre-encoded bytes (:mod:`raftstate.bench.fleetwire`). A batch
+Requests are pre-encoded bytes (:mod:`bench.fleetwire`). A batch
 holds distinct devices, all with the same seq: ``seq0 + round``, where a
 round is one pass over the gateway's devices, so every heartbeat of a
 device has a larger seq than its last one (``seq0`` is the phase's start in
@@ -49,12 +49,12 @@ from typing import Any, Protocol
 import grpc
 import uvloop
 
-from raftstate.bench.fleetstats import LatencyHistogram
-from raftstate.bench.fleetwire import FleetDevices
+from bench.fleetstats import LatencyHistogram
+from bench.fleetwire import FleetDevices
 from raftstate.v1 import device_pb2
 
-BATCH_METHOD = "/raftstate.v1.DeviceState/HeartbeatBatch"
-STREAM_METHOD = "/raftstate.v1.DeviceState/HeartbeatStream"
+BATCH_METHOD = "/raftstate.v1.DeviceStateService/HeartbeatBatch"
+STREAM_METHOD = "/raftstate.v1.DeviceStateService/HeartbeatStream"
 TXN_METHOD = "/etcdserverpb.KV/Txn"
 #: etcd's default --max-txn-ops.
 ETCD_MAX_TXN_OPS = 128
@@ -232,7 +232,7 @@ class _StreamGateway:
         stub: Any = self.channel.stream_stream(
             STREAM_METHOD,
             request_serializer=None,
-            response_deserializer=device_pb2.HeartbeatAck.FromString,
+            response_deserializer=device_pb2.HeartbeatStreamResponse.FromString,
         )
         self.call = stub(metadata=self.md)
         md = await self.call.initial_metadata()

@@ -52,8 +52,8 @@ from typing import Any, Protocol
 from pysyncobj.encryptor import getEncryptor
 from pysyncobj.tcp_connection import TcpConnection
 
+from bench.load import PAYLOAD
 from raftstate import logcommand
-from raftstate.bench.load import PAYLOAD
 from raftstate.config import TRANSPORTS, NodeConfig
 from raftstate.model import Heartbeat
 from raftstate.statemachine import encode_batch

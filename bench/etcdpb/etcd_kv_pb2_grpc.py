@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from raftstate.benchpb import etcd_kv_pb2 as raftstate_dot_benchpb_dot_etcd__kv__pb2
+from bench.etcdpb import etcd_kv_pb2 as bench_dot_etcdpb_dot_etcd__kv__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in raftstate/benchpb/etcd_kv_pb2_grpc.py depends on'
+        + ' but the generated code in bench/etcdpb/etcd_kv_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class KVStub:
         """
         self.Range = channel.unary_unary(
                 '/etcdserverpb.KV/Range',
-                request_serializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.RangeRequest.SerializeToString,
-                response_deserializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.RangeResponse.FromString,
+                request_serializer=bench_dot_etcdpb_dot_etcd__kv__pb2.RangeRequest.SerializeToString,
+                response_deserializer=bench_dot_etcdpb_dot_etcd__kv__pb2.RangeResponse.FromString,
                 _registered_method=True)
         self.Put = channel.unary_unary(
                 '/etcdserverpb.KV/Put',
-                request_serializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.PutRequest.SerializeToString,
-                response_deserializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.PutResponse.FromString,
+                request_serializer=bench_dot_etcdpb_dot_etcd__kv__pb2.PutRequest.SerializeToString,
+                response_deserializer=bench_dot_etcdpb_dot_etcd__kv__pb2.PutResponse.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +68,13 @@ def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Range': grpc.unary_unary_rpc_method_handler(
                     servicer.Range,
-                    request_deserializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.RangeRequest.FromString,
-                    response_serializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.RangeResponse.SerializeToString,
+                    request_deserializer=bench_dot_etcdpb_dot_etcd__kv__pb2.RangeRequest.FromString,
+                    response_serializer=bench_dot_etcdpb_dot_etcd__kv__pb2.RangeResponse.SerializeToString,
             ),
             'Put': grpc.unary_unary_rpc_method_handler(
                     servicer.Put,
-                    request_deserializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.PutRequest.FromString,
-                    response_serializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.PutResponse.SerializeToString,
+                    request_deserializer=bench_dot_etcdpb_dot_etcd__kv__pb2.PutRequest.FromString,
+                    response_serializer=bench_dot_etcdpb_dot_etcd__kv__pb2.PutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +102,8 @@ class KV:
             request,
             target,
             '/etcdserverpb.KV/Range',
-            raftstate_dot_benchpb_dot_etcd__kv__pb2.RangeRequest.SerializeToString,
-            raftstate_dot_benchpb_dot_etcd__kv__pb2.RangeResponse.FromString,
+            bench_dot_etcdpb_dot_etcd__kv__pb2.RangeRequest.SerializeToString,
+            bench_dot_etcdpb_dot_etcd__kv__pb2.RangeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +129,8 @@ class KV:
             request,
             target,
             '/etcdserverpb.KV/Put',
-            raftstate_dot_benchpb_dot_etcd__kv__pb2.PutRequest.SerializeToString,
-            raftstate_dot_benchpb_dot_etcd__kv__pb2.PutResponse.FromString,
+            bench_dot_etcdpb_dot_etcd__kv__pb2.PutRequest.SerializeToString,
+            bench_dot_etcdpb_dot_etcd__kv__pb2.PutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -153,8 +153,8 @@ class MaintenanceStub:
         """
         self.Status = channel.unary_unary(
                 '/etcdserverpb.Maintenance/Status',
-                request_serializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.StatusRequest.SerializeToString,
-                response_deserializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.StatusResponse.FromString,
+                request_serializer=bench_dot_etcdpb_dot_etcd__kv__pb2.StatusRequest.SerializeToString,
+                response_deserializer=bench_dot_etcdpb_dot_etcd__kv__pb2.StatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -174,8 +174,8 @@ def add_MaintenanceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.StatusRequest.FromString,
-                    response_serializer=raftstate_dot_benchpb_dot_etcd__kv__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=bench_dot_etcdpb_dot_etcd__kv__pb2.StatusRequest.FromString,
+                    response_serializer=bench_dot_etcdpb_dot_etcd__kv__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -203,8 +203,8 @@ class Maintenance:
             request,
             target,
             '/etcdserverpb.Maintenance/Status',
-            raftstate_dot_benchpb_dot_etcd__kv__pb2.StatusRequest.SerializeToString,
-            raftstate_dot_benchpb_dot_etcd__kv__pb2.StatusResponse.FromString,
+            bench_dot_etcdpb_dot_etcd__kv__pb2.StatusRequest.SerializeToString,
+            bench_dot_etcdpb_dot_etcd__kv__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

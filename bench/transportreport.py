@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from raftstate.bench.stats import LatencySummary, PhaseResult
+from bench.stats import LatencySummary, PhaseResult
 
 if TYPE_CHECKING:
-    from raftstate.bench.transportcost import TransportCost
+    from bench.transportcost import TransportCost
 
 #: Phases only ``raftstate bench --transport`` runs (see ``PHASE_HELP``).
 COMPARISON_PHASES = ("hb-open", "transport-cost")

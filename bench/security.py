@@ -22,8 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from raftstate.bench.run import client_env, command_line, local_raftstate, run_phase
-from raftstate.bench.stats import PhaseResult
+from bench.phases import client_env, command_line, local_raftstate, run_phase
+from bench.stats import PhaseResult
 from raftstate.cli.words import plural
 
 DEFAULT_SECURITY_PHASES = ("sequential", "write", "stream")

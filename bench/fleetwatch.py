@@ -13,7 +13,7 @@ missed by the leader count but not by the term count.
 
 :func:`time_restart` kills a node with SIGKILL, starts it again and polls
 (every 50 ms, with a deadline) until it serves: its health service says
-``raftstate.v1.DeviceState`` SERVING, it holds every device and has applied
+``raftstate.v1.DeviceStateService`` SERVING, it holds every device and has applied
 the commit index from before the kill, and it answers a LINEARIZABLE read.
 """
 
@@ -30,7 +30,7 @@ import grpc
 
 #: Poll period of the watch thread.
 WATCH_PERIOD_S = 0.5
-_HEALTH_SERVICE = "raftstate.v1.DeviceState"
+_HEALTH_SERVICE = "raftstate.v1.DeviceStateService"
 
 
 def rss_kib(pid: int | None) -> tuple[int, int]:
@@ -274,8 +274,10 @@ def _serves(endpoint: str, creds: Any, devices: int, index: int, probe: str) -> 
                 + (f" ({st.devices}/{devices}, {st.last_applied}/{index})" if st else "")
             )
         try:
-            device_pb2_grpc.DeviceStateStub(ch).GetDevice(
-                device_pb2.GetDeviceRequest(device_id=probe, consistency=device_pb2.LINEARIZABLE),
+            device_pb2_grpc.DeviceStateServiceStub(ch).GetDevice(
+                device_pb2.GetDeviceRequest(
+                    device_id=probe, consistency=device_pb2.CONSISTENCY_LINEARIZABLE
+                ),
                 timeout=1.0,
                 metadata=creds.metadata(),
             )

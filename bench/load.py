@@ -50,7 +50,7 @@ from typing import Protocol
 
 import uvloop
 
-from raftstate.bench.etcd_client import EtcdClient
+from bench.etcd_client import EtcdClient
 from raftstate.model import Consistency
 
 PAYLOAD = {"temp_c": "21.5", "fw": "1.4.2", "rssi": "-67", "battery_pct": "87"}
@@ -147,7 +147,7 @@ def pinned_etcd_client(endpoint: str) -> EtcdClient:
     not. Create it inside the event loop that will use it."""
     import grpc
 
-    from raftstate.bench.etcd_client import _CHANNEL_OPTIONS
+    from bench.etcd_client import _CHANNEL_OPTIONS
 
     return EtcdClient(endpoint, grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS))
 

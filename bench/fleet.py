@@ -14,12 +14,12 @@ a three-member etcd) it runs, in order:
    flight for ``--fleet-saturate`` s: the most the system commits;
 4. raftstate only, **restart-follower** / **restart-leader**: kill -9 one
    node, start it at once, and time it until it serves a linearizable read
-   with every device applied (:func:`raftstate.bench.fleetwatch.time_restart`).
+   with every device applied (:func:`bench.fleetwatch.time_restart`).
 
 raftstate's write path is ``HeartbeatBatch`` (``--fleet-path auto`` falls
 back to ``HeartbeatStream`` on a server without it); etcd's is ``KV.Txn``
 with up to 128 Puts (its ``--max-txn-ops``). Both are driven by the same
-pre-encoded load processes (:mod:`raftstate.bench.fleetdrive`).
+pre-encoded load processes (:mod:`bench.fleetdrive`).
 
 Every row reports the rate achieved, the ack latency per heartbeat
 (p50/p99/p99.9), errors, elections (term changes) and leader changes, the
@@ -49,11 +49,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from raftstate.bench import proccpu
-from raftstate.bench.fleetdrive import FleetLoadResult, FleetSpec, merge_results, run_fleet_load
-from raftstate.bench.fleetstats import FleetPhaseResult, fleet_verdicts, render_fleet_table
-from raftstate.bench.fleetwatch import ClusterWatch, WatchedNode, between, time_restart
-from raftstate.bench.fleetwire import fleet_device_id
+from bench import proccpu
+from bench.fleetdrive import FleetLoadResult, FleetSpec, merge_results, run_fleet_load
+from bench.fleetstats import FleetPhaseResult, fleet_verdicts, render_fleet_table
+from bench.fleetwatch import ClusterWatch, WatchedNode, between, time_restart
+from bench.fleetwire import fleet_device_id
 
 #: etcd flags for a fleet run: compaction as operators run it (else every
 #: revision is kept and the 2 GiB default quota can fill during a long run).
@@ -398,7 +398,7 @@ def detect_path(endpoints: list[str], wanted: str) -> str:
     creds = Credentials.from_env()
     with creds.channel(endpoints[0]) as ch:
         try:
-            device_pb2_grpc.DeviceStateStub(ch).HeartbeatBatch(
+            device_pb2_grpc.DeviceStateServiceStub(ch).HeartbeatBatch(
                 device_pb2.HeartbeatBatchRequest(), timeout=5.0, metadata=creds.metadata()
             )
         except grpc.RpcError as err:
@@ -422,8 +422,8 @@ def raftstate_fleet(
 ) -> Iterator[SystemUnderTest]:
     """A local 3-node raftstate cluster watched for the fleet phases;
     ``config`` overrides NodeConfig fields. Stops everything it started."""
+    from bench.phases import client_env
     from cluster.local import LocalCluster
-    from raftstate.bench.run import client_env
     from raftstate.config import NodeConfig
 
     if getattr(args, "fleet_compaction_mib", None):
@@ -471,8 +471,8 @@ def raftstate_fleet(
 
 @contextmanager
 def etcd_fleet(args: argparse.Namespace, workdir: Path) -> Iterator[SystemUnderTest]:
+    from bench.phases import etcd_fsyncs
     from cluster.etcd import EtcdCluster
-    from raftstate.bench.run import etcd_fsyncs
 
     etcd = EtcdCluster(
         workdir / "etcd", 3, unsafe_no_fsync=not etcd_fsyncs(args), extra_args=ETCD_FLEET_ARGS
@@ -538,7 +538,7 @@ def _print_row(row: FleetPhaseResult) -> None:
 
 
 def describe(args: argparse.Namespace) -> list[str]:
-    from raftstate.bench.run import etcd_fsyncs
+    from bench.phases import etcd_fsyncs
 
     lines = [
         f"fleet: {args.fleet_devices} devices behind {args.fleet_gateways} gateways in "
@@ -571,7 +571,7 @@ def describe(args: argparse.Namespace) -> list[str]:
 def fleet_main(args: argparse.Namespace) -> int:
     """``raftstate bench --fleet``: run, print the table, save the JSON.
     Returns 0 when every phase finished without errors, else 1."""
-    from raftstate.bench.run import run_header
+    from bench.phases import run_header
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

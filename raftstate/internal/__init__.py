@@ -1,0 +1,1 @@
+"""Internal protobuf schemas and their stubs: never part of the public API."""
