@@ -291,9 +291,14 @@ def test_health_per_service_without_quorum(tmp_path: Path) -> None:
         assert statuses[""].status == health_pb2.HealthCheckResponse.SERVING
         channel.close()
         # Plaintext metrics without auth on a test cluster: served to anyone.
-        with urllib.request.urlopen(f"http://{c.metrics_endpoints[0]}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        assert 'raftstate_transport_peer_up{peer="n2"} 0.0' in text
+        # The link goes down when the transport gives up on the peer, which
+        # may be after health changed: poll for it.
+        def peer_down() -> bool:
+            url = f"http://{c.metrics_endpoints[0]}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return 'raftstate_transport_peer_up{peer="n2"} 0.0' in r.read().decode()
+
+        wait_until("peer n2 reported down in /metrics", peer_down)
     finally:
         c.stop()
 
