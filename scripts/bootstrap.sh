@@ -12,12 +12,17 @@ cd "$(dirname "$0")/.."
 # debconf's default under noninteractive).
 # nodejs/npm: buf (the proto linter, shipped as an npm package) and the grpc-js
 # client test (tests/node/, tests/test_node_client.py).
-APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack coturn iputils-ping iperf3 nodejs npm)
+APT_PACKAGES=(etcd-server etcd-client nftables iproute2 conntrack coturn iputils-ping iperf3)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+# Node.js and npm by command, not by package: a machine may have them from
+# another source (NodeSource's nodejs bundles npm and conflicts with Debian's
+# npm package); Debian's own are installed only where the commands are missing.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "bootstrap: installing ${missing[*]}"
