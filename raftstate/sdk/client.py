@@ -348,6 +348,9 @@ class AsyncDeviceClient:
         if self._leader is None and self.prefer_leader:
             await self.find_leader(timeout_s=min(0.5, self.attempt_timeout_s))
         n = 0
+        #: The reason of the last answer a server gave (an attempt that timed
+        #: out has none): what the caller is told when the deadline runs out.
+        last_reason = ""
         while True:
             endpoint = self._pick()
             remaining = deadline - loop.time()
@@ -359,6 +362,7 @@ class AsyncDeviceClient:
                 err = _map(e)
             if not retry_allowed(err, caller_cancelling=_cancelling()):
                 raise err
+            last_reason = err.reason or last_reason
             self._on_retriable(endpoint, err)
             delay = self.backoff.after(n, err)
             n += 1
@@ -370,8 +374,9 @@ class AsyncDeviceClient:
                     )
                 else:
                     final = Unavailable(f"gave up after {n} attempts: {err.message}")
-                # The last answer's reason (NO_LEADER, LIMIT_..., ...) says why.
-                final.reason = err.reason
+                # The last answer's reason (NO_LEADER, LIMIT_..., ...) says why,
+                # also when the final attempt timed out without one.
+                final.reason = last_reason
                 raise final
             self.retries += 1
             await asyncio.sleep(delay)
