@@ -66,6 +66,11 @@ class DeviceStateServiceStub:
                 request_serializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceRequest.SerializeToString,
                 response_deserializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/raftstate.v1.DeviceStateService/Watch',
+                request_serializer=raftstate_dot_v1_dot_device__pb2.WatchRequest.SerializeToString,
+                response_deserializer=raftstate_dot_v1_dot_device__pb2.WatchResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceStateServiceServicer:
@@ -127,6 +132,17 @@ class DeviceStateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Follow committed changes (heartbeats, presence, deletes) in revision
+        order, from this node's applied state; see WatchRequest. A watcher that
+        falls too far behind gets RESOURCE_EXHAUSTED (reason WATCHER_TOO_SLOW,
+        metadata resume_revision) and resumes from there; history older than the
+        node's retained window gets OUT_OF_RANGE (REVISION_COMPACTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceStateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +175,11 @@ def add_DeviceStateServiceServicer_to_server(servicer, server):
                     servicer.DeleteDevice,
                     request_deserializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceRequest.FromString,
                     response_serializer=raftstate_dot_v1_dot_device__pb2.DeleteDeviceResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=raftstate_dot_v1_dot_device__pb2.WatchRequest.FromString,
+                    response_serializer=raftstate_dot_v1_dot_device__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -325,6 +346,33 @@ class DeviceStateService:
             '/raftstate.v1.DeviceStateService/DeleteDevice',
             raftstate_dot_v1_dot_device__pb2.DeleteDeviceRequest.SerializeToString,
             raftstate_dot_v1_dot_device__pb2.DeleteDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/raftstate.v1.DeviceStateService/Watch',
+            raftstate_dot_v1_dot_device__pb2.WatchRequest.SerializeToString,
+            raftstate_dot_v1_dot_device__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#raftstate/internal/v1/storage.proto\x12\x15raftstate.internal.v1\"\xb9\x01\n\x0fHeartbeatRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x46\n\x08reported\x18\x03 \x03(\x0b\x32\x34.raftstate.internal.v1.HeartbeatRecord.ReportedEntry\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x0eHeartbeatBatch\x12\x16\n\x0eproposed_at_ms\x18\x01 \x01(\x03\x12:\n\nheartbeats\x18\x02 \x03(\x0b\x32&.raftstate.internal.v1.HeartbeatRecord\x12\x13\n\x0bmax_devices\x18\x03 \x01(\x04\x12\x17\n\x0fmax_state_bytes\x18\x04 \x01(\x04\"\xa8\x01\n\x0e\x43ontrolCommand\x12\x16\n\x0eproposed_at_ms\x18\x01 \x01(\x03\x12<\n\rdelete_device\x18\x02 \x01(\x0b\x32#.raftstate.internal.v1.DeleteDeviceH\x00\x12:\n\x0crevoke_token\x18\x03 \x01(\x0b\x32\".raftstate.internal.v1.RevokeTokenH\x00\x42\x04\n\x02op\"!\n\x0c\x44\x65leteDevice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"5\n\x0bRevokeToken\x12\x10\n\x08token_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_at_s\x18\x02 \x01(\x03\"4\n\nRevocation\x12\x10\n\x08token_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_at_s\x18\x02 \x01(\x03\"\x86\x02\n\x0c\x44\x65viceRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x43\n\x08reported\x18\x03 \x03(\x0b\x32\x31.raftstate.internal.v1.DeviceRecord.ReportedEntry\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x15\n\rfirst_seen_ms\x18\x05 \x01(\x03\x12\x14\n\x0clast_seen_ms\x18\x06 \x01(\x03\x12\x12\n\nheartbeats\x18\x07 \x01(\x04\x12\r\n\x05ttl_s\x18\x08 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xc9\x02\n\x08Snapshot\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1a\n\x12max_proposed_at_ms\x18\x03 \x01(\x03\x12\x34\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32#.raftstate.internal.v1.DeviceRecord\x12\x34\n\nlast_entry\x18\x05 \x01(\x0b\x32 .raftstate.internal.v1.RaftEntry\x12\x34\n\nprev_entry\x18\x06 \x01(\x0b\x32 .raftstate.internal.v1.RaftEntry\x12\x0f\n\x07\x63luster\x18\x07 \x03(\t\x12\x36\n\x0brevocations\x18\x08 \x03(\x0b\x32!.raftstate.internal.v1.Revocation\x12\x14\n\x0c\x64\x65vice_count\x18\t \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#raftstate/internal/v1/storage.proto\x12\x15raftstate.internal.v1\"\xb9\x01\n\x0fHeartbeatRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x46\n\x08reported\x18\x03 \x03(\x0b\x32\x34.raftstate.internal.v1.HeartbeatRecord.ReportedEntry\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x0eHeartbeatBatch\x12\x16\n\x0eproposed_at_ms\x18\x01 \x01(\x03\x12:\n\nheartbeats\x18\x02 \x03(\x0b\x32&.raftstate.internal.v1.HeartbeatRecord\x12\x13\n\x0bmax_devices\x18\x03 \x01(\x04\x12\x17\n\x0fmax_state_bytes\x18\x04 \x01(\x04\"\xe8\x01\n\x0e\x43ontrolCommand\x12\x16\n\x0eproposed_at_ms\x18\x01 \x01(\x03\x12<\n\rdelete_device\x18\x02 \x01(\x0b\x32#.raftstate.internal.v1.DeleteDeviceH\x00\x12:\n\x0crevoke_token\x18\x03 \x01(\x0b\x32\".raftstate.internal.v1.RevokeTokenH\x00\x12>\n\x0e\x65xpire_devices\x18\x04 \x01(\x0b\x32$.raftstate.internal.v1.ExpireDevicesH\x00\x42\x04\n\x02op\"F\n\rExpireDevices\x12\x35\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32$.raftstate.internal.v1.ExpiredDevice\"4\n\rExpiredDevice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\"!\n\x0c\x44\x65leteDevice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"5\n\x0bRevokeToken\x12\x10\n\x08token_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_at_s\x18\x02 \x01(\x03\"4\n\nRevocation\x12\x10\n\x08token_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_at_s\x18\x02 \x01(\x03\"\x86\x02\n\x0c\x44\x65viceRecord\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x43\n\x08reported\x18\x03 \x03(\x0b\x32\x31.raftstate.internal.v1.DeviceRecord.ReportedEntry\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x15\n\rfirst_seen_ms\x18\x05 \x01(\x03\x12\x14\n\x0clast_seen_ms\x18\x06 \x01(\x03\x12\x12\n\nheartbeats\x18\x07 \x01(\x04\x12\r\n\x05ttl_s\x18\x08 \x01(\r\x1a/\n\rReportedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xc9\x02\n\x08Snapshot\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1a\n\x12max_proposed_at_ms\x18\x03 \x01(\x03\x12\x34\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32#.raftstate.internal.v1.DeviceRecord\x12\x34\n\nlast_entry\x18\x05 \x01(\x0b\x32 .raftstate.internal.v1.RaftEntry\x12\x34\n\nprev_entry\x18\x06 \x01(\x0b\x32 .raftstate.internal.v1.RaftEntry\x12\x0f\n\x07\x63luster\x18\x07 \x03(\t\x12\x36\n\x0brevocations\x18\x08 \x03(\x0b\x32!.raftstate.internal.v1.Revocation\x12\x14\n\x0c\x64\x65vice_count\x18\t \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,19 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATBATCH']._serialized_start=251
   _globals['_HEARTBEATBATCH']._serialized_end=397
   _globals['_CONTROLCOMMAND']._serialized_start=400
-  _globals['_CONTROLCOMMAND']._serialized_end=568
-  _globals['_DELETEDEVICE']._serialized_start=570
-  _globals['_DELETEDEVICE']._serialized_end=603
-  _globals['_REVOKETOKEN']._serialized_start=605
-  _globals['_REVOKETOKEN']._serialized_end=658
-  _globals['_REVOCATION']._serialized_start=660
-  _globals['_REVOCATION']._serialized_end=712
-  _globals['_DEVICERECORD']._serialized_start=715
-  _globals['_DEVICERECORD']._serialized_end=977
+  _globals['_CONTROLCOMMAND']._serialized_end=632
+  _globals['_EXPIREDEVICES']._serialized_start=634
+  _globals['_EXPIREDEVICES']._serialized_end=704
+  _globals['_EXPIREDDEVICE']._serialized_start=706
+  _globals['_EXPIREDDEVICE']._serialized_end=758
+  _globals['_DELETEDEVICE']._serialized_start=760
+  _globals['_DELETEDEVICE']._serialized_end=793
+  _globals['_REVOKETOKEN']._serialized_start=795
+  _globals['_REVOKETOKEN']._serialized_end=848
+  _globals['_REVOCATION']._serialized_start=850
+  _globals['_REVOCATION']._serialized_end=902
+  _globals['_DEVICERECORD']._serialized_start=905
+  _globals['_DEVICERECORD']._serialized_end=1167
   _globals['_DEVICERECORD_REPORTEDENTRY']._serialized_start=201
   _globals['_DEVICERECORD_REPORTEDENTRY']._serialized_end=248
-  _globals['_RAFTENTRY']._serialized_start=979
-  _globals['_RAFTENTRY']._serialized_end=1036
-  _globals['_SNAPSHOT']._serialized_start=1039
-  _globals['_SNAPSHOT']._serialized_end=1368
+  _globals['_RAFTENTRY']._serialized_start=1169
+  _globals['_RAFTENTRY']._serialized_end=1226
+  _globals['_SNAPSHOT']._serialized_start=1229
+  _globals['_SNAPSHOT']._serialized_end=1558
 # @@protoc_insertion_point(module_scope)

@@ -38,14 +38,30 @@ class HeartbeatBatch(_message.Message):
     def __init__(self, proposed_at_ms: _Optional[int] = ..., heartbeats: _Optional[_Iterable[_Union[HeartbeatRecord, _Mapping]]] = ..., max_devices: _Optional[int] = ..., max_state_bytes: _Optional[int] = ...) -> None: ...
 
 class ControlCommand(_message.Message):
-    __slots__ = ("proposed_at_ms", "delete_device", "revoke_token")
+    __slots__ = ("proposed_at_ms", "delete_device", "revoke_token", "expire_devices")
     PROPOSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     DELETE_DEVICE_FIELD_NUMBER: _ClassVar[int]
     REVOKE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_DEVICES_FIELD_NUMBER: _ClassVar[int]
     proposed_at_ms: int
     delete_device: DeleteDevice
     revoke_token: RevokeToken
-    def __init__(self, proposed_at_ms: _Optional[int] = ..., delete_device: _Optional[_Union[DeleteDevice, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeToken, _Mapping]] = ...) -> None: ...
+    expire_devices: ExpireDevices
+    def __init__(self, proposed_at_ms: _Optional[int] = ..., delete_device: _Optional[_Union[DeleteDevice, _Mapping]] = ..., revoke_token: _Optional[_Union[RevokeToken, _Mapping]] = ..., expire_devices: _Optional[_Union[ExpireDevices, _Mapping]] = ...) -> None: ...
+
+class ExpireDevices(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[ExpiredDevice]
+    def __init__(self, devices: _Optional[_Iterable[_Union[ExpiredDevice, _Mapping]]] = ...) -> None: ...
+
+class ExpiredDevice(_message.Message):
+    __slots__ = ("device_id", "revision")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    revision: int
+    def __init__(self, device_id: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class DeleteDevice(_message.Message):
     __slots__ = ("device_id",)
