@@ -133,6 +133,43 @@ class PermissionDenied(RaftStateError):
     grpc_code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class OutOfRange(RaftStateError):
+    """A revision outside what this node can serve. Not retriable as is."""
+
+    grpc_code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class RevisionCompacted(OutOfRange):
+    """The requested revision is older than this node's retained history
+    (the event window): list at a retained revision (``oldest_revision`` or
+    later) and watch from there. ErrorInfo metadata: ``oldest_revision``,
+    ``current_revision``."""
+
+    reason = "REVISION_COMPACTED"
+
+    def __init__(self, oldest_revision: int, current_revision: int, message: str = "") -> None:
+        super().__init__(
+            message
+            or f"revision compacted: this node retains revisions {oldest_revision} to "
+            f"{current_revision}; list at a retained revision and watch from there"
+        )
+        self.oldest_revision = oldest_revision
+        self.current_revision = current_revision
+
+
+class FutureRevision(OutOfRange):
+    """The requested revision is newer than this node's store revision.
+    ErrorInfo metadata: ``current_revision``."""
+
+    reason = "FUTURE_REVISION"
+
+    def __init__(self, current_revision: int, message: str = "") -> None:
+        super().__init__(
+            message or f"revision is in the future: this node's revision is {current_revision}"
+        )
+        self.current_revision = current_revision
+
+
 class DecodeError(RaftStateError):
     """Bytes from the log or a snapshot could not be decoded."""
 
@@ -163,6 +200,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RaftStateError]] = {
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
 }
 
 
