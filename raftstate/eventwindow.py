@@ -12,12 +12,18 @@ record gives its state at any retained revision (raftstate/atrevision.py),
 and a watcher replays ``range(start, latest)``.
 
 * Written on the tick thread during apply, read from any thread: the events
-  live in a dict keyed by revision, and single dict operations are atomic
-  under the GIL. The table inserts an event BEFORE it stores the new record,
+  live in a list indexed by ``revision - base``; the (base, list) pair is
+  replaced as one object, and single list operations are atomic under the
+  GIL. The table inserts an event BEFORE it stores the new record,
   so a reader that sees a record at revision X finds event X (until trimmed).
 * Bounded by count (``max_events``) and age (``max_age_ms`` of log time,
   the entries' ``proposed_at_ms``, so every node trims the same events):
   :meth:`trim` runs after each applied entry.
+* Events are stored as plain tuples (:data:`EventTuple`) and handed out as
+  :class:`Event`: a plain tuple of strings, bytes and ints is untracked by
+  the cyclic GC after its first collection, so 100,000 retained events add
+  nothing to the full collections that stall the tick thread, and building
+  one costs a tuple, not a Python-level ``__new__``.
 * Memory (:meth:`stats`): a record kept alive only by the window is an
   event's ``before`` (its ``after`` is the table's record or the next
   event's ``before``); that plus a measured per-event overhead.
@@ -67,12 +73,14 @@ class Event(NamedTuple):
     time_ms: int
 
 
+#: An event as stored: the fields of :class:`Event`, in order.
+EventTuple = tuple[int, str, int, bytes | None, bytes | None, int, int]
+_as_event = tuple.__new__
+
 #: Bytes an event costs besides its ``before`` record: the tuple (7 slots),
-#: its revision / prev_rev / time int objects and a dict slot (measured in
-#: tests/test_eventwindow.py).
-EVENT_OVERHEAD_BYTES = (
-    sys.getsizeof(Event(0, "", 0, None, None, 0, 0)) + 3 * sys.getsizeof(2**40) + 48
-)
+#: its revision / prev_rev / time int objects and a list slot (checked
+#: against tracemalloc in tests/test_eventwindow.py).
+EVENT_OVERHEAD_BYTES = sys.getsizeof((0, "", 0, None, None, 0, 0)) + 3 * sys.getsizeof(2**40) + 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +98,13 @@ class WindowStats:
 class EventWindow:
     """The retained events ``oldest..latest`` (module docstring). Writes on
     the tick thread; :meth:`get`, :meth:`range`, :meth:`stats` and the
-    ``oldest``/``latest`` attributes from any thread."""
+    ``oldest``/``latest`` attributes from any thread.
+
+    Storage: a list of event tuples and the revision of its first slot,
+    replaced together as one tuple (``_store``), so a reader on another
+    thread always indexes a consistent pair. Trimming only raises ``oldest``;
+    the slots before it are cut off in one slice per :data:`COMPACT_EVERY`
+    trimmed events (memory holds at most that many events beyond the window)."""
 
     def __init__(
         self, max_events: int = DEFAULT_MAX_EVENTS, max_age_s: int = DEFAULT_MAX_AGE_S
@@ -99,59 +113,54 @@ class EventWindow:
             raise ValueError("the event window needs max_events >= 1 and max_age_s >= 1")
         self.max_events = max_events
         self.max_age_ms = max_age_s * 1000
-        self._events: dict[int, Event] = {}
+        #: (revision of the list's first slot, the list).
+        self._store: tuple[int, list[EventTuple]] = (1, [])
         #: Oldest retained revision; the window is empty when oldest == latest + 1.
         self.oldest = 1
         #: Newest recorded revision (the table's revision once an entry is applied).
         self.latest = 0
-        self._before_bytes = 0
+        self._before_bytes = 0  # of every event in the list, trimmed or not
         self._listener: Callable[[int], None] | None = None
         self._notified = 0
-        #: Called with each DELETED event trimmed (the table drops its tombstone).
-        self.on_trim: Callable[[Event], None] | None = None
 
     # ---- tick thread ---------------------------------------------------------
 
-    def append(self, event: Event) -> None:
+    def append(self, event: EventTuple) -> None:
         """Record the event of revision ``latest + 1`` (tick thread, before the
         table stores ``event.after``). The caller guarantees contiguity (the
         table checks ``latest`` after each entry; :meth:`append_checked`
         checks each event)."""
-        rev = event[0]
-        self._events[rev] = event
+        self._store[1].append(event)
         before = event[4]
         if before is not None:
             self._before_bytes += len(before) + _BYTES_OVERHEAD
-        self.latest = rev
+        self.latest = event[0]
 
-    def append_checked(self, event: Event) -> None:
+    def append_checked(self, event: EventTuple) -> None:
         """:meth:`append`, raising ``ValueError`` unless the event's revision
         is ``latest + 1``."""
-        if event.revision != self.latest + 1:
-            raise ValueError(f"event revision {event.revision} after {self.latest}")
+        if event[0] != self.latest + 1:
+            raise ValueError(f"event revision {event[0]} after {self.latest}")
         self.append(event)
 
     def trim(self, now_ms: int) -> int:
         """Drop the oldest events past ``max_events`` or older than
         ``max_age_ms`` before ``now_ms`` (log time); return how many."""
-        events = self._events
-        oldest, latest = self.oldest, self.latest
+        base, events = self._store
+        old, latest = self.oldest, self.latest
+        oldest = max(old, latest - self.max_events + 1)
         cutoff = now_ms - self.max_age_ms
-        dropped = 0
-        on_trim = self.on_trim
-        while oldest <= latest:
-            ev = events[oldest]
-            if latest - oldest + 1 <= self.max_events and ev.time_ms >= cutoff:
-                break
-            del events[oldest]
+        while oldest <= latest and events[oldest - base][6] < cutoff:
             oldest += 1
-            self.oldest = oldest  # readers never see a missing event inside the range
-            if ev.before is not None:
-                self._before_bytes -= len(ev.before) + _BYTES_OVERHEAD
-            if ev.kinds & KIND_DELETED and on_trim is not None:
-                on_trim(ev)
-            dropped += 1
-        return dropped
+        if oldest == old:
+            return 0
+        self.oldest = oldest
+        cut = oldest - base
+        if cut >= COMPACT_EVERY or cut == len(events):
+            dropped = events[:cut]
+            self._before_bytes -= sum(len(e[4]) + _BYTES_OVERHEAD for e in dropped if e[4])
+            self._store = (oldest, events[cut:])
+        return oldest - old
 
     def notify(self) -> None:
         """Tick thread, after an applied entry: call the listener if events
@@ -166,7 +175,7 @@ class EventWindow:
     def reset(self, revision: int) -> None:
         """Forget every event: the table was replaced at ``revision`` (a
         snapshot install); the next event is ``revision + 1``."""
-        self._events = {}
+        self._store = (revision + 1, [])
         self._before_bytes = 0
         self.latest = revision
         self.oldest = revision + 1
@@ -181,39 +190,42 @@ class EventWindow:
 
     def get(self, revision: int) -> Event | None:
         """The event of ``revision``, or ``None`` if not retained."""
-        return self._events.get(revision)
+        if revision < self.oldest:
+            return None
+        base, events = self._store
+        i = revision - base
+        if 0 <= i < len(events):
+            return _as_event(Event, events[i])
+        return None
 
     def range(self, start: int, end: int) -> list[Event]:
         """Retained events with ``start <= revision <= end``, in order and
         contiguous. If part of the range is (or gets, while this reads)
         trimmed, the result starts after ``start``: a caller that needs
         ``start`` compares ``result[0].revision`` (or ``oldest``) with it."""
-        events = self._events
-        out: list[Event] = []
-        rev = max(start, self.oldest)
-        end = min(end, self.latest)
-        while rev <= end:
-            ev = events.get(rev)
-            if ev is None:
-                if rev < self.oldest:  # trimmed while we read: skip ahead
-                    rev = self.oldest
-                    out.clear()
-                    continue
-                break
-            out.append(ev)
-            rev += 1
-        return out
+        start = max(start, self.oldest)
+        base, events = self._store
+        end = min(end, base + len(events) - 1)
+        if end < start:
+            return []
+        return [_as_event(Event, ev) for ev in events[start - base : end - base + 1]]
 
     def __len__(self) -> int:
-        return len(self._events)
+        return max(0, self.latest - self.oldest + 1)
 
     def stats(self) -> WindowStats:
-        """Counts and approximate memory (module docstring)."""
-        n = len(self._events)
+        """Counts and approximate memory (module docstring): every event still
+        held, including up to :data:`COMPACT_EVERY` trimmed ones not yet cut."""
+        base, events = self._store
         return WindowStats(
-            n, self._before_bytes + n * EVENT_OVERHEAD_BYTES, self.oldest, self.latest
+            len(self),
+            self._before_bytes + len(events) * EVENT_OVERHEAD_BYTES,
+            self.oldest,
+            self.latest,
         )
 
 
+#: Trimmed events are cut from the list in slices of at least this many.
+COMPACT_EVERY = 4096
 #: A ``bytes`` object's header (its payload is ``len``).
 _BYTES_OVERHEAD = sys.getsizeof(b"")

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -69,7 +70,6 @@ from raftstate.eventwindow import (
     KIND_OFFLINE,
     KIND_ONLINE,
     KIND_REPORTED_CHANGED,
-    Event,
     EventWindow,
 )
 from raftstate.internal.v1 import storage_pb2
@@ -110,7 +110,8 @@ class DeviceTable:
         self.last_entry_ms = 0
         #: One event per revision (raftstate/eventwindow.py).
         self.window = window if window is not None else EventWindow()
-        self.window.on_trim = self._on_trim
+        #: The deletes still in the window, oldest first: (revision, device id).
+        self._deletes: deque[tuple[int, str]] = deque()
         #: Devices deleted within the window: id -> the delete's revision
         #: (reads at a revision, raftstate/atrevision.py). Replaced, never
         #: mutated in place by more than one dict operation at a time.
@@ -185,12 +186,15 @@ class DeviceTable:
         window = self.window
         if window.latest != self.revision:  # cannot happen: one event per revision
             raise AssertionError(f"window at {window.latest}, table at {self.revision}")
-        window.trim(now_ms)
+        if window.trim(now_ms):
+            deletes, oldest = self._deletes, window.oldest
+            while deletes and deletes[0][0] < oldest:
+                rev, device_id = deletes.popleft()
+                # Its event left the window: so does its tombstone (unless
+                # the device was deleted again since).
+                if self.tombstones.get(device_id) == rev:
+                    del self.tombstones[device_id]
         window.notify()
-
-    def _on_trim(self, ev: Event) -> None:
-        if ev.kinds & KIND_DELETED and self.tombstones.get(ev.device_id) == ev.revision:
-            del self.tombstones[ev.device_id]
 
     def apply_control(self, entry: bytes) -> ControlResult:
         """Apply one ``ControlCommand`` log entry (module docstring). Raises
@@ -237,8 +241,9 @@ class DeviceTable:
             undo[device_id] = old
         head = devicerecord.head(old)
         rev = self.revision + 1
-        self.window.append(Event(rev, device_id, KIND_DELETED, None, old, head[1], now_ms))
+        self.window.append((rev, device_id, KIND_DELETED, None, old, head[1], now_ms))
         self.tombstones[device_id] = rev  # before the record goes: see atrevision
+        self._deletes.append((rev, device_id))
         del self._recs[device_id]
         with self._ids_lock:
             self._ids.discard(device_id)
@@ -264,7 +269,7 @@ class DeviceTable:
             )
             + old[_HEAD_SIZE:]
         )
-        self.window.append(Event(rev, device_id, KIND_OFFLINE, new, old, o_rev, now_ms))
+        self.window.append((rev, device_id, KIND_OFFLINE, new, old, o_rev, now_ms))
         undo = self._undo
         if undo is not None and device_id not in undo:
             undo[device_id] = old
@@ -316,17 +321,8 @@ class DeviceTable:
             self.state_bytes += size
             ttl_s = ttl_s or self.default_ttl_s
             record = _HEAD_PACK(seq, rev, now_ms, now_ms, 1, ttl_s, size, now_ms, 0) + body
-            self.window.append(
-                Event(
-                    rev,
-                    device_id,
-                    _KINDS_NEW,
-                    record,
-                    None,
-                    self.tombstones.get(device_id, 0),
-                    now_ms,
-                )
-            )
+            prev = self.tombstones.get(device_id, 0) if self.tombstones else 0
+            self.window.append((rev, device_id, _KINDS_NEW, record, None, prev, now_ms))
             self._recs[device_id] = record
             with self._ids_lock:
                 self._ids.add(device_id)
@@ -358,7 +354,7 @@ class DeviceTable:
                 )
                 + body
             )
-            self.window.append(Event(rev, device_id, kinds, record, old, o_rev, now_ms))
+            self.window.append((rev, device_id, kinds, record, old, o_rev, now_ms))
             self._recs[device_id] = record
         self.revision = rev
         return HeartbeatResult(rev, False, seq)
@@ -529,6 +525,7 @@ class DeviceTable:
         self._undo = None
         self.window.reset(loaded.revision)
         self.tombstones = {}
+        self._deletes = deque()
         self.revision = loaded.revision
         self.max_proposed_at_ms = loaded.max_proposed_at_ms
         self.state_bytes = loaded.state_bytes

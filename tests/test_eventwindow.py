@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raftstate.eventwindow import (
+    COMPACT_EVERY,
     EVENT_OVERHEAD_BYTES,
     KIND_DELETED,
     KIND_HEARTBEAT,
@@ -85,7 +86,23 @@ def test_stats_count_the_records_only_the_window_keeps() -> None:
     assert s.bytes == 2 * EVENT_OVERHEAD_BYTES + 100 + 33
     w.append(ev(3))
     w.trim(0)
-    assert w.stats().bytes == 2 * EVENT_OVERHEAD_BYTES
+    # Trimmed (not readable) but held until the next cut: still counted.
+    assert w.get(1) is None and w.stats().events == 2
+    assert w.stats().bytes == 3 * EVENT_OVERHEAD_BYTES + 100 + 33
+    for rev in range(4, 4 + COMPACT_EVERY + 2):
+        w.append(ev(rev))
+        w.trim(0)
+    held = len(w._store[1])
+    assert held < 10 and w.stats().bytes == held * EVENT_OVERHEAD_BYTES  # event 1 was cut
+
+
+def test_memory_holds_at_most_compact_every_trimmed_events() -> None:
+    w = EventWindow(max_events=10)
+    for rev in range(1, 3 * COMPACT_EVERY):
+        w.append(ev(rev))
+        w.trim(0)
+        assert len(w._store[1]) <= 10 + COMPACT_EVERY
+        assert w.get(rev) is not None and w.get(rev - 10) is None
 
 
 def test_the_listener_hears_each_entry_that_recorded_events_once() -> None:
