@@ -154,3 +154,36 @@ def from_view(d: DeviceView) -> bytes:
         d.presence_changed_ms,
         0 if d.online else FLAG_OFFLINE,
     )
+
+
+def same_tail(old: bytes, body: bytes, old_seq: int, seq: int) -> bool:
+    """Fast and sufficient (not necessary) test that the stored record
+    ``old`` and the new ``HeartbeatRecord`` ``body`` of the same device carry
+    the same ``reported`` map: the bytes after the seq (reported entries,
+    ttl_s) are equal. Proposers encode maps deterministically (sorted by key,
+    raftstate/batchentry.py), so an unchanged map is equal bytes. Apply uses
+    this; a False is settled exactly, off the apply path, by
+    :func:`same_reported`."""
+    n = body[1]
+    b = 2 + n if n < 0x80 else 3 + (n & 0x7F) + (body[2] << 7)
+    a = HEAD_SIZE + b
+    if old[a] != 0x10 or body[b] != 0x10:  # the seq field does not follow the id
+        return False
+    return old[a + _VARINT_LEN[old_seq.bit_length()] :] == body[b + _VARINT_LEN[seq.bit_length()] :]
+
+
+def same_reported(before: bytes, after: bytes) -> bool:
+    """Whether two stored records of one device carry the same ``reported``
+    map, exactly: both bodies parsed and compared as messages by protobuf
+    (map equality ignores entry order, so bodies from older,
+    non-deterministic proposers compare right too)."""
+    x = storage_pb2.HeartbeatRecord()
+    x.ParseFromString(before[HEAD_SIZE:])
+    y = storage_pb2.HeartbeatRecord()
+    y.ParseFromString(after[HEAD_SIZE:])
+    x.seq = y.seq = x.ttl_s = y.ttl_s = 0
+    return bool(x == y)
+
+
+#: 1 (the seq's tag) + the varint length of a seq of each bit length (seq >= 1).
+_VARINT_LEN = [2] + [1 + 1 + (bits - 1) // 7 for bits in range(1, 65)]

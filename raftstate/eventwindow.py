@@ -19,6 +19,10 @@ and a watcher replays ``range(start, latest)``.
 * Bounded by count (``max_events``) and age (``max_age_ms`` of log time,
   the entries' ``proposed_at_ms``, so every node trims the same events):
   :meth:`trim` runs after each applied entry.
+* REPORTED_CHANGED is exact but settled lazily: apply marks a heartbeat
+  whose map bytes differ (``KIND_REPORTED_MAYBE``); the first read
+  (:meth:`get`, :meth:`range`) compares the two records as messages and
+  stores the settled event back.
 * Events are stored as plain tuples (:data:`EventTuple`) and handed out as
   :class:`Event`: a plain tuple of strings, bytes and ints is untracked by
   the cyclic GC after its first collection, so 100,000 retained events add
@@ -40,12 +44,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from raftstate.devicerecord import same_reported
+
 #: ``Event.kinds`` bits: ``1 << raftstate.v1.EventKind`` value.
 KIND_REPORTED_CHANGED = 1 << 1
 KIND_HEARTBEAT = 1 << 2
 KIND_ONLINE = 1 << 3
 KIND_OFFLINE = 1 << 4
 KIND_DELETED = 1 << 5
+#: Internal, never handed out: the reported map's bytes differ from the
+#: previous record's. Settled into KIND_REPORTED_CHANGED (or nothing) by
+#: :func:`devicerecord.same_reported` when the event is first read, so apply
+#: pays one bytes comparison and the parse happens off the tick thread.
+KIND_REPORTED_MAYBE = 1 << 9
 ALL_KINDS = (
     KIND_REPORTED_CHANGED | KIND_HEARTBEAT | KIND_ONLINE | KIND_OFFLINE | KIND_DELETED
 )
@@ -195,7 +206,10 @@ class EventWindow:
         base, events = self._store
         i = revision - base
         if 0 <= i < len(events):
-            return _as_event(Event, events[i])
+            ev = events[i]
+            if ev[2] & KIND_REPORTED_MAYBE:
+                ev = events[i] = _settle(ev)
+            return _as_event(Event, ev)
         return None
 
     def range(self, start: int, end: int) -> list[Event]:
@@ -208,7 +222,15 @@ class EventWindow:
         end = min(end, base + len(events) - 1)
         if end < start:
             return []
-        return [_as_event(Event, ev) for ev in events[start - base : end - base + 1]]
+        out = []
+        for i in range(start - base, end - base + 1):
+            ev = events[i]
+            if ev[2] & KIND_REPORTED_MAYBE:
+                # Stored back: a list item store is atomic; if the tick thread
+                # cut the list meanwhile, the new list is settled again later.
+                ev = events[i] = _settle(ev)
+            out.append(_as_event(Event, ev))
+        return out
 
     def __len__(self) -> int:
         return max(0, self.latest - self.oldest + 1)
@@ -223,6 +245,15 @@ class EventWindow:
             self.oldest,
             self.latest,
         )
+
+
+def _settle(ev: EventTuple) -> EventTuple:
+    """``ev`` with KIND_REPORTED_MAYBE replaced by the exact answer."""
+    rev, device_id, kinds, after, before, prev_rev, time_ms = ev
+    kinds &= ~KIND_REPORTED_MAYBE
+    if after is not None and before is not None and not same_reported(before, after):
+        kinds |= KIND_REPORTED_CHANGED
+    return (rev, device_id, kinds, after, before, prev_rev, time_ms)
 
 
 #: Trimmed events are cut from the list in slices of at least this many.

@@ -70,11 +70,12 @@ from raftstate.eventwindow import (
     KIND_OFFLINE,
     KIND_ONLINE,
     KIND_REPORTED_CHANGED,
+    KIND_REPORTED_MAYBE,
     EventWindow,
 )
 from raftstate.internal.v1 import storage_pb2
 from raftstate.model import DevicePage, DeviceView, Heartbeat, HeartbeatResult, OnlineFilter
-from raftstate.presence import DeadlineWheel, reported_equal, state_of_record
+from raftstate.presence import DeadlineWheel, state_of_record
 from raftstate.sortedids import SortedIds
 
 
@@ -331,9 +332,9 @@ class DeviceTable:
             self.wheel.add(device_id, now_ms + ttl_s * 1000)
         else:
             ttl_s = ttl_s or o_ttl
-            kinds = KIND_HEARTBEAT
-            if not reported_equal(old, body, o_seq, seq):
-                kinds = _KINDS_CHANGED
+            # Unchanged map: equal bytes. Otherwise the window settles
+            # REPORTED_CHANGED exactly when the event is first read.
+            kinds = KIND_HEARTBEAT if _SAME_TAIL(old, body, o_seq, seq) else _KINDS_MAYBE
             if flags & _OFFLINE:
                 kinds |= KIND_ONLINE
                 flags &= ~_OFFLINE
@@ -538,7 +539,8 @@ _HEAD_PACK = devicerecord.HEAD.pack
 _HEAD_SIZE = devicerecord.HEAD_SIZE
 _OFFLINE = devicerecord.FLAG_OFFLINE
 _KINDS_NEW = KIND_REPORTED_CHANGED | KIND_HEARTBEAT | KIND_ONLINE
-_KINDS_CHANGED = KIND_REPORTED_CHANGED | KIND_HEARTBEAT
+_KINDS_MAYBE = KIND_REPORTED_MAYBE | KIND_HEARTBEAT
+_SAME_TAIL = devicerecord.same_tail
 _MISSING = b""
 
 
