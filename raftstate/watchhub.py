@@ -185,7 +185,9 @@ class WatchHub:
         self.window = window
         self._encode = encode
         self.max_pending = max_pending
-        self.chunk = chunk
+        # A watcher's writer runs between chunks; a chunk larger than the
+        # bound would end even a watcher that keeps up.
+        self.chunk = max(1, min(chunk, max_pending // 2))
         #: Every event up to this revision has been dispatched.
         self.position = window.latest
         self.stats = HubStats()
