@@ -352,6 +352,13 @@ class WatchHub:
                 w.on_ready()
         self.position = max(self.position, new_position)
 
+    def close(self, err: RaftStateError) -> None:
+        """End every watch with ``err`` (the node is shutting down)."""
+        for w in list(self._every()):
+            w.failed = err
+            self.unregister(w)
+            w.on_ready()
+
     def _every(self) -> set[Watcher]:
         out = set(self._all)
         for ws in self._by_id.values():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from watchfakes import Ev, FakeWindow
 
-from raftstate.errors import RevisionCompacted, WatcherTooSlow
+from raftstate.errors import RevisionCompacted, Unavailable, WatcherTooSlow
 from raftstate.watchhub import (
     ALL_KINDS,
     KIND_DELETED,
@@ -281,3 +281,15 @@ def test_notify_from_another_thread_is_coalesced_into_few_runs() -> None:
 
 def test_all_kinds_mask_is_every_event_kind() -> None:
     assert sum(KINDS) == ALL_KINDS
+
+
+def test_close_ends_every_watch_with_the_given_error() -> None:
+    _, hub = make()
+    ws = [hub.register(WatchFilter()), hub.register(WatchFilter(prefix="p"))]
+    woken: list[int] = []
+    for w in ws:
+        w.on_ready = lambda w=w: woken.append(w.id)
+    hub.close(Unavailable("shutting down", "SHUTTING_DOWN"))
+    assert sorted(woken) == sorted(w.id for w in ws) and hub.watchers == 0
+    with pytest.raises(Unavailable):
+        hub.take(ws[0], 10, 100)
