@@ -171,9 +171,9 @@ def test_sdk_watch_resumes_on_another_node_without_loss_or_duplicate(
         t.start()
         try:
             got = [e.revision for e in collect(w, 0)]
-            wait_until(lambda: len(acked) >= 20, 30)
+            wait_until(lambda: len(acked) >= 20, 30, "20 heartbeats")
             cluster.stop_node(follower)  # the node this watch is on
-            wait_until(lambda: len(acked) >= 60, 30)
+            wait_until(lambda: len(acked) >= 60, 30, "60 heartbeats")
         finally:
             stop.set()
             t.join()
@@ -203,12 +203,12 @@ def test_list_then_watch_is_exact(cluster: LocalCluster) -> None:
     t = threading.Thread(target=writer)
     t.start()
     try:
-        wait_until(lambda: len(last) >= 10, 30)
+        wait_until(lambda: len(last) >= 10, 30, "10 writes")
         with client(cluster) as cl:
             listing, w = cl.list_then_watch("t7-", page_size=2)
             with w:
                 state = {d.device_id: d for d in listing.devices}
-                wait_until(lambda: len(last) >= 40, 30)
+                wait_until(lambda: len(last) >= 40, 30, "40 writes")
                 stop.set()
                 t.join()
                 for ev in collect(w, last[-1]):
