@@ -211,7 +211,8 @@ class WatchHub:
         """Add a watcher. ``start_revision`` 0: changes after now; at or
         below the position: catch up from the window first; later: wait.
         Raises ``RevisionCompacted`` when the start is older than the window."""
-        self.advance_all()
+        if self.window.oldest > self.position + 1:
+            self._gap(self.window.oldest - 1)  # not this new watcher's loss
         pos = self.position
         if flt.start_revision == 0:
             w = Watcher(next(self._ids), flt, pos + 1, pos)
