@@ -317,3 +317,26 @@ def test_watch_needs_an_operator_credential_checked_before_anything_else(
             assert w.next(timeout_s=10).revision == ack.revision
     finally:
         c.stop()
+
+
+def test_closing_a_sync_watch_from_another_thread_ends_the_iteration(
+    cluster: LocalCluster,
+) -> None:
+    outcome: list[object] = []
+    with client(cluster) as cl:
+        first = cl.heartbeat("t11-a", {})
+        watch = cl.watch(prefix="t11-", start_revision=first.revision)
+
+        def consume() -> None:
+            try:
+                outcome.extend(ev.revision for ev in watch)
+                outcome.append("ended")
+            except BaseException as err:  # noqa: BLE001 - the outcome is what is checked
+                outcome.append(err)
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        wait_until(lambda: outcome, 10, "the first event")
+        watch.close()  # the reader is blocked in the next read
+        reader.join(10)
+    assert outcome == [first.revision, "ended"]
