@@ -436,6 +436,13 @@ class WatchHub:
                 self._sent(len(out))
                 return out, w.served_through
         pending = w.pending
+        if pending and not out and len(pending) <= max_events:
+            # The usual case: everything queued fits one response.
+            datas = [data for _, data in pending]
+            if sum(map(len, datas)) <= max_bytes:
+                w.served_through = pending[-1][0]
+                pending.clear()
+                out = datas
         while pending and len(out) < max_events:
             rev, data = pending[0]
             if out and size + len(data) > max_bytes:
