@@ -28,7 +28,7 @@ from raftstate.admission import MAX_BATCH_REQUEST_BYTES, MAX_RESPONSE_BYTES
 from raftstate.authn import Authenticator, CertReloader, load_token_keys, server_credentials
 from raftstate.authservice import AuthService
 from raftstate.config import NodeConfig, loopback_if_no_host
-from raftstate.errors import ConfigError
+from raftstate.errors import ConfigError, Unavailable
 from raftstate.eventwindow import EventWindow
 from raftstate.grpcmetrics import GrpcMetrics, GrpcMetricsInterceptor
 from raftstate.health import HealthService, track_health
@@ -48,6 +48,8 @@ from raftstate.v1 import (
     device_pb2,
     device_pb2_grpc,
 )
+from raftstate.watchhub import WatchHub
+from raftstate.watchwire import encode_event
 
 log = logging.getLogger("raftstate.node")
 
@@ -95,6 +97,7 @@ def grpc_server(
         max_streams=cfg.max_streams,
         authenticator=authenticator,
         max_concurrent_batch_rpcs=cfg.max_concurrent_batch_rpcs,
+        max_watchers=cfg.watch_max_watchers,
     )
     services.on_denied = guard.log_denied
     # Our gates (with named errors) trip first; gRPC's own cap is a backstop
@@ -140,6 +143,8 @@ class Node:
         #: ``/metrics`` (None unless ``metrics_listen`` is set).
         self.metrics: MetricsServer | None = None
         self.grpc_metrics = GrpcMetrics()
+        #: Fan-out of committed events to Watch streams (raftstate/watchhub.py).
+        self.hub: WatchHub | None = None
         #: Set (with the exit status) when Raft cannot go on; see RaftNode.set_fatal_handler.
         self.fatal: asyncio.Future[int] | None = None
 
@@ -161,6 +166,7 @@ class Node:
         self.proposer = Proposer(self.cfg, self.raft.propose, loop, clock_ms=self.raft.stamp_ms)
         self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
         services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)
+        services.hub = self.hub = self._watch_hub(loop)
         try:
             self.server, self.guard, health = grpc_server(services, self.grpc_metrics)
             self._bind(self.server)
@@ -181,6 +187,15 @@ class Node:
             self.cfg.data_dir,
             self.cfg.durability,
         )
+
+    def _watch_hub(self, loop: asyncio.AbstractEventLoop) -> WatchHub:
+        """The hub following the table's event window, woken on ``loop``
+        by the window's listener (tick thread)."""
+        window = self.table.window
+        hub = WatchHub(window, encode_event, max_pending=self.cfg.watch_max_pending)
+        hub.attach(loop)
+        window.set_listener(hub.notify)
+        return hub
 
     def _metrics_server(self, services: NodeServices, guard: RpcGuard) -> MetricsServer:
         """``/metrics`` on ``metrics_listen`` (raftstate/metricsserver.py):
@@ -243,12 +258,18 @@ class Node:
             await self._health.enter_graceful_shutdown()
         if self.metrics is not None:
             await self.metrics.close()
+        if self.hub is not None:
+            # Watch streams never end by themselves: end them now (the SDK
+            # resumes elsewhere) rather than after the server's grace period.
+            self.hub.close(Unavailable("this node is shutting down", "SHUTTING_DOWN"))
         if self.server is not None:
             await self.server.stop(grace_s)
         if self.proposer is not None:
             self.proposer.close()
         if self.reads is not None:
             self.reads.close()
+        if self.hub is not None:
+            self.table.window.set_listener(None)
         if self.raft is not None:
             raft, self.raft = self.raft, None
             await asyncio.get_running_loop().run_in_executor(None, raft.destroy_synchronous)

@@ -45,6 +45,7 @@ from raftstate.errors import (
     ResourceExhausted,
     RevisionCompacted,
     Unavailable,
+    WatcherTooSlow,
     from_status,
 )
 
@@ -145,6 +146,9 @@ def encode_details(err: RaftStateError) -> list[any_pb2.Any]:
         info.metadata["leader"] = err.leader_hint
     elif isinstance(err, QuotaExceeded):
         info.metadata["quota"] = err.quota
+    elif isinstance(err, WatcherTooSlow):
+        info.metadata["resume_revision"] = str(err.resume_revision)
+        info.metadata["limit"] = "watch_max_pending"
     elif isinstance(err, ResourceExhausted) and _limit_name(err.message):
         info.metadata["limit"] = _limit_name(err.message)
     elif isinstance(err, RevisionCompacted):
@@ -220,6 +224,8 @@ def decode(
         )
     elif code == grpc.StatusCode.OUT_OF_RANGE and reason == FutureRevision.reason:
         err = FutureRevision(_int(meta.get("current_revision")), message)
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == WatcherTooSlow.reason:
+        err = WatcherTooSlow(_int(meta.get("resume_revision")), message=message)
     else:
         err = from_status(code, message, hint)
     err.reason = reason

@@ -60,6 +60,8 @@ from raftstate.raftnode import SUCCESS, RaftNode, Role
 from raftstate.reads import ReadFailed, ReadIndexDriver
 from raftstate.statemachine import ControlResult, DeviceTable, encode_delete
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
+from raftstate.watchhub import WatchHub
+from raftstate.watchserve import serve_watch, validate_watch
 
 log = logging.getLogger("raftstate.server")
 
@@ -120,6 +122,8 @@ class NodeServices:
         #: Called for each PERMISSION_DENIED a handler decides itself (stream
         #: messages); the node points it at RpcGuard.log_denied.
         self.on_denied: Callable[[str, Identity, PermissionDenied], None] = lambda *a: None
+        #: The node's watch hub (raftstate/watchhub.py); None: Watch is UNAVAILABLE.
+        self.hub: WatchHub | None = None
 
     async def propose_control(self, command: bytes, budget: float, what: str) -> ControlResult:
         """Commit one ``ControlCommand`` (built by ``statemachine.encode_*``)
@@ -553,10 +557,18 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
         validate_device_id(request.device_id)
         consistency = validate_consistency(request.consistency)
         await self.node.read_fence(consistency, self.node.budget(context))
-        revision = self.node.table.revision
-        view = self.node.table.get(request.device_id)
-        if view is None:
-            raise NotFound(f"device_id: {request.device_id!r} has never sent a heartbeat")
+        table = self.node.table
+        at = request.at_revision
+        if at:
+            # RevisionCompacted / FutureRevision (OUT_OF_RANGE) from the table.
+            view, revision = table.get_at(request.device_id, at), at
+            if view is None:
+                raise NotFound(f"device_id: {request.device_id!r} did not exist at revision {at}")
+        else:
+            revision = table.revision
+            view = table.get(request.device_id)
+            if view is None:
+                raise NotFound(f"device_id: {request.device_id!r} does not exist")
         return device_pb2.GetDeviceResponse(device=_device_pb(view), revision=revision)
 
     @_unary
@@ -572,8 +584,11 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
         consistency = validate_consistency(request.consistency)
         after = decode_page_token(request.page_token) if request.page_token else None
         await self.node.read_fence(consistency, self.node.budget(context))
-        revision = self.node.table.revision
-        page = self.node.table.list(prefix=request.prefix, after=after, limit=limit, online=online)
+        at = request.at_revision
+        revision = at or self.node.table.revision
+        page = self.node.table.list(
+            prefix=request.prefix, after=after, limit=limit, online=online, at_revision=at
+        )
         devices = [_device_pb(v) for v in page.devices]
         # Page by bytes too, so a response always fits the message limit: a
         # repeated field costs each device its size plus a tag and a length.
@@ -584,6 +599,19 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
             next_page_token=encode_page_token(next_after) if next_after else "",
             revision=revision,
         )
+
+    async def Watch(  # noqa: N802
+        self, request: device_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Committed changes in revision order, from this node's applied
+        state (raftstate/watchserve.py). Operator or admin. Responses are
+        pre-serialized ``WatchResponse`` bytes (raftstate/watchwire.py)."""
+        flt, progress_s = validate_watch(request, self.node.cfg.watch_progress_ms)
+        hub = self.node.hub
+        if hub is None:
+            raise Unavailable("this node does not serve Watch yet", "NODE_NOT_READY")
+        async for response in serve_watch(hub, flt, progress_s):
+            yield response
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
