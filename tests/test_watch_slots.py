@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 from test_watch_stream import run, serving, stub, until
 from watchfakes import FakeWindow
 
@@ -62,5 +61,3 @@ def test_a_dropped_watcher_that_never_reads_again_gives_its_slot_back() -> None:
             await ch2.close()
 
     run(main)
-
-
