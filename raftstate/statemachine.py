@@ -343,6 +343,10 @@ class DeviceTable:
                 flags &= ~_OFFLINE
                 changed = now_ms
                 self.wheel.add(device_id, (last if last > now_ms else now_ms) + ttl_s * 1000)
+            elif ttl_s < o_ttl:
+                # The wheel's entry may be at a deadline of the old, longer
+                # TTL: make sure one fires by the new one (raftstate/presence.py).
+                self.wheel.shorten(device_id, (last if last > now_ms else now_ms) + ttl_s * 1000)
             self.state_bytes += size - o_size
             record = (
                 _HEAD_PACK(
