@@ -21,7 +21,7 @@ from raftstate.rpcguard import RpcGuard
 from raftstate.sdk import AsyncDeviceClient
 from raftstate.server import DeviceStateService
 from raftstate.statemachine import DeviceTable, encode_batch, encode_delete
-from raftstate.v1 import device_pb2_grpc
+from raftstate.v1 import device_pb2, device_pb2_grpc
 
 
 class _ApplyingTable(DeviceTable):
@@ -94,5 +94,36 @@ def test_list_all_of_an_empty_store_is_empty_at_revision_zero() -> None:
             async with client:
                 listing = await client.list_all("x-")
         assert all(d.revision <= listing.revision for d in listing.devices)
+
+    run(main)
+
+
+class _ApplyingOnGet(DeviceTable):
+    """Runs the queued apply steps when a current read of one device
+    starts: after the handler read the revision, before the record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[Callable[[], object]] = []
+
+    def get(self, device_id: str) -> Any:
+        while self.steps:
+            self.steps.pop(0)()
+        return super().get(device_id)
+
+
+def test_get_reports_a_revision_at_which_the_device_had_the_returned_state() -> None:
+    async def main() -> None:
+        t = _ApplyingOnGet()
+        t.apply(encode_batch([Heartbeat("x", 1, {"v": "old"})], 1))
+        t.steps.append(lambda: t.apply(encode_batch([Heartbeat("x", 2, {"v": "new"})], 2)))
+        async with serving(t) as endpoint:
+            async with grpc.aio.insecure_channel(endpoint) as ch:
+                api = device_pb2_grpc.DeviceStateServiceStub(ch)
+                res = await api.GetDevice(device_pb2.GetDeviceRequest(device_id="x"))
+        device, revision = res.device, res.revision
+        assert device.revision <= revision
+        at = t.get_at("x", revision)
+        assert at is not None and at.reported == device.reported
 
     run(main)
