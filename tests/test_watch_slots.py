@@ -61,3 +61,30 @@ def test_a_dropped_watcher_that_never_reads_again_gives_its_slot_back() -> None:
             await ch2.close()
 
     run(main)
+
+
+def test_the_largest_valid_watch_request_is_served_not_refused() -> None:
+    """1000 ids of 128 characters, every kind, the largest progress interval
+    and start revision: created at once (a start in the future waits)."""
+
+    async def main() -> None:
+        window = FakeWindow()
+        window.append("a")
+        async with serving(window) as s:
+            ch, api = stub(s.port)
+            ids = [f"{i:04d}" + "x" * 124 for i in range(1000)]
+            request = device_pb2.WatchRequest(
+                device_ids=ids,
+                kinds=[1, 2, 3, 4, 5] * 20,
+                progress_interval_ms=2**32 - 1,
+                start_revision=2**64 - 1,
+                prev_device=True,
+            )
+            call = api.Watch(request)
+            first = await call.read()
+            assert first.created and first.revision == 1 and s.hub.watchers == 1
+            call.cancel()
+            await until(lambda: s.hub.watchers == 0 and s.guard.watches.open == 0)
+            await ch.close()
+
+    run(main)
