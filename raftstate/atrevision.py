@@ -29,12 +29,16 @@ describes and stores the record before it raises its revision, adds a
 tombstone before it removes a deleted record, and removes it only after a
 re-created record is stored; so a reader on another thread that checked
 ``R <= revision`` always finds what it needs, or an event trimmed meanwhile
-(RevisionCompacted). Pure functions over the structures passed in.
+(RevisionCompacted). It must look a device up with :func:`current`, and a
+listing must take the tombstones both before and after its id scan: no one
+order of two look-ups is right for both a delete (record first) and a
+re-creation (tombstone first) racing it. Pure functions over the structures
+passed in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from raftstate import devicerecord
 from raftstate.errors import FutureRevision, RevisionCompacted
@@ -48,6 +52,22 @@ def check(window: EventWindow, current: int, revision: int) -> None:
         raise FutureRevision(current)
     if revision < window.oldest - 1:
         raise RevisionCompacted(window.oldest, current)
+
+
+def current(
+    recs: Mapping[str, bytes], tombstones: Mapping[str, int], device_id: str
+) -> tuple[bytes | None, int]:
+    """``(record, tombstone)`` of ``device_id`` for :func:`record_at`, safe
+    against apply on another thread. The record is read first (a delete
+    adds the tombstone before it removes the record, so a record missing
+    here has its tombstone by the next look-up); if neither is there, the
+    tombstone may have gone with a re-creation between the two look-ups,
+    which stored the record before: read the record again."""
+    record = recs.get(device_id)
+    tombstone = tombstones.get(device_id, 0)
+    if record is None and not tombstone:
+        record = recs.get(device_id)
+    return record, tombstone
 
 
 def record_at(
@@ -84,9 +104,14 @@ def page(
     online: OnlineFilter,
     max_scan: int,
     revision: int,
+    early_tombstones: Mapping[str, int] | None = None,
 ) -> DevicePage:
     """One page of a listing at ``revision``. ``ids`` is the table's id
-    window for the page (at most ``max_scan`` ids from the cursor on)."""
+    window for the page (at most ``max_scan`` ids from the cursor on).
+    ``early_tombstones`` is a copy of ``tombstones`` taken before ``ids``
+    was: a device deleted before the scan and re-created after it is in
+    neither ``ids`` nor ``tombstones`` by now, but in that copy (a device
+    deleted after the copy is still in ``ids``, or in ``tombstones``)."""
     cursor = prefix if after is None or after < prefix else after
     inclusive = after is None or after < prefix
     truncated = len(ids) == max_scan
@@ -97,9 +122,12 @@ def page(
             truncated, ceiling = False, None
             break
         live.append(device_id)
+    deleted = set(tombstones)
+    if early_tombstones:
+        deleted.update(early_tombstones)
     dead = [
         d
-        for d in list(tombstones)
+        for d in deleted
         if d.startswith(prefix)
         and (d >= cursor if inclusive else d > cursor)
         and (ceiling is None or d <= ceiling)
@@ -109,7 +137,7 @@ def page(
     last: str | None = None
     for device_id in merged:
         last = device_id
-        record = record_at(recs.get(device_id), tombstones.get(device_id, 0), window, revision)
+        record = record_at(*current(recs, tombstones, device_id), window, revision)
         if record is None:
             continue
         view = devicerecord.view(record)

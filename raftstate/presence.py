@@ -13,7 +13,10 @@ the tick thread.
 * :class:`DeadlineWheel` (every node, local, not replicated): buckets of
   ``bucket_ms`` of log time -> device ids, one entry per online device, added
   when a device becomes online (a heartbeat of an online device does not
-  touch it). :meth:`DeadlineWheel.advance` empties the buckets whose time
+  touch it, unless it shortens the TTL: that deadline is earlier than the
+  entry's, so :meth:`DeadlineWheel.shorten` files one more, tracked, entry,
+  moved earlier by later shortenings: at most two per device).
+  :meth:`DeadlineWheel.advance` empties the buckets whose time
   has passed, re-checking each id against the table: gone or offline ->
   dropped, deadline later (it heartbeated meanwhile) -> re-bucketed, else ->
   the ``due`` set. Work per call is bounded (``budget``), so a million
@@ -65,7 +68,11 @@ class DeadlineWheel:
 
     def __init__(self, bucket_ms: int = DEFAULT_BUCKET_MS) -> None:
         self.bucket_ms = bucket_ms
-        self._buckets: dict[int, list[str]] = {}
+        # A bucket is an ordered set (a dict): an id filed twice under one
+        # key is one entry, and shorten() removes an id in O(1).
+        self._buckets: dict[int, dict[str, None]] = {}
+        #: The second entry of a device whose TTL shrank: id -> its key.
+        self._extra: dict[str, int] = {}
         self._keys: list[int] = []  # heap of the bucket keys in use
         #: Ids whose deadline passed, in the order found (a dict as an ordered set).
         self.due: dict[str, None] = {}
@@ -81,12 +88,32 @@ class DeadlineWheel:
         calls it when a device becomes online. A second entry for an id is
         harmless (both are re-checked; ``due`` is a set)."""
         key = -(-deadline_ms // self.bucket_ms)  # bucket k holds ((k-1)B, kB]
+        self._file(device_id, key)
+
+    def _file(self, device_id: str, key: int) -> None:
         bucket = self._buckets.get(key)
         if bucket is None:
-            self._buckets[key] = [device_id]
+            self._buckets[key] = {device_id: None}
             heapq.heappush(self._keys, key)
         else:
-            bucket.append(device_id)
+            bucket[device_id] = None
+
+    def shorten(self, device_id: str, deadline_ms: int) -> None:
+        """An online device's deadline moved earlier than where its entry
+        may be filed (a heartbeat with a shorter TTL): make sure an entry
+        fires by ``deadline_ms``. Keeps at most one such extra entry per
+        device (moved earlier if need be; re-filed like any other when it
+        fires), so a device alternating TTLs cannot grow the wheel."""
+        key = -(-deadline_ms // self.bucket_ms)
+        old = self._extra.get(device_id)
+        if old is not None:
+            if old <= key:
+                return
+            bucket = self._buckets.get(old)
+            if bucket is not None:
+                bucket.pop(device_id, None)
+        self._extra[device_id] = key
+        self._file(device_id, key)
 
     def discard_due(self, device_id: str) -> None:
         """The device went offline (an expiry applied): no longer due."""
@@ -98,6 +125,7 @@ class DeadlineWheel:
         (after a snapshot install)."""
         self._buckets = {}
         self._keys = []
+        self._extra = {}
         self.due = {}
         self._scan = device_ids
         self._scan_at = 0
@@ -128,17 +156,24 @@ class DeadlineWheel:
             if stop == len(scan):
                 self._scan, self._scan_at = [], 0
         keys, buckets, bucket_ms, due = self._keys, self._buckets, self.bucket_ms, self.due
+        extra = self._extra
         while keys and keys[0] * bucket_ms <= now_ms and work < budget:
             key = keys[0]
             bucket = buckets[key]
             while bucket and work < budget:
-                device_id = bucket.pop()
+                device_id = bucket.popitem()[0]
                 work += 1
+                tracked = extra.get(device_id) == key if extra else False
+                if tracked:
+                    del extra[device_id]
                 deadline = deadline_of(device_id)
                 if deadline is None:
                     continue
                 if deadline > now_ms:  # heartbeated meanwhile: a later bucket
-                    self.add(device_id, deadline)
+                    later = -(-deadline // bucket_ms)
+                    if tracked:  # stays the tracked extra entry
+                        extra[device_id] = later
+                    self._file(device_id, later)
                 else:
                     due[device_id] = None
             if not bucket:

@@ -569,6 +569,9 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
             view = table.get(request.device_id)
             if view is None:
                 raise NotFound(f"device_id: {request.device_id!r} does not exist")
+            # Applied between the two reads: the device had this state at
+            # its own revision (at the earlier one only if unchanged since).
+            revision = max(revision, view.revision)
         return device_pb2.GetDeviceResponse(device=_device_pb(view), revision=revision)
 
     @_unary

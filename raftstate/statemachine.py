@@ -340,6 +340,10 @@ class DeviceTable:
                 flags &= ~_OFFLINE
                 changed = now_ms
                 self.wheel.add(device_id, (last if last > now_ms else now_ms) + ttl_s * 1000)
+            elif ttl_s < o_ttl:
+                # The wheel's entry may be at a deadline of the old, longer
+                # TTL: make sure one fires by the new one (raftstate/presence.py).
+                self.wheel.shorten(device_id, (last if last > now_ms else now_ms) + ttl_s * 1000)
             self.state_bytes += size - o_size
             record = (
                 _HEAD_PACK(
@@ -378,7 +382,7 @@ class DeviceTable:
             return self.get(device_id)
         atrevision.check(self.window, self.revision, revision)
         record = atrevision.record_at(
-            self._recs.get(device_id), self.tombstones.get(device_id, 0), self.window, revision
+            *atrevision.current(self._recs, self.tombstones, device_id), self.window, revision
         )
         return devicerecord.view(record) if record is not None else None
 
@@ -417,8 +421,12 @@ class DeviceTable:
         ids are examined per call; if the scan stops early the page may be
         short but ``next_after`` lets the caller continue. Thread-safe.
         """
+        early: dict[str, int] = {}
         if at_revision:
             atrevision.check(self.window, self.revision, at_revision)
+            # Before the id scan: a device re-created after the scan has
+            # left the tombstones by the time page() reads them.
+            early = self.tombstones.copy()
         with self._ids_lock:
             if after is None or after < prefix:
                 window = self._ids.window(prefix, inclusive=True, limit=max_scan)
@@ -437,6 +445,7 @@ class DeviceTable:
                 online=online,
                 max_scan=max_scan,
                 revision=at_revision,
+                early_tombstones=early,
             )
         out: list[DeviceView] = []
         last: str | None = None

@@ -349,22 +349,34 @@ class AsyncDeviceClient:
         deadline_s: float | None = None,
     ) -> Listing:
         """Every device whose id starts with ``prefix``, all pages read at one
-        revision (the first page's; linearizable). A listing that outlives
-        the nodes' retained history starts over."""
+        revision (linearizable). A listing that outlives the nodes' retained
+        history starts over.
+
+        A current page is read at no single revision: a node reads its
+        revision, then its records while it goes on applying, so the page may
+        hold changes after the revision it reports. So one tiny current page
+        only learns the revision R, and every page, the first too, is read
+        at R (R 0: nothing was ever stored, the listing is empty)."""
         while True:
-            page = await self.list(prefix, page_size=page_size, deadline_s=deadline_s)
-            devices = list(page.devices)
-            revision = page.revision
+            probe = await self.list(prefix, page_size=1, deadline_s=deadline_s)
+            revision = probe.revision
+            if revision == 0:
+                return Listing((), 0)
+            devices: list[Device] = []
+            token = ""
             try:
-                while page.next_page_token:
+                while True:
                     page = await self.list(
                         prefix,
                         page_size=page_size,
-                        page_token=page.next_page_token,
+                        page_token=token,
                         at_revision=revision,
                         deadline_s=deadline_s,
                     )
                     devices.extend(page.devices)
+                    token = page.next_page_token
+                    if not token:
+                        break
             except RevisionCompacted:
                 continue
             return Listing(tuple(devices), revision)
