@@ -39,7 +39,9 @@ def write(call: float, ret: float | None, seq: int, v: str = "x", *, dup: int = 
     )
 
 
-def read(call: float, ret: float, seq: int | None, v: str = "x", *, online: bool = True) -> Operation:
+def read(
+    call: float, ret: float, seq: int | None, v: str = "x", *, online: bool = True
+) -> Operation:
     value = None if seq is None else DeviceValue.of(seq, {"v": v}, online=online)
     return Operation(
         next(_ids), "r", OpKind.READ, "d", None, int(call * MS), int(ret * MS), ReadResult(value)
@@ -242,7 +244,8 @@ def _random_history(rng: random.Random, n: int) -> list[Operation]:
             result = WriteResult(rng.random() < 0.3, rng.choice([value.seq, value.seq, 2, 3]))
             ops.append(Operation(i, "c", OpKind.WRITE, "d", value, call, ret, result))
         elif roll < 0.5:
-            gone = DeleteResult(True, rng.choice([1, 2, 3])) if rng.random() < 0.6 else DeleteResult(False)
+            gone = DeleteResult(rng.random() < 0.6, rng.choice([1, 2, 3]))
+            gone = gone if gone.deleted else DeleteResult(False)
             ops.append(Operation(i, "c", OpKind.DELETE, "d", None, call, ret, gone))
         elif roll < 0.55:
             ops.append(Operation(i, "c", OpKind.DELETE, "d", None, call))
