@@ -55,6 +55,10 @@ DEFAULT_BATCH_RPC_MAX_HEARTBEATS = 1000
 BATCH_RPC_MAX_HEARTBEATS_LIMIT = 10_000
 #: gRPC method path of the batch RPC (its own byte limit and gate).
 BATCH_METHOD = "/raftstate.v1.DeviceStateService/HeartbeatBatch"
+#: gRPC method path of Watch (its own gate, ``watch_max_watchers``) and the
+#: largest WatchRequest: 1,000 device ids of up to 128 characters.
+WATCH_METHOD = "/raftstate.v1.DeviceStateService/Watch"
+MAX_WATCH_REQUEST_BYTES = 256 * 1024
 #: The largest response message a node sends / the SDK accepts.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 #: Encoded bytes of devices per ListDevices page (a quarter of the limit:
@@ -161,7 +165,11 @@ def quota_error(quota: Quota, which: str, device_id: str) -> QuotaExceeded:
 
 def request_byte_limit(method: str) -> int:
     """The most bytes one request message of ``method`` may have."""
-    return MAX_BATCH_REQUEST_BYTES if method == BATCH_METHOD else MAX_REQUEST_BYTES
+    if method == BATCH_METHOD:
+        return MAX_BATCH_REQUEST_BYTES
+    if method == WATCH_METHOD:
+        return MAX_WATCH_REQUEST_BYTES
+    return MAX_REQUEST_BYTES
 
 
 def fit_page(sizes: Iterable[int], budget: int) -> int:

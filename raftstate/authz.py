@@ -137,6 +137,7 @@ METHOD_ACCESS: dict[str, Access] = {
     DEVICE_SERVICE + "GetDevice": Access.DEVICE_READ,
     DEVICE_SERVICE + "ListDevices": Access.OPERATOR,
     DEVICE_SERVICE + "DeleteDevice": Access.OPERATOR,
+    DEVICE_SERVICE + "Watch": Access.OPERATOR,
     CLUSTER_SERVICE + "Status": Access.OPERATOR,
     AUTH_SERVICE + "IssueToken": Access.ADMIN,
     AUTH_SERVICE + "RevokeToken": Access.ADMIN,

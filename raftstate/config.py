@@ -201,6 +201,16 @@ class NodeConfig:
     #: stops reading that stream beyond it (HTTP/2 flow control then holds
     #: the client back). Sent to clients, which keep within it.
     stream_window: int = DEFAULT_STREAM_WINDOW
+    #: Watch streams open at once on this node; more get RESOURCE_EXHAUSTED
+    #: naming this field (a gate of its own, apart from max_streams).
+    watch_max_watchers: int = 10_000
+    #: Events queued for one watcher whose stream is not keeping up; beyond
+    #: it the watch ends with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) and the
+    #: revision to resume from.
+    watch_max_pending: int = 10_000
+    #: How often an idle watcher gets a progress response (its resume point)
+    #: unless its request asks for another interval.
+    watch_progress_ms: int = 5000
     #: Heartbeats one HeartbeatBatch request may carry; more is refused as a
     #: whole with INVALID_ARGUMENT naming ``heartbeats``. Requests are also
     #: limited to 4 MiB (raftstate/admission.py, MAX_BATCH_REQUEST_BYTES).
@@ -425,6 +435,8 @@ class NodeConfig:
             "max_concurrent_rpcs",
             "max_streams",
             "stream_window",
+            "watch_max_watchers",
+            "watch_max_pending",
             "batch_rpc_max_heartbeats",
             "max_concurrent_batch_rpcs",
             "compaction_min_time_s",
@@ -448,6 +460,8 @@ class NodeConfig:
         for name in ("max_devices", "max_state_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative (0 = no limit)")
+        if self.watch_progress_ms < 100:
+            raise ConfigError("watch_progress_ms: must be at least 100")
         if self.batch_max_delay_ms < 0:
             raise ConfigError("batch_max_delay_ms: must not be negative")
         if self.election_timeout_min_ms <= 3 * self.heartbeat_ms:

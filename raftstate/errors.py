@@ -151,6 +151,74 @@ class ConfigError(RaftStateError):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class RevisionCompacted(RaftStateError):
+    """A revision older than the serving node's retained history was asked
+    for (``at_revision`` of a read, ``start_revision`` of a watch).
+    ``oldest_revision`` is the oldest one still retained, ``current_revision``
+    the node's latest. Not retriable as is: list at a retained revision (or
+    the latest) and watch from there."""
+
+    grpc_code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "REVISION_COMPACTED"
+
+    def __init__(self, oldest_revision: int, current_revision: int, message: str = "") -> None:
+        super().__init__(
+            message
+            or f"revision compacted: this node retains revisions {oldest_revision} to "
+            f"{current_revision}; list at a retained revision and watch from there"
+        )
+        self.oldest_revision = oldest_revision
+        self.current_revision = current_revision
+
+
+class FutureRevision(RaftStateError):
+    """A read asked for a revision newer than the serving node has applied."""
+
+    grpc_code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "FUTURE_REVISION"
+
+    def __init__(self, current_revision: int, message: str = "") -> None:
+        super().__init__(
+            message or f"at_revision: newer than this node's current revision {current_revision}"
+        )
+        self.current_revision = current_revision
+
+
+class WatcherTooSlow(ResourceExhausted):
+    """A watch fell more than ``watch_max_pending`` events behind (its reader
+    did not keep up) and was ended. Resume from ``resume_revision``: every
+    matching event before it was delivered. The SDK resumes by itself."""
+
+    reason = "WATCHER_TOO_SLOW"
+
+    def __init__(self, resume_revision: int, max_pending: int = 0, message: str = "") -> None:
+        super().__init__(
+            message
+            or f"watch_max_pending: the watcher fell more than {max_pending} events behind; "
+            f"resume from revision {resume_revision}"
+        )
+        self.resume_revision = resume_revision
+
+
+class ResyncRequired(RaftStateError):
+    """SDK only: a watch cannot resume because no reachable node retains the
+    revision it needs (every one answered ``RevisionCompacted``). List the
+    devices again (``list_then_watch``) and watch from that listing's
+    revision; events between were not seen."""
+
+    grpc_code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "REVISION_COMPACTED"
+
+    def __init__(self, oldest_revision: int, current_revision: int, wanted_revision: int) -> None:
+        super().__init__(
+            f"resync required: revision {wanted_revision} is no longer retained (oldest "
+            f"{oldest_revision}, current {current_revision}); list again and watch from there"
+        )
+        self.oldest_revision = oldest_revision
+        self.current_revision = current_revision
+        self.wanted_revision = wanted_revision
+
+
 LEADER_HINT_KEY = "raftstate-leader"
 QUOTAS = ("max_devices", "max_state_bytes")
 

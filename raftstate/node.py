@@ -47,6 +47,8 @@ from raftstate.v1 import (
     device_pb2,
     device_pb2_grpc,
 )
+from raftstate.watchhub import WatchHub
+from raftstate.watchwire import encode_event
 
 log = logging.getLogger("raftstate.node")
 
@@ -94,6 +96,7 @@ def grpc_server(
         max_streams=cfg.max_streams,
         authenticator=authenticator,
         max_concurrent_batch_rpcs=cfg.max_concurrent_batch_rpcs,
+        max_watchers=cfg.watch_max_watchers,
     )
     services.on_denied = guard.log_denied
     # Our gates (with named errors) trip first; gRPC's own cap is a backstop
@@ -137,6 +140,8 @@ class Node:
         #: ``/metrics`` (None unless ``metrics_listen`` is set).
         self.metrics: MetricsServer | None = None
         self.grpc_metrics = GrpcMetrics()
+        #: Fan-out of committed events to Watch streams (raftstate/watchhub.py).
+        self.hub: WatchHub | None = None
         #: Set (with the exit status) when Raft cannot go on; see RaftNode.set_fatal_handler.
         self.fatal: asyncio.Future[int] | None = None
 
@@ -158,6 +163,7 @@ class Node:
         self.proposer = Proposer(self.cfg, self.raft.propose, loop)
         self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
         services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)
+        services.hub = self.hub = self._watch_hub(loop)
         try:
             self.server, self.guard, health = grpc_server(services, self.grpc_metrics)
             self._bind(self.server)
@@ -178,6 +184,17 @@ class Node:
             self.cfg.data_dir,
             self.cfg.durability,
         )
+
+    def _watch_hub(self, loop: asyncio.AbstractEventLoop) -> WatchHub | None:
+        """The hub following the table's event window, woken on ``loop``
+        by the window's listener (tick thread)."""
+        window: Any = getattr(self.table, "window", None)  # until the window lands
+        if window is None:
+            return None
+        hub = WatchHub(window, encode_event, max_pending=self.cfg.watch_max_pending)
+        hub.attach(loop)
+        window.set_listener(hub.notify)
+        return hub
 
     def _metrics_server(self, services: NodeServices, guard: RpcGuard) -> MetricsServer:
         """``/metrics`` on ``metrics_listen`` (raftstate/metricsserver.py):
@@ -246,6 +263,8 @@ class Node:
             self.proposer.close()
         if self.reads is not None:
             self.reads.close()
+        if self.hub is not None:
+            getattr(self.table, "window").set_listener(None)  # noqa: B009
         if self.raft is not None:
             raft, self.raft = self.raft, None
             await asyncio.get_running_loop().run_in_executor(None, raft.destroy_synchronous)

@@ -36,12 +36,15 @@ from google.rpc import error_details_pb2, status_pb2
 
 from raftstate.errors import (
     LEADER_HINT_KEY,
+    FutureRevision,
     InvalidArgument,
     NotLeader,
     QuotaExceeded,
     RaftStateError,
     ResourceExhausted,
+    RevisionCompacted,
     Unavailable,
+    WatcherTooSlow,
     from_status,
 )
 
@@ -141,6 +144,14 @@ def encode_details(err: RaftStateError) -> list[any_pb2.Any]:
         info.metadata["leader"] = err.leader_hint
     elif isinstance(err, QuotaExceeded):
         info.metadata["quota"] = err.quota
+    elif isinstance(err, RevisionCompacted):
+        info.metadata["oldest_revision"] = str(err.oldest_revision)
+        info.metadata["current_revision"] = str(err.current_revision)
+    elif isinstance(err, FutureRevision):
+        info.metadata["current_revision"] = str(err.current_revision)
+    elif isinstance(err, WatcherTooSlow):
+        info.metadata["resume_revision"] = str(err.resume_revision)
+        info.metadata["limit"] = "watch_max_pending"
     elif isinstance(err, ResourceExhausted) and _limit_name(err.message):
         info.metadata["limit"] = _limit_name(err.message)
     delay = retry_delay_s(err)
@@ -205,11 +216,32 @@ def decode(
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason.startswith("QUOTA_"):
         quota = meta.get("quota") or reason.removeprefix("QUOTA_").lower()
         err = QuotaExceeded(quota, message.partition(": ")[2] or message)
+    elif reason in _REVISION_ERRORS:
+        err = _revision_error(reason, message, meta)
     else:
         err = from_status(code, message, hint)
     err.reason = reason
     err.retry_delay_s = delay
     return err
+
+
+_REVISION_ERRORS = ("REVISION_COMPACTED", "FUTURE_REVISION", "WATCHER_TOO_SLOW")
+
+
+def _revision_error(reason: str, message: str, meta: dict[str, str]) -> RaftStateError:
+    """The typed error of a revision-bearing reason (metadata as numbers)."""
+
+    def num(key: str) -> int:
+        try:
+            return int(meta.get(key, "0"))
+        except ValueError:
+            return 0
+
+    if reason == "REVISION_COMPACTED":
+        return RevisionCompacted(num("oldest_revision"), num("current_revision"), message)
+    if reason == "FUTURE_REVISION":
+        return FutureRevision(num("current_revision"), message)
+    return WatcherTooSlow(num("resume_revision"), message=message)
 
 
 def decode_trailer(

@@ -15,7 +15,8 @@ are registered through :func:`add_guarded`, which wraps each method handler:
    methods are public. The identity goes into ``CURRENT_IDENTITY``.
 2. Before anything else it enters a :class:`~raftstate.admission.Gate`:
    ``max_concurrent_rpcs`` for unary calls, ``max_concurrent_batch_rpcs``
-   for ``HeartbeatBatch``, ``max_streams`` for streaming ones. A full gate
+   for ``HeartbeatBatch``, ``watch_max_watchers`` for ``Watch``,
+   ``max_streams`` for other streaming ones. A full gate
    answers ``RESOURCE_EXHAUSTED`` naming the limit; the request is not
    decoded and nothing is kept.
 3. A request (or stream message) larger than its method's byte limit
@@ -54,7 +55,7 @@ from typing import Any
 
 import grpc
 
-from raftstate.admission import BATCH_METHOD, Gate, request_byte_limit
+from raftstate.admission import BATCH_METHOD, WATCH_METHOD, Gate, request_byte_limit
 from raftstate.authn import CURRENT_IDENTITY, Authenticator
 from raftstate.authz import Access, Identity, authorize, method_access
 from raftstate.errors import (
@@ -102,12 +103,14 @@ class RpcGuard:
         clock: Callable[[], float] = time.monotonic,
         authenticator: Authenticator | None = None,
         max_concurrent_batch_rpcs: int = 32,
+        max_watchers: int = 10_000,
     ) -> None:
         self.unary = Gate("max_concurrent_rpcs", max_concurrent_rpcs, "concurrent unary RPCs")
         self.streams = Gate("max_streams", max_streams, "open streams")
         self.batches = Gate(
             "max_concurrent_batch_rpcs", max_concurrent_batch_rpcs, "HeartbeatBatch calls"
         )
+        self.watches = Gate("watch_max_watchers", max_watchers, "Watch streams")
         self.oversized = 0
         self.bad_requests = 0
         self.unauthenticated = 0
@@ -137,6 +140,8 @@ class RpcGuard:
         gate = self.streams if streaming else self.unary
         if method == BATCH_METHOD:
             gate = self.batches
+        elif method == WATCH_METHOD:
+            gate = self.watches
         if h.unary_unary is not None:
             behavior = h.unary_unary
         elif h.unary_stream is not None:
@@ -168,7 +173,11 @@ class RpcGuard:
             handler = self._generator(method, gate, behavior, request_of, h.request_streaming)
         else:
             handler = self._coroutine(method, gate, behavior, request_of)
-        return make(handler, request_deserializer=None, response_serializer=h.response_serializer)
+        return make(
+            handler,
+            request_deserializer=None,
+            response_serializer=_bytes_or(h.response_serializer),
+        )
 
     def _coroutine(
         self, method: str, gate: Gate, behavior: Callable[..., Any], request_of: Callable[..., Any]
@@ -302,6 +311,21 @@ class RpcGuard:
                 raise err from None
 
         return parse
+
+
+def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """The response serializer, passing ``bytes`` through unchanged: a
+    handler may yield a message it serialized itself (Watch responses are
+    assembled from bytes shared across watchers, raftstate/watchwire.py)."""
+    if serialize is None:
+        return None
+
+    def passthrough(message: Any) -> bytes:
+        if type(message) is bytes:
+            return message
+        return serialize(message)
+
+    return passthrough
 
 
 async def _decoded(raw: AsyncIterator[bytes], parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:

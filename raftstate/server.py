@@ -60,6 +60,8 @@ from raftstate.raftnode import SUCCESS, RaftNode, Role
 from raftstate.reads import ReadFailed, ReadIndexDriver
 from raftstate.statemachine import ControlResult, DeviceTable, encode_delete
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
+from raftstate.watchhub import WatchHub
+from raftstate.watchserve import serve_watch, validate_watch
 
 log = logging.getLogger("raftstate.server")
 
@@ -120,6 +122,8 @@ class NodeServices:
         #: Called for each PERMISSION_DENIED a handler decides itself (stream
         #: messages); the node points it at RpcGuard.log_denied.
         self.on_denied: Callable[[str, Identity, PermissionDenied], None] = lambda *a: None
+        #: The node's watch hub (raftstate/watchhub.py); None: Watch is UNAVAILABLE.
+        self.hub: WatchHub | None = None
 
     async def propose_control(self, command: bytes, budget: float, what: str) -> ControlResult:
         """Commit one ``ControlCommand`` (built by ``statemachine.encode_*``)
@@ -586,6 +590,20 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
             next_page_token=encode_page_token(next_after) if next_after else "",
             revision=revision,
         )
+
+
+    async def Watch(  # noqa: N802
+        self, request: device_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Committed changes in revision order, from this node's applied
+        state (raftstate/watchserve.py). Operator or admin. Responses are
+        pre-serialized ``WatchResponse`` bytes (raftstate/watchwire.py)."""
+        flt, progress_s = validate_watch(request, self.node.cfg.watch_progress_ms)
+        hub = self.node.hub
+        if hub is None:
+            raise Unavailable("this node does not serve Watch yet", "NODE_NOT_READY")
+        async for response in serve_watch(hub, flt, progress_s):
+            yield response
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):

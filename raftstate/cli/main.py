@@ -343,6 +343,10 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
             )
         d.set_defaults(fn=cmd_device, client=True)
 
+    from raftstate.cli.watch import add_watch_parser
+
+    add_watch_parser(sub)
+
     sec = sub.add_parser(
         "secret", help="print a new secret (32 random bytes, URL-safe base64) for a config"
     )

@@ -10,6 +10,14 @@ A gateway sends many devices' heartbeats per call, one result per item:
 >>> results = client.heartbeat_batch([("pump-17", {"temp_c": "21.5"}), ("pump-18", {})])
 >>> [r.ok for r in results]
 
+follows changes, resuming on another node after a failure (no loss, no
+duplicate), or lists then watches for an exact local copy:
+
+>>> with client.watch(prefix="pump-") as watch:
+...     for event in watch:
+...         print(event.revision, event.device_id, sorted(event.kinds))
+>>> listing, watch = client.list_then_watch("pump-")
+
 or pipelines them on one stream:
 
 >>> async with AsyncDeviceClient(endpoints) as client, client.stream() as stream:
@@ -19,6 +27,7 @@ or pipelines them on one stream:
 from raftstate.errors import (
     Cancelled,
     DeadlineExceeded,
+    FutureRevision,
     InvalidArgument,
     NotFound,
     NotLeader,
@@ -26,15 +35,18 @@ from raftstate.errors import (
     QuotaExceeded,
     RaftStateError,
     ResourceExhausted,
+    ResyncRequired,
+    RevisionCompacted,
     Unauthenticated,
     Unavailable,
+    WatcherTooSlow,
 )
 from raftstate.model import Consistency, OnlineFilter
 from raftstate.sdk.client import AsyncDeviceClient
 from raftstate.sdk.credentials import Credentials
 from raftstate.sdk.retry import Backoff
 from raftstate.sdk.stream import HeartbeatStream
-from raftstate.sdk.sync import DeviceClient, SyncHeartbeatStream
+from raftstate.sdk.sync import DeviceClient, SyncHeartbeatStream, SyncWatch
 from raftstate.sdk.types import (
     BatchItem,
     BatchResult,
@@ -42,9 +54,13 @@ from raftstate.sdk.types import (
     DeleteResult,
     Device,
     DevicePage,
+    EventKind,
     HeartbeatAck,
+    Listing,
     MemberStatus,
+    WatchEvent,
 )
+from raftstate.sdk.watch import Watch
 
 __all__ = [
     "AsyncDeviceClient",
@@ -60,9 +76,12 @@ __all__ = [
     "Device",
     "DeviceClient",
     "DevicePage",
+    "EventKind",
+    "FutureRevision",
     "HeartbeatAck",
     "HeartbeatStream",
     "InvalidArgument",
+    "Listing",
     "MemberStatus",
     "NotFound",
     "NotLeader",
@@ -71,7 +90,13 @@ __all__ = [
     "RaftStateError",
     "QuotaExceeded",
     "ResourceExhausted",
+    "ResyncRequired",
+    "RevisionCompacted",
     "SyncHeartbeatStream",
+    "SyncWatch",
     "Unauthenticated",
     "Unavailable",
+    "Watch",
+    "WatchEvent",
+    "WatcherTooSlow",
 ]

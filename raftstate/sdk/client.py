@@ -46,6 +46,7 @@ from raftstate.errors import (
     NotLeader,
     PermissionDenied,
     RaftStateError,
+    RevisionCompacted,
     Unavailable,
 )
 from raftstate.model import (
@@ -67,8 +68,11 @@ from raftstate.sdk.types import (
     DeleteResult,
     Device,
     DevicePage,
+    EventKind,
     HeartbeatAck,
+    Listing,
 )
+from raftstate.sdk.watch import Watch
 from raftstate.v1 import cluster_pb2, cluster_pb2_grpc, device_pb2, device_pb2_grpc
 
 T = TypeVar("T")
@@ -242,11 +246,17 @@ class AsyncDeviceClient:
         device_id: str,
         consistency: Consistency = Consistency.LINEARIZABLE,
         *,
+        at_revision: int = 0,
         deadline_s: float | None = None,
     ) -> Device:
-        """Read one device. Raises ``NotFound`` if it never sent a heartbeat."""
+        """Read one device (as of store revision ``at_revision``, if given).
+        Raises ``NotFound`` if it does not exist (as of that revision),
+        ``RevisionCompacted`` / ``FutureRevision`` for a revision the node
+        does not retain / has not reached."""
         request = device_pb2.GetDeviceRequest(
-            device_id=device_id, consistency=device_pb2.Consistency.ValueType(consistency)
+            device_id=device_id,
+            consistency=device_pb2.Consistency.ValueType(consistency),
+            at_revision=at_revision,
         )
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
@@ -265,15 +275,20 @@ class AsyncDeviceClient:
         page_size: int = 100,
         page_token: str = "",
         consistency: Consistency = Consistency.LINEARIZABLE,
+        at_revision: int = 0,
         deadline_s: float | None = None,
     ) -> DevicePage:
-        """One page of devices in id order; pass ``next_page_token`` back for more."""
+        """One page of devices in id order; pass ``next_page_token`` back for
+        more (and the first page's ``revision`` as ``at_revision`` to see
+        every page as of one revision). Raises ``RevisionCompacted`` /
+        ``FutureRevision`` for a revision the node does not serve."""
         request = device_pb2.ListDevicesRequest(
             prefix=prefix,
             page_size=page_size,
             page_token=page_token,
             filter=device_pb2.OnlineFilter.ValueType(online),
             consistency=device_pb2.Consistency.ValueType(consistency),
+            at_revision=at_revision,
         )
 
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Any:
@@ -295,6 +310,89 @@ class AsyncDeviceClient:
             if not page.next_page_token:
                 return
             token = page.next_page_token
+
+    def watch(
+        self,
+        *,
+        prefix: str = "",
+        device_ids: Sequence[str] = (),
+        kinds: Sequence[EventKind] = (),
+        start_revision: int = 0,
+        prev_device: bool = False,
+        progress_interval_ms: int = 0,
+        retry_s: float = 60.0,
+    ) -> Watch:
+        """Follow committed changes (operator or admin credential): an async
+        iterator of ``WatchEvent`` in revision order, each once, resuming on
+        another endpoint after a failure (raftstate/sdk/watch.py). Use
+        ``async with client.watch(...) as w: async for ev in w``.
+        ``start_revision`` 0: changes from now on. Raises ``ResyncRequired``
+        when no endpoint retains the revision it needs, ``InvalidArgument``
+        naming the field, ``PermissionDenied``; ``Unavailable`` after
+        ``retry_s`` seconds without reaching a node."""
+        return Watch(
+            self,
+            prefix=prefix,
+            device_ids=device_ids,
+            kinds=kinds,
+            start_revision=start_revision,
+            prev_device=prev_device,
+            progress_interval_ms=progress_interval_ms,
+            retry_s=retry_s,
+        )
+
+    async def list_all(
+        self,
+        prefix: str = "",
+        *,
+        page_size: int = 1000,
+        deadline_s: float | None = None,
+    ) -> Listing:
+        """Every device whose id starts with ``prefix``, all pages read at one
+        revision (the first page's; linearizable). A listing that outlives
+        the nodes' retained history starts over."""
+        while True:
+            page = await self.list(prefix, page_size=page_size, deadline_s=deadline_s)
+            devices = list(page.devices)
+            revision = page.revision
+            try:
+                while page.next_page_token:
+                    page = await self.list(
+                        prefix,
+                        page_size=page_size,
+                        page_token=page.next_page_token,
+                        at_revision=revision,
+                        deadline_s=deadline_s,
+                    )
+                    devices.extend(page.devices)
+            except RevisionCompacted:
+                continue
+            return Listing(tuple(devices), revision)
+
+    async def list_then_watch(
+        self,
+        prefix: str = "",
+        *,
+        kinds: Sequence[EventKind] = (),
+        prev_device: bool = False,
+        page_size: int = 1000,
+        progress_interval_ms: int = 0,
+        retry_s: float = 60.0,
+    ) -> tuple[Listing, Watch]:
+        """The resync helper: every device with ``prefix`` as of one revision
+        R (:meth:`list_all`), and a watch from R + 1. Applying the watch's
+        events to the listing gives exactly the store's state at each event's
+        revision. After ``ResyncRequired``, call it again."""
+        listing = await self.list_all(prefix, page_size=page_size)
+        watch = self.watch(
+            prefix=prefix,
+            kinds=kinds,
+            start_revision=listing.revision + 1,
+            prev_device=prev_device,
+            progress_interval_ms=progress_interval_ms,
+            retry_s=retry_s,
+        )
+        return listing, watch
 
     async def status(self, endpoint: str | None = None, *, timeout_s: float = 2.0) -> ClusterStatus:
         """``ClusterService.Status`` of one node (default: the preferred endpoint).

@@ -24,8 +24,12 @@ from raftstate.sdk.types import (
     DeleteResult,
     Device,
     DevicePage,
+    EventKind,
     HeartbeatAck,
+    Listing,
+    WatchEvent,
 )
+from raftstate.sdk.watch import Watch
 
 T = TypeVar("T")
 
@@ -131,6 +135,45 @@ class DeviceClient:
     def find_leader(self, *, timeout_s: float = 2.0) -> str | None:
         return self._run(self._client.find_leader(timeout_s=timeout_s))
 
+    def watch(
+        self,
+        *,
+        prefix: str = "",
+        device_ids: Sequence[str] = (),
+        kinds: Sequence[EventKind] = (),
+        start_revision: int = 0,
+        prev_device: bool = False,
+        progress_interval_ms: int = 0,
+        retry_s: float = 60.0,
+    ) -> SyncWatch:
+        """Blocking twin of :meth:`AsyncDeviceClient.watch`: an iterator of
+        ``WatchEvent``; use as ``with client.watch(...) as w: for ev in w``."""
+        watch = self._run(
+            _make_watch(
+                self._client,
+                dict(
+                    prefix=prefix,
+                    device_ids=device_ids,
+                    kinds=kinds,
+                    start_revision=start_revision,
+                    prev_device=prev_device,
+                    progress_interval_ms=progress_interval_ms,
+                    retry_s=retry_s,
+                ),
+            )
+        )
+        return SyncWatch(self._loop, watch)
+
+    def list_all(self, prefix: str = "", *, page_size: int = 1000) -> Listing:
+        return self._run(self._client.list_all(prefix, page_size=page_size))
+
+    def list_then_watch(
+        self, prefix: str = "", **kwargs: Any
+    ) -> tuple[Listing, SyncWatch]:
+        """Blocking twin of :meth:`AsyncDeviceClient.list_then_watch`."""
+        listing, watch = self._run(self._client.list_then_watch(prefix, **kwargs))
+        return listing, SyncWatch(self._loop, watch)
+
     def stream(
         self, *, max_in_flight: int = 256, endpoint: str | None = None
     ) -> SyncHeartbeatStream:
@@ -139,6 +182,60 @@ class DeviceClient:
             self._loop,
             self._run(_make_stream(self._client, max_in_flight, endpoint)),
         )
+
+
+class SyncWatch:
+    """A :class:`~raftstate.sdk.watch.Watch` iterated from a thread. Same
+    events, resumes and errors; ``revision`` is the resume point."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, watch: Watch) -> None:
+        self._loop = loop
+        self._watch = watch
+
+    @property
+    def revision(self) -> int:
+        return self._watch.revision
+
+    @property
+    def resumes(self) -> int:
+        return self._watch.resumes
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        return self
+
+    def __next__(self) -> WatchEvent:
+        try:
+            return asyncio.run_coroutine_threadsafe(_next_event(self._watch), self._loop).result()
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def next(self, timeout_s: float | None = None) -> WatchEvent:
+        """The next event; ``TimeoutError`` if none comes within ``timeout_s``
+        (the watch stays usable)."""
+        fut = asyncio.run_coroutine_threadsafe(_next_event(self._watch), self._loop)
+        try:
+            return fut.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"no event within {timeout_s} s") from None
+
+    def __enter__(self) -> SyncWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the watch. Idempotent."""
+        self._loop.call_soon_threadsafe(self._watch.close)
+
+
+async def _next_event(watch: Watch) -> WatchEvent:
+    return await anext(watch)
+
+
+async def _make_watch(client: AsyncDeviceClient, options: dict[str, Any]) -> Watch:
+    return client.watch(**options)
 
 
 class SyncHeartbeatStream:

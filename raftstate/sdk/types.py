@@ -3,6 +3,7 @@ at the boundary with ``from_proto``."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -192,3 +193,51 @@ class ClusterStatus:
             catching_up=s.catching_up,
             journal_bytes=s.journal_bytes,
         )
+
+
+class EventKind(enum.IntEnum):
+    """What a committed change was (``raftstate.v1.EventKind``). One event
+    may be several kinds (a heartbeat from an offline device is HEARTBEAT
+    and ONLINE)."""
+
+    REPORTED_CHANGED = 1
+    HEARTBEAT = 2
+    ONLINE = 3
+    OFFLINE = 4
+    DELETED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One committed change to one device, as a watch delivers it.
+    ``device`` is the state after it (``None`` when deleted);
+    ``prev_device`` the state before it, when the watch asked for it and the
+    device existed."""
+
+    revision: int
+    device_id: str
+    kinds: frozenset[EventKind]
+    device: Device | None
+    prev_device: Device | None
+    time_ms: int
+
+    @classmethod
+    def from_proto(cls, ev: device_pb2.Event) -> WatchEvent:
+        return cls(
+            ev.revision,
+            ev.device_id,
+            frozenset(EventKind(k) for k in ev.kinds if 1 <= k <= 5),
+            Device.from_proto(ev.device) if ev.HasField("device") else None,
+            Device.from_proto(ev.prev_device) if ev.HasField("prev_device") else None,
+            ev.time_ms,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Every matching device as of one store ``revision`` (all pages read at
+    that revision); :meth:`AsyncDeviceClient.list_then_watch` then watches
+    from ``revision + 1``, so the listing plus the events is exact."""
+
+    devices: tuple[Device, ...]
+    revision: int
