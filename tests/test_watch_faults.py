@@ -47,7 +47,7 @@ from cluster.netns import NetnsLab, available
 from raftstate.config import NodeConfig
 from raftstate.errors import ResyncRequired
 from raftstate.latency import percentile
-from raftstate.sdk import DeviceClient, EventKind
+from raftstate.sdk import DeviceClient, EventKind, WatchEvent
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -92,8 +92,11 @@ def lab_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab
 
 
 def _progress(w: PresenceWorkload, more: int, what: str, timeout_s: float = 40.0) -> None:
-    target = w.completed + more
-    wait_until(lambda: w.completed >= target, timeout_s, f"{more} more operations {what}")
+    """Wait for ``more`` acknowledged heartbeats and deletes."""
+    target = w.writes_ok + w.deletes_ok + more
+    wait_until(
+        lambda: w.writes_ok + w.deletes_ok >= target, timeout_s, f"{more} more writes {what}"
+    )
 
 
 def _new_leader(cluster: LocalCluster, old: str) -> str:
@@ -106,26 +109,23 @@ def _new_leader(cluster: LocalCluster, old: str) -> str:
     return wait_until(found, 30, "a new leader among the others")  # type: ignore[no-any-return]
 
 
-def _catch_up(endpoint: str, revision: int) -> list[object]:
-    """The prefix's events on one node from its oldest retained revision
-    through ``revision``, by a fresh watch pinned to that node."""
+def _catch_up(endpoint: str, sentinel: int) -> list[WatchEvent]:
+    """The prefix's events on one node from its oldest retained revision up
+    to the ``sentinel`` revision (excluded), by a fresh watch pinned to that
+    node."""
     with DeviceClient([endpoint], prefer_leader=False) as client:
         start = 1
         while True:
+            events: list[WatchEvent] = []
             try:
                 with client.watch(prefix=PREFIX, start_revision=start, prev_device=True,
                                   progress_interval_ms=200, retry_s=10) as w:
-                    events = []
-                    deadline = time.monotonic() + 30
-                    while w.revision < revision:
-                        assert time.monotonic() < deadline, f"catch-up on {endpoint} stuck"
-                        try:
-                            events.append(w.next(timeout_s=1.0))
-                        except TimeoutError:
-                            continue
-                    return [e for e in events if e.revision <= revision]
+                    while not events or events[-1].revision < sentinel:
+                        events.append(w.next(timeout_s=30))
             except ResyncRequired as err:
                 start = err.oldest_revision  # a node that installed a snapshot
+                continue
+            return [e for e in events if e.revision < sentinel]
 
 
 def test_watcher_on_a_follower_sees_every_revision_once_through_kill_partition_pause(
@@ -142,34 +142,35 @@ def test_watcher_on_a_follower_sees_every_revision_once_through_kill_partition_p
         cluster.endpoints, prefix=PREFIX, devices=8, writers=4, ttl_s=1
     ) as w, DeviceClient(cluster.endpoints) as other:
         other.heartbeat("zz-outside", {"k": "v"})  # another prefix: must not be delivered
-        _progress(w, 150, "before the faults")
+        _progress(w, 80, "before the faults")
         # 1. Kill the leader, restart it once a new one leads.
         old = cluster.wait_for_leader()
         cluster.kill_node(old)
         _new_leader(cluster, old)
-        _progress(w, 100, "after the kill")
+        _progress(w, 60, "after the kill")
         cluster.start_node(old)
         # 2. Cut the leader off at the Raft transport (namespaces only).
         if lab is not None:
             old = cluster.wait_for_leader(30)
             lab.isolate(int(old[1:]))
             _new_leader(cluster, old)
-            _progress(w, 100, "during the partition")
+            _progress(w, 60, "during the partition")
             lab.heal()
         # 3. Freeze the leader with SIGSTOP, then let it wake up.
         old = cluster.wait_for_leader(30)
         cluster.signal_node(old, signal.SIGSTOP)
         try:
             _new_leader(cluster, old)
-            _progress(w, 100, "while the old leader is frozen")
+            _progress(w, 60, "while the old leader is frozen")
         finally:
             cluster.signal_node(old, signal.SIGCONT)
-        _progress(w, 100, "after the faults")
+        _progress(w, 60, "after the faults")
         w.stop()
         wait_converged(cluster.endpoints, 60)
         tables = {e: node_states(e, PREFIX) for e in cluster.endpoints}
         final = max(rev for _, rev in tables.values())
         watcher.wait_revision(final, 60)
+        sentinel = watcher.drain(cluster.endpoints, f"{PREFIX}zz-sentinel")
     elapsed = time.monotonic() - started
     events = watcher.events
     print(f"{len(events)} events, {watcher.resumes} resumes, {w.writes_ok} heartbeats, "
@@ -178,13 +179,19 @@ def test_watcher_on_a_follower_sees_every_revision_once_through_kill_partition_p
     for endpoint, (table, _) in tables.items():
         problems += check_final_states(events, table, endpoint)
     problems += check_acked_seen(events, w.acked)
-    through = [e for e in events if e.revision <= final]
     for endpoint in cluster.endpoints:
-        theirs = _catch_up(endpoint, final)
-        start = theirs[0].revision if theirs else final + 1  # type: ignore[attr-defined]
-        mine = summary([e for e in through if e.revision >= start])
-        if summary(theirs) != mine:  # type: ignore[arg-type]
-            problems.append(f"{endpoint}: its own history of {PREFIX!r} differs from the watcher's")
+        theirs = _catch_up(endpoint, sentinel)
+        start = theirs[0].revision if theirs else sentinel
+        mine = summary([e for e in events if e.revision >= start])
+        other = summary(theirs)
+        if other != mine:
+            diff = next((i for i, (a, b) in enumerate(zip(other, mine, strict=False)) if a != b),
+                        min(len(other), len(mine)))
+            problems.append(
+                f"{endpoint}: its own history of {PREFIX!r} ({len(other)} events from "
+                f"{start}) differs from the watcher's ({len(mine)}) at #{diff}: "
+                f"{other[diff:diff + 2]} vs {mine[diff:diff + 2]}"
+            )
     kinds = [k for e in events for k in e.kinds]
     assert kinds.count(EventKind.OFFLINE) >= 3, "the workload should make devices expire"
     assert kinds.count(EventKind.DELETED) >= 3, "the workload should delete devices"
@@ -214,6 +221,8 @@ def test_offline_is_seen_within_ttl_plus_1s_across_a_leader_kill(
     leader = cluster.wait_for_leader()
     order = [cluster.nodes[n].endpoint for n in cluster.nodes if n != leader]
     ids = [f"od-{i:03d}" for i in range(40)]
+    with DeviceClient(cluster.endpoints) as client:
+        client.heartbeat("warm-up", {})  # so the watch's created revision is above 0
     with Watcher(order, "od-", start_revision=0) as watcher:
         wait_until(lambda: watcher.revision > 0, 20, "the watch to be created")
         acked: dict[str, float] = {}
