@@ -66,7 +66,7 @@ WATCH_PHASE_HELP = {
 }
 WATCH_PHASES = tuple(WATCH_PHASE_HELP)
 #: Seconds the watchers keep listening after the writers' window closes.
-DRAIN_S = 2.0
+DRAIN_S = 5.0
 
 
 def add_watch_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,7 +131,7 @@ def latency_phase(
 ) -> LatencyRow:
     procs = max(1, args.procs)
     watchers = args.watchers
-    start_at = time.time() + 4.0 + watchers / 250
+    start_at = time.time() + 6.0 + watchers / 100
     end = start_at + args.warmup + args.duration
     w_specs = []
     first = 0
@@ -201,7 +201,7 @@ def fanout_phase(
     watchers: int,
 ) -> FanoutRow:
     procs = max(1, args.procs)
-    start_at = time.time() + 2.5 + 0.5 * procs + watchers / 250
+    start_at = time.time() + 4.0 + procs + watchers / 100
     end = start_at + args.warmup + args.duration
     watched: list[WatchResult] = []
     if watchers:

@@ -178,6 +178,10 @@ async def _watch_all(spec: WatchSpec) -> WatchResult:
 
     c0 = _cpu_now()
     tasks = [asyncio.create_task(one(spec.first + i)) for i in range(spec.count)]
+    while result.registered < spec.count and time.time() < spec.start_at:
+        await asyncio.sleep(0.05)
+    if result.registered < spec.count:
+        _late(result, f"{spec.count - result.registered} watchers not registered at the start")
     await asyncio.sleep(max(0.0, spec.stop_at - time.time()))
     for t in tasks:
         t.cancel()
@@ -232,6 +236,8 @@ async def _write_all(spec: WriterSpec) -> WriterResult:
         await target.write(device_id(spec.first + i), seq0)
     begin = spec.start_at + spec.warmup_s
     end = begin + spec.duration_s
+    if time.time() > spec.start_at:
+        _late(result, "the writer was not ready at the start (the box is too busy)")
     in_flight: set[asyncio.Task[None]] = set()
 
     async def one(dev: str, seq: int, counted: bool) -> None:
@@ -277,6 +283,11 @@ async def _write_all(spec: WriterSpec) -> WriterResult:
 def run_writer(spec: WriterSpec) -> WriterResult:
     """Entry point of one writer process (picklable for multiprocessing)."""
     return uvloop.run(_write_all(spec))
+
+
+def _late(result: WatchResult | WriterResult, what: str) -> None:
+    result.errors += 1
+    result.error_samples.append(f"late: {what}")
 
 
 def _cpu_now() -> float:
