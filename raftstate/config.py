@@ -241,6 +241,15 @@ class NodeConfig:
     #: single bogus seq (e.g. 2^64-1) cannot turn every later heartbeat of the
     #: device into a duplicate. Counter seqs (small numbers) are unaffected.
     max_seq_ahead_s: int = 86_400
+    #: How early (against the previous leader's clock) a new leader may
+    #: expire a device last seen before its term, whatever its own clock says
+    #: (raftstate/presence.py).
+    max_clock_skew_ms: int = 500
+    #: The event window (Watch history, reads at a revision): at most this
+    #: many events ...
+    watch_history_events: int = 100_000
+    #: ... and none older than this (log time).
+    watch_history_s: int = 600
     #: Deadline for requests that carry none.
     default_request_timeout_ms: int = 5000
     log_level: str = "INFO"
@@ -421,6 +430,12 @@ class NodeConfig:
         self._validate_node_keys(ids)
         if self.max_seq_ahead_s < 1:
             raise ConfigError("max_seq_ahead_s: must be at least 1")
+        if not 0 <= self.max_clock_skew_ms <= 60_000:
+            raise ConfigError("max_clock_skew_ms: must be between 0 and 60000")
+        if not 1 <= self.watch_history_events <= 10_000_000:
+            raise ConfigError("watch_history_events: must be between 1 and 10000000")
+        if not 1 <= self.watch_history_s <= 7 * 24 * 3600:
+            raise ConfigError("watch_history_s: must be between 1 and 604800 (7 days)")
         if not self.data_dir:
             raise ConfigError("data_dir: must not be empty")
         _positive(

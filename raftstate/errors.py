@@ -133,6 +133,43 @@ class PermissionDenied(RaftStateError):
     grpc_code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class OutOfRange(RaftStateError):
+    """A revision outside what this node can serve. Not retriable as is."""
+
+    grpc_code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class RevisionCompacted(OutOfRange):
+    """The requested revision is older than this node's retained history
+    (the event window): list at a retained revision (``oldest_revision`` or
+    later) and watch from there. ErrorInfo metadata: ``oldest_revision``,
+    ``current_revision``."""
+
+    reason = "REVISION_COMPACTED"
+
+    def __init__(self, oldest_revision: int, current_revision: int, message: str = "") -> None:
+        super().__init__(
+            message
+            or f"revision compacted: this node retains revisions {oldest_revision} to "
+            f"{current_revision}; list at a retained revision and watch from there"
+        )
+        self.oldest_revision = oldest_revision
+        self.current_revision = current_revision
+
+
+class FutureRevision(OutOfRange):
+    """The requested revision is newer than this node's store revision.
+    ErrorInfo metadata: ``current_revision``."""
+
+    reason = "FUTURE_REVISION"
+
+    def __init__(self, current_revision: int, message: str = "") -> None:
+        super().__init__(
+            message or f"revision is in the future: this node's revision is {current_revision}"
+        )
+        self.current_revision = current_revision
+
+
 class DecodeError(RaftStateError):
     """Bytes from the log or a snapshot could not be decoded."""
 
@@ -149,39 +186,6 @@ class ConfigError(RaftStateError):
     the field and the rule."""
 
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class RevisionCompacted(RaftStateError):
-    """A revision older than the serving node's retained history was asked
-    for (``at_revision`` of a read, ``start_revision`` of a watch).
-    ``oldest_revision`` is the oldest one still retained, ``current_revision``
-    the node's latest. Not retriable as is: list at a retained revision (or
-    the latest) and watch from there."""
-
-    grpc_code = grpc.StatusCode.OUT_OF_RANGE
-    reason = "REVISION_COMPACTED"
-
-    def __init__(self, oldest_revision: int, current_revision: int, message: str = "") -> None:
-        super().__init__(
-            message
-            or f"revision compacted: this node retains revisions {oldest_revision} to "
-            f"{current_revision}; list at a retained revision and watch from there"
-        )
-        self.oldest_revision = oldest_revision
-        self.current_revision = current_revision
-
-
-class FutureRevision(RaftStateError):
-    """A read asked for a revision newer than the serving node has applied."""
-
-    grpc_code = grpc.StatusCode.OUT_OF_RANGE
-    reason = "FUTURE_REVISION"
-
-    def __init__(self, current_revision: int, message: str = "") -> None:
-        super().__init__(
-            message or f"at_revision: newer than this node's current revision {current_revision}"
-        )
-        self.current_revision = current_revision
 
 
 class WatcherTooSlow(ResourceExhausted):
@@ -231,6 +235,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RaftStateError]] = {
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
 }
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +59,8 @@ ROLES = ("follower", "candidate", "leader")
 class OnlineCounter:
     """Counts online devices with a paged scan (module docstring). Event-loop only."""
 
-    def __init__(
-        self, table: DeviceTable, clock_ms: Callable[[], int], page: int = ONLINE_PAGE
-    ) -> None:
+    def __init__(self, table: DeviceTable, page: int = ONLINE_PAGE) -> None:
         self._table = table
-        self._clock_ms = clock_ms
         self._page = page
         self.value = 0
         self._running: asyncio.Future[int] | None = None
@@ -79,15 +76,10 @@ class OnlineCounter:
         return sum(self._pages())
 
     def _pages(self) -> Iterator[int]:
-        now = self._clock_ms()
         after: str | None = None
         while True:
             page = self._table.list(
-                after=after,
-                limit=self._page,
-                online=OnlineFilter.ONLINE,
-                now_ms=now,
-                max_scan=self._page,
+                after=after, limit=self._page, online=OnlineFilter.ONLINE, max_scan=self._page
             )
             yield len(page.devices)
             if page.next_after is None:

@@ -110,11 +110,16 @@ class DeviceView:
     ttl_s: int
     #: UTF-8 bytes of the id and reported keys and values (the quota measure).
     state_bytes: int = 0
+    #: Committed presence: True from a heartbeat until an expiry commits
+    #: (raftstate/presence.py); the same on every node at a revision.
+    online: bool = True
+    #: Log time (Unix ms) when ``online`` last changed.
+    presence_changed_ms: int = 0
 
-    def online(self, now_ms: int) -> bool:
-        """True while ``now_ms`` (the serving node's clock) is before
-        ``last_seen_ms + ttl_s``."""
-        return now_ms < self.last_seen_ms + self.ttl_s * 1000
+    @property
+    def deadline_ms(self) -> int:
+        """Log time after which the leader may expire the device."""
+        return self.last_seen_ms + self.ttl_s * 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,9 +29,10 @@ from raftstate.authn import Authenticator, CertReloader, load_token_keys, server
 from raftstate.authservice import AuthService
 from raftstate.config import NodeConfig, loopback_if_no_host
 from raftstate.errors import ConfigError
+from raftstate.eventwindow import EventWindow
 from raftstate.grpcmetrics import GrpcMetrics, GrpcMetricsInterceptor
 from raftstate.health import HealthService, track_health
-from raftstate.metrics import NodeCollector, OnlineCounter, now_ms
+from raftstate.metrics import NodeCollector, OnlineCounter
 from raftstate.metricsserver import MetricsServer, TlsContexts
 from raftstate.proposer import Proposer
 from raftstate.raftnode import RaftNode
@@ -127,7 +128,9 @@ class Node:
 
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
-        self.table = DeviceTable(cfg.default_ttl_s)
+        self.table = DeviceTable(
+            cfg.default_ttl_s, EventWindow(cfg.watch_history_events, cfg.watch_history_s)
+        )
         self.raft: RaftNode | None = None
         self.proposer: Proposer | None = None
         self.reads: ReadIndexDriver | None = None
@@ -160,7 +163,7 @@ class Node:
             loop.call_soon_threadsafe(_resolve, fatal, status)
 
         self.raft.set_fatal_handler(on_fatal)
-        self.proposer = Proposer(self.cfg, self.raft.propose, loop)
+        self.proposer = Proposer(self.cfg, self.raft.propose, loop, clock_ms=self.raft.stamp_ms)
         self.reads = ReadIndexDriver(self.raft, loop, resend_after=self.cfg.heartbeat_ms / 1000)
         services = NodeServices(self.cfg, self.table, self.raft, self.proposer, self.reads)
         services.hub = self.hub = self._watch_hub(loop)
@@ -202,7 +205,7 @@ class Node:
         operator role required unless ``auth = "off"``."""
         cfg = self.cfg
         registry = CollectorRegistry(auto_describe=False)
-        online = OnlineCounter(self.table, now_ms)
+        online = OnlineCounter(self.table)
         registry.register(NodeCollector(services, guard, self.grpc_metrics, online, _version()))
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)

@@ -59,13 +59,14 @@ from raftstate.journal import (
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
 from raftstate.nodekeys import load_identity
+from raftstate.presence import DEFAULT_TICK_BUDGET, ClockAnchor, ExpiryPlanner
 from raftstate.prevote import MESSAGE_TYPES as PREVOTE_MESSAGES
 from raftstate.prevote import PREVOTE
 from raftstate.prevotegate import PreVoteGate
 from raftstate.privfile import private_dir
 from raftstate.raftevents import RaftEvents, SnapshotStats
 from raftstate.snapshotter import BackgroundSerializer
-from raftstate.statemachine import ControlResult, DeviceTable, TableCapture
+from raftstate.statemachine import ControlResult, DeviceTable, TableCapture, encode_expire
 from raftstate.tickguard import EXIT_TICK_FAILURES, TickGuard
 from raftstate.tickstats import TickStats
 from raftstate.transport.tcp import CodecTCPTransport
@@ -91,6 +92,14 @@ class Role(enum.IntEnum):
     CANDIDATE = 2
     LEADER = 3
 
+
+#: An expiry entry unanswered this long (ms) is given up: its devices are
+#: re-planned (pysyncobj answers every proposal, but a lost answer must not
+#: leave devices undecided).
+EXPIRY_ANSWER_TIMEOUT_MS = 5_000
+#: A leader whose wall clock differs from the log clock estimate by more than
+#: this logs a warning (the stamps keep log time continuous either way).
+SKEW_WARN_MS = 1_000
 
 #: pysyncobj's FAIL_REASON codes, for callers of :meth:`RaftNode.propose`.
 SUCCESS = FAIL_REASON.SUCCESS
@@ -363,6 +372,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self._reads_handler: MessageHandler | None = None
         self._prevote_gate: PreVoteGate | None = None
         self._reset_guard = ResetGuard()
+        #: Committed presence (raftstate/presence.py): the log clock estimate
+        #: and, on the leader, the expiry planner.
+        self.clock_anchor = ClockAnchor(cfg.max_clock_skew_ms)
+        self.expiry_planner = ExpiryPlanner()
+        self._seen_leader: Any = None
+        self._skew_warned = False
         #: Followers raise their own commit index (raftstate/fastcommit.py).
         self._follower_commit = cfg.follower_commit and fastcommit.enabled(len(cfg.members))
         #: Entries sent / resent per peer raft address this term (leader).
@@ -458,9 +473,85 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         if parsed is None:
             return None
         kind, body = parsed
+        table = self.table
+        result: list[HeartbeatResult] | ControlResult
         if kind is logcommand.Kind.CONTROL:
-            return self.table.apply_control(body)
-        return self.table.apply(body)
+            result = table.apply_control(body)
+        else:
+            result = table.apply(body)
+        self.clock_anchor.observe(table.last_entry_ms, _mono_ms())
+        return result
+
+    # ---- committed presence: the expiry driver (raftstate/presence.py) --------
+
+    def stamp_ms(self) -> int:
+        """``proposed_at_ms`` for an entry this node proposes now: its wall
+        clock, but never below the log clock estimate or the committed log
+        time (raftstate/presence.py). Any thread (reads a few ints)."""
+        return self.clock_anchor.stamp(_mono_ms(), _wall_ms(), self.table.max_proposed_at_ms)
+
+    def clock_skew_ms(self) -> int:
+        """This node's wall clock minus its log clock estimate (Status)."""
+        return self.clock_anchor.skew_ms(_mono_ms(), _wall_ms())
+
+    def _presence_tick(self) -> None:
+        """Tick thread, every tick on every node: follow leadership for the
+        clock anchor, advance the deadline wheel; on the leader, propose
+        expiries (at most ``MAX_INFLIGHT`` entries unanswered)."""
+        anchor, planner, table = self.clock_anchor, self.expiry_planner, self.table
+        wheel = table.wheel
+        mono, wall, committed = _mono_ms(), _wall_ms(), table.max_proposed_at_ms
+        leader = bool(self._isLeader())
+        current = self._SyncObj__raftLeader
+        if leader and not anchor.leader:
+            anchor.become_leader(mono, wall, committed)
+            self._skew_warned = False
+        elif not leader:
+            if anchor.leader:
+                anchor.step_down()
+                planner.give_up(wheel, 0, -1)
+            if current is not self._seen_leader:
+                anchor.leader_changed()
+        self._seen_leader = current
+        now = anchor.stamp(mono, wall, committed)
+        wheel.advance(now, table.deadline_of, DEFAULT_TICK_BUDGET)
+        if not leader:
+            if wheel.due:
+                wheel.recheck_due(now, table.deadline_of, DEFAULT_TICK_BUDGET // 10)
+            return
+        skew = anchor.skew_ms(mono, wall)
+        if abs(skew) > SKEW_WARN_MS and not self._skew_warned:
+            self._skew_warned = True
+            log.warning(
+                "this leader's clock is %d ms %s the previous leader's (estimated); "
+                "expiries are bounded by max_clock_skew_ms = %d",
+                abs(skew),
+                "ahead of" if skew > 0 else "behind",
+                anchor.max_clock_skew_ms,
+            )
+        if planner.inflight:
+            planner.give_up(wheel, now, EXPIRY_ANSWER_TIMEOUT_MS)
+        if not wheel.due or len(planner.inflight) >= planner.max_inflight:
+            return
+        def may_expire(last_seen: int, deadline: int) -> bool:
+            return anchor.may_expire(last_seen, deadline, mono, wall, committed)
+
+        plans = planner.plan(
+            wheel,
+            table.presence_state,
+            may_expire,
+            now,
+            DEFAULT_TICK_BUDGET,
+        )
+        for token, batch in plans:
+            self.propose_control(encode_expire(batch, now), self._expiry_answer(token))
+
+    def _expiry_answer(self, token: int) -> ControlCallback:
+        def answer(result: ControlResult | None, fail_reason: int) -> None:
+            expired = result.expired if fail_reason == SUCCESS and result is not None else None
+            self.expiry_planner.done(token, self.table.wheel, expired)
+
+        return answer
 
     def status(self) -> RaftStatus:
         """Read this node's Raft state. Safe from any thread (a snapshot of
@@ -548,6 +639,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                 raise RuntimeError("injected tick failure (test_fail_ticks_file)")
             with gate.tick() if gate is not None else contextlib.nullcontext():
                 super()._onTick(timeToWait)
+            self._presence_tick()
         except Exception as exc:  # every escape is counted; see TickGuard
             self._on_tick_failure(exc)
             time.sleep(self.cfg.tick_ms / 1000)  # pysyncobj's pause before a retry
@@ -807,6 +899,14 @@ class RaftNode(SyncObj):  # type: ignore[misc]
 
     def is_leader(self) -> bool:
         return bool(self._isLeader())
+
+
+def _mono_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 class _TimedPoller:

@@ -11,7 +11,8 @@ the ``details`` of a stream or batch ack:
   ``SHUTTING_DOWN``, ``NODE_NOT_READY``, ``QUOTA_MAX_DEVICES``,
   ``LIMIT_MAX_PENDING_HEARTBEATS``, ``INVALID_ARGUMENT``, ...) and metadata
   (``leader`` for NOT_LEADER, ``field``, ``quota`` or
-  ``limit`` where they apply);
+  ``limit`` where they apply; ``oldest_revision`` / ``current_revision`` for
+  REVISION_COMPACTED and FUTURE_REVISION);
 * a ``BadRequest`` with one field violation for ``INVALID_ARGUMENT``, naming
   the field exactly as the message does (``seq``, ``heartbeats[3].ttl_s``);
 * a ``RetryInfo`` for retriable ``UNAVAILABLE`` and ``RESOURCE_EXHAUSTED``
@@ -77,6 +78,7 @@ _GENERIC = {
     grpc.StatusCode.DATA_LOSS: "DATA_LOSS",
     grpc.StatusCode.UNAVAILABLE: "UNAVAILABLE",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",
+    grpc.StatusCode.OUT_OF_RANGE: "OUT_OF_RANGE",
 }
 
 
@@ -154,6 +156,11 @@ def encode_details(err: RaftStateError) -> list[any_pb2.Any]:
         info.metadata["limit"] = "watch_max_pending"
     elif isinstance(err, ResourceExhausted) and _limit_name(err.message):
         info.metadata["limit"] = _limit_name(err.message)
+    elif isinstance(err, RevisionCompacted):
+        info.metadata["oldest_revision"] = str(err.oldest_revision)
+        info.metadata["current_revision"] = str(err.current_revision)
+    elif isinstance(err, FutureRevision):
+        info.metadata["current_revision"] = str(err.current_revision)
     delay = retry_delay_s(err)
     if delay is not None:
         seconds = int(delay)

@@ -263,7 +263,7 @@ class NodeServices:
             )
 
 
-def _device_pb(view: DeviceView, now: int) -> device_pb2.Device:
+def _device_pb(view: DeviceView) -> device_pb2.Device:
     return device_pb2.Device(
         device_id=view.device_id,
         seq=view.seq,
@@ -273,7 +273,8 @@ def _device_pb(view: DeviceView, now: int) -> device_pb2.Device:
         last_seen_ms=view.last_seen_ms,
         heartbeats=view.heartbeats,
         ttl_s=view.ttl_s,
-        online=view.online(now),
+        online=view.online,
+        presence_changed_ms=view.presence_changed_ms,
     )
 
 
@@ -560,7 +561,7 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
         view = self.node.table.get(request.device_id)
         if view is None:
             raise NotFound(f"device_id: {request.device_id!r} has never sent a heartbeat")
-        return device_pb2.GetDeviceResponse(device=_device_pb(view, now_ms()), revision=revision)
+        return device_pb2.GetDeviceResponse(device=_device_pb(view), revision=revision)
 
     @_unary
     async def ListDevices(  # noqa: N802
@@ -576,11 +577,8 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
         after = decode_page_token(request.page_token) if request.page_token else None
         await self.node.read_fence(consistency, self.node.budget(context))
         revision = self.node.table.revision
-        now = now_ms()
-        page = self.node.table.list(
-            prefix=request.prefix, after=after, limit=limit, online=online, now_ms=now
-        )
-        devices = [_device_pb(v, now) for v in page.devices]
+        page = self.node.table.list(prefix=request.prefix, after=after, limit=limit, online=online)
+        devices = [_device_pb(v) for v in page.devices]
         # Page by bytes too, so a response always fits the message limit: a
         # repeated field costs each device its size plus a tag and a length.
         n = fit_page((d.ByteSize() + 4 for d in devices), LIST_PAGE_BUDGET_BYTES)

@@ -12,6 +12,9 @@ payload length, payload, SHA-256) whose payload is::
 
 where a record is the table's own stored bytes (raftstate/devicerecord.py),
 so writing is copying references and joining bytes, and reading is slicing.
+Format 3 is the same frame with the records' 60-byte head (committed
+presence: ``presence_changed_ms``, ``flags``); a format-2 file still loads,
+each record upgraded on the way (online, changed at its ``last_seen_ms``).
 
 * :func:`write` runs on a background thread from a
   :class:`~raftstate.statemachine.TableCapture`: it resolves the captured
@@ -41,7 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO
 
-from raftstate import devicerecord
+from raftstate import batchentry, devicerecord
 from raftstate.integrity import SNAPSHOT_MAGIC, CorruptData
 from raftstate.internal.v1 import storage_pb2
 from raftstate.model import RECORD_MAX_BYTES
@@ -51,7 +54,10 @@ from raftstate.statemachine import DeviceTable, LoadedTable, TableCapture
 
 #: Magic of a format-2 snapshot (format 1 used ``integrity.SNAPSHOT_MAGIC``).
 MAGIC_V2 = b"RSSNAP\x00\x03"
-FORMAT = 2
+#: The format written (header ``format``); formats 2 and 3 share the magic.
+FORMAT = 3
+#: Formats the loader reads in a ``MAGIC_V2`` frame.
+FORMATS = (2, 3)
 _HEAD = struct.Struct("<8sQ")
 _U32 = struct.Struct("<I")
 _DIGEST = 32
@@ -253,17 +259,20 @@ class Loader:
                     header.ParseFromString(bytes(view[4 : 4 + n]))
                 except Exception as exc:
                     raise CorruptData(f"snapshot header is not a Snapshot: {exc}") from exc
-                if header.format != FORMAT:
-                    raise CorruptData(f"snapshot header format {header.format} is not {FORMAT}")
+                if header.format not in FORMATS:
+                    raise CorruptData(
+                        f"snapshot header format {header.format} is not one of {FORMATS}"
+                    )
                 self._header = header
                 off = 4 + n
             recs, ids = self._recs, self._ids
             prev = ids[-1] if ids else ""
             unpack = _U32.unpack_from
-            id_at = devicerecord.device_id_of
             append = ids.append
-            low, high = devicerecord.HEAD_SIZE + 3, RECORD_LIMIT
-            tag_at, len_at = devicerecord.HEAD_SIZE, devicerecord.HEAD_SIZE + 1
+            upgrade = self._header.format == 2
+            head_size = devicerecord.HEAD_V2_SIZE if upgrade else devicerecord.HEAD_SIZE
+            low, high = head_size + 3, RECORD_LIMIT
+            tag_at, len_at = head_size, head_size + 1
             state = 0
             while avail - off >= 4:
                 n = unpack(buf, off)[0]
@@ -282,9 +291,11 @@ class Loader:
                         raise CorruptData(f"snapshot record is malformed: {exc}") from exc
                 else:
                     try:
-                        device_id = id_at(record)
+                        device_id = batchentry.id_at(record, head_size)
                     except Exception as exc:
                         raise CorruptData(f"snapshot record is malformed: {exc}") from exc
+                if upgrade:
+                    record = devicerecord.upgrade_v2(record)
                 if device_id <= prev:
                     raise CorruptData(f"snapshot records out of order at {device_id!r}")
                 prev = device_id
@@ -366,6 +377,8 @@ def _load_v1(payload: bytes, digest: bytes) -> Loaded:
                 r.heartbeats,
                 r.ttl_s,
                 size,
+                True,
+                r.last_seen_ms,
             )
         )
     table = LoadedTable(

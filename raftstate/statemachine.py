@@ -60,11 +60,21 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from raftstate import batchentry, devicerecord
+from raftstate import atrevision, batchentry, devicerecord
 from raftstate.admission import Quota, quota_refusal, state_bytes
 from raftstate.errors import DecodeError
+from raftstate.eventwindow import (
+    KIND_DELETED,
+    KIND_HEARTBEAT,
+    KIND_OFFLINE,
+    KIND_ONLINE,
+    KIND_REPORTED_CHANGED,
+    Event,
+    EventWindow,
+)
 from raftstate.internal.v1 import storage_pb2
 from raftstate.model import DevicePage, DeviceView, Heartbeat, HeartbeatResult, OnlineFilter
+from raftstate.presence import DeadlineWheel, reported_equal, state_of_record
 from raftstate.sortedids import SortedIds
 
 
@@ -75,21 +85,38 @@ class ControlResult:
     it (the delete's own revision when one was deleted); ``deleted`` is the
     record a delete removed (for the future watch event)."""
 
-    kind: str  # "delete_device" | "revoke_token" | "" (empty command)
+    kind: str  # "delete_device" | "revoke_token" | "expire_devices" | "" (empty command)
     changed: bool
     revision: int
     device_id: str = ""
     token_id: bytes = b""
     deleted: DeviceView | None = None
+    #: ``expire_devices``: the ids that went offline (the others were not
+    #: online at the given revision any more: a heartbeat or delete won).
+    expired: tuple[str, ...] = ()
 
 
 class DeviceTable:
     """The latest state of every device, plus the store-wide revision."""
 
-    def __init__(self, default_ttl_s: int = 30) -> None:
+    def __init__(
+        self, default_ttl_s: int = 30, window: EventWindow | None = None
+    ) -> None:
         self.default_ttl_s = default_ttl_s
         self.revision = 0
         self.max_proposed_at_ms = 0
+        #: ``proposed_at_ms`` of the last applied entry (the expiry driver's
+        #: clock anchor reads it, raftstate/presence.py).
+        self.last_entry_ms = 0
+        #: One event per revision (raftstate/eventwindow.py).
+        self.window = window if window is not None else EventWindow()
+        self.window.on_trim = self._on_trim
+        #: Devices deleted within the window: id -> the delete's revision
+        #: (reads at a revision, raftstate/atrevision.py). Replaced, never
+        #: mutated in place by more than one dict operation at a time.
+        self.tombstones: dict[str, int] = {}
+        #: Local (not replicated) index of online devices by deadline.
+        self.wheel = DeadlineWheel()
         #: Sum of every device's ``state_bytes`` (the ``max_state_bytes`` measure).
         self.state_bytes = 0
         #: device id -> its record (raftstate/devicerecord.py), never mutated.
@@ -117,24 +144,28 @@ class DeviceTable:
         if batchentry.is_v2(entry):
             now_ms, quota, count = batchentry.decode_head(entry)
             items = list(batchentry.records(entry, count))
+            self.last_entry_ms = now_ms
             if now_ms > self.max_proposed_at_ms:
                 self.max_proposed_at_ms = now_ms
             store = self._store
-            return [
+            results = [
                 store(device_id, seq, ttl_s, size, body, now_ms, quota)
                 for device_id, seq, ttl_s, size, body in items
             ]
+            self._entry_done(now_ms)
+            return results
         batch = storage_pb2.HeartbeatBatch()
         try:
             batch.ParseFromString(entry)
         except Exception as exc:  # protobuf raises its own DecodeError type
             raise DecodeError(f"log entry is not a HeartbeatBatch: {exc}") from exc
         now_ms = batch.proposed_at_ms
+        self.last_entry_ms = now_ms
         if now_ms > self.max_proposed_at_ms:
             self.max_proposed_at_ms = now_ms
         quota = Quota(batch.max_devices, batch.max_state_bytes)
         store = self._store
-        return [
+        results = [
             store(
                 hb.device_id,
                 hb.seq,
@@ -146,6 +177,20 @@ class DeviceTable:
             )
             for hb in batch.heartbeats
         ]
+        self._entry_done(now_ms)
+        return results
+
+    def _entry_done(self, now_ms: int) -> None:
+        """After each applied entry: trim the window, tell its listener."""
+        window = self.window
+        if window.latest != self.revision:  # cannot happen: one event per revision
+            raise AssertionError(f"window at {window.latest}, table at {self.revision}")
+        window.trim(now_ms)
+        window.notify()
+
+    def _on_trim(self, ev: Event) -> None:
+        if ev.kinds & KIND_DELETED and self.tombstones.get(ev.device_id) == ev.revision:
+            del self.tombstones[ev.device_id]
 
     def apply_control(self, entry: bytes) -> ControlResult:
         """Apply one ``ControlCommand`` log entry (module docstring). Raises
@@ -155,14 +200,24 @@ class DeviceTable:
             cmd.ParseFromString(entry)
         except Exception as exc:
             raise DecodeError(f"log entry is not a ControlCommand: {exc}") from exc
-        if cmd.proposed_at_ms > self.max_proposed_at_ms:
-            self.max_proposed_at_ms = cmd.proposed_at_ms
+        now_ms = cmd.proposed_at_ms
+        self.last_entry_ms = now_ms
+        if now_ms > self.max_proposed_at_ms:
+            self.max_proposed_at_ms = now_ms
         op = cmd.WhichOneof("op")
-        now_s = cmd.proposed_at_ms // 1000
+        now_s = now_ms // 1000
         if any(exp < now_s for exp in self.revoked.values()):
             self.revoked = {t: exp for t, exp in self.revoked.items() if exp >= now_s}
         if op == "delete_device":
-            return self._delete(cmd.delete_device.device_id)
+            result = self._delete(cmd.delete_device.device_id, now_ms)
+            self._entry_done(now_ms)
+            return result
+        if op == "expire_devices":
+            expire = self._expire
+            expired = [expire(d.device_id, d.revision, now_ms) for d in cmd.expire_devices.devices]
+            self._entry_done(now_ms)
+            ids = tuple(device_id for device_id in expired if device_id)
+            return ControlResult("expire_devices", bool(ids), self.revision, expired=ids)
         if op == "revoke_token":
             token_id = cmd.revoke_token.token_id
             if token_id in self.revoked:
@@ -173,20 +228,50 @@ class DeviceTable:
             return ControlResult("revoke_token", True, self.revision, token_id=token_id)
         return ControlResult("", False, self.revision)
 
-    def _delete(self, device_id: str) -> ControlResult:
+    def _delete(self, device_id: str, now_ms: int) -> ControlResult:
         old = self._recs.get(device_id)
         if old is None:
             return ControlResult("delete_device", False, self.revision, device_id)
         undo = self._undo
         if undo is not None and device_id not in undo:
             undo[device_id] = old
+        head = devicerecord.head(old)
+        rev = self.revision + 1
+        self.window.append(Event(rev, device_id, KIND_DELETED, None, old, head[1], now_ms))
+        self.tombstones[device_id] = rev  # before the record goes: see atrevision
         del self._recs[device_id]
         with self._ids_lock:
             self._ids.discard(device_id)
-        self.revision += 1
-        self.state_bytes -= devicerecord.head(old)[6]
+        self.revision = rev
+        self.state_bytes -= head[6]
         deleted = devicerecord.view(old)
-        return ControlResult("delete_device", True, self.revision, device_id, deleted=deleted)
+        return ControlResult("delete_device", True, rev, device_id, deleted=deleted)
+
+    def _expire(self, device_id: str, revision: int, now_ms: int) -> str:
+        """One device of an ``ExpireDevices`` entry: offline at a new revision
+        if it exists, is online and is still at ``revision``; else nothing.
+        Returns the id if it went offline, else ``""``."""
+        old = self._recs.get(device_id)
+        if old is None:
+            return ""
+        seq, o_rev, first, last, beats, ttl_s, size, _changed, flags = _HEAD_UNPACK(old)
+        if o_rev != revision or flags & devicerecord.FLAG_OFFLINE:
+            return ""
+        rev = self.revision + 1
+        new = (
+            _HEAD_PACK(
+                seq, rev, first, last, beats, ttl_s, size, now_ms, flags | devicerecord.FLAG_OFFLINE
+            )
+            + old[_HEAD_SIZE:]
+        )
+        self.window.append(Event(rev, device_id, KIND_OFFLINE, new, old, o_rev, now_ms))
+        undo = self._undo
+        if undo is not None and device_id not in undo:
+            undo[device_id] = old
+        self._recs[device_id] = new
+        self.revision = rev
+        self.wheel.discard_due(device_id)
+        return device_id
 
     def quota_refusal(self, quota: Quota, device_id: str, new_bytes: int) -> str | None:
         """The quota (field name) that storing ``new_bytes`` of state for
@@ -211,7 +296,7 @@ class DeviceTable:
         ``size`` its quota measure (``admission.state_bytes``)."""
         old = self._recs.get(device_id)
         if old is not None:
-            o_seq, o_rev, first, last, beats, o_ttl, o_size = _HEAD_UNPACK(old)
+            o_seq, o_rev, first, last, beats, o_ttl, o_size, changed, flags = _HEAD_UNPACK(old)
             if seq <= o_seq:
                 return HeartbeatResult(o_rev, True, o_seq)
         if quota.max_devices or quota.max_state_bytes:
@@ -220,30 +305,63 @@ class DeviceTable:
                 if old is None:
                     return HeartbeatResult(0, False, 0, refused)
                 return HeartbeatResult(o_rev, False, o_seq, refused)
-        self.revision += 1
+        # Event first, then the record, then the revision: a reader that sees
+        # the revision finds the record, and one that sees the record finds
+        # its event (raftstate/atrevision.py).
+        rev = self.revision + 1
         undo = self._undo
         if undo is not None and device_id not in undo:
             undo[device_id] = old
         if old is None:
             self.state_bytes += size
             ttl_s = ttl_s or self.default_ttl_s
-            head = _HEAD_PACK(seq, self.revision, now_ms, now_ms, 1, ttl_s, size)
-            self._recs[device_id] = head + body
+            record = _HEAD_PACK(seq, rev, now_ms, now_ms, 1, ttl_s, size, now_ms, 0) + body
+            self.window.append(
+                Event(
+                    rev,
+                    device_id,
+                    _KINDS_NEW,
+                    record,
+                    None,
+                    self.tombstones.get(device_id, 0),
+                    now_ms,
+                )
+            )
+            self._recs[device_id] = record
             with self._ids_lock:
                 self._ids.add(device_id)
+            if self.tombstones:
+                self.tombstones.pop(device_id, None)
+            self.wheel.add(device_id, now_ms + ttl_s * 1000)
         else:
+            ttl_s = ttl_s or o_ttl
+            kinds = KIND_HEARTBEAT
+            if not reported_equal(old, body, o_seq, seq):
+                kinds = _KINDS_CHANGED
+            if flags & _OFFLINE:
+                kinds |= KIND_ONLINE
+                flags &= ~_OFFLINE
+                changed = now_ms
+                self.wheel.add(device_id, (last if last > now_ms else now_ms) + ttl_s * 1000)
             self.state_bytes += size - o_size
-            head = _HEAD_PACK(
-                seq,
-                self.revision,
-                first,
-                last if last > now_ms else now_ms,
-                beats + 1,
-                ttl_s or o_ttl,
-                size,
+            record = (
+                _HEAD_PACK(
+                    seq,
+                    rev,
+                    first,
+                    last if last > now_ms else now_ms,
+                    beats + 1,
+                    ttl_s,
+                    size,
+                    changed,
+                    flags,
+                )
+                + body
             )
-            self._recs[device_id] = head + body
-        return HeartbeatResult(self.revision, False, seq)
+            self.window.append(Event(rev, device_id, kinds, record, old, o_rev, now_ms))
+            self._recs[device_id] = record
+        self.revision = rev
+        return HeartbeatResult(rev, False, seq)
 
     # ---- reads (any thread) ---------------------------------------------------
 
@@ -255,6 +373,34 @@ class DeviceTable:
         record = self._recs.get(device_id)
         return devicerecord.view(record) if record is not None else None
 
+    def get_at(self, device_id: str, revision: int) -> DeviceView | None:
+        """The device as it was at store ``revision`` (0: now), or ``None``
+        if it did not exist then. Raises ``RevisionCompacted`` /
+        ``FutureRevision`` (raftstate/atrevision.py). Thread-safe."""
+        if revision == 0:
+            return self.get(device_id)
+        atrevision.check(self.window, self.revision, revision)
+        record = atrevision.record_at(
+            self._recs.get(device_id), self.tombstones.get(device_id, 0), self.window, revision
+        )
+        return devicerecord.view(record) if record is not None else None
+
+    def deadline_of(self, device_id: str) -> int | None:
+        """``last_seen_ms + ttl_s`` of an online device; ``None`` if it is
+        gone or offline (the deadline wheel's lookup). Tick thread."""
+        record = self._recs.get(device_id)
+        if record is None:
+            return None
+        head = _HEAD_UNPACK(record)
+        if head[8] & _OFFLINE:
+            return None
+        return int(head[3] + head[5] * 1000)
+
+    def presence_state(self, device_id: str) -> tuple[int, int, int] | None:
+        """``(revision, last_seen_ms, deadline_ms)`` of an online device,
+        ``None`` if gone or offline (the expiry planner's lookup)."""
+        return state_of_record(self._recs.get(device_id))
+
     def list(
         self,
         *,
@@ -262,23 +408,39 @@ class DeviceTable:
         after: str | None = None,
         limit: int = 100,
         online: OnlineFilter = OnlineFilter.ALL,
-        now_ms: int = 0,
         max_scan: int = 10_000,
+        at_revision: int = 0,
     ) -> DevicePage:
         """Return up to ``limit`` devices in id order whose id starts with
-        ``prefix`` and is greater than ``after``.
+        ``prefix`` and is greater than ``after``; with ``at_revision``, as
+        they were at that store revision (raftstate/atrevision.py: raises
+        ``RevisionCompacted`` / ``FutureRevision``).
 
-        ``online`` filters by ``DeviceView.online(now_ms)``. At most
-        ``max_scan`` ids are examined per call; if the scan stops early the
-        page may be short but ``next_after`` lets the caller continue.
-        Thread-safe.
+        ``online`` filters by the committed presence. At most ``max_scan``
+        ids are examined per call; if the scan stops early the page may be
+        short but ``next_after`` lets the caller continue. Thread-safe.
         """
+        if at_revision:
+            atrevision.check(self.window, self.revision, at_revision)
         with self._ids_lock:
             if after is None or after < prefix:
                 window = self._ids.window(prefix, inclusive=True, limit=max_scan)
             else:
                 window = self._ids.window(after, inclusive=False, limit=max_scan)
         recs = self._recs
+        if at_revision:
+            return atrevision.page(
+                window,
+                recs,
+                self.tombstones,
+                self.window,
+                prefix=prefix,
+                after=after,
+                limit=limit,
+                online=online,
+                max_scan=max_scan,
+                revision=at_revision,
+            )
         out: list[DeviceView] = []
         last: str | None = None
         for device_id in window:
@@ -289,9 +451,9 @@ class DeviceTable:
             if record is None:
                 continue
             view = devicerecord.view(record)
-            if online is OnlineFilter.ONLINE and not view.online(now_ms):
+            if online is OnlineFilter.ONLINE and not view.online:
                 continue
-            if online is OnlineFilter.OFFLINE and view.online(now_ms):
+            if online is OnlineFilter.OFFLINE and view.online:
                 continue
             out.append(view)
             if len(out) == limit:
@@ -319,6 +481,8 @@ class DeviceTable:
                         d.last_seen_ms,
                         d.heartbeats,
                         d.ttl_s,
+                        d.online,
+                        d.presence_changed_ms,
                     )
                 ).encode()
             )
@@ -363,14 +527,21 @@ class DeviceTable:
         with self._ids_lock:
             self._ids = loaded.ids
         self._undo = None
+        self.window.reset(loaded.revision)
+        self.tombstones = {}
         self.revision = loaded.revision
         self.max_proposed_at_ms = loaded.max_proposed_at_ms
         self.state_bytes = loaded.state_bytes
         self.revoked = dict(loaded.revoked)
+        self.wheel.rebuild(list(loaded.recs))
 
 
 _HEAD_UNPACK = devicerecord.HEAD.unpack_from
 _HEAD_PACK = devicerecord.HEAD.pack
+_HEAD_SIZE = devicerecord.HEAD_SIZE
+_OFFLINE = devicerecord.FLAG_OFFLINE
+_KINDS_NEW = KIND_REPORTED_CHANGED | KIND_HEARTBEAT | KIND_ONLINE
+_KINDS_CHANGED = KIND_REPORTED_CHANGED | KIND_HEARTBEAT
 _MISSING = b""
 
 
@@ -417,6 +588,16 @@ def encode_delete(device_id: str, proposed_at_ms: int) -> bytes:
     """A ``ControlCommand`` deleting ``device_id`` (already validated)."""
     cmd = storage_pb2.ControlCommand(proposed_at_ms=proposed_at_ms)
     cmd.delete_device.device_id = device_id
+    out: bytes = cmd.SerializeToString()
+    return out
+
+
+def encode_expire(devices: Iterable[tuple[str, int]], proposed_at_ms: int) -> bytes:
+    """A ``ControlCommand`` expiring ``(device_id, revision seen)`` pairs."""
+    cmd = storage_pb2.ControlCommand(proposed_at_ms=proposed_at_ms)
+    add = cmd.expire_devices.devices.add
+    for device_id, revision in devices:
+        add(device_id=device_id, revision=revision)
     out: bytes = cmd.SerializeToString()
     return out
 

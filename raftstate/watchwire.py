@@ -43,7 +43,7 @@ def varint(n: int) -> bytes:
 
 def kinds_of(mask: int) -> list[device_pb2.EventKind]:
     """The EventKind values whose bits are set in ``mask``, ascending."""
-    return [device_pb2.EventKind(k) for k in _KIND_VALUES if mask & (1 << k)]
+    return [device_pb2.EventKind.ValueType(k) for k in _KIND_VALUES if mask & (1 << k)]
 
 
 def device_pb(view: DeviceView, time_ms: int) -> device_pb2.Device:
@@ -57,7 +57,8 @@ def device_pb(view: DeviceView, time_ms: int) -> device_pb2.Device:
         last_seen_ms=view.last_seen_ms,
         heartbeats=view.heartbeats,
         ttl_s=view.ttl_s,
-        online=view.online(time_ms),
+        online=view.online,
+        presence_changed_ms=view.presence_changed_ms,
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raftstate import batchentry
+from raftstate import batchentry, devicerecord
 from raftstate.admission import Quota, state_bytes
 from raftstate.errors import DecodeError
 from raftstate.model import DEVICE_ID_MAX, validate_heartbeat
@@ -85,4 +85,4 @@ def test_the_longest_device_id_round_trips() -> None:
     t.apply(encode_batch([validate_heartbeat(long_id, 3, {"a": "b"}, 0)], 1))
     d = t.get(long_id)
     assert d is not None and d.seq == 3 and d.reported == {"a": "b"}
-    assert batchentry.id_at(t._recs[long_id], 48) == long_id
+    assert batchentry.id_at(t._recs[long_id], devicerecord.HEAD_SIZE) == long_id

@@ -21,7 +21,7 @@ from raftstate.metrics import OnlineCounter
 from raftstate.metricsserver import BadRequest, HttpRequest, decide, parse_request_head, uri_sans
 from raftstate.model import Heartbeat
 from raftstate.raftevents import CANDIDATE, LEADER, RaftEvents, SnapshotStats
-from raftstate.statemachine import DeviceTable, encode_batch
+from raftstate.statemachine import DeviceTable, encode_batch, encode_expire
 
 FOLLOWER = 0
 
@@ -209,7 +209,13 @@ def test_online_count_scans_every_page(online: int, offline: int, page: int) -> 
     hbs += [Heartbeat(f"off-{i:04d}", 1, {}, 1) for i in range(offline)]
     if hbs:
         table.apply(encode_batch(hbs, now - 5_000, Quota(0, 0)))
-    counter = OnlineCounter(table, lambda: now, page=page)
+    gone = []
+    for h in hbs:
+        view = table.get(h.device_id)
+        if h.ttl_s == 1 and view is not None:
+            gone.append((h.device_id, view.revision))
+    table.apply_control(encode_expire(gone, now))
+    counter = OnlineCounter(table, page=page)
     assert counter.count_now() == online
     assert asyncio.run(counter.refresh()) == online == counter.value
 

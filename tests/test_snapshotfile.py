@@ -3,6 +3,8 @@ captured copy-on-write and written/loaded off the tick thread."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import random
 import threading
 from pathlib import Path
@@ -19,7 +21,7 @@ from raftstate.model import REPORTED_MAX_BYTES, DeviceView, Heartbeat
 from raftstate.raftnode import SnapshotCodec
 from raftstate.snapshotter import BackgroundSerializer
 from raftstate.sortedids import SortedIds
-from raftstate.statemachine import DeviceTable, encode_batch
+from raftstate.statemachine import DeviceTable, encode_batch, encode_expire
 
 RAFT = snapshotfile.RaftFields((b"last", 9, 2), (b"prev", 8, 2), ("n1:1", "n2:1"))
 ids_strategy = st.text(alphabet="ab.:-09", min_size=1, max_size=6)
@@ -97,11 +99,21 @@ def test_sorted_ids_insert_cost_does_not_grow_with_the_table() -> None:
     st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=40), max_size=64),
     st.integers(0, 2**63 - 1),
     st.integers(0, 7 * 24 * 3600),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
 )
 def test_a_record_round_trips_every_field(
-    device_id: str, seq: int, reported: dict[str, str], revision: int, ttl_s: int
+    device_id: str,
+    seq: int,
+    reported: dict[str, str],
+    revision: int,
+    ttl_s: int,
+    online: bool,
+    changed_ms: int,
 ) -> None:
-    view = DeviceView(device_id, seq, reported, revision, 5, 2**62, 2**40, ttl_s, 77)
+    view = DeviceView(
+        device_id, seq, reported, revision, 5, 2**62, 2**40, ttl_s, 77, online, changed_ms
+    )
     record = devicerecord.from_view(view)
     assert devicerecord.view(record) == view
     assert devicerecord.device_id_of(record) == device_id
@@ -178,7 +190,7 @@ def test_every_bit_flip_and_every_cut_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_sealed_frame_with_records_out_of_order_is_refused() -> None:
-    header = storage_pb2.Snapshot(format=2, device_count=2).SerializeToString()
+    header = storage_pb2.Snapshot(format=snapshotfile.FORMAT, device_count=2).SerializeToString()
     a = devicerecord.from_view(DeviceView("b", 1, {}, 1, 0, 0, 1, 30, 1))
     b = devicerecord.from_view(DeviceView("a", 1, {}, 2, 0, 0, 1, 30, 1))
     import struct
@@ -210,7 +222,68 @@ def test_a_format_1_snapshot_still_loads(tmp_path: Path) -> None:
     snapshotfile.verify(str(path))
     u = DeviceTable()
     u.install(snapshotfile.load(str(path)).table)
-    assert u.digest() == t.digest() and u.state_bytes == t.state_bytes
+    assert u.state_bytes == t.state_bytes and u.revision == t.revision
+    # Format 1 had no presence: upgraded online, changed at last_seen_ms.
+    for device_id in t._recs:
+        old, new = t.get(device_id), u.get(device_id)
+        assert old is not None and new is not None
+        assert new == dataclasses.replace(old, presence_changed_ms=old.last_seen_ms)
+
+
+def _presence_table() -> DeviceTable:
+    """A table with online and offline devices and varied presence times."""
+    t = _table(200)
+    ids = sorted(t._recs)
+    expire = [(d, devicerecord.revision_of(t._recs[d])) for d in ids[::3]]
+    t.apply_control(encode_expire(expire, 10**7))
+    t.apply(encode_batch([Heartbeat(d, 2**64 - 1, {"back": "1"}) for d in ids[::9]], 10**7 + 5))
+    return t
+
+
+def test_a_format_3_snapshot_round_trips_presence() -> None:
+    t = _presence_table()
+    views = {d: t.get(d) for d in t._recs}
+    assert any(v is not None and not v.online for v in views.values())
+    assert any(v is not None and v.online and v.presence_changed_ms == 10**7 + 5
+               for v in views.values())  # fmt: skip
+    u = DeviceTable()
+    u.install(snapshotfile.copy_table(t))
+    assert u.digest() == t.digest()
+    assert {d: u.get(d) for d in u._recs} == views
+
+
+def test_a_format_2_snapshot_still_loads_with_every_device_online() -> None:
+    """A format-2 file (48-byte record heads, header format 2), as written
+    before committed presence: each record is upgraded on load."""
+    import io
+    import struct
+
+    t = _table(300)
+    capture = t.capture()
+    buf = io.BytesIO()
+    snapshotfile.write_to(buf, capture, RAFT)
+    t.release(capture)
+    loaded3 = snapshotfile.load_bytes([buf.getvalue()])
+    header = storage_pb2.Snapshot(
+        format=2, revision=t.revision, max_proposed_at_ms=t.max_proposed_at_ms,
+        device_count=len(t),
+    ).SerializeToString()  # fmt: skip
+    payload = struct.pack("<I", len(header)) + header
+    v2 = devicerecord.HEAD_V2_SIZE
+    for device_id in sorted(t._recs):
+        r = t._recs[device_id]
+        old = r[:v2] + r[devicerecord.HEAD_SIZE :]
+        payload += struct.pack("<I", len(old)) + old
+    head = struct.pack("<8sQ", snapshotfile.MAGIC_V2, len(payload))
+    sealed = head + payload + hashlib.sha256(head + payload).digest()
+    loaded2 = snapshotfile.load_bytes([sealed[i : i + 777] for i in range(0, len(sealed), 777)])
+    u = DeviceTable()
+    u.install(loaded2.table)
+    assert u.state_bytes == t.state_bytes and len(u) == len(t) and u.revision == t.revision
+    for device_id in t._recs:
+        new = u.get(device_id)
+        assert new is not None and new.online and new.presence_changed_ms == new.last_seen_ms
+    assert loaded3.table.recs == t._recs
 
 
 def test_a_capture_is_the_table_at_capture_time_while_applies_continue(tmp_path: Path) -> None:

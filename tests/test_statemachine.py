@@ -9,7 +9,7 @@ import pytest
 from raftstate import snapshotfile
 from raftstate.errors import DecodeError
 from raftstate.model import Heartbeat, OnlineFilter
-from raftstate.statemachine import DeviceTable, encode_batch
+from raftstate.statemachine import DeviceTable, encode_batch, encode_expire
 
 
 def hb(device_id: str, seq: int, **reported: str) -> Heartbeat:
@@ -70,7 +70,7 @@ def test_ttl_comes_from_heartbeat_and_persists_until_changed() -> None:
     t.apply(encode_batch([hb("a", 2)], 1))
     d = t.get("a")
     assert d is not None and d.ttl_s == 120
-    assert d.online(now_ms=1 + 119_999) and not d.online(now_ms=1 + 120_000)
+    assert d.online and d.deadline_ms == 1 + 120_000
 
 
 def test_empty_batch_is_a_read_barrier_with_no_effect() -> None:
@@ -123,10 +123,12 @@ def test_list_pages_in_id_order_with_prefix() -> None:
     assert page3.devices == [] and page3.next_after is None
 
 
-def test_list_filters_online_by_the_given_clock() -> None:
+def test_list_filters_by_committed_presence() -> None:
     t = DeviceTable(default_ttl_s=10)
     t.apply(encode_batch([hb("old", 1)], 0))
     t.apply(encode_batch([hb("new", 1)], 50_000))
-    now = 55_000
-    assert [d.device_id for d in t.list(online=OnlineFilter.ONLINE, now_ms=now).devices] == ["new"]
-    assert [d.device_id for d in t.list(online=OnlineFilter.OFFLINE, now_ms=now).devices] == ["old"]
+    # Past old's deadline but nothing committed: still online (no read-time clock).
+    assert [d.device_id for d in t.list(online=OnlineFilter.ONLINE).devices] == ["new", "old"]
+    t.apply_control(encode_expire([("old", 1)], 50_001))
+    assert [d.device_id for d in t.list(online=OnlineFilter.ONLINE).devices] == ["new"]
+    assert [d.device_id for d in t.list(online=OnlineFilter.OFFLINE).devices] == ["old"]

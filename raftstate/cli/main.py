@@ -336,7 +336,7 @@ def build_parser(lazily: bool = True) -> argparse.ArgumentParser:
                 "--state",
                 choices=["all", "online", "offline"],
                 default="all",
-                help="online: seen within its ttl_s (default all)",
+                help="online: no committed expiry since its last heartbeat (default all)",
             )
             d.add_argument(
                 "--limit", type=COUNT, default=1000, help="print at most this many (default 1000)"

@@ -84,6 +84,8 @@ class Device:
     heartbeats: int
     ttl_s: int
     online: bool
+    #: Unix ms (log time) when ``online`` last changed.
+    presence_changed_ms: int = 0
 
     @classmethod
     def from_proto(cls, d: device_pb2.Device) -> Device:
@@ -97,6 +99,7 @@ class Device:
             d.heartbeats,
             d.ttl_s,
             d.online,
+            d.presence_changed_ms,
         )
 
 
