@@ -143,6 +143,7 @@ class NodeCollector(Collector):
         yield from self._transport()
         yield from self._grpc()
         yield from self._store()
+        yield from self._watch()
 
     # ---- families -------------------------------------------------------------
 
@@ -356,6 +357,7 @@ class NodeCollector(Collector):
         refused.add_metric(["undecodable"], guard.bad_requests)
         refused.add_metric(["max_concurrent_rpcs"], guard.unary.refused)
         refused.add_metric(["max_streams"], guard.streams.refused)
+        refused.add_metric(["watch_max_watchers"], guard.watches.refused)
         yield refused
         yield _gauge("raftstate_grpc_unary_in_flight", "Unary RPCs being served.", guard.unary.open)
         yield _gauge("raftstate_grpc_streams_open", "Streams open.", guard.streams.open)
@@ -385,6 +387,49 @@ class NodeCollector(Collector):
             "Time from a heartbeat's submit on this node to its commit and apply here.",
             proposer.ack_latency.snapshot(),
         )
+
+    def _watch(self) -> Iterator[Metric]:
+        hub = self.services.hub
+        if hub is None:
+            return
+        yield _gauge("raftstate_watchers", "Watch streams open on this node.", hub.watchers)
+        stats = hub.stats
+        yield _counter(
+            "raftstate_watch_events_sent",
+            "Events sent to watchers (one per watcher that received it).",
+            stats.events_sent,
+        )
+        yield _counter(
+            "raftstate_watch_responses_sent",
+            "Watch responses with events sent.",
+            stats.responses_sent,
+        )
+        yield _counter(
+            "raftstate_watch_slow_dropped",
+            "Watchers ended with WATCHER_TOO_SLOW (more than watch_max_pending queued).",
+            stats.slow_dropped,
+        )
+        yield _counter(
+            "raftstate_watch_gaps",
+            "Times the event window dropped events before the hub dispatched them "
+            "(every affected watcher was ended).",
+            stats.gaps,
+        )
+        window: Any = hub.window
+        if hasattr(window, "stats"):
+            ws = window.stats()
+            yield _gauge("raftstate_watch_window_events", "Events retained for watchers.",
+                         ws.events)  # fmt: skip
+            yield _gauge(
+                "raftstate_watch_window_bytes",
+                "Approximate bytes the event window keeps alive.",
+                ws.bytes,
+            )
+            yield _gauge(
+                "raftstate_watch_window_oldest_revision",
+                "Oldest revision a watch or an at_revision read can start from on this node.",
+                ws.oldest,
+            )
 
 
 def now_ms() -> int:

@@ -28,7 +28,7 @@ from raftstate.admission import MAX_BATCH_REQUEST_BYTES, MAX_RESPONSE_BYTES
 from raftstate.authn import Authenticator, CertReloader, load_token_keys, server_credentials
 from raftstate.authservice import AuthService
 from raftstate.config import NodeConfig, loopback_if_no_host
-from raftstate.errors import ConfigError
+from raftstate.errors import ConfigError, Unavailable
 from raftstate.eventwindow import EventWindow
 from raftstate.grpcmetrics import GrpcMetrics, GrpcMetricsInterceptor
 from raftstate.health import HealthService, track_health
@@ -260,6 +260,10 @@ class Node:
             await self._health.enter_graceful_shutdown()
         if self.metrics is not None:
             await self.metrics.close()
+        if self.hub is not None:
+            # Watch streams never end by themselves: end them now (the SDK
+            # resumes elsewhere) rather than after the server's grace period.
+            self.hub.close(Unavailable("this node is shutting down", "SHUTTING_DOWN"))
         if self.server is not None:
             await self.server.stop(grace_s)
         if self.proposer is not None:

@@ -185,7 +185,9 @@ class WatchHub:
         self.window = window
         self._encode = encode
         self.max_pending = max_pending
-        self.chunk = chunk
+        # A watcher's writer runs between chunks; a chunk larger than the
+        # bound would end even a watcher that keeps up.
+        self.chunk = max(1, min(chunk, max_pending // 2))
         #: Every event up to this revision has been dispatched.
         self.position = window.latest
         self.stats = HubStats()
@@ -349,6 +351,13 @@ class WatchHub:
                 self.unregister(w)
                 w.on_ready()
         self.position = max(self.position, new_position)
+
+    def close(self, err: RaftStateError) -> None:
+        """End every watch with ``err`` (the node is shutting down)."""
+        for w in list(self._every()):
+            w.failed = err
+            self.unregister(w)
+            w.on_ready()
 
     def _every(self) -> set[Watcher]:
         out = set(self._all)

@@ -16,6 +16,7 @@ handler yields these bytes; the server's response serializer passes
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from raftstate import devicerecord
 from raftstate.model import DeviceView
@@ -41,7 +42,7 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def kinds_of(mask: int) -> list[device_pb2.EventKind]:
+def kinds_of(mask: int) -> list[Any]:
     """The EventKind values whose bits are set in ``mask``, ascending."""
     return [device_pb2.EventKind.ValueType(k) for k in _KIND_VALUES if mask & (1 << k)]
 

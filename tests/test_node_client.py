@@ -2,7 +2,7 @@
 
 tests/node/smoke.js loads every .proto under proto/ with @grpc/proto-loader
 (the packages come from tests/node/package-lock.json, installed by
-scripts/bootstrap.sh) and runs heartbeat, retry, get, list, status, an error
+scripts/bootstrap.sh) and runs heartbeat, retry, get, list, a Watch stream, status, an error
 whose google.rpc.Status details it decodes from the grpc-status-details-bin
 trailer, and reflection's service list against a real three-node cluster.
 """
@@ -61,6 +61,13 @@ def test_a_grpc_js_client_built_from_proto_runs_the_smoke_flow(
     assert got["ttl_s"] == 60 and got["online"] is True
     assert got["seq"] == out["heartbeat"]["stored_seq"]
     assert out["list"] == ["nodejs-1"]
+    watch = out["watch"]
+    assert watch["created"] is True
+    assert watch["events"][0] == {
+        "revision": out["heartbeat"]["revision"],
+        "device_id": "nodejs-1",
+        "kinds": ["EVENT_KIND_REPORTED_CHANGED", "EVENT_KIND_HEARTBEAT", "EVENT_KIND_ONLINE"],
+    }
     assert out["status"]["members"] == 3
     assert out["status"]["role"] in ("ROLE_LEADER", "ROLE_FOLLOWER")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from watchfakes import Ev, FakeWindow
 
-from raftstate.errors import RevisionCompacted, WatcherTooSlow
+from raftstate.errors import RevisionCompacted, Unavailable, WatcherTooSlow
 from raftstate.watchhub import (
     ALL_KINDS,
     KIND_DELETED,
@@ -25,41 +25,6 @@ from raftstate.watchhub import (
 )
 
 KINDS = [KIND_REPORTED_CHANGED, KIND_HEARTBEAT, KIND_ONLINE, KIND_OFFLINE, KIND_DELETED]
-
-
-class Ev(NamedTuple):
-    revision: int
-    device_id: str
-    kinds: int
-    after: bytes | None = None
-    before: bytes | None = None
-    prev_rev: int = 0
-    time_ms: int = 0
-
-
-class FakeWindow:
-    """Events by revision, trimmed to ``limit`` (the EventWindow interface)."""
-
-    def __init__(self, limit: int = 1_000_000) -> None:
-        self.events: dict[int, Ev] = {}
-        self.oldest = 1
-        self.latest = 0
-        self.limit = limit
-
-    def append(self, device_id: str, kinds: int = KIND_HEARTBEAT) -> Ev:
-        self.latest += 1
-        ev = Ev(self.latest, device_id, kinds)
-        self.events[ev.revision] = ev
-        while self.latest - self.oldest + 1 > self.limit:
-            del self.events[self.oldest]
-            self.oldest += 1
-        return ev
-
-    def get(self, revision: int) -> Ev | None:
-        return self.events.get(revision)
-
-    def range(self, start: int, end: int) -> list[Ev]:
-        return [self.events[r] for r in range(max(start, self.oldest), min(end, self.latest) + 1)]
 
 
 def tag(ev: object, prev: bool) -> bytes:
@@ -316,3 +281,15 @@ def test_notify_from_another_thread_is_coalesced_into_few_runs() -> None:
 
 def test_all_kinds_mask_is_every_event_kind() -> None:
     assert sum(KINDS) == ALL_KINDS
+
+
+def test_close_ends_every_watch_with_the_given_error() -> None:
+    _, hub = make()
+    ws = [hub.register(WatchFilter()), hub.register(WatchFilter(prefix="p"))]
+    woken: list[int] = []
+    for w in ws:
+        w.on_ready = lambda w=w: woken.append(w.id)
+    hub.close(Unavailable("shutting down", "SHUTTING_DOWN"))
+    assert sorted(woken) == sorted(w.id for w in ws) and hub.watchers == 0
+    with pytest.raises(Unavailable):
+        hub.take(ws[0], 10, 100)

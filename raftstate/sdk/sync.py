@@ -172,6 +172,7 @@ class DeviceClient:
     ) -> tuple[Listing, SyncWatch]:
         """Blocking twin of :meth:`AsyncDeviceClient.list_then_watch`."""
         listing, watch = self._run(self._client.list_then_watch(prefix, **kwargs))
+        self._run(watch.start())
         return listing, SyncWatch(self._loop, watch)
 
     def stream(
@@ -235,7 +236,9 @@ async def _next_event(watch: Watch) -> WatchEvent:
 
 
 async def _make_watch(client: AsyncDeviceClient, options: dict[str, Any]) -> Watch:
-    return client.watch(**options)
+    watch = client.watch(**options)
+    await watch.start()
+    return watch
 
 
 class SyncHeartbeatStream:

@@ -105,7 +105,16 @@ class Watch:
         return self
 
     async def __aenter__(self) -> Watch:
+        await self.start()
         return self
+
+    async def start(self) -> None:
+        """Open the watch on a node and wait until it is registered there
+        (its ``created`` response): changes committed after this returns are
+        delivered even with ``start_revision`` 0. ``async with`` calls it;
+        iterating without it opens lazily. Raises as iterating does."""
+        if self._call is None and not self._buffer:
+            await self._fill()
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()

@@ -92,6 +92,24 @@ async function main() {
   });
   out.list = listed.devices.map((d) => d.device_id);
 
+  // Watch (server streaming) from the first heartbeat's revision: the
+  // created response, then that heartbeat's event, decoded from proto/ alone.
+  out.watch = await new Promise((resolve, reject) => {
+    const seen = { created: false, events: [] };
+    const stream = devices.Watch({ start_revision: hb.revision, prefix });
+    stream.on('data', (res) => {
+      seen.created = seen.created || res.created;
+      for (const ev of res.events) {
+        seen.events.push({ revision: ev.revision, device_id: ev.device_id, kinds: ev.kinds });
+      }
+      if (seen.events.length > 0) {
+        stream.cancel();
+        resolve(seen);
+      }
+    });
+    stream.on('error', (err) => (err.code === grpc.status.CANCELLED ? null : reject(err)));
+  });
+
   const status = await call(cluster, 'Status', {});
   out.status = { node_id: status.node_id, role: status.role, members: status.members.length };
 
