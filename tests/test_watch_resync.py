@@ -63,9 +63,11 @@ def test_compaction_past_a_watchers_revision_is_a_typed_error_then_list_then_wat
         ack = client.heartbeat(f"{PREFIX}0", {"n": "last"})
         wait_converged(cluster.endpoints, 30)
 
-        with client.watch(prefix=PREFIX, start_revision=resume) as w:
-            with pytest.raises(ResyncRequired) as exc:
-                w.next(timeout_s=30)
+        with (
+            pytest.raises(ResyncRequired) as exc,
+            client.watch(prefix=PREFIX, start_revision=resume) as w,
+        ):
+            w.next(timeout_s=30)  # (the watch may already raise when it registers)
         err = exc.value
         assert err.wanted_revision == resume
         assert resume < err.oldest_revision <= err.current_revision
