@@ -114,6 +114,41 @@ class FanoutRow:
     watch_errors: int
 
 
+class _LazyManager:
+    """One multiprocessing manager for the run, started on first use."""
+
+    def __init__(self) -> None:
+        self._manager: Any = None
+
+    def dict(self) -> Any:
+        if self._manager is None:
+            self._manager = multiprocessing.get_context("spawn").Manager()
+        return self._manager.dict()
+
+    def shutdown(self) -> None:
+        if self._manager is not None:
+            self._manager.shutdown()
+            self._manager = None
+
+
+_MANAGER = _LazyManager()
+
+
+def _start_when_ready(board: Any, processes: int, lead_s: float) -> float:
+    """Wait (with a deadline) until ``processes`` processes said they are
+    ready on ``board``, then post and return the common ``start_at``."""
+    from bench.watchload import READY_TIMEOUT_S
+
+    give_up = time.time() + READY_TIMEOUT_S
+    while sum(1 for k in board.keys() if str(k).startswith("ready-")) < processes:
+        if time.time() > give_up:
+            break  # the late ones report themselves as errors
+        time.sleep(0.05)
+    start_at = time.time() + lead_s
+    board["start_at"] = start_at
+    return start_at
+
+
 def _pool_map(fn: Any, specs: list[Any]) -> Any:
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(len(specs))
@@ -131,22 +166,22 @@ def latency_phase(
 ) -> LatencyRow:
     procs = max(1, args.procs)
     watchers = args.watchers
-    start_at = time.time() + 6.0 + watchers / 100
-    end = start_at + args.warmup + args.duration
+    listen = args.warmup + args.duration + DRAIN_S
+    board = _MANAGER.dict()
     w_specs = []
     first = 0
-    for n in split_evenly(watchers, procs):
+    for k, n in enumerate(split_evenly(watchers, procs)):
         w_specs.append(
-            WatchSpec(system, tuple(endpoints), "own", first, n, start_at, end + DRAIN_S)
+            WatchSpec(system, tuple(endpoints), "own", first, n, listen, board, f"w{k}")
         )
         first += n
     writers = []
     first = 0
-    for n in split_evenly(watchers, procs):
+    for k, n in enumerate(split_evenly(watchers, procs)):
         writers.append(
             WriterSpec(
-                system, tuple(endpoints), first, n, args.watch_hb_rate / procs, start_at,
-                args.warmup, args.duration,
+                system, tuple(endpoints), first, n, args.watch_hb_rate / procs,
+                args.warmup, args.duration, board, f"l{k}",
             )
         )
         first += n
@@ -154,6 +189,8 @@ def latency_phase(
     with wpool:
         lpool, lpending = _pool_map(run_writer, writers)
         with lpool:
+            start_at = _start_when_ready(board, 2 * procs, 0.5)
+            end = start_at + args.warmup + args.duration
             time.sleep(max(0.0, start_at + args.warmup - time.time()))
             cpu0 = _cpu(pids)
             time.sleep(max(0.0, end - time.time()))
@@ -201,24 +238,31 @@ def fanout_phase(
     watchers: int,
 ) -> FanoutRow:
     procs = max(1, args.procs)
-    start_at = time.time() + 4.0 + procs + watchers / 100
-    end = start_at + args.warmup + args.duration
+    # The stream load's processes start inside run_phase, after the watchers,
+    # on a clock fixed in advance: give them a lead a busy box can meet (a
+    # row without any commit is flagged as an error in watch_main).
+    lead = 8.0 + 2 * procs
     watched: list[WatchResult] = []
     if watchers:
+        board = _MANAGER.dict()
         specs = []
         first = 0
-        for n in split_evenly(watchers, procs):
+        for k, n in enumerate(split_evenly(watchers, procs)):
             if n:
+                listen = lead + args.warmup + args.duration + 0.5
                 specs.append(
-                    WatchSpec(system, tuple(endpoints), "all", first, n, start_at, end + 0.5)
+                    WatchSpec(system, tuple(endpoints), "all", first, n, listen, board, f"w{k}")
                 )
             first += n
         wpool, wpending = _pool_map(run_watchers, specs)
         with wpool:
+            start_at = _start_when_ready(board, len(specs), 0.0) + lead
             commit = run_phase(system, "stream", endpoints, pids, args, start_at=start_at)
             watched = wpending.get()
     else:
+        start_at = time.time() + lead
         commit = run_phase(system, "stream", endpoints, pids, args, start_at=start_at)
+    end = start_at + args.warmup + args.duration
     begin = start_at + args.warmup
     lo, hi = int(begin / BUCKET_S), int(end / BUCKET_S)
     delivered = sum(n for w in watched for b, n in w.buckets.items() if lo <= b < hi)
@@ -423,6 +467,7 @@ def watch_main(args: argparse.Namespace) -> int:
             f"event window {m['metrics']}: {m['events']:.0f} events, {m['bytes']:.0f} bytes, "
             f"{m['bytes_per_event']} bytes/event"
         )
+    _MANAGER.shutdown()
     elapsed = time.time() - started
     record = {
         **run_header(started, elapsed, notes),
@@ -436,8 +481,11 @@ def watch_main(args: argparse.Namespace) -> int:
     path = out_dir / f"bench-watch-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}.json"
     path.write_text(json.dumps(record, indent=2, default=str))
     bad = sum(r.errors + r.missed for r in lat_rows) + sum(
-        r.commit.errors + r.watch_errors for r in fan_rows
+        r.commit.errors + r.watch_errors + (r.commit.ops_per_s == 0) for r in fan_rows
     )
+    if any(r.commit.ops_per_s == 0 for r in fan_rows):
+        print("error: a fan-out row has no commits: its load processes started after their "
+              "window (the box is too busy); rerun")
     print(f"saved {path.resolve()}\n{elapsed:.0f}s, " + (f"{bad} error(s)" if bad else "no errors"))
     return 0 if bad == 0 else 1
 

@@ -13,13 +13,18 @@ differences come from the servers.
   watcher watches every bench device and only counts events per 100 ms of
   wall clock (decoding every event would measure the client, not the server);
   they watch ``prefix``, the ids the fan-out phase's load writes.
-  Every watcher is registered (its ``created`` response seen) before
-  ``start_at``; the process stops at ``stop_at``.
+  Once every watcher is registered (its ``created`` response seen) the
+  process says so on the shared ``board`` and waits for the parent's common
+  ``start_at``; it stops ``listen_s`` seconds after it.
 * :func:`run_writer` (one process): an open-loop heartbeat load at
   ``rate_per_s`` (evenly spaced arrivals), arrival ``k`` to device
   ``k % devices`` with a new, increasing seq, unary calls to the leader
   (raftstate ``Heartbeat``, etcd ``Put``), and the send and acknowledgement
   wall-clock times of every heartbeat sent inside the measured window.
+
+Start-up on a busy two-core box can take many seconds, so no process starts
+on a guessed clock: each reports ready on the ``board`` (a manager dict),
+and the parent then posts ``start_at`` for all of them (:func:`wait_start`).
 
 The parent joins the two on ``(device, seq)``: an event's delivery latency
 is its receive time minus the writer's acknowledgement time (the moment the
@@ -34,6 +39,7 @@ import resource
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import uvloop
@@ -47,6 +53,8 @@ ETCD_KEY_PREFIX = "/devices/"
 PAYLOAD = {"temp_c": "21.5", "fw": "1.4.2", "rssi": "-67", "battery_pct": "87"}
 #: Counting buckets of the fan-out watchers, in seconds of wall clock.
 BUCKET_S = 0.1
+#: Seconds a process may take to set up before the run counts it as failed.
+READY_TIMEOUT_S = 120.0
 
 
 def device_id(k: int) -> str:
@@ -60,8 +68,9 @@ class WatchSpec:
     mode: str  # "own" | "all"
     first: int
     count: int
-    start_at: float
-    stop_at: float
+    listen_s: float  # from the common start to the end of listening
+    board: Any  # manager dict: "ready-<key>" from here, "start_at" from the parent
+    key: str
     prefix: str = "bench-"  # mode "all": the prefix every watcher watches
 
 
@@ -178,11 +187,13 @@ async def _watch_all(spec: WatchSpec) -> WatchResult:
 
     c0 = _cpu_now()
     tasks = [asyncio.create_task(one(spec.first + i)) for i in range(spec.count)]
-    while result.registered < spec.count and time.time() < spec.start_at:
+    give_up = time.time() + READY_TIMEOUT_S
+    while result.registered < spec.count and time.time() < give_up:
         await asyncio.sleep(0.05)
     if result.registered < spec.count:
-        _late(result, f"{spec.count - result.registered} watchers not registered at the start")
-    await asyncio.sleep(max(0.0, spec.stop_at - time.time()))
+        _late(result, f"{spec.count - result.registered} watchers not registered in time")
+    start_at = await wait_start(spec.board, spec.key)
+    await asyncio.sleep(max(0.0, start_at + spec.listen_s - time.time()))
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -204,9 +215,10 @@ class WriterSpec:
     first: int  # first device (global index)
     devices: int
     rate_per_s: float
-    start_at: float
     warmup_s: float
     duration_s: float
+    board: Any  # as WatchSpec.board
+    key: str
     max_in_flight: int = 2000
 
 
@@ -234,10 +246,9 @@ async def _write_all(spec: WriterSpec) -> WriterResult:
     # One write per device before the window, so every device exists.
     for i in range(spec.devices):
         await target.write(device_id(spec.first + i), seq0)
-    begin = spec.start_at + spec.warmup_s
+    start_at = await wait_start(spec.board, spec.key)
+    begin = start_at + spec.warmup_s
     end = begin + spec.duration_s
-    if time.time() > spec.start_at:
-        _late(result, "the writer was not ready at the start (the box is too busy)")
     in_flight: set[asyncio.Task[None]] = set()
 
     async def one(dev: str, seq: int, counted: bool) -> None:
@@ -253,7 +264,7 @@ async def _write_all(spec: WriterSpec) -> WriterResult:
         if counted:
             result.acks.append((dev, seq, sent, time.time()))
 
-    await asyncio.sleep(max(0.0, spec.start_at - time.time()))
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     c0 = _cpu_now()
     origin = time.perf_counter()
     k = 0
@@ -283,6 +294,18 @@ async def _write_all(spec: WriterSpec) -> WriterResult:
 def run_writer(spec: WriterSpec) -> WriterResult:
     """Entry point of one writer process (picklable for multiprocessing)."""
     return uvloop.run(_write_all(spec))
+
+
+async def wait_start(board: Any, key: str) -> float:
+    """Say ``key`` is ready on ``board`` and wait for the parent's
+    ``start_at`` (raises ``TimeoutError`` after READY_TIMEOUT_S)."""
+    board[f"ready-{key}"] = time.time()
+    give_up = time.time() + READY_TIMEOUT_S
+    while (start_at := board.get("start_at")) is None:
+        if time.time() > give_up:
+            raise TimeoutError("the benchmark never posted start_at")
+        await asyncio.sleep(0.02)
+    return float(start_at)
 
 
 def _late(result: WatchResult | WriterResult, what: str) -> None:

@@ -115,3 +115,30 @@ def test_compaction_past_a_watchers_revision_is_a_typed_error_then_list_then_wat
     for endpoint, (table, _) in tables.items():
         assert local == table, f"resynced copy differs from {endpoint}"
     assert f"{PREFIX}3" not in local and f"{PREFIX}new" in local
+
+
+def test_a_watcher_too_slow_for_a_tiny_window_gets_resync_required_never_a_silent_gap(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    """A registered watcher that does not read while megabytes of changes
+    commit is ended by its node (WATCHER_TOO_SLOW, more than
+    ``watch_max_pending`` queued); the SDK resumes, but no node retains the
+    revision it needs any more: it must deliver a gapless prefix of the
+    history and then raise ResyncRequired, never skip ahead."""
+    cluster = make_cluster(watch_history_events=WINDOW, watch_max_pending=8)
+    big = {f"k{i}": "x" * 1000 for i in range(7)}  # about 7 KB per event
+    with DeviceClient(cluster.endpoints) as client:
+        client.heartbeat("slow-0", {"n": "0"})
+        with client.watch(prefix="slow-", start_revision=1) as w:
+            for n in range(6):  # 300 changes, about 2 MB, while nobody reads
+                client.heartbeat_batch(
+                    [(f"slow-{i}", {**big, "n": str(n)}) for i in range(50)]
+                )
+            got = []
+            with pytest.raises(ResyncRequired) as exc:
+                while True:
+                    got.append(w.next(timeout_s=30).revision)
+    err = exc.value
+    assert got == list(range(1, len(got) + 1)), "events must be gapless up to the error"
+    assert err.wanted_revision == len(got) + 1 < err.oldest_revision <= err.current_revision
+    print(f"delivered {len(got)} events, then {err}")
