@@ -100,6 +100,8 @@ class LatencyRow:
     error_samples: tuple[str, ...]
     load_cpu_s: float
     server_cpu_s: dict[str, float]
+    watch_errors: int = 0
+    watch_error_samples: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -230,6 +232,8 @@ def latency_phase(
         error_samples=tuple(samples[:5]),
         load_cpu_s=round(sum(r.cpu_s for r in wres) + sum(w.cpu_s for w in watched), 2),
         server_cpu_s={k: round(cpu1[k] - cpu0[k], 2) for k in cpu0},
+        watch_errors=sum(w.errors for w in watched),
+        watch_error_samples=tuple(s for w in watched for s in w.error_samples)[:5],
     )
 
 
@@ -439,6 +443,8 @@ def watch_main(args: argparse.Namespace) -> int:
                     row = latency_phase(system, endpoints, pids, args)
                     lat_rows.append(row)
                     print(render_latency([row]).splitlines()[-1], flush=True)
+                    for sample in row.error_samples + row.watch_error_samples:
+                        print(f"   error sample: {sample}", flush=True)
                 if "watch-fanout" in phases:
                     for rnd in range(args.watch_rounds):
                         for n in (0, args.fanout_watchers):

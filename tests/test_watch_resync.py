@@ -12,6 +12,7 @@ every node's final table.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -142,3 +143,35 @@ def test_a_watcher_too_slow_for_a_tiny_window_gets_resync_required_never_a_silen
     assert got == list(range(1, len(got) + 1)), "events must be gapless up to the error"
     assert err.wanted_revision == len(got) + 1 < err.oldest_revision <= err.current_revision
     print(f"delivered {len(got)} events, then {err}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="w-api bug: SyncWatch.close() from another thread makes a blocked iteration "
+    "raise concurrent.futures.CancelledError (the call's read is cancelled and "
+    "Watch._fill re-raises it) instead of ending with StopIteration",
+)
+def test_closing_a_sync_watch_from_another_thread_ends_its_iteration(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(size=1)
+    outcome: list[object] = []
+    with DeviceClient(cluster.endpoints) as client:
+        client.heartbeat("close-0", {})
+        watch = client.watch(prefix="close-", start_revision=1)
+
+        def consume() -> None:
+            try:
+                outcome.extend(ev.revision for ev in watch)
+                outcome.append("ended")
+            except BaseException as err:  # noqa: BLE001 - the outcome is what is checked
+                outcome.append(err)
+
+        reader = threading.Thread(target=consume, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.02)
+        watch.close()
+        reader.join(10)
+    assert outcome == [1, "ended"], outcome
