@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 from watchcheck import (
+    State,
     Watcher,
     check_acked_seen,
     check_chains,
@@ -109,6 +110,15 @@ def _new_leader(cluster: LocalCluster, old: str) -> str:
     return wait_until(found, 30, "a new leader among the others")  # type: ignore[no-any-return]
 
 
+def _quiet(endpoints: list[str]) -> dict[str, tuple[dict[str, State], int]]:
+    """Every node's table of the prefix, once all are at one revision with
+    every device offline (else empty: not yet)."""
+    tables = {e: node_states(e, PREFIX) for e in endpoints}
+    revisions = {rev for _, rev in tables.values()}
+    offline = all(not s[3] for table, _ in tables.values() for s in table.values())
+    return tables if len(revisions) == 1 and offline else {}
+
+
 def _catch_up(endpoint: str, sentinel: int) -> list[WatchEvent]:
     """The prefix's events on one node from its oldest retained revision up
     to the ``sentinel`` revision (excluded), by a fresh watch pinned to that
@@ -166,8 +176,10 @@ def test_watcher_on_a_follower_sees_every_revision_once_through_kill_partition_p
             cluster.signal_node(old, signal.SIGCONT)
         _progress(w, 60, "after the faults")
         w.stop()
+        # Quiesce: with the writers stopped every device expires within its
+        # TTL; then nothing changes and every node holds the same revision.
         wait_converged(cluster.endpoints, 60)
-        tables = {e: node_states(e, PREFIX) for e in cluster.endpoints}
+        tables = wait_until(lambda: _quiet(cluster.endpoints), 30, "every device offline")
         final = max(rev for _, rev in tables.values())
         watcher.wait_revision(final, 60)
         sentinel = watcher.drain(cluster.endpoints, f"{PREFIX}zz-sentinel")
