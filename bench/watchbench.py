@@ -102,6 +102,8 @@ class LatencyRow:
     server_cpu_s: dict[str, float]
     watch_errors: int = 0
     watch_error_samples: tuple[str, ...] = ()
+    #: acknowledged as duplicates (a newer heartbeat of the device overtook them)
+    superseded: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -222,7 +224,7 @@ def latency_phase(
         system=system,
         watchers=watchers,
         registered=sum(w.registered for w in watched),
-        hb_per_s=sum(len(r.acks) for r in wres) / args.duration,
+        hb_per_s=sum(len(r.acks) + r.superseded for r in wres) / args.duration,
         events=len(ack_ms),
         missed=missed,
         ack_to_event_ms=LatencySummary.of(ack_ms),
@@ -233,6 +235,7 @@ def latency_phase(
         load_cpu_s=round(sum(r.cpu_s for r in wres) + sum(w.cpu_s for w in watched), 2),
         server_cpu_s={k: round(cpu1[k] - cpu0[k], 2) for k in cpu0},
         watch_errors=sum(w.errors for w in watched),
+        superseded=sum(r.superseded for r in wres),
         watch_error_samples=tuple(s for w in watched for s in w.error_samples)[:5],
     )
 
@@ -461,7 +464,8 @@ def watch_main(args: argparse.Namespace) -> int:
     if lat_rows:
         print(render_latency(lat_rows))
         print("(latencies in ms; ack->ev = event received minus the writer's ack of the "
-              "heartbeat; missed = acknowledged heartbeats whose event never arrived)")
+              "heartbeat; missed = acknowledged heartbeats whose event never arrived; heartbeats "
+              "overtaken by a newer one of the same device (no event) are not counted)")
     summary = fanout_summary(fan_rows)
     if fan_rows:
         print(render_fanout(fan_rows))

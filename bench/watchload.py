@@ -229,6 +229,9 @@ class WriterResult:
     sent: int = 0
     errors: int = 0
     dropped: int = 0
+    #: acknowledged as duplicates of a newer heartbeat of the same device
+    #: (it overtook this one): no event of their own.
+    superseded: int = 0
     error_samples: list[str] = field(default_factory=list)
     cpu_s: float = 0.0
 
@@ -251,18 +254,29 @@ async def _write_all(spec: WriterSpec) -> WriterResult:
     end = begin + spec.duration_s
     in_flight: set[asyncio.Task[None]] = set()
 
+    async def write(dev: str, seq: int) -> bool:
+        """Write; False when a newer heartbeat of the device overtook this
+        one (raftstate answers duplicate: no event, nothing to wait for)."""
+        if isinstance(target, _RaftstateTarget):
+            ack = await target.client.heartbeat(dev, PAYLOAD, seq=seq)
+            return bool(ack.stored_seq == seq)
+        await target.write(dev, seq)
+        return True
+
     async def one(dev: str, seq: int, counted: bool) -> None:
         sent = time.time()
         try:
-            await target.write(dev, seq)
+            own = await write(dev, seq)
         except Exception as exc:
             if counted:
                 result.errors += 1
                 if len(result.error_samples) < 5:
                     result.error_samples.append(f"{type(exc).__name__}: {str(exc)[:300]}")
             return
-        if counted:
+        if counted and own:
             result.acks.append((dev, seq, sent, time.time()))
+        elif counted:
+            result.superseded += 1
 
     await asyncio.sleep(max(0.0, start_at - time.time()))
     c0 = _cpu_now()
