@@ -389,7 +389,7 @@ class NodeCollector(Collector):
         )
 
     def _watch(self) -> Iterator[Metric]:
-        hub = self.services.hub
+        hub = getattr(self.services, "hub", None)
         if hub is None:
             return
         yield _gauge("raftstate_watchers", "Watch streams open on this node.", hub.watchers)

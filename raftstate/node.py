@@ -188,12 +188,10 @@ class Node:
             self.cfg.durability,
         )
 
-    def _watch_hub(self, loop: asyncio.AbstractEventLoop) -> WatchHub | None:
+    def _watch_hub(self, loop: asyncio.AbstractEventLoop) -> WatchHub:
         """The hub following the table's event window, woken on ``loop``
         by the window's listener (tick thread)."""
-        window: Any = getattr(self.table, "window", None)  # until the window lands
-        if window is None:
-            return None
+        window = self.table.window
         hub = WatchHub(window, encode_event, max_pending=self.cfg.watch_max_pending)
         hub.attach(loop)
         window.set_listener(hub.notify)
@@ -271,7 +269,7 @@ class Node:
         if self.reads is not None:
             self.reads.close()
         if self.hub is not None:
-            getattr(self.table, "window").set_listener(None)  # noqa: B009
+            self.table.window.set_listener(None)
         if self.raft is not None:
             raft, self.raft = self.raft, None
             await asyncio.get_running_loop().run_in_executor(None, raft.destroy_synchronous)

@@ -146,11 +146,6 @@ def encode_details(err: RaftStateError) -> list[any_pb2.Any]:
         info.metadata["leader"] = err.leader_hint
     elif isinstance(err, QuotaExceeded):
         info.metadata["quota"] = err.quota
-    elif isinstance(err, RevisionCompacted):
-        info.metadata["oldest_revision"] = str(err.oldest_revision)
-        info.metadata["current_revision"] = str(err.current_revision)
-    elif isinstance(err, FutureRevision):
-        info.metadata["current_revision"] = str(err.current_revision)
     elif isinstance(err, WatcherTooSlow):
         info.metadata["resume_revision"] = str(err.resume_revision)
         info.metadata["limit"] = "watch_max_pending"
@@ -223,8 +218,14 @@ def decode(
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason.startswith("QUOTA_"):
         quota = meta.get("quota") or reason.removeprefix("QUOTA_").lower()
         err = QuotaExceeded(quota, message.partition(": ")[2] or message)
-    elif reason in _REVISION_ERRORS:
-        err = _revision_error(reason, message, meta)
+    elif code == grpc.StatusCode.OUT_OF_RANGE and reason == RevisionCompacted.reason:
+        err = RevisionCompacted(
+            _int(meta.get("oldest_revision")), _int(meta.get("current_revision")), message
+        )
+    elif code == grpc.StatusCode.OUT_OF_RANGE and reason == FutureRevision.reason:
+        err = FutureRevision(_int(meta.get("current_revision")), message)
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == WatcherTooSlow.reason:
+        err = WatcherTooSlow(_int(meta.get("resume_revision")), message=message)
     else:
         err = from_status(code, message, hint)
     err.reason = reason
@@ -232,23 +233,12 @@ def decode(
     return err
 
 
-_REVISION_ERRORS = ("REVISION_COMPACTED", "FUTURE_REVISION", "WATCHER_TOO_SLOW")
-
-
-def _revision_error(reason: str, message: str, meta: dict[str, str]) -> RaftStateError:
-    """The typed error of a revision-bearing reason (metadata as numbers)."""
-
-    def num(key: str) -> int:
-        try:
-            return int(meta.get(key, "0"))
-        except ValueError:
-            return 0
-
-    if reason == "REVISION_COMPACTED":
-        return RevisionCompacted(num("oldest_revision"), num("current_revision"), message)
-    if reason == "FUTURE_REVISION":
-        return FutureRevision(num("current_revision"), message)
-    return WatcherTooSlow(num("resume_revision"), message=message)
+def _int(text: str | None) -> int:
+    """A metadata number (0 when absent or not a number: a foreign server)."""
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
 
 
 def decode_trailer(

@@ -557,10 +557,18 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
         validate_device_id(request.device_id)
         consistency = validate_consistency(request.consistency)
         await self.node.read_fence(consistency, self.node.budget(context))
-        revision = self.node.table.revision
-        view = self.node.table.get(request.device_id)
-        if view is None:
-            raise NotFound(f"device_id: {request.device_id!r} has never sent a heartbeat")
+        table = self.node.table
+        at = request.at_revision
+        if at:
+            # RevisionCompacted / FutureRevision (OUT_OF_RANGE) from the table.
+            view, revision = table.get_at(request.device_id, at), at
+            if view is None:
+                raise NotFound(f"device_id: {request.device_id!r} did not exist at revision {at}")
+        else:
+            revision = table.revision
+            view = table.get(request.device_id)
+            if view is None:
+                raise NotFound(f"device_id: {request.device_id!r} does not exist")
         return device_pb2.GetDeviceResponse(device=_device_pb(view), revision=revision)
 
     @_unary
@@ -576,8 +584,11 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
         consistency = validate_consistency(request.consistency)
         after = decode_page_token(request.page_token) if request.page_token else None
         await self.node.read_fence(consistency, self.node.budget(context))
-        revision = self.node.table.revision
-        page = self.node.table.list(prefix=request.prefix, after=after, limit=limit, online=online)
+        at = request.at_revision
+        revision = at or self.node.table.revision
+        page = self.node.table.list(
+            prefix=request.prefix, after=after, limit=limit, online=online, at_revision=at
+        )
         devices = [_device_pb(v) for v in page.devices]
         # Page by bytes too, so a response always fits the message limit: a
         # repeated field costs each device its size plus a tag and a length.
@@ -588,7 +599,6 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
             next_page_token=encode_page_token(next_after) if next_after else "",
             revision=revision,
         )
-
 
     async def Watch(  # noqa: N802
         self, request: device_pb2.WatchRequest, context: grpc.aio.ServicerContext

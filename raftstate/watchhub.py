@@ -127,8 +127,10 @@ class Watcher:
         "failed",
         "filter",
         "id",
+        "kinds",
         "on_ready",
         "pending",
+        "prev",
         "served_through",
         "start",
     )
@@ -136,6 +138,9 @@ class Watcher:
     def __init__(self, wid: int, flt: WatchFilter, start: int, served_through: int) -> None:
         self.id = wid
         self.filter = flt
+        #: Copies of ``filter.kinds`` / ``filter.prev_device`` (the dispatch loop).
+        self.kinds = flt.kinds
+        self.prev = flt.prev_device
         #: First revision this watcher may receive.
         self.start = start
         #: Catch-up from the window still to read: catchup_next..catchup_end.
@@ -211,7 +216,8 @@ class WatchHub:
         """Add a watcher. ``start_revision`` 0: changes after now; at or
         below the position: catch up from the window first; later: wait.
         Raises ``RevisionCompacted`` when the start is older than the window."""
-        self.advance_all()
+        if self.window.oldest > self.position + 1:
+            self._gap(self.window.oldest - 1)  # not this new watcher's loss
         pos = self.position
         if flt.start_revision == 0:
             w = Watcher(next(self._ids), flt, pos + 1, pos)
@@ -295,17 +301,19 @@ class WatchHub:
             # Trimmed between the check and the read: same as a gap.
             self._gap(window.oldest - 1)
             return window.latest > self.position
-        ready: set[Watcher] = set()
+        # A watcher's writer waits only when its pending deque is empty, so
+        # it needs waking only when the deque stops being empty.
+        ready: list[Watcher] = []
         slow: list[Watcher] = []
         limit = self.max_pending
         by_id = self._by_id
         prefixes = self._by_prefix
+        every = self._all
         for ev in events:
             dev = ev.device_id
             rev = ev.revision
-            candidates: list[set[Watcher]] = []
-            if self._all:
-                candidates.append(self._all)
+            kinds = ev.kinds
+            candidates: list[set[Watcher]] = [every] if every else []
             hit = by_id.get(dev)
             if hit:
                 candidates.append(hit)
@@ -313,22 +321,37 @@ class WatchHub:
                 hit = by_prefix.get(dev[:length])
                 if hit:
                     candidates.append(hit)
+            plain: bytes | None = None
+            with_prev: bytes | None = None
             for group in candidates:
                 for w in group:
-                    if rev < w.start or not ev.kinds & w.filter.kinds or w.failed is not None:
+                    if rev < w.start or not kinds & w.kinds or w.failed is not None:
                         continue
-                    w.pending.append((rev, self.encoded(ev, w.filter.prev_device)))
-                    if len(w.pending) > limit:
+                    if w.prev:
+                        if with_prev is None:
+                            with_prev = self.encoded(ev, True)
+                        data = with_prev
+                    else:
+                        if plain is None:
+                            plain = self.encoded(ev, False)
+                        data = plain
+                    pending = w.pending
+                    pending.append((rev, data))
+                    n = len(pending)
+                    if n == 1:
+                        ready.append(w)
+                    elif n > limit:
                         w.failed = WatcherTooSlow(w.resume_revision, limit)
                         slow.append(w)
-                    ready.add(w)
         self.position = events[-1].revision
         self.stats.events_dispatched += len(events)
         for w in slow:
             self.stats.slow_dropped += 1
             self.unregister(w)
-        for w in ready:
             w.on_ready()
+        for w in ready:
+            if w.failed is None:
+                w.on_ready()
         return window.latest > self.position
 
     def advance_all(self) -> None:
@@ -413,6 +436,13 @@ class WatchHub:
                 self._sent(len(out))
                 return out, w.served_through
         pending = w.pending
+        if pending and not out and len(pending) <= max_events:
+            # The usual case: everything queued fits one response.
+            datas = [data for _, data in pending]
+            if sum(map(len, datas)) <= max_bytes:
+                w.served_through = pending[-1][0]
+                pending.clear()
+                out = datas
         while pending and len(out) < max_events:
             rev, data = pending[0]
             if out and size + len(data) > max_bytes:

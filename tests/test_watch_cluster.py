@@ -171,9 +171,9 @@ def test_sdk_watch_resumes_on_another_node_without_loss_or_duplicate(
         t.start()
         try:
             got = [e.revision for e in collect(w, 0)]
-            wait_until(lambda: len(acked) >= 20, 30)
+            wait_until(lambda: len(acked) >= 20, 30, "20 heartbeats")
             cluster.stop_node(follower)  # the node this watch is on
-            wait_until(lambda: len(acked) >= 60, 30)
+            wait_until(lambda: len(acked) >= 60, 30, "60 heartbeats")
         finally:
             stop.set()
             t.join()
@@ -203,12 +203,12 @@ def test_list_then_watch_is_exact(cluster: LocalCluster) -> None:
     t = threading.Thread(target=writer)
     t.start()
     try:
-        wait_until(lambda: len(last) >= 10, 30)
+        wait_until(lambda: len(last) >= 10, 30, "10 writes")
         with client(cluster) as cl:
             listing, w = cl.list_then_watch("t7-", page_size=2)
             with w:
                 state = {d.device_id: d for d in listing.devices}
-                wait_until(lambda: len(last) >= 40, 30)
+                wait_until(lambda: len(last) >= 40, 30, "40 writes")
                 stop.set()
                 t.join()
                 for ev in collect(w, last[-1]):
@@ -317,3 +317,26 @@ def test_watch_needs_an_operator_credential_checked_before_anything_else(
             assert w.next(timeout_s=10).revision == ack.revision
     finally:
         c.stop()
+
+
+def test_closing_a_sync_watch_from_another_thread_ends_the_iteration(
+    cluster: LocalCluster,
+) -> None:
+    outcome: list[object] = []
+    with client(cluster) as cl:
+        first = cl.heartbeat("t11-a", {})
+        watch = cl.watch(prefix="t11-", start_revision=first.revision)
+
+        def consume() -> None:
+            try:
+                outcome.extend(ev.revision for ev in watch)
+                outcome.append("ended")
+            except BaseException as err:  # noqa: BLE001 - the outcome is what is checked
+                outcome.append(err)
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        wait_until(lambda: outcome, 10, "the first event")
+        watch.close()  # the reader is blocked in the next read
+        reader.join(10)
+    assert outcome == [first.revision, "ended"]

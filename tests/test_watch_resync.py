@@ -145,15 +145,11 @@ def test_a_watcher_too_slow_for_a_tiny_window_gets_resync_required_never_a_silen
     print(f"delivered {len(got)} events, then {err}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="w-api bug: SyncWatch.close() from another thread makes a blocked iteration "
-    "raise concurrent.futures.CancelledError (the call's read is cancelled and "
-    "Watch._fill re-raises it) instead of ending with StopIteration",
-)
 def test_closing_a_sync_watch_from_another_thread_ends_its_iteration(
     make_cluster: Callable[..., LocalCluster],
 ) -> None:
+    """Was a w-api bug (the iterating thread got concurrent CancelledError),
+    fixed in 2634666."""
     cluster = make_cluster(size=1)
     outcome: list[object] = []
     with DeviceClient(cluster.endpoints) as client:

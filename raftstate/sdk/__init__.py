@@ -10,18 +10,18 @@ A gateway sends many devices' heartbeats per call, one result per item:
 >>> results = client.heartbeat_batch([("pump-17", {"temp_c": "21.5"}), ("pump-18", {})])
 >>> [r.ok for r in results]
 
-follows changes, resuming on another node after a failure (no loss, no
-duplicate), or lists then watches for an exact local copy:
+or pipelines them on one stream:
+
+>>> async with AsyncDeviceClient(endpoints) as client, client.stream() as stream:
+...     acks = await asyncio.gather(*(stream.send(d, state) for d, state in batch))
+
+An operator follows committed changes, resuming on another node after a
+failure (no loss, no duplicate), or lists then watches for an exact copy:
 
 >>> with client.watch(prefix="pump-") as watch:
 ...     for event in watch:
 ...         print(event.revision, event.device_id, sorted(event.kinds))
 >>> listing, watch = client.list_then_watch("pump-")
-
-or pipelines them on one stream:
-
->>> async with AsyncDeviceClient(endpoints) as client, client.stream() as stream:
-...     acks = await asyncio.gather(*(stream.send(d, state) for d, state in batch))
 """
 
 from raftstate.errors import (

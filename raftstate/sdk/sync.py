@@ -92,9 +92,14 @@ class DeviceClient:
         device_id: str,
         consistency: Consistency = Consistency.LINEARIZABLE,
         *,
+        at_revision: int = 0,
         deadline_s: float | None = None,
     ) -> Device:
-        return self._run(self._client.get(device_id, consistency, deadline_s=deadline_s))
+        return self._run(
+            self._client.get(
+                device_id, consistency, at_revision=at_revision, deadline_s=deadline_s
+            )
+        )
 
     def list(
         self,
@@ -104,6 +109,7 @@ class DeviceClient:
         page_size: int = 100,
         page_token: str = "",
         consistency: Consistency = Consistency.LINEARIZABLE,
+        at_revision: int = 0,
         deadline_s: float | None = None,
     ) -> DevicePage:
         return self._run(
@@ -113,6 +119,7 @@ class DeviceClient:
                 page_size=page_size,
                 page_token=page_token,
                 consistency=consistency,
+                at_revision=at_revision,
                 deadline_s=deadline_s,
             )
         )

@@ -151,6 +151,10 @@ class Watch:
             except grpc.aio.AioRpcError as e:
                 err = decode_trailer(e.code(), e.details() or "", e.trailing_metadata())
             except asyncio.CancelledError:
+                if self._closed and not _cancelling():
+                    # close() cancelled the call under this read (another
+                    # task or thread): the iteration ends.
+                    raise StopAsyncIteration from None
                 self._cancel()  # reopened from the resume point next time
                 raise
             except TimeoutError:
