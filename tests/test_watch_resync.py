@@ -131,7 +131,7 @@ def test_a_watcher_too_slow_for_a_tiny_window_gets_resync_required_never_a_silen
     with DeviceClient(cluster.endpoints) as client:
         client.heartbeat("slow-0", {"n": "0"})
         with client.watch(prefix="slow-", start_revision=1) as w:
-            for n in range(6):  # 300 changes, about 2 MB, while nobody reads
+            for n in range(4):  # 200 changes, about 1.4 MB, while nobody reads
                 client.heartbeat_batch(
                     [(f"slow-{i}", {**big, "n": str(n)}) for i in range(50)]
                 )
