@@ -104,6 +104,8 @@ class LatencyRow:
     watch_error_samples: tuple[str, ...] = ()
     #: acknowledged as duplicates (a newer heartbeat of the device overtook them)
     superseded: int = 0
+    #: acknowledged after the watchers stopped (overload): not checked
+    unverified: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -208,11 +210,15 @@ def latency_phase(
     ack_ms: list[float] = []
     send_ms: list[float] = []
     commit_ms: list[float] = []
-    missed = 0
+    missed = unverified = 0
+    listening_until = start_at + listen - 0.5
     for r in wres:
         for dev, seq, sent, acked in r.acks:
             commit_ms.append((acked - sent) * 1000)
             at = received.get((dev, seq))
+            if at is None and acked > listening_until:
+                unverified += 1  # acknowledged after the watchers stopped listening
+                continue
             if at is None:
                 missed += 1
                 continue
@@ -236,6 +242,7 @@ def latency_phase(
         server_cpu_s={k: round(cpu1[k] - cpu0[k], 2) for k in cpu0},
         watch_errors=sum(w.errors for w in watched),
         superseded=sum(r.superseded for r in wres),
+        unverified=unverified,
         watch_error_samples=tuple(s for w in watched for s in w.error_samples)[:5],
     )
 
@@ -332,6 +339,8 @@ def _raftstate(
     from raftstate.config import NodeConfig
 
     base = NodeConfig.default(durability=args.durability)
+    if args.security and args.security[0] == "insecure":  # like bench.phases.local_raftstate
+        base = dataclasses.replace(base, insecure_grpc=True, auth="off")
     cluster = LocalCluster(workdir / "raftstate", 3, base_config=base)
     try:
         cluster.start()
@@ -412,8 +421,9 @@ def watch_main(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     notes = [
-        f"raftstate durability: {args.durability} (3 nodes)"
-        + (", etcd: 3 members" if args.vs_etcd else ""),
+        f"raftstate durability: {args.durability} (3 nodes, "
+        f"{(args.security or ('secure',))[0]}: TLS + token unless insecure)"
+        + (", etcd: 3 members, plaintext" if args.vs_etcd else ""),
         f"phases: {','.join(phases)}; {args.procs} watcher + {args.procs} load processes; "
         f"{args.duration:g}s measured after {args.warmup:g}s warm-up; "
         f"machine: {os.cpu_count()} cpus",
@@ -465,7 +475,8 @@ def watch_main(args: argparse.Namespace) -> int:
         print(render_latency(lat_rows))
         print("(latencies in ms; ack->ev = event received minus the writer's ack of the "
               "heartbeat; missed = acknowledged heartbeats whose event never arrived; heartbeats "
-              "overtaken by a newer one of the same device (no event) are not counted)")
+              "overtaken by a newer one of the same device (no event), and those acknowledged "
+              "after the watchers stopped listening, are not counted)")
     summary = fanout_summary(fan_rows)
     if fan_rows:
         print(render_fanout(fan_rows))
