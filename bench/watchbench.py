@@ -75,6 +75,13 @@ def add_watch_arguments(p: argparse.ArgumentParser) -> None:
         "--watch-hb-rate", type=float, default=2000.0, help="watch-latency: heartbeats/s in total"
     )
     p.add_argument(
+        "--watch-writer",
+        choices=["unary", "stream"],
+        default="stream",
+        help="watch-latency: raftstate heartbeats as unary calls, or pipelined on --streams "
+        "HeartbeatStreams per process (default; etcd sends concurrent unary Puts either way)",
+    )
+    p.add_argument(
         "--fanout-watchers", type=COUNT, default=50, help="watch-fanout: watchers on every device"
     )
     p.add_argument(
@@ -188,6 +195,7 @@ def latency_phase(
             WriterSpec(
                 system, tuple(endpoints), first, n, args.watch_hb_rate / procs,
                 args.warmup, args.duration, board, f"l{k}",
+                streams=args.streams if args.watch_writer == "stream" else 0,
             )
         )
         first += n
@@ -320,6 +328,12 @@ def window_memory(metrics_endpoints: list[str], env: dict[str, str]) -> list[dic
 
 
 def _scrape(endpoint: str, env: dict[str, str]) -> str:
+    if not env.get("RAFTSTATE_CA"):  # an insecure cluster serves plain HTTP
+        try:
+            with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10) as r:
+                return str(r.read().decode())
+        except OSError as err:
+            return f"# scrape failed: {err}"
     req = urllib.request.Request(f"https://{endpoint}/metrics")
     if env.get("RAFTSTATE_TOKEN"):
         req.add_header("Authorization", f"Bearer {env['RAFTSTATE_TOKEN']}")
@@ -431,7 +445,10 @@ def watch_main(args: argparse.Namespace) -> int:
     if "watch-latency" in phases:
         notes.append(
             f"watch-latency: {args.watchers} watchers (one device prefix each, spread over all "
-            f"members), {args.watch_hb_rate:g} heartbeats/s open loop, unary to the leader"
+            f"members), {args.watch_hb_rate:g} heartbeats/s open loop ("
+            + (f"raftstate: {args.streams} HeartbeatStreams per process over all members"
+               if args.watch_writer == "stream" else "raftstate: unary to the leader")
+            + "; etcd: concurrent unary Puts to the leader)"
         )
     if "watch-fanout" in phases:
         notes.append(

@@ -220,6 +220,9 @@ class WriterSpec:
     board: Any  # as WatchSpec.board
     key: str
     max_in_flight: int = 2000
+    #: raftstate: pipeline on ``streams`` HeartbeatStreams (gateways) instead
+    #: of unary calls; etcd has no streaming put and sends concurrent unary Puts.
+    streams: int = 0
 
 
 @dataclass(slots=True)
@@ -254,9 +257,22 @@ async def _write_all(spec: WriterSpec) -> WriterResult:
     end = begin + spec.duration_s
     in_flight: set[asyncio.Task[None]] = set()
 
+    gateways: list[Any] = []
+    n_endpoints = len(spec.endpoints)
+    if spec.streams and isinstance(target, _RaftstateTarget):
+        gateways = [
+            target.client.stream(max_in_flight=512, endpoint=spec.endpoints[k % n_endpoints])
+            for k in range(spec.streams)
+        ]
+        for g in gateways:
+            await g.__aenter__()
+
     async def write(dev: str, seq: int) -> bool:
         """Write; False when a newer heartbeat of the device overtook this
         one (raftstate answers duplicate: no event, nothing to wait for)."""
+        if gateways:
+            ack = await gateways[hash(dev) % len(gateways)].send(dev, PAYLOAD, seq=seq)
+            return bool(ack.stored_seq == seq)
         if isinstance(target, _RaftstateTarget):
             ack = await target.client.heartbeat(dev, PAYLOAD, seq=seq)
             return bool(ack.stored_seq == seq)
@@ -301,6 +317,8 @@ async def _write_all(spec: WriterSpec) -> WriterResult:
     if in_flight:
         await asyncio.gather(*in_flight)
     result.cpu_s = _cpu_now() - c0
+    for g in gateways:
+        await g.__aexit__(None, None, None)
     await target.close()
     return result
 
