@@ -4,9 +4,11 @@
 format-2 batch entries of 1,000 new devices (two small reported fields each)
 to a :class:`~raftstate.statemachine.DeviceTable`, then 100,000 updates, and
 measures: inserts/s per fifth of the run (the index must not slow down as it
-grows), RSS per device, ``capture()`` time, the snapshot write (with the
-longest gap a 1 ms ticker thread saw meanwhile: how long the writer kept the
-GIL), ``verify`` and ``load``. Prints a table and saves JSON.
+grows), RSS per device (including the event window, which holds the last
+``watch_history_events`` inserts), the window's events and bytes per event,
+``capture()`` time, the snapshot write (with the longest gap a 1 ms ticker
+thread saw meanwhile: how long the writer kept the GIL), ``verify`` and
+``load``. Prints a table and saves JSON.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def run(devices: int, seed: int = 1) -> dict[str, float | list[float]]:
     for entry in updates:
         table.apply(entry)
     update_rate = len(updates) * BATCH / (time.perf_counter() - t0)
+    window = table.window.stats()  # the event window's share of the RSS above
     gc.collect()
     gc.freeze()  # as a serving node does (raftstate/node.py quiet_gc)
     t0 = time.perf_counter()
@@ -116,6 +119,8 @@ def run(devices: int, seed: int = 1) -> dict[str, float | list[float]]:
         "inserts_per_s_by_fifth": rates,
         "rss_bytes_per_device": rss_per_device,
         "updates_per_s": update_rate,
+        "window_events": window.events,
+        "window_bytes_per_event": window.bytes / max(1, window.events),
         "capture_ms": capture_s * 1000,
         "snapshot_write_s": write_s,
         "snapshot_bytes": written.bytes,

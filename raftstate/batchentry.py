@@ -51,9 +51,11 @@ def encode(
     pack = RECORD.pack
     count = 0
     for hb in heartbeats:
+        # Deterministic: map entries sorted by key, so an unchanged map is
+        # the same bytes whoever proposes it (apply's REPORTED_CHANGED test).
         body = record(
             device_id=hb.device_id, seq=hb.seq, reported=hb.reported, ttl_s=hb.ttl_s
-        ).SerializeToString()
+        ).SerializeToString(deterministic=True)
         size = len(hb.device_id) + (hb.reported_bytes or _map_bytes(hb.reported))
         parts.append(pack(len(body), hb.seq, hb.ttl_s, size))
         parts.append(body)

@@ -107,22 +107,29 @@ class EventWindow:
         self._before_bytes = 0
         self._listener: Callable[[int], None] | None = None
         self._notified = 0
-        #: Called with each event trimmed (the table drops tombstones with it).
+        #: Called with each DELETED event trimmed (the table drops its tombstone).
         self.on_trim: Callable[[Event], None] | None = None
 
     # ---- tick thread ---------------------------------------------------------
 
     def append(self, event: Event) -> None:
         """Record the event of revision ``latest + 1`` (tick thread, before the
-        table stores ``event.after``). Raises ``ValueError`` if the revision is
-        not the next one (a bug: revisions are contiguous)."""
-        if event.revision != self.latest + 1:
-            raise ValueError(f"event revision {event.revision} after {self.latest}")
-        self._events[event.revision] = event
-        before = event.before
+        table stores ``event.after``). The caller guarantees contiguity (the
+        table checks ``latest`` after each entry; :meth:`append_checked`
+        checks each event)."""
+        rev = event[0]
+        self._events[rev] = event
+        before = event[4]
         if before is not None:
             self._before_bytes += len(before) + _BYTES_OVERHEAD
-        self.latest = event.revision
+        self.latest = rev
+
+    def append_checked(self, event: Event) -> None:
+        """:meth:`append`, raising ``ValueError`` unless the event's revision
+        is ``latest + 1``."""
+        if event.revision != self.latest + 1:
+            raise ValueError(f"event revision {event.revision} after {self.latest}")
+        self.append(event)
 
     def trim(self, now_ms: int) -> int:
         """Drop the oldest events past ``max_events`` or older than
@@ -141,7 +148,7 @@ class EventWindow:
             self.oldest = oldest  # readers never see a missing event inside the range
             if ev.before is not None:
                 self._before_bytes -= len(ev.before) + _BYTES_OVERHEAD
-            if on_trim is not None:
+            if ev.kinds & KIND_DELETED and on_trim is not None:
                 on_trim(ev)
             dropped += 1
         return dropped

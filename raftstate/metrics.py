@@ -225,6 +225,29 @@ class NodeCollector(Collector):
             "raftstate_raft_tick_failures", "Raft ticks that raised.", st.tick_failures
         )
         yield _gauge(
+            "raftstate_raft_clock_skew_seconds",
+            "This node's wall clock minus its estimate of the log clock (the leader's "
+            "stamps as seen in applied entries); committed presence bounds its effect "
+            "by max_clock_skew_ms.",
+            raft.clock_skew_ms() / 1000,
+        )
+        planner = raft.expiry_planner
+        yield _counter(
+            "raftstate_presence_expiry_entries",
+            "ExpireDevices entries this node proposed as leader.",
+            planner.entries,
+        )
+        yield _counter(
+            "raftstate_presence_expiry_failures",
+            "ExpireDevices entries that failed or went unanswered (their devices re-planned).",
+            planner.failures,
+        )
+        yield _gauge(
+            "raftstate_presence_due_devices",
+            "Online devices past their deadline, not yet expired (this node's view).",
+            len(self.services.table.wheel.due),
+        )
+        yield _gauge(
             "raftstate_raft_catching_up",
             "1 while this node catches up after lost data (not voting).",
             1.0 if st.catching_up else 0.0,

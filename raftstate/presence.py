@@ -329,24 +329,39 @@ class ExpiryPlanner:
 
 def reported_equal(old: bytes, body: bytes, old_seq: int, seq: int) -> bool:
     """Whether the stored record ``old`` and the new ``HeartbeatRecord``
-    ``body`` of the same device carry the same ``reported`` map.
+    ``body`` of the same device carry the same ``reported`` map (exactly).
 
-    Fast path: both bodies are ``id | seq | reported entries | ttl_s``; equal
-    bytes after the seq mean equal maps. Otherwise the maps are parsed and
-    compared (map entries may be encoded in any order)."""
-    start = devicerecord.HEAD_SIZE
+    Both bodies are ``id | seq | reported entries | ttl_s``, and proposers
+    encode maps deterministically (sorted by key, raftstate/batchentry.py):
+    equal bytes after the seq mean equal maps, the common "nothing changed",
+    for one ``bytes`` comparison. Otherwise both are parsed and compared as
+    messages by protobuf (in C; map equality ignores entry order, so bodies
+    from older, non-deterministic proposers compare exactly too)."""
     n = body[1]
-    id_len = 2 + n if n < 0x80 else 3 + (n & 0x7F) + (body[2] << 7)
-    a = start + id_len
-    b = id_len
-    if old[a : a + 1] == b"\x10" and body[b : b + 1] == b"\x10":
-        if old[a + 1 + _varint_len(old_seq) :] == body[b + 1 + _varint_len(seq) :]:
+    b = 2 + n if n < 0x80 else 3 + (n & 0x7F) + (body[2] << 7)
+    a = _HEAD_SIZE + b
+    if old[a] == 0x10 and body[b] == 0x10:  # the seq field follows the id
+        # What follows the seq (reported entries, ttl_s) is itself a valid
+        # HeartbeatRecord encoding: compare it as bytes, else as messages.
+        old_tail = old[a + _VARINT_LEN[old_seq.bit_length()] :]
+        new_tail = body[b + _VARINT_LEN[seq.bit_length()] :]
+        if old_tail == new_tail:
             return True
-    x = storage_pb2.HeartbeatRecord()
-    x.ParseFromString(old[start:])
-    y = storage_pb2.HeartbeatRecord()
-    y.ParseFromString(body)
-    return dict(x.reported) == dict(y.reported)
+    else:  # another encoder's field order: parse the whole bodies
+        old_tail, new_tail = old[_HEAD_SIZE:], body
+    x = _RECORD()
+    x.ParseFromString(old_tail)
+    y = _RECORD()
+    y.ParseFromString(new_tail)
+    x.device_id = y.device_id = ""
+    x.seq = y.seq = x.ttl_s = y.ttl_s = 0
+    return bool(x == y)
+
+
+_RECORD = storage_pb2.HeartbeatRecord
+_HEAD_SIZE = devicerecord.HEAD_SIZE
+#: 1 (the seq's tag) + the varint length of a seq of each bit length (seq >= 1).
+_VARINT_LEN = [2] + [1 + 1 + (bits - 1) // 7 for bits in range(1, 65)]
 
 
 def _varint_len(value: int) -> int:

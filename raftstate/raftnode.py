@@ -376,6 +376,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         #: and, on the leader, the expiry planner.
         self.clock_anchor = ClockAnchor(cfg.max_clock_skew_ms)
         self.expiry_planner = ExpiryPlanner()
+        #: The last leader this node knew (None: none since start).
         self._seen_leader: Any = None
         self._skew_warned = False
         #: Followers raise their own commit index (raftstate/fastcommit.py).
@@ -504,15 +505,19 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         leader = bool(self._isLeader())
         current = self._SyncObj__raftLeader
         if leader and not anchor.leader:
+            if self._seen_leader is None:
+                # No leader followed since start: what the journal replay
+                # taught the estimate is old; trust this node's own clock.
+                anchor.leader_changed()
             anchor.become_leader(mono, wall, committed)
             self._skew_warned = False
-        elif not leader:
-            if anchor.leader:
-                anchor.step_down()
-                planner.give_up(wheel, 0, -1)
-            if current is not self._seen_leader:
+        elif not leader and anchor.leader:
+            anchor.step_down()
+            planner.give_up(wheel, 0, -1)
+        if current is not None and current is not self._seen_leader:
+            if not leader:
                 anchor.leader_changed()
-        self._seen_leader = current
+            self._seen_leader = current
         now = anchor.stamp(mono, wall, committed)
         wheel.advance(now, table.deadline_of, DEFAULT_TICK_BUDGET)
         if not leader:

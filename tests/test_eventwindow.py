@@ -29,9 +29,9 @@ def ev(rev: int, time_ms: int = 0, before: bytes | None = None) -> Event:
 
 def test_revisions_must_be_contiguous() -> None:
     w = EventWindow()
-    w.append(ev(1))
+    w.append_checked(ev(1))
     with pytest.raises(ValueError, match="revision 3 after 1"):
-        w.append(ev(3))
+        w.append_checked(ev(3))
     assert (w.oldest, w.latest, len(w)) == (1, 1, 1)
 
 
