@@ -311,3 +311,23 @@ def test_grafana_dashboard_uses_only_served_metric_names(cluster: LocalCluster) 
     families = scrape(cluster, 0)  # a family may have no samples yet (no drops)
     bases = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in names}
     assert names and bases <= set(families), sorted(bases - set(families))
+
+
+def test_watch_metrics_count_watchers_and_delivered_events(cluster: LocalCluster) -> None:
+    from raftstate.sdk import DeviceClient
+
+    endpoint = cluster.endpoints[0]
+    before = scrape(cluster, 0)
+    assert value(before, "raftstate_watchers") == 0
+    sent0 = value(before, "raftstate_watch_events_sent_total")
+    with DeviceClient([endpoint], prefer_leader=False, **cluster.client_kwargs()) as cl:
+        with cl.watch(prefix="metrics-w-") as w:
+            ack = cl.heartbeat("metrics-w-1", {"k": "v"})
+            assert w.next(timeout_s=10).revision == ack.revision
+            now = scrape(cluster, 0)
+            assert value(now, "raftstate_watchers") == 1
+            assert value(now, "raftstate_watch_events_sent_total") >= sent0 + 1
+            assert value(now, "raftstate_watch_window_events") >= 1
+            assert value(now, "raftstate_watch_window_bytes") > 0
+            assert value(now, "raftstate_watch_window_oldest_revision") <= ack.revision
+    wait_until("the watcher to go", lambda: value(scrape(cluster, 0), "raftstate_watchers") == 0)
