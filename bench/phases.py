@@ -176,12 +176,17 @@ def run_phase(
     endpoints: list[str],
     server_pids: dict[str, int],
     args: argparse.Namespace,
+    *,
+    start_at: float | None = None,
 ) -> PhaseResult:
     """Run ``phase`` against ``endpoints`` (the leader first) and return its
-    row; ``server_pids`` are the server processes whose CPU it reports."""
+    row; ``server_pids`` are the server processes whose CPU it reports.
+    ``start_at`` (wall clock) sets when the load starts (default: once the
+    load processes have had time to start)."""
     sequential = phase == "sequential"
     procs = 1 if sequential else max(1, args.procs)
-    start_at = time.time() + 1.5 + 0.5 * procs
+    if start_at is None:
+        start_at = time.time() + 1.5 + 0.5 * procs
     specs = load_specs(system, phase, endpoints, args, start_at)
     warmup = specs[0].warmup_s
     loadavg = os.getloadavg()[0]

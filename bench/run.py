@@ -77,6 +77,7 @@ from bench.stats import (
 )
 from bench.transportreport import COMPARISON_PHASE_HELP, COMPARISON_PHASES
 from bench.transports import add_transport_arguments, compare_main, comparing
+from bench.watchbench import WATCH_PHASE_HELP, WATCH_PHASES, add_watch_arguments
 from raftstate.cli.argtypes import COUNT, SECONDS, SECONDS_OR_ZERO, Integer
 from raftstate.cli.words import plural
 
@@ -86,7 +87,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Benchmark heartbeats and reads on a 3-node cluster, optionally against etcd."
     p.epilog = "phases (run in this order):\n" + "\n".join(
         f"  {name:<18} {text}" + (" [default]" if name in DEFAULT_PHASES else "")
-        for name, text in {**PHASE_HELP, **COMPARISON_PHASE_HELP}.items()
+        for name, text in {**PHASE_HELP, **COMPARISON_PHASE_HELP, **WATCH_PHASE_HELP}.items()
     )
     p.add_argument("--endpoints", help="benchmark a running cluster instead of starting one")
     p.add_argument(
@@ -132,7 +133,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--phases",
         type=_phases,
         default=None,
-        help=f"comma-separated, from: {','.join(PHASES + COMPARISON_PHASES)} "
+        help=f"comma-separated, from: {','.join(PHASES + COMPARISON_PHASES + WATCH_PHASES)} "
         f"(default: {','.join(DEFAULT_PHASES)}; with --transport: hb-open,write,stream,"
         "transport-cost)",
     )
@@ -153,6 +154,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "secure,insecure: both side by side in --rounds alternating rounds (medians reported)",
     )
     add_transport_arguments(p)
+    add_watch_arguments(p)
     from bench.fleet import add_fleet_arguments
 
     add_fleet_arguments(p)
@@ -166,7 +168,7 @@ def _securities(text: str) -> tuple[str, ...]:
 
 
 def _phases(text: str) -> tuple[str, ...]:
-    known = PHASES + COMPARISON_PHASES
+    known = PHASES + COMPARISON_PHASES + WATCH_PHASES
     chosen = tuple(p.strip() for p in text.split(",") if p.strip())
     unknown = [p for p in chosen if p not in known]
     if unknown or not chosen:
@@ -233,6 +235,14 @@ def bench_main(args: argparse.Namespace) -> int:
         return fleet_main(args)
     if comparing(args):
         return compare_main(args)
+    if args.phases and any(p in WATCH_PHASES for p in args.phases):
+        if any(p not in WATCH_PHASES for p in args.phases):
+            print("raftstate bench: run the watch phases on their own (--phases "
+                  + ",".join(WATCH_PHASES) + ")")
+            return 2
+        from bench.watchbench import watch_main
+
+        return watch_main(args)
     if len(getattr(args, "security", ())) > 1:
         from bench.security import security_main
 

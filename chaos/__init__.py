@@ -7,6 +7,7 @@ device, and explains a violation with a small counterexample.
 
 from chaos.history import (
     ClientId,
+    DeleteResult,
     DeviceValue,
     History,
     HistoryError,
@@ -23,6 +24,7 @@ from chaos.linearizability import CheckResult, DeviceFailure, Verdict, check
 __all__ = [
     "CheckResult",
     "ClientId",
+    "DeleteResult",
     "DeviceFailure",
     "DeviceValue",
     "History",

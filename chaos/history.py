@@ -19,8 +19,14 @@ An operation can end three ways:
    time after ``call_ns``, or never. A failed read tells nothing and is dropped.
 3. Never ended (the client crashed): same as a failure.
 
-Only record operations whose outcome is linearizable by contract: heartbeats
-and ``LINEARIZABLE`` gets, never ``SERIALIZABLE`` reads.
+Only record operations whose outcome is linearizable by contract: heartbeats,
+deletes and ``LINEARIZABLE`` gets, never ``SERIALIZABLE`` reads.
+
+Expiries are writes the *server* makes (the leader commits "device went
+offline" when its TTL lapses). No client invokes them, so they are recorded,
+if at all, as ``EXPIRE`` operations with an unknown outcome whose ``args`` is
+the value after the expiry (``online=False``); the checker also adds one for
+every offline value a read observed (see :mod:`chaos.linearizability`).
 
 The recorder is the only part of :mod:`chaos` that reads a clock, and the clock
 is injectable. Everything here is safe to call from many threads and asyncio
@@ -58,6 +64,13 @@ class OpKind(enum.Enum):
     WRITE = "write"
     #: Linearizable ``get(device_id)``.
     READ = "read"
+    #: ``delete_device(device_id)`` (one attempt, never retried: a retried
+    #: delete could remove a device re-created in between).
+    DELETE = "delete"
+    #: The server's expiry of the device: ``args`` is the value after it
+    #: (``online=False``); legal only in the same value with ``online=True``.
+    #: Always an unknown outcome (no client saw it return).
+    EXPIRE = "expire"
 
 
 def freeze_reported(reported: Mapping[str, str]) -> Reported:
@@ -67,24 +80,34 @@ def freeze_reported(reported: Mapping[str, str]) -> Reported:
 
 @dataclass(frozen=True, slots=True)
 class DeviceValue:
-    """One stored state of a device: what a heartbeat writes and a get returns."""
+    """One stored state of a device: what a heartbeat writes and a get returns.
+
+    ``online`` is the committed presence: a heartbeat writes ``True``, an
+    expiry turns it ``False`` without changing ``seq`` or ``reported``."""
 
     seq: int
     reported: Reported = ()
+    online: bool = True
 
     def __post_init__(self) -> None:
         if self.seq < 1:
             raise HistoryError(f"seq must be at least 1, got {self.seq}")
 
     @classmethod
-    def of(cls, seq: int, reported: Mapping[str, str] | None = None) -> DeviceValue:
+    def of(
+        cls, seq: int, reported: Mapping[str, str] | None = None, *, online: bool = True
+    ) -> DeviceValue:
         """Build a value from a plain ``reported`` dict. Raises ``HistoryError``
         if ``seq < 1``."""
-        return cls(seq, freeze_reported(reported or {}))
+        return cls(seq, freeze_reported(reported or {}), online)
+
+    def with_online(self, online: bool) -> DeviceValue:
+        """The same seq and reported map with presence ``online``."""
+        return DeviceValue(self.seq, self.reported, online)
 
     def render(self) -> str:
         items = ", ".join(f"{k}={v}" for k, v in self.reported)
-        return f"seq={self.seq} {{{items}}}"
+        return f"seq={self.seq} {{{items}}}" + ("" if self.online else " offline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +142,20 @@ class ReadResult:
         return "not found" if self.value is None else self.value.render()
 
 
-Result = WriteResult | ReadResult
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    """The response to a delete: whether a record was removed, and the seq it
+    had (0 when nothing was deleted). ``revision`` is for the log reader only."""
+
+    deleted: bool
+    deleted_seq: int = 0
+    revision: int | None = None
+
+    def render(self) -> str:
+        return f"deleted seq={self.deleted_seq}" if self.deleted else "nothing to delete"
+
+
+Result = WriteResult | ReadResult | DeleteResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,23 +181,38 @@ class Operation:
         return self.result is not None
 
     def describe(self) -> str:
-        """``heartbeat(seq=.. {..})`` or ``get()``."""
+        """``heartbeat(seq=.. {..})``, ``expire(seq=.. {..} offline)``,
+        ``delete()`` or ``get()``."""
         if self.kind is OpKind.WRITE and self.args is not None:
             return f"heartbeat({self.args.render()})"
-        return "get()"
+        if self.kind is OpKind.EXPIRE and self.args is not None:
+            return f"expire({self.args.render()})"
+        return "delete()" if self.kind is OpKind.DELETE else "get()"
+
+
+_RESULT_OF = {
+    OpKind.WRITE: WriteResult,
+    OpKind.READ: ReadResult,
+    OpKind.DELETE: DeleteResult,
+    OpKind.EXPIRE: type(None),
+}
 
 
 def validate_operation(op: Operation) -> Operation:
     """Return ``op`` if its fields agree with its kind, else raise ``HistoryError``."""
-    if op.kind is OpKind.WRITE and op.args is None:
-        raise HistoryError(f"op {op.op_id}: a write needs a DeviceValue as args")
-    if op.kind is OpKind.READ and op.args is not None:
-        raise HistoryError(f"op {op.op_id}: a read takes no args")
+    if op.kind is OpKind.WRITE and (op.args is None or not op.args.online):
+        raise HistoryError(f"op {op.op_id}: a write needs an online DeviceValue as args")
+    if op.kind is OpKind.EXPIRE and (op.args is None or op.args.online):
+        raise HistoryError(f"op {op.op_id}: an expiry needs an offline DeviceValue as args")
+    if op.kind is OpKind.EXPIRE and op.return_ns is not None:
+        raise HistoryError(f"op {op.op_id}: an expiry has no client-seen result")
+    if op.kind in (OpKind.READ, OpKind.DELETE) and op.args is not None:
+        raise HistoryError(f"op {op.op_id}: a {op.kind.value} takes no args")
     if (op.result is None) != (op.return_ns is None):
         raise HistoryError(f"op {op.op_id}: return_ns and result must be both set or both None")
     if op.return_ns is not None and op.return_ns < op.call_ns:
         raise HistoryError(f"op {op.op_id}: returned at {op.return_ns} before its call")
-    expected = WriteResult if op.kind is OpKind.WRITE else ReadResult
+    expected = _RESULT_OF[op.kind]
     if op.result is not None and not isinstance(op.result, expected):
         raise HistoryError(f"op {op.op_id}: a {op.kind.value} needs a {expected.__name__}")
     return op
@@ -200,6 +251,20 @@ class History:
     def invoke_read(self, client_id: ClientId, device_id: str) -> int:
         """Shorthand for ``invoke(client_id, READ, device_id)``."""
         return self.invoke(client_id, OpKind.READ, device_id)
+
+    def invoke_delete(self, client_id: ClientId, device_id: str) -> int:
+        """Shorthand for ``invoke(client_id, DELETE, device_id)``."""
+        return self.invoke(client_id, OpKind.DELETE, device_id)
+
+    def record_expiry(self, device_id: str, after: DeviceValue) -> int:
+        """Record the server's expiry of ``device_id`` whose value became
+        ``after`` (``online=False``), as an op of client ``"server"`` with an
+        unknown outcome, invoked now: call it no later than the moment the
+        expiry could have been committed. Raises ``HistoryError`` if
+        ``after`` is online. Thread-safe."""
+        op_id = self.invoke("server", OpKind.EXPIRE, device_id, after)
+        self.fail(op_id)
+        return op_id
 
     def ok(self, op_id: int, result: Result) -> None:
         """Record the definite result of op ``op_id``. Call it just after the
@@ -310,7 +375,13 @@ def _op_to_json(op: Operation, failed: bool) -> dict[str, Any]:
     }
     if op.args is not None:
         row["args"] = _value_to_json(op.args)
-    if isinstance(op.result, WriteResult):
+    if isinstance(op.result, DeleteResult):
+        row["result"] = {
+            "deleted": op.result.deleted,
+            "deleted_seq": op.result.deleted_seq,
+            "revision": op.result.revision,
+        }
+    elif isinstance(op.result, WriteResult):
         row["result"] = {
             "duplicate": op.result.duplicate,
             "stored_seq": op.result.stored_seq,
@@ -330,6 +401,8 @@ def _op_from_json(row: dict[str, Any]) -> tuple[Operation, bool]:
     result: Result | None = None
     if raw is not None and kind is OpKind.WRITE:
         result = WriteResult(bool(raw["duplicate"]), int(raw["stored_seq"]), raw.get("revision"))
+    elif raw is not None and kind is OpKind.DELETE:
+        result = DeleteResult(bool(raw["deleted"]), int(raw["deleted_seq"]), raw.get("revision"))
     elif raw is not None:
         value = raw["value"]
         result = ReadResult(None if value is None else _value_from_json(value))
@@ -351,8 +424,15 @@ def _op_from_json(row: dict[str, Any]) -> tuple[Operation, bool]:
 
 
 def _value_to_json(value: DeviceValue) -> dict[str, Any]:
-    return {"seq": value.seq, "reported": dict(value.reported)}
+    row: dict[str, Any] = {"seq": value.seq, "reported": dict(value.reported)}
+    if not value.online:
+        row["online"] = False
+    return row
 
 
 def _value_from_json(raw: dict[str, Any]) -> DeviceValue:
-    return DeviceValue.of(int(raw["seq"]), {str(k): str(v) for k, v in raw["reported"].items()})
+    return DeviceValue.of(
+        int(raw["seq"]),
+        {str(k): str(v) for k, v in raw["reported"].items()},
+        online=bool(raw.get("online", True)),
+    )

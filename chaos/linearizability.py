@@ -11,8 +11,13 @@ links devices, so it is deliberately not checked here.
 
 Steps, in order:
 
-1. Drop reads with an unknown outcome; keep failed writes (they may have
-   taken effect). Group by device, sort by call time.
+1. Drop reads with an unknown outcome; keep failed writes and deletes (they
+   may have taken effect). Group by device, sort by call time. Expiries are
+   the server's writes: for every offline value a read returned and no
+   recorded ``EXPIRE`` op explains, add one (unknown outcome, invoked with the
+   device's first op), so that a read is explained by *some* order of
+   heartbeats, deletes and expiries; one per value is enough (after it the
+   value is offline until a heartbeat or a delete changes the state).
 2. Search each device under one overall deadline (and an optional per-device
    one). A device that runs out of time is reported *unknown*, never ok.
 3. For a device that is not linearizable, build a counterexample and shrink
@@ -47,6 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from chaos.history import (
+    DeleteResult,
     DeviceValue,
     History,
     HistoryError,
@@ -202,6 +208,7 @@ def check(
     shrink: bool = True,
     shrink_timeout_s: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
+    infer_expiries: bool = True,
 ) -> CheckResult:
     """Check that ``history`` is linearizable, one device at a time.
 
@@ -212,6 +219,8 @@ def check(
     together and does not count against ``timeout_s``; a counterexample that
     is shrunk less (or not at all, with ``shrink=False``) is still valid.
     ``clock`` returns seconds and is only read to enforce these budgets.
+    ``infer_expiries`` adds the expiry ops described in step 1 of the module
+    docstring (ids above every recorded op's, client ``"server (inferred)"``).
 
     Raises ``HistoryError`` if an op is malformed or two ops share an id.
     Safe to call from any thread.
@@ -229,6 +238,12 @@ def check(
         if op.kind is OpKind.READ and op.result is None:
             continue  # a read with an unknown outcome constrains nothing
         devices.setdefault(op.device_id, []).append(op)
+    if infer_expiries:
+        next_id = max(seen, default=-1) + 1
+        for part in devices.values():
+            added = _inferred_expiries(part, next_id)
+            next_id += len(added)
+            part.extend(added)
 
     failures: list[DeviceFailure] = []
     unknown: list[str] = []
@@ -266,11 +281,31 @@ def check(
     )
 
 
+def _inferred_expiries(part: Sequence[Operation], first_id: int) -> list[Operation]:
+    """One unknown-outcome ``EXPIRE`` op per offline value read in ``part``
+    and not already the value of a recorded expiry, with ids from ``first_id``."""
+    known = {op.args for op in part if op.kind is OpKind.EXPIRE}
+    start = min(op.call_ns for op in part)
+    wanted: dict[DeviceValue, None] = {}
+    for op in part:
+        if isinstance(op.result, ReadResult) and op.result.value is not None:
+            value = op.result.value
+            if not value.online and value not in known:
+                wanted[value] = None
+    return [
+        Operation(first_id + n, "server (inferred)", OpKind.EXPIRE, part[0].device_id, value, start)
+        for n, value in enumerate(wanted)
+    ]
+
+
 def _always_droppable(op: Operation) -> bool:
-    """Reads, and writes whose definite result says they changed nothing (or
-    cannot happen), leave every linearization valid when removed."""
+    """Reads, deletes that found nothing, and writes whose definite result
+    says they changed nothing (or cannot happen), leave every linearization
+    valid when removed."""
     if op.kind is OpKind.READ:
         return True
+    if op.kind is not OpKind.WRITE:
+        return isinstance(op.result, DeleteResult) and not op.result.deleted
     result = op.result
     return (
         isinstance(result, WriteResult)

@@ -12,7 +12,14 @@ the client saw:
 * write answered ``duplicate=False``: stored seq ``< seq`` (and
   ``stored_seq == seq``); the state becomes the written value;
 * write answered ``duplicate=True``: stored seq ``== stored_seq >= seq``;
-* write with an unknown outcome: always legal, result unconstrained.
+* write with an unknown outcome: always legal, result unconstrained;
+* delete answered ``deleted=True``: the state is present with
+  ``seq == deleted_seq``; the state becomes absent;
+* delete answered ``deleted=False``: the state is absent (and stays so);
+* delete with an unknown outcome: always legal; absent afterwards;
+* expiry (the server's write, always an unknown outcome): the state is
+  exactly the expiry's value with ``online=True``; it becomes the same value
+  with ``online=False``. A later heartbeat (higher seq) is online again.
 
 Search (Wing & Gong 1993; Lowe 2017 "Testing for linearisability" §3;
 Porcupine's ``checkSingle``):
@@ -48,6 +55,16 @@ Facts of this model prune the branching to almost nothing:
   only the lowest such write not yet placed is a candidate, and a live failed
   write is a candidate only if its ``seq`` is below that write's.
 
+Deletes break the monotone seq: after one, a heartbeat of any seq applies
+again. For a device with a delete that may have removed something
+(``deleted=True`` or unknown) the search runs *non-monotone*: no free lifts,
+every applied write with a higher seq than the state is a candidate (not
+only the lowest), failed writes have no upper bound, and the memo key also
+holds the set of placed unknown-outcome ops, since the state no longer
+decides which of them are still live. Devices without such deletes keep
+every pruning above (expiries included: once an expiry's seq is passed or
+its value went offline, it can never apply again).
+
 Pure code: the only outside input is ``clock``, read every 256 configurations
 to stop at ``deadline``. Each call builds its own state; nothing is shared.
 """
@@ -59,6 +76,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chaos.history import (
+    DeleteResult,
     DeviceValue,
     HistoryError,
     Operation,
@@ -67,7 +85,19 @@ from chaos.history import (
     WriteResult,
 )
 
-_READ, _APPLIED, _DUPLICATE, _UNKNOWN, _IMPOSSIBLE = range(5)
+(
+    _READ,
+    _APPLIED,
+    _DUPLICATE,
+    _UNKNOWN,
+    _IMPOSSIBLE,
+    _DELETED,
+    _DELETE_ABSENT,
+    _DELETE_UNKNOWN,
+    _EXPIRE,
+) = range(9)
+#: Codes of ops that may make a device absent again (and so break monotone seqs).
+_REMOVING = (_DELETED, _DELETE_UNKNOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +119,19 @@ class Outcome:
 
 
 def observations(op: Operation) -> tuple[object, ...]:
-    """What the op's result proves was stored at some point: the exact value a
-    read returned, or the ``stored_seq`` a duplicate write reported."""
+    """What the op proves was stored at some point: the exact value a read
+    returned (and its online form: the value a heartbeat wrote), the
+    ``stored_seq`` a duplicate write reported, the seq a delete removed, or
+    the online value an expiry needs."""
     if isinstance(op.result, ReadResult) and op.result.value is not None:
-        return (op.result.value,)
+        value = op.result.value
+        return (value, value.with_online(True))
     if isinstance(op.result, WriteResult) and op.result.duplicate:
         return (op.result.stored_seq,)
+    if isinstance(op.result, DeleteResult) and op.result.deleted:
+        return (op.result.deleted_seq,)
+    if op.kind is OpKind.EXPIRE and op.args is not None:
+        return (op.args.with_online(True),)
     return ()
 
 
@@ -107,9 +144,13 @@ def legal_in(op: Operation, state: DeviceValue | None) -> bool:
         return isinstance(result, ReadResult) and result.value == state
     if code == _APPLIED:
         return stored < arg
-    if code == _DUPLICATE:
-        return stored == arg
-    return code == _UNKNOWN
+    if code in (_DUPLICATE, _DELETED):
+        return state is not None and stored == arg
+    if code == _DELETE_ABSENT:
+        return state is None
+    if code == _EXPIRE:
+        return op.args is not None and state == op.args.with_online(True)
+    return code in (_UNKNOWN, _DELETE_UNKNOWN)
 
 
 def possible(op: Operation) -> bool:
@@ -127,11 +168,17 @@ def requirement(op: Operation) -> str:
         return f"needs stored seq < {arg}"
     if code == _DUPLICATE:
         return f"needs stored seq == {arg}"
-    if code == _UNKNOWN:
+    if code == _DELETED:
+        return f"needs the device present with seq {arg}"
+    if code == _DELETE_ABSENT:
+        return "needs the device absent"
+    if code == _EXPIRE:
+        return "needs the device online with exactly that seq and reported map"
+    if code in (_UNKNOWN, _DELETE_UNKNOWN):
         return "is unconstrained"
     return (
         "is impossible in any state (applied needs stored_seq == seq, duplicate needs "
-        "stored_seq >= seq)"
+        "stored_seq >= seq, a delete needs deleted_seq >= 1)"
     )
 
 
@@ -142,7 +189,20 @@ def _encode(op: Operation, values: dict[DeviceValue | None, int]) -> tuple[int, 
         if not isinstance(result, ReadResult):
             raise HistoryError(f"op {op.op_id}: only reads with a ReadResult can be searched")
         return _READ, values.setdefault(result.value, len(values)), 0
-    if op.args is None or isinstance(result, ReadResult):
+    if op.kind is OpKind.DELETE:
+        if result is None:
+            return _DELETE_UNKNOWN, 0, 0
+        if not isinstance(result, DeleteResult):
+            raise HistoryError(f"op {op.op_id}: a delete needs a DeleteResult")
+        if not result.deleted:
+            return _DELETE_ABSENT, 0, 0
+        return (_DELETED if result.deleted_seq >= 1 else _IMPOSSIBLE), result.deleted_seq, 0
+    if op.kind is OpKind.EXPIRE:
+        if op.args is None or result is not None:
+            raise HistoryError(f"op {op.op_id}: an expiry needs a value and no result")
+        before = values.setdefault(op.args.with_online(True), len(values))
+        return _EXPIRE, before, values.setdefault(op.args, len(values))
+    if op.args is None or not isinstance(result, WriteResult | None):
         raise HistoryError(f"op {op.op_id}: a write needs a DeviceValue and a WriteResult")
     written = values.setdefault(op.args, len(values))
     if result is None:
@@ -170,6 +230,11 @@ def search(ops: Sequence[Operation], *, deadline: float, clock: Callable[[], flo
         writes.append(written)
     value_of: list[DeviceValue | None] = list(values)
     vseq = [0 if v is None else v.seq for v in value_of]
+    monotone = not any(c in _REMOVING for c in codes)
+    # Ordinals of the ops without a return event, for the non-monotone memo key.
+    uord = [0] * len(ops)
+    for n, i in enumerate(i for i, op in enumerate(ops) if op.return_ns is None):
+        uord[i] = n
     applied_order = sorted(
         (i for i, c in enumerate(codes) if c == _APPLIED), key=lambda i: (args[i], i)
     )
@@ -205,10 +270,10 @@ def search(ops: Sequence[Operation], *, deadline: float, clock: Callable[[], flo
     # The configuration. `trail` is a persistent list of lifted entries, newest
     # first: (entry, placed, below); placed is False for free lifts.
     remaining = returns
-    state = base = rel = nap = depth = 0
+    state = base = rel = nap = depth = unk = 0
     trail: Any = None
-    stack: list[tuple[Any, int, int, int, int, int, int, int]] = []
-    cache: set[tuple[int, int, int]] = set()
+    stack: list[tuple[Any, int, int, int, int, int, int, int, int]] = []
+    cache: set[tuple[int, int, int, int]] = set()
     best: Any = None
     best_depth, blocked, best_state = -1, -1, 0
     configs = 0
@@ -222,9 +287,15 @@ def search(ops: Sequence[Operation], *, deadline: float, clock: Callable[[], flo
             if code == _READ:
                 lift = state == args[i]
             elif code == _DUPLICATE:
-                lift = vseq[state] == args[i]
-            else:
-                lift = code == _UNKNOWN and vseq[state] >= args[i]
+                lift = state != 0 and vseq[state] == args[i]
+            elif code == _DELETE_ABSENT:
+                lift = state == 0
+            elif not monotone:
+                lift = False
+            elif code == _UNKNOWN:
+                lift = vseq[state] >= args[i]
+            else:  # dead for good once its seq is passed or its value went offline
+                lift = code == _EXPIRE and vseq[state] >= vseq[args[i]] and state != args[i]
             if lift:
                 nxt[prv[e]] = nxt[e]
                 prv[nxt[e]] = prv[e]
@@ -248,7 +319,7 @@ def search(ops: Sequence[Operation], *, deadline: float, clock: Callable[[], flo
         configs += 1
         if not configs & 255 and clock() > deadline:
             return Outcome(None, configurations=configs)
-        key = (base, rel, state)
+        key = (base, rel, state, 0 if monotone else unk)
         if key in cache:
             e = -1  # explored before: fail without recording a new best
         else:
@@ -258,13 +329,23 @@ def search(ops: Sequence[Operation], *, deadline: float, clock: Callable[[], flo
         # Find the next choice at this configuration, backtracking as needed.
         while True:
             if e >= 0:
-                next_seq = applied_seq[nap]
+                next_seq = applied_seq[nap] if monotone else applied_seq[-1]
                 while match[e] >= 0:
                     i = op_of[e]
-                    if codes[i] == _APPLIED:
-                        if i == applied_order[nap] and vseq[state] < args[i]:
+                    code = codes[i]
+                    if code == _APPLIED:
+                        if vseq[state] < args[i] and (not monotone or i == applied_order[nap]):
                             break
-                    elif codes[i] == _UNKNOWN and vseq[state] < args[i] < next_seq:
+                    elif code == _UNKNOWN:
+                        if vseq[state] < args[i] < next_seq:
+                            break
+                    elif code == _EXPIRE:
+                        if state == args[i]:
+                            break
+                    elif code == _DELETED:
+                        if state != 0 and vseq[state] == args[i]:
+                            break
+                    elif code == _DELETE_UNKNOWN and state != 0:
                         break
                     e = nxt[e]
                 if match[e] >= 0:
@@ -279,7 +360,7 @@ def search(ops: Sequence[Operation], *, deadline: float, clock: Callable[[], flo
                     best = best[2]
                 prefix.reverse()
                 return Outcome(False, tuple(prefix), blocked, value_of[best_state], configs)
-            saved, state, base, rel, nap, remaining, depth, e = stack.pop()
+            saved, state, base, rel, nap, remaining, depth, unk, e = stack.pop()
             while trail is not saved:  # undo in reverse order of lifting
                 u, _, trail = trail
                 r = match[u]
@@ -291,7 +372,7 @@ def search(ops: Sequence[Operation], *, deadline: float, clock: Callable[[], flo
             e = nxt[e]
 
         # Take the choice at e.
-        stack.append((trail, state, base, rel, nap, remaining, depth, e))
+        stack.append((trail, state, base, rel, nap, remaining, depth, unk, e))
         i = op_of[e]
         nxt[prv[e]] = nxt[e]
         prv[nxt[e]] = prv[e]
@@ -301,6 +382,9 @@ def search(ops: Sequence[Operation], *, deadline: float, clock: Callable[[], flo
             prv[nxt[r]] = prv[r]
             remaining -= 1
             rel |= 1 << (rank[i] - base)
+        else:
+            unk |= 1 << uord[i]
+        if codes[i] == _APPLIED:
             nap += 1
         depth += 1
         state = writes[i]
