@@ -394,6 +394,9 @@ class RendezvousClient:
         self._min_s, self._max_s = reconnect_min_s, reconnect_max_s
         self._outbox: dict[str, bytes] = {}
         self._conn: _Conn | None = None
+        self._redial = False
+        #: Loop time at which the current session was established (``None``: none).
+        self.connected_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._failures = _Throttle(CLIENT_LOG_INTERVAL_S)
@@ -420,6 +423,18 @@ class RendezvousClient:
         if conn is None or not conn.send(plaintext):
             self._outbox.pop(to, None)
             self._outbox[to] = plaintext
+
+    def reconnect(self) -> None:
+        """Our NAT moved (its mappings, the TCP one included, may be gone):
+        drop the connection and dial again at once, without backoff. What
+        :meth:`send` gets meanwhile waits for the new session. No-op while
+        not connected (a dial is already due)."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = self.connected_at = None
+        self._redial = True
+        conn.writer.transport.abort()
 
     @property
     def connected(self) -> bool:
@@ -454,6 +469,10 @@ class RendezvousClient:
                 self._failures.log("io", level, "rendezvous %s unreachable or lost: %r", where, exc)
             except Exception:  # a bug; keep the promise to reconnect until close()
                 log.exception("rendezvous: unexpected error talking to %s", where)
+            self.connected_at = None
+            if self._redial:
+                self._redial, failures = False, 0
+                continue  # reconnect(): dial again at once
             if self._conn is not None:
                 failures = 0
                 self._conn = None
@@ -478,6 +497,7 @@ class RendezvousClient:
                 if welcome is not Control.WELCOME:
                     raise ProtocolError(f"expected a welcome, got {welcome!r}")
             conn = self._conn = _Conn(self.node_id, channel, writer, peer)
+            self.connected_at = asyncio.get_running_loop().time()
             self._failures = _Throttle(CLIENT_LOG_INTERVAL_S)  # log the next failure at once
             log.info("rendezvous: connected to %s as %s", peer, self.node_id)
             outbox, self._outbox = self._outbox, {}

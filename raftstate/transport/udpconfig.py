@@ -16,6 +16,12 @@ HELLO_MAX_INTERVAL = 1.0
 #: well before it is declared dead (``dead_after``) and reported to Raft.
 SUSPECT_MIN_S = 0.6
 SUSPECT_RTTS = 4
+#: A link stalled this long (at least MAPPING_CHECK_MIN_S, or MAPPING_CHECK_RTTS
+#: smoothed RTTs) asks the reach whether our own NAT mapping moved (ICE: one
+#: STUN request); much earlier than a rebuild, since the check costs one
+#: datagram and a false alarm changes nothing.
+MAPPING_CHECK_MIN_S = 0.15
+MAPPING_CHECK_RTTS = 2
 #: Wrong-secret (and other authentication) drops are logged at most this often per source.
 DROP_LOG_INTERVAL = 10.0
 
