@@ -58,8 +58,11 @@ log = logging.getLogger("raftstate.transport.ice")
 
 DIRECT = "direct"
 RELAY = "relay"
-#: A peer's path asks STUN about our mapping at most this often.
+#: A peer's path asks STUN about our mapping at most this often, in at most
+#: MAPPING_CHECK_TRIES requests of MAPPING_CHECK_TRY_S each.
 MAPPING_CHECK_INTERVAL_S = 1.0
+MAPPING_CHECK_TRIES = 3
+MAPPING_CHECK_TRY_S = 0.25
 
 
 class _DataConnection(aioice.Connection):
@@ -248,12 +251,13 @@ class IceReach:
             request = stun.Message(
                 message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST
             )
-            # Two tries within the check: a lost request should not cost aioice's 0.5 s RTO.
+            # Our own short tries: a lost request should not cost aioice's 0.5 s RTO.
             response = None
-            for _ in range(2):
+            for _ in range(MAPPING_CHECK_TRIES):
                 try:
                     response, _ = await asyncio.wait_for(
-                        pair.protocol.request(request, server, retransmissions=0), 0.5
+                        pair.protocol.request(request, server, retransmissions=0),
+                        MAPPING_CHECK_TRY_S,
                     )
                     break
                 except (TimeoutError, stun.TransactionError):

@@ -614,7 +614,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         if source is not None:
             challenge = peer.roam.on_authentic(source, size, now)
             if challenge is not None:
-                log.info("%s sent from a new address %s; validating it", peer.id, source)
+                log.debug("%s sent from a new address %s; validating it", peer.id, source)
                 self._send_path(peer, challenge.payload, challenge.address)
         if not is_path_payload(payload):
             return False
@@ -672,7 +672,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
             self._send_path(peer, due.payload, due.address)
             return  # _send_path re-armed the timer
         if due is not None:
-            log.info("no valid answer from %s at %s; rebuilding the path", peer.id, due.address)
+            log.debug("no valid answer from %s at %s; rebuilding the path", peer.id, due.address)
             self._reach.suspect(peer.id)
         self._arm_roam(peer)
 

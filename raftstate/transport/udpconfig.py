@@ -20,8 +20,8 @@ SUSPECT_RTTS = 4
 #: smoothed RTTs) asks the reach whether our own NAT mapping moved (ICE: one
 #: STUN request); much earlier than a rebuild, since the check costs one
 #: datagram and a false alarm changes nothing.
-MAPPING_CHECK_MIN_S = 0.15
-MAPPING_CHECK_RTTS = 2
+MAPPING_CHECK_MIN_S = 0.1
+MAPPING_CHECK_RTTS = 1.5
 #: Wrong-secret (and other authentication) drops are logged at most this often per source.
 DROP_LOG_INTERVAL = 10.0
 

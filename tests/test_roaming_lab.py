@@ -1,0 +1,128 @@
+"""Roaming in the WAN lab: a NAT port remap under ``weak`` stalls replication briefly.
+
+Three nodes behind three cone NATs meet through ICE (srflx paths). Under the
+``weak`` profile, with a recorded workload running, site 3's router moves
+every mapping to new ports and forgets its flows (:meth:`NatLab.remap`). Its
+node finds out with one STUN request, tells its peers its new address through
+the rendezvous (sealed), and each peer moves its path there once an
+authenticated PATH_CHALLENGE/PATH_RESPONSE round trip over the new address
+succeeded, without an ICE rebuild. The test measures the replication stall
+(from the remap until every node applied an entry the leader appended after
+it), checks it against a bound, and runs the shared verifier (nothing
+acknowledged lost, one applied order, linearizable history).
+
+Needs root, a TUN device, nftables, conntrack and coturn; skipped otherwise.
+Every wait is a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers import wait_caught_up
+
+from chaos.verify import verify
+from chaos.workload import Workload
+from cluster.labcluster import LabCluster
+from cluster.local import LocalCluster, wait_until
+from cluster.natlab import available
+from raftstate.config import NodeConfig
+from raftstate.v1 import cluster_pb2
+
+_REASON = available()
+#: The issue's target is 300 ms; a shared 2-core CI box running three nodes,
+#: the WAN emulator and the workload adds scheduling delay, so the test bound
+#: is looser (measured numbers: see docs/architecture.md, "Roaming").
+STALL_BOUND_S = 1.0
+#: Without roaming the same remap stalled ~2.5 s (suspect after 0.6 s, then a
+#: rendezvous reconnect with backoff and a full ICE round).
+
+
+@pytest.fixture(scope="module")
+def cone_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabCluster]:
+    if _REASON is not None:
+        pytest.skip(f"WAN lab unavailable: {_REASON}")
+    lab = LabCluster(
+        tmp_path_factory.mktemp("roamlab"), ("cone", "cone", "cone"),
+        base_config=NodeConfig.for_tests(),
+    )  # fmt: skip
+    lab.up(timeout_s=60)
+    try:
+        yield lab
+    finally:
+        prefix = lab.lab.prefix
+        lab.down()
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert prefix not in left
+
+
+def _links(cluster: LocalCluster) -> dict[tuple[str, str], cluster_pb2.Member]:
+    out = {}
+    for node_id in cluster.nodes:
+        st = cluster.status(node_id, timeout_s=0.5)
+        for m in st.members if st is not None else ():
+            if m.node_id != node_id:
+                out[(node_id, m.node_id)] = m
+    return out
+
+
+def _applied(cluster: LocalCluster) -> dict[str, int]:
+    out = {}
+    for node_id in cluster.nodes:
+        st = cluster.status(node_id, timeout_s=0.5)
+        out[node_id] = -1 if st is None else st.last_applied
+    return out
+
+
+def test_a_port_remap_under_weak_moves_the_paths_without_an_ice_rebuild_and_loses_nothing(
+    cone_cluster: LabCluster,
+) -> None:
+    cluster, lab = cone_cluster.cluster, cone_cluster.lab
+    assert cluster is not None
+
+    def all_srflx() -> bool:
+        seen = _links(cluster)
+        return len(seen) == 6 and all(m.connected and m.path == "srflx" for m in seen.values())
+
+    wait_until(all_srflx, 60, "srflx ICE paths between the three cone sites")
+    lab.impair_profile("weak")
+    endpoints = cluster.endpoints
+    with Workload(endpoints, endpoints, devices=8) as w:
+        wait_until(lambda: w.completed >= 100, 30, "traffic over the weak WAN")
+        leader = cluster.wait_for_leader(30)
+        builds = {pair: m.paths for pair, m in _links(cluster).items() if "n3" in pair}
+        remapped_at = time.monotonic()
+        ports = lab.remap(3)
+        status = cluster.status(leader)
+        assert status is not None
+        target = status.commit_index  # read after the remap: it crossed the new mapping
+        caught_up: dict[str, float] = {}
+
+        def all_past_target() -> bool:
+            for node_id, applied in _applied(cluster).items():
+                if applied > target:
+                    caught_up.setdefault(node_id, time.monotonic() - remapped_at)
+            return len(caught_up) == len(cluster.nodes)
+
+        wait_until(all_past_target, 60, "every node applying an entry committed after the remap")
+        stall = max(caught_up.values())
+        per_node = ", ".join(f"{n} {t:.3f} s" for n, t in sorted(caught_up.items()))
+        print(f"remap of site 3 to {ports} (leader {leader}): stall {stall:.3f} s ({per_node})")
+        links = _links(cluster)
+        rebuilt = {p: m.paths - builds[p] for p, m in links.items() if p in builds}
+        print(f"ICE paths rebuilt since the remap: {rebuilt}")
+        done = w.completed
+        wait_until(lambda: w.completed >= done + 50, 30, "traffic after the remap")
+    wait_caught_up(cluster, timeout_s=30)
+    verdict = verify(endpoints, w.acked, w.history)
+    print(verdict.explain())
+    assert verdict.ok, verdict.explain()
+    assert stall <= STALL_BOUND_S, f"replication stalled {stall:.3f} s after the remap"
+    logs = "".join(
+        (cone_cluster.base_dir / "nodes" / f"{n}.log").read_text(errors="replace")
+        for n in ("n1", "n2")
+    )
+    assert "(validated)" in logs, "no peer moved its path to n3 by path validation"
