@@ -89,7 +89,7 @@ def test_a_response_from_another_address_or_with_another_nonce_never_switches() 
     assert v.on_response(ATTACKER, good, 1.01) is None  # echoed, but from elsewhere
     assert v.on_response(NEW, forged, 1.01) is None  # from NEW, wrong nonce
     assert v.on_response(NEW, challenge.payload, 1.01) is None  # a challenge is no response
-    assert v.current == OLD and v.counters.bad_responses == 3
+    assert v.current == OLD and v.counters.unmatched_responses == 3
     assert v.on_response(NEW, good, 1.02) == Switch(NEW, OLD)  # still pending, still valid
 
 

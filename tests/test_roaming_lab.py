@@ -1,4 +1,4 @@
-"""Roaming in the WAN lab: a NAT port remap under ``weak`` stalls replication briefly.
+"""Roaming in the WAN lab: a NAT port remap (and a flush) under ``weak`` stall replication briefly.
 
 Three nodes behind three cone NATs meet through ICE (srflx paths). Under the
 ``weak`` profile, with a recorded workload running, site 3's router moves
@@ -6,10 +6,11 @@ every mapping to new ports and forgets its flows (:meth:`NatLab.remap`). Its
 node finds out with one STUN request, tells its peers its new address through
 the rendezvous (sealed), and each peer moves its path there once an
 authenticated PATH_CHALLENGE/PATH_RESPONSE round trip over the new address
-succeeded, without an ICE rebuild. The test measures the replication stall
-(from the remap until every node applied an entry the leader appended after
-it), checks it against a bound, and runs the shared verifier (nothing
-acknowledged lost, one applied order, linearizable history).
+succeeded, without an ICE rebuild. Then the same router forgets its flows
+(ports kept): silence probes re-open the mapping. For both the test measures
+the replication stall (from the NAT command until every node applied an entry
+the leader appended after it), checks it against a bound, and runs the shared
+verifier (nothing acknowledged lost, one applied order, linearizable history).
 
 Needs root, a TUN device, nftables, conntrack and coturn; skipped otherwise.
 Every wait is a condition with a deadline.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import wait_caught_up
@@ -36,8 +37,8 @@ _REASON = available()
 #: The issue's target is 300 ms; a shared 2-core CI box running three nodes,
 #: the WAN emulator and the workload adds scheduling delay, so the test bound
 #: is looser (measured numbers: see docs/architecture.md, "Roaming").
-STALL_BOUND_S = 1.0
-#: Without roaming the same remap stalled ~2.5 s (suspect after 0.6 s, then a
+STALL_BOUND_S = 1.5
+#: Without roaming the same remap stalled 1.8-3.6 s (suspect after 0.6 s, then a
 #: rendezvous reconnect with backoff and a full ICE round).
 
 
@@ -77,7 +78,30 @@ def _applied(cluster: LocalCluster) -> dict[str, int]:
     return out
 
 
-def test_a_port_remap_under_weak_moves_the_paths_without_an_ice_rebuild_and_loses_nothing(
+def _stall(cluster: LocalCluster, event: Callable[[], object]) -> tuple[float, str]:
+    """Run ``event`` (a NAT operation), then time until every node applied
+    an entry the leader appended after it returned. Returns the stall and a
+    per-node line."""
+    leader = cluster.wait_for_leader(30)
+    started = time.monotonic()
+    event()
+    status = cluster.status(leader)
+    assert status is not None
+    target = status.commit_index  # read after the event: it crossed the new NAT state
+    caught_up: dict[str, float] = {}
+
+    def all_past_target() -> bool:
+        for node_id, applied in _applied(cluster).items():
+            if applied > target:
+                caught_up.setdefault(node_id, time.monotonic() - started)
+        return len(caught_up) == len(cluster.nodes)
+
+    wait_until(all_past_target, 60, "every node applying an entry committed after the event")
+    per_node = ", ".join(f"{n} {t:.3f} s" for n, t in sorted(caught_up.items()))
+    return max(caught_up.values()), f"leader {leader}: {per_node}"
+
+
+def test_a_port_remap_and_a_flush_under_weak_stall_briefly_and_lose_nothing(
     cone_cluster: LabCluster,
 ) -> None:
     cluster, lab = cone_cluster.cluster, cone_cluster.lab
@@ -92,35 +116,23 @@ def test_a_port_remap_under_weak_moves_the_paths_without_an_ice_rebuild_and_lose
     endpoints = cluster.endpoints
     with Workload(endpoints, endpoints, devices=8) as w:
         wait_until(lambda: w.completed >= 100, 30, "traffic over the weak WAN")
-        leader = cluster.wait_for_leader(30)
         builds = {pair: m.paths for pair, m in _links(cluster).items() if "n3" in pair}
-        remapped_at = time.monotonic()
-        ports = lab.remap(3)
-        status = cluster.status(leader)
-        assert status is not None
-        target = status.commit_index  # read after the remap: it crossed the new mapping
-        caught_up: dict[str, float] = {}
-
-        def all_past_target() -> bool:
-            for node_id, applied in _applied(cluster).items():
-                if applied > target:
-                    caught_up.setdefault(node_id, time.monotonic() - remapped_at)
-            return len(caught_up) == len(cluster.nodes)
-
-        wait_until(all_past_target, 60, "every node applying an entry committed after the remap")
-        stall = max(caught_up.values())
-        per_node = ", ".join(f"{n} {t:.3f} s" for n, t in sorted(caught_up.items()))
-        print(f"remap of site 3 to {ports} (leader {leader}): stall {stall:.3f} s ({per_node})")
-        links = _links(cluster)
-        rebuilt = {p: m.paths - builds[p] for p, m in links.items() if p in builds}
+        remap_stall, remap_line = _stall(cluster, lambda: lab.remap(3))
+        print(f"remap of site 3: stall {remap_stall:.3f} s ({remap_line})")
+        rebuilt = {p: m.paths - builds[p] for p, m in _links(cluster).items() if p in builds}
         print(f"ICE paths rebuilt since the remap: {rebuilt}")
         done = w.completed
         wait_until(lambda: w.completed >= done + 50, 30, "traffic after the remap")
+        flush_stall, flush_line = _stall(cluster, lambda: lab.flush_conntrack(3))
+        print(f"conntrack flush of site 3: stall {flush_stall:.3f} s ({flush_line})")
+        done = w.completed
+        wait_until(lambda: w.completed >= done + 50, 30, "traffic after the flush")
     wait_caught_up(cluster, timeout_s=30)
     verdict = verify(endpoints, w.acked, w.history)
     print(verdict.explain())
     assert verdict.ok, verdict.explain()
-    assert stall <= STALL_BOUND_S, f"replication stalled {stall:.3f} s after the remap"
+    assert remap_stall <= STALL_BOUND_S, f"replication stalled {remap_stall:.3f} s after the remap"
+    assert flush_stall <= STALL_BOUND_S, f"replication stalled {flush_stall:.3f} s after the flush"
     logs = "".join(
         (cone_cluster.base_dir / "nodes" / f"{n}.log").read_text(errors="replace")
         for n in ("n1", "n2")

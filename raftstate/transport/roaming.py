@@ -140,7 +140,9 @@ class RoamingCounters:
     failures: int = 0
     rate_limited: int = 0
     too_small: int = 0
-    bad_responses: int = 0
+    #: Responses that matched no pending validation (wrong nonce or source,
+    #: late, or answers to the transport's silence probes).
+    unmatched_responses: int = 0
 
 
 def challenge_payload(nonce: bytes) -> bytes:
@@ -256,7 +258,7 @@ class PathValidator:
             or source != p.address
             or now >= p.deadline
         ):
-            self._count(bad_responses=1)
+            self._count(unmatched_responses=1)
             return None
         previous, self.current, self._pending = self.current, p.address, None
         self._count(switches=1)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -63,9 +64,11 @@ from raftstate.transport.reach import Reach, StaticReach
 from raftstate.transport.reliable import MessageTooLarge, ReliableLink
 from raftstate.transport.roaming import (
     CHALLENGE_SIZE,
+    NONCE_SIZE,
     Challenge,
     PathValidator,
     RoamingConfig,
+    challenge_payload,
     is_path_payload,
     response_to,
 )
@@ -76,6 +79,10 @@ from raftstate.transport.udpconfig import (
     HELLO_MIN_INTERVAL,
     MAPPING_CHECK_MIN_S,
     MAPPING_CHECK_RTTS,
+    SILENCE_MIN_S,
+    SILENCE_PROBE_FOR_S,
+    SILENCE_RTTS,
+    SILENCE_TICK_S,
     SUSPECT_MIN_S,
     SUSPECT_RTTS,
     PeerLinkStats,
@@ -92,10 +99,10 @@ _ROAMING = RoamingConfig(min_trigger_size=CHALLENGE_SIZE + OVERHEAD)
 
 class _Peer:
     __slots__ = (
-        "backlog", "backlog_bytes", "hello_handle", "hello_interval", "id", "link",
-        "link_buffered", "mapping_checked", "node", "outbox_bytes", "paused", "refused",
-        "reported_up", "roam", "roam_timer", "roamed", "sessions", "suspected", "timer",
-        "timer_when",
+        "backlog", "backlog_bytes", "heard", "hello_handle", "hello_interval", "id", "link",
+        "link_buffered", "mapping_checked", "node", "outbox_bytes", "paused", "probe_gap",
+        "probe_next", "refused", "reported_up", "roam", "roam_timer", "roamed", "sessions",
+        "suspected", "timer", "timer_when",
     )  # fmt: skip
 
     def __init__(self, peer_id: str, node: Any) -> None:
@@ -127,6 +134,11 @@ class _Peer:
         self.roamed = 0
         #: The reach was asked once, in this stall, whether our mapping moved.
         self.mapping_checked = False
+        #: Loop time of the last authentic link datagram from the peer.
+        self.heard: float | None = None
+        #: Silence probes: when the next may go, and the gap after it.
+        self.probe_next = 0.0
+        self.probe_gap = 0.0
 
 
 class UdpTransport(Transport):  # type: ignore[misc]
@@ -193,6 +205,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         # Loop-side messages (set_loop_receiver): wire kinds and their handler.
         self._loop_kinds: frozenset[int] = frozenset()
         self._loop_handler: LoopHandler | None = None
+        self._silence_timer: asyncio.TimerHandle | None = None
         self._bound = asyncio.run_coroutine_threadsafe(self._open(), loop)
         syncObj.addOnTickCallback(self._on_tick)
 
@@ -428,6 +441,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
 
     async def _open(self) -> None:
         await self._reach.open(self._on_datagram, self._on_path_up, self._on_peer_moved)
+        self._silence_timer = self._loop.call_later(SILENCE_TICK_S, self._on_silence_tick)
         self._open_done = True
 
     def _on_path_up(self, peer_id: str) -> None:
@@ -452,6 +466,9 @@ class UdpTransport(Transport):  # type: ignore[misc]
                     handle.cancel()
             peer.timer = peer.hello_handle = peer.roam_timer = None
         self._open_done = False
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
         self._reach.close()
 
     def _wake_tick(self) -> None:
@@ -585,6 +602,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 return
             if peer.link is None:
                 return
+            peer.heard = self._loop.time()
             messages = peer.link.receive(event.payload, self._loop.time())
             if messages and self._loop_kinds:
                 messages = self._divert(peer, messages)
@@ -618,6 +636,12 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 self._send_path(peer, challenge.payload, challenge.address)
         if not is_path_payload(payload):
             return False
+        link = peer.link
+        if link is not None and link.stalled(now) > 0.0:
+            # The peer got through to us: the path works (again); resend now
+            # rather than after the backed-off retransmission timer.
+            link.path_changed(now)
+            self._transmit_soon(peer)
         reply = response_to(payload)
         if reply is not None:
             # To where the challenge came from (the path being validated).
@@ -675,6 +699,30 @@ class UdpTransport(Transport):  # type: ignore[misc]
             log.debug("no valid answer from %s at %s; rebuilding the path", peer.id, due.address)
             self._reach.suspect(peer.id)
         self._arm_roam(peer)
+
+    def _on_silence_tick(self) -> None:
+        """Loop thread, every SILENCE_TICK_S: probe peers that went silent
+        (see ``SILENCE_*`` in :mod:`~raftstate.transport.udpconfig`)."""
+        if not self._open_done:
+            return
+        now = self._loop.time()
+        for peer in self._peers.values():
+            link = peer.link
+            if link is None or peer.heard is None:
+                continue
+            silence = now - peer.heard
+            threshold = max(SILENCE_MIN_S, SILENCE_RTTS * (link.srtt or 0.0))
+            if silence < threshold:
+                peer.probe_gap = 0.0
+                continue
+            if silence > SILENCE_PROBE_FOR_S or now < peer.probe_next:
+                continue
+            peer.probe_gap = threshold if peer.probe_gap == 0.0 else 2 * peer.probe_gap
+            peer.probe_next = now + peer.probe_gap
+            payload = challenge_payload(os.urandom(NONCE_SIZE))
+            self._reach.send(peer.id, self._channel.seal(peer.id, payload))
+            self._reach.check_mapping(peer.id)
+        self._silence_timer = self._loop.call_later(SILENCE_TICK_S, self._on_silence_tick)
 
     def _new_session(self, peer: _Peer) -> None:
         if peer.timer is not None:
