@@ -754,3 +754,29 @@ def test_reconnect_redials_at_once_and_delivers_what_was_sent_meanwhile() -> Non
             assert a.connected and a.connected_at is not None and a.connected_at > first
 
     run(main)
+
+
+def test_reconnect_between_dials_cuts_the_backoff_short() -> None:
+    """A client backing off (5 s) after its server went away dials again at
+    once when ``reconnect()`` is called (our NAT moved: the old failure says
+    nothing about the new mapping)."""
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            first = RendezvousServer(SECRET)
+            host, port = await first.start("127.0.0.1", 0)
+            a = RendezvousClient(f"{host}:{port}", "a", SECRET, Inbox(), reconnect_min_s=5.0,
+                                 reconnect_max_s=5.0)  # fmt: skip
+            a.start()
+            stack.push_async_callback(a.close)
+            await eventually(lambda: a.connected, "a connected")
+            await first.close()
+            await eventually(lambda: not a.connected, "a disconnected")
+            second = RendezvousServer(SECRET)
+            await second.start(host, port)
+            stack.push_async_callback(second.close)
+            await eventually(lambda: a.connected_at is None, "a in its 5 s backoff")
+            a.reconnect()
+            await eventually(lambda: a.connected, "a reconnected well before 5 s", timeout=2.0)
+
+    run(main)

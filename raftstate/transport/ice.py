@@ -60,7 +60,7 @@ DIRECT = "direct"
 RELAY = "relay"
 #: A peer's path asks STUN about our mapping at most this often, in at most
 #: MAPPING_CHECK_TRIES requests of MAPPING_CHECK_TRY_S each.
-MAPPING_CHECK_INTERVAL_S = 1.0
+MAPPING_CHECK_INTERVAL_S = 0.5
 MAPPING_CHECK_TRIES = 3
 MAPPING_CHECK_TRY_S = 0.25
 
@@ -95,8 +95,8 @@ class _DataConnection(aioice.Connection):
 
 class _Peer:
     __slots__ = (
-        "active", "active_mode", "attempt", "built", "checking", "controlling", "failures",
-        "good_mode", "id", "kind", "last_check", "last_restart", "mapped", "mode",
+        "active", "active_mode", "attempt", "built", "check_later", "checking", "controlling",
+        "failures", "good_mode", "id", "kind", "last_check", "last_restart", "mapped", "mode",
         "negotiating", "retry", "tasks", "watch",
     )  # fmt: skip
 
@@ -120,6 +120,8 @@ class _Peer:
         self.mapped: tuple[str, int] | None = None
         self.checking = False
         self.last_check = -1e9
+        #: A check asked for within MAPPING_CHECK_INTERVAL_S of the last one runs then.
+        self.check_later: asyncio.TimerHandle | None = None
 
 
 class IceReach:
@@ -231,18 +233,32 @@ class IceReach:
         maps it now; if that moved, tell the peer through the rendezvous
         (sealed) so it can validate the new address, and redial the
         rendezvous (its TCP mapping moved too). At most once per
-        :data:`MAPPING_CHECK_INTERVAL_S` per peer."""
+        :data:`MAPPING_CHECK_INTERVAL_S` per peer: a check asked for sooner
+        runs when the interval is up (never dropped: the stall that asked
+        may be the one that matters)."""
         peer = self._peers[peer_id]
         pair = _nominated(peer.active)
         now = self._loop.time()
         if (
             pair is None or self._closed or not self._settings.stun_server or peer.checking
             or pair.local_candidate.type == "relay"
-            or (now - peer.last_check < MAPPING_CHECK_INTERVAL_S and not force)
         ):  # fmt: skip
             return
+        if now - peer.last_check < MAPPING_CHECK_INTERVAL_S and not force:
+            if peer.check_later is None:
+                peer.check_later = self._loop.call_at(
+                    peer.last_check + MAPPING_CHECK_INTERVAL_S, self._deferred_check, peer
+                )
+            return
+        if peer.check_later is not None:
+            peer.check_later.cancel()
+            peer.check_later = None
         peer.checking, peer.last_check = True, now
         self._spawn(peer, self._check_mapping(peer, pair))
+
+    def _deferred_check(self, peer: _Peer) -> None:
+        peer.check_later = None
+        self.check_mapping(peer.id)
 
     async def _check_mapping(self, peer: _Peer, pair: Any) -> None:
         started = self._loop.time()
@@ -313,8 +329,9 @@ class IceReach:
         self._closed = True
         conns: list[_DataConnection] = []
         for peer in self._peers.values():
-            if peer.retry is not None:
-                peer.retry.cancel()
+            for handle in (peer.retry, peer.check_later):
+                if handle is not None:
+                    handle.cancel()
             for task in list(peer.tasks) + ([peer.watch] if peer.watch else []):
                 task.cancel()
             conns += [c for c in (peer.active, peer.negotiating) if c is not None]

@@ -395,6 +395,7 @@ class RendezvousClient:
         self._outbox: dict[str, bytes] = {}
         self._conn: _Conn | None = None
         self._redial = False
+        self._wake = asyncio.Event()
         #: Loop time at which the current session was established (``None``: none).
         self.connected_at: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -427,10 +428,11 @@ class RendezvousClient:
     def reconnect(self) -> None:
         """Our NAT moved (its mappings, the TCP one included, may be gone):
         drop the connection and dial again at once, without backoff. What
-        :meth:`send` gets meanwhile waits for the new session. No-op while
-        not connected (a dial is already due)."""
+        :meth:`send` gets meanwhile waits for the new session. While not
+        connected it cuts a pending backoff short (the next dial goes now)."""
         conn = self._conn
         if conn is None:
+            self._wake.set()  # between dials: cut the backoff short
             return
         self._conn = self.connected_at = None
         self._redial = True
@@ -479,7 +481,11 @@ class RendezvousClient:
             else:
                 failures += 1
             base = min(self._max_s, self._min_s * 2.0 ** max(0, failures - 1))
-            await asyncio.sleep(min(self._max_s, base * (1.0 + 0.5 * self._rng.random())))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wake.wait(), min(self._max_s, base * (1.0 + 0.5 * self._rng.random()))
+                )
 
     async def _session(self) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):

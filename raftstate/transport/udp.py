@@ -717,11 +717,13 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 continue
             if silence > SILENCE_PROBE_FOR_S or now < peer.probe_next:
                 continue
-            peer.probe_gap = threshold if peer.probe_gap == 0.0 else 2 * peer.probe_gap
+            first = peer.probe_gap == 0.0
+            peer.probe_gap = threshold if first else 2 * peer.probe_gap
             peer.probe_next = now + peer.probe_gap
             payload = challenge_payload(os.urandom(NONCE_SIZE))
             self._reach.send(peer.id, self._channel.seal(peer.id, payload))
-            self._reach.check_mapping(peer.id)
+            if first:
+                self._reach.check_mapping(peer.id)
         self._silence_timer = self._loop.call_later(SILENCE_TICK_S, self._on_silence_tick)
 
     def _new_session(self, peer: _Peer) -> None:
