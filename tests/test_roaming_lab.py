@@ -54,6 +54,7 @@ def cone_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabCluste
         election_timeout_min_ms=d.election_timeout_min_ms,
         election_timeout_max_ms=d.election_timeout_max_ms,
         leader_step_down_ms=d.leader_step_down_ms,
+        connection_timeout_ms=d.election_timeout_max_ms,
     )
     lab = LabCluster(tmp_path_factory.mktemp("roamlab"), ("cone", "cone", "cone"), base_config=base)
     lab.up(timeout_s=60)
