@@ -63,6 +63,8 @@ RELAY = "relay"
 MAPPING_CHECK_INTERVAL_S = 0.5
 MAPPING_CHECK_TRIES = 3
 MAPPING_CHECK_TRY_S = 0.25
+#: A ``moved`` note is repeated after a rendezvous reconnect for this long.
+MOVED_NOTE_TTL_S = 3.0
 
 
 class _DataConnection(aioice.Connection):
@@ -97,7 +99,7 @@ class _Peer:
     __slots__ = (
         "active", "active_mode", "attempt", "built", "check_later", "checking", "controlling",
         "failures", "good_mode", "id", "kind", "last_check", "last_restart", "mapped", "mode",
-        "negotiating", "retry", "tasks", "watch",
+        "moved_note", "negotiating", "retry", "tasks", "watch",
     )  # fmt: skip
 
     def __init__(self, peer_id: str, controlling: bool) -> None:
@@ -122,6 +124,9 @@ class _Peer:
         self.last_check = -1e9
         #: A check asked for within MAPPING_CHECK_INTERVAL_S of the last one runs then.
         self.check_later: asyncio.TimerHandle | None = None
+        #: The last ``moved`` note to the peer and when it was sent (repeated
+        #: on a rendezvous reconnect within MOVED_NOTE_TTL_S).
+        self.moved_note: tuple[dict[str, Any], float] | None = None
 
 
 class IceReach:
@@ -310,10 +315,9 @@ class IceReach:
         if rendezvous is not None:
             if rendezvous.connected_at is not None and rendezvous.connected_at < started:
                 rendezvous.reconnect()  # dialled before the move: its TCP mapping is gone
-            rendezvous.send(
-                peer.id, self._sealer.seal(peer.id, {"t": "moved", "host": mapped[0],
-                                                     "port": mapped[1]})
-            )  # fmt: skip
+            note = self._sealer.seal(peer.id, {"t": "moved", "host": mapped[0], "port": mapped[1]})
+            peer.moved_note = (note, self._loop.time())
+            rendezvous.send(peer.id, note)
 
     def _on_moved(self, peer: _Peer, body: Mapping[str, Any]) -> None:
         host, port = body.get("host"), body.get("port")
@@ -609,7 +613,13 @@ class IceReach:
         nobody answered yet and requests for an offer."""
         if sessions == 1 or self._closed:
             return  # the first connection carries what open() queued
+        now = self._loop.time()
         for peer in self._peers.values():
+            # The client's outbox keeps one message per peer: an ICE restart
+            # request sent meanwhile may have replaced the moved note.
+            if peer.moved_note is not None and now - peer.moved_note[1] < MOVED_NOTE_TTL_S:
+                if self._rendezvous is not None:
+                    self._rendezvous.send(peer.id, peer.moved_note[0])
             conn = peer.negotiating
             if peer.controlling and conn is not None and conn.remote_username is None:
                 if peer.attempt is not None and conn.local_candidates:

@@ -29,8 +29,8 @@ MAPPING_CHECK_RTTS = 1.5
 #: ICE take over). The probe re-opens our NAT's mapping towards the peer after
 #: a conntrack flush, and the peer, on an authentic path datagram while its
 #: link to us is stalled, resends at once.
-SILENCE_MIN_S = 0.15
-SILENCE_RTTS = 2
+SILENCE_MIN_S = 0.1
+SILENCE_RTTS = 1.5
 SILENCE_PROBE_FOR_S = 3.0
 SILENCE_TICK_S = 0.05
 #: Wrong-secret (and other authentication) drops are logged at most this often per source.
