@@ -696,8 +696,13 @@ class UdpTransport(Transport):  # type: ignore[misc]
             self._send_path(peer, due.payload, due.address)
             return  # _send_path re-armed the timer
         if due is not None:
-            log.debug("no valid answer from %s at %s; rebuilding the path", peer.id, due.address)
-            self._reach.suspect(peer.id)
+            # Rebuild only a path that does not work: a failed validation of
+            # a stray source while the link makes progress changes nothing.
+            link = peer.link
+            if link is not None and link.stalled(self._loop.time()) > 0.0:
+                log.info("no valid answer from %s at %s; rebuilding the path",
+                         peer.id, due.address)  # fmt: skip
+                self._reach.suspect(peer.id)
         self._arm_roam(peer)
 
     def _on_silence_tick(self) -> None:
