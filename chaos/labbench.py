@@ -738,8 +738,11 @@ def _nat_event(system: _Raftstate, kind: str, after_s: float, out: dict[str, flo
     commit, _ = system.commit_status()
     out["stall_s"] = None
     while time.monotonic() - t0 < 30:
-        _, applied = system.commit_status()
-        if commit >= 0 and applied and all(a > commit for a in applied):
+        last, applied = system.commit_status()
+        if commit < 0:  # no leader when first read (an election): the first one seen
+            commit = last
+            continue
+        if applied and all(a > commit for a in applied):
             out["stall_s"] = round(time.monotonic() - t0, 3)
             return
         time.sleep(0.02)
