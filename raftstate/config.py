@@ -203,11 +203,13 @@ class NodeConfig:
     stream_window: int = DEFAULT_STREAM_WINDOW
     #: Watch streams open at once on this node; more get RESOURCE_EXHAUSTED
     #: naming this field (a gate of its own, apart from max_streams).
-    watch_max_watchers: int = 10_000
+    watch_max_watchers: int = 2_000
     #: Events queued for one watcher whose stream is not keeping up; beyond
     #: it the watch ends with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) and the
     #: revision to resume from.
-    watch_max_pending: int = 10_000
+    #: Worst case, every watcher stalled: ~64 B x watch_max_pending x
+    #: watch_max_watchers (defaults: ~320 MB).
+    watch_max_pending: int = 2_500
     #: How often an idle watcher gets a progress response (its resume point)
     #: unless its request asks for another interval.
     watch_progress_ms: int = 5000
