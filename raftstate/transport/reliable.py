@@ -81,10 +81,25 @@ from raftstate.transport.frames import (
 from raftstate.transport.linkconfig import LinkConfig, LinkStats
 from raftstate.transport.outgoing import OutChunk, OutgoingStream, fit
 from raftstate.transport.reassembly import Reassembler, StreamOverflow
-from raftstate.transport.recovery import LossRecovery, SentFrame
+from raftstate.transport.recovery import COPY_GAPS, LossRecovery, SentFrame, residual_loss
 
 _MIN_MAX_PAYLOAD = SINGLE_CHUNK_OVERHEAD + 64
 _DEFAULT_CONFIG = LinkConfig()
+#: Chunks whose redundant copies are tracked at once (oldest forgotten).
+MAX_GUARDED = 32
+
+
+class _Guarded:
+    """A chunk sent as data (new or retransmitted) that is owed ``left``
+    more redundant copies; the next may ride frame ``due`` or later."""
+
+    __slots__ = ("chunk", "due", "left", "sent")
+
+    def __init__(self, chunk: OutChunk, left: int, due: int) -> None:
+        self.chunk = chunk
+        self.left = left
+        self.due = due
+        self.sent = 0  # copies sent so far
 
 
 class MessageTooLarge(TransportError):
@@ -122,16 +137,14 @@ class ReliableLink:
         self._stream = Reassembler(config.max_message_bytes)
         self._out = OutgoingStream()
         self._next_number = 0
-        #: Chunks most recently sent as new data or retransmissions: the ones
-        #: redundant copies protect.
-        self._recent: deque[OutChunk] = deque(maxlen=max(config.redundancy_max, 1))
+        #: Chunks recently sent as new data or retransmissions that are owed
+        #: redundant copies, oldest first.
+        self._guard: deque[_Guarded] = deque(maxlen=MAX_GUARDED)
         self._tail_at: float | None = None
-        #: (copies, highest loss rate they suffice for), ascending: see _copies.
-        self._copy_steps = [
-            (c, config.redundancy_target ** (1 / (c + 1)))
-            for c in range(config.redundancy, config.redundancy_max)
-        ]
-        self._tail_left = 0
+        self._tail_gap = 0.0
+        #: (fates, burst samples) the cached copy count was computed for.
+        self._copies_key = (-1, -1)
+        self._copies_now = config.redundancy
         self._progress_time = 0.0
         self._failure: str | None = None
         self._frames_sent = self._ack_frames_sent = self._frames_received = 0
@@ -268,18 +281,18 @@ class ReliableLink:
                 break  # defensive: nothing fitted after all
             sent = True
         if sent and copies:
-            self._tail_left = copies
-            self._tail_at = now + self._tail_delay()
+            self._tail_gap = self._tail_delay()
+            self._tail_at = now + self._tail_gap
         elif self._tail_at is not None and now >= self._tail_at:
             self._tail_at = None
-            tail = fit(list(self._recent)[-max(copies, 1) :][::-1], self._max_record)
+            tail = self._copies_owed(None, self._max_record, ())
             if tail and self._cap_open():
                 self._redundant += len(tail)
                 self._redundant_bytes += sum(c.record_size for c in tail)
                 out.append(self._build(now, tail))
-                self._tail_left -= 1
-                if self._tail_left > 0:
-                    self._tail_at = now + self._tail_delay()
+                if any(g.left > 0 and not g.chunk.acked for g in self._guard):
+                    self._tail_gap *= 2  # spaced like the copies: escape a burst
+                    self._tail_at = now + self._tail_gap
         owed = self._acks.deadline
         if not out and owed is not None and now >= owed:
             out.append(self._build(now, []))
@@ -363,13 +376,53 @@ class ReliableLink:
         )
 
     def _copies(self) -> int:
-        """Redundant copies per chunk for the measured loss rate p: the
-        fewest with p ** (copies + 1) <= target, within the configured bounds."""
-        p = self._recovery.loss_rate
-        for copies, most in self._copy_steps:  # p ** (copies + 1) <= target
-            if p <= most:
-                return copies
-        return self.config.redundancy_max
+        """Redundant copies per chunk: the fewest (within the configured
+        bounds) whose residual loss, for the measured mean loss p and burst
+        loss q (:func:`~raftstate.transport.recovery.residual_loss`), is at
+        most ``redundancy_target``. Cached until a new fate is known."""
+        rec, cfg = self._recovery, self.config
+        key = (rec.fates, rec.burst_samples)
+        if key == self._copies_key:
+            return self._copies_now
+        p, q = rec.loss_rate, rec.burst_loss
+        copies = cfg.redundancy
+        while copies < cfg.redundancy_max and residual_loss(p, q, copies) > cfg.redundancy_target:
+            copies += 1
+        self._copies_key, self._copies_now = key, copies
+        return copies
+
+    def _copies_owed(
+        self,
+        number: int | None,
+        room: int,
+        primary: tuple[OutChunk, ...] | list[OutChunk],
+        taken: int = 0,
+    ) -> list[OutChunk]:
+        """Copies for one frame, newest chunk first (its first copy is the
+        one that repairs a single loss within a frame), that fit ``room`` bytes
+        beside ``taken`` chunks: every guarded chunk not acked, not in
+        ``primary``, still owed a copy and (unless ``number`` is ``None``: a
+        tail frame) due by frame ``number``. Each taken copy is counted and
+        its next one scheduled ``COPY_GAPS`` frames later."""
+        guard = self._guard
+        while guard and (guard[0].left <= 0 or guard[0].chunk.acked):
+            guard.popleft()
+        out: list[OutChunk] = []
+        for g in reversed(guard):
+            if taken + len(out) >= MAX_CHUNKS:
+                break
+            chunk = g.chunk
+            if g.left <= 0 or chunk.acked or (number is not None and g.due > number):
+                continue
+            if chunk.record_size > room or chunk in primary or chunk in out:
+                continue
+            out.append(chunk)
+            room -= chunk.record_size
+            g.left -= 1
+            g.sent += 1
+            base = self._next_number if number is None else number
+            g.due = base + COPY_GAPS[min(g.sent, len(COPY_GAPS) - 1)]
+        return out
 
     def _tail_delay(self) -> float:
         cfg = self.config
@@ -423,13 +476,14 @@ class ReliableLink:
                 space -= cut.record_size
         if copies:
             primary = chunks
-            recent = [c for c in list(self._recent)[-copies:][::-1] if c not in primary]
-            extra = fit(recent, space, taken=len(chunks)) if recent else recent
+            extra = (
+                self._copies_owed(number, space, primary, taken=len(chunks)) if self._guard else []
+            )
             if extra:
                 self._redundant += len(extra)
                 self._redundant_bytes += sum(c.record_size for c in extra)
                 chunks = primary + extra
-            self._recent.extend(primary)
+            self._guard.extend(_Guarded(c, copies, number + 1) for c in primary)
         payload = encode_fields(number, floor, ack[0] if ack else None, chunks, ack_now)
         self._next_number += 1
         self._frames_sent += 1
