@@ -74,6 +74,7 @@ from raftstate.transport.frames import (
     MAX_VARINT_SIZE,
     SINGLE_CHUNK_OVERHEAD,
     FrameError,
+    StreamChunk,
     decode_frame,
     encode_fields,
     varint_size,
@@ -127,7 +128,7 @@ class ReliableLink:
         self.max_payload = max_payload
         #: A chunk this size fits a frame of its own, whatever the ACK size.
         self._max_chunk = min(max_payload - SINGLE_CHUNK_OVERHEAD, MAX_CHUNK_LENGTH)
-        self._max_record = self._max_chunk + MAX_VARINT_SIZE + 2  # + offset, length
+        self._max_record = self._max_chunk + 2 * MAX_VARINT_SIZE + 2  # + offset, length, tag
         self._recovery = LossRecovery(config.recovery_params())
         self._acks = AckTracker(
             max_ack_delay=config.max_ack_delay,
@@ -180,8 +181,11 @@ class ReliableLink:
         """Why the peer broke the protocol (the link is dead), else ``None``."""
         return self._failure
 
-    def send(self, message: bytes, now: float) -> bool:
-        """Queue ``message`` for in-order, exactly-once delivery. Returns
+    def send(self, message: bytes, now: float, *, ordered: bool = True) -> bool:
+        """Queue ``message`` for in-order, exactly-once delivery. With
+        ``ordered=False`` (a small message the application can take out of
+        order) it may overtake earlier *unordered* messages still under
+        repair, never an ordered one. Returns
         ``False`` (queueing nothing) when the send buffer lacks room; retry
         once ACKs drained it. Raises :class:`MessageTooLarge` past
         ``max_message_bytes``."""
@@ -196,7 +200,7 @@ class ReliableLink:
             return False
         if self._out.buffered == 0:
             self._progress_time = now
-        self._out.push(message)
+        self._out.push(message, ordered=ordered)
         self._messages_sent += 1
         return True
 
@@ -236,18 +240,31 @@ class ReliableLink:
                 self._out.on_frame_acked(sent.chunks)
             for sent in lost:
                 self._out.on_frame_lost(sent.chunks)
-        known = self._stream.duplicate_bytes
+        stream = self._stream
+        known = stream.duplicate_bytes
+        unordered: list[StreamChunk] = []
         for chunk in frame.chunks:
-            self._stream.add(chunk.offset, chunk.data)
-        if late and self._stream.duplicate_bytes - known == sum(len(c.data) for c in frame.chunks):
-            self._duplicates += 1  # nothing new: most likely a network duplicate
-        else:
-            self._frames_received += 1
+            if chunk.barrier >= 0:
+                unordered.append(chunk)
+            else:
+                stream.add(chunk.offset, chunk.data)
         try:
-            messages = self._stream.messages()
+            messages = stream.messages()
+            if unordered:
+                for chunk in unordered:
+                    early = stream.add_unordered(chunk.offset, chunk.data, chunk.barrier)
+                    if early is None:
+                        stream.add(chunk.offset, chunk.data)
+                    else:
+                        messages.extend(early)
+                messages.extend(stream.messages())
         except StreamOverflow as exc:
             self._failure = str(exc)
             return []
+        if late and stream.duplicate_bytes - known == sum(len(c.data) for c in frame.chunks):
+            self._duplicates += 1  # nothing new: most likely a network duplicate
+        else:
+            self._frames_received += 1
         self._messages_delivered += len(messages)
         return messages
 
@@ -468,10 +485,12 @@ class ReliableLink:
         space = room - ack[1] if ack is not None else room
         if new_data:
             out = self._out
-            head = varint_size(out.next_offset) + 2
-            size = min(space - head, out.pending_bytes, self._window_left(), self._max_chunk)
-            if size > 0:
-                cut = out.cut(size)
+            while out.pending_bytes and len(chunks) < MAX_CHUNKS:
+                head = out.head_room(out.next_offset)
+                size = min(space - head, out.pending_bytes, self._window_left(), self._max_chunk)
+                cut = out.cut(size) if size > 0 else None
+                if cut is None:
+                    break
                 chunks = [*chunks, cut]
                 space -= cut.record_size
         if copies:

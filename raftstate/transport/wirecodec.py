@@ -113,6 +113,18 @@ SCHEMAS: tuple[Schema, ...] = (
     _s(38, "rs_prevote_resp", "term:q", "granted:b"),
 )  # fmt: skip
 
+#: Wire kinds a link may deliver out of order (``ReliableLink.send(...,
+#: ordered=False)``): an unordered message may overtake earlier *unordered*
+#: ones, never an ordered one. AppendEntries (entries form) and its
+#: ``next_node_idx`` reply: a stale AppendEntries is trimmed by the
+#: follower's append guard (raftstate/appendguard.py) or rejected by its log
+#: check, pysyncobj's leader only raises matchIndex on a success and sends
+#: resets through the ResetGuard (raftstate/nextindex.py), and commit indexes
+#: only ever rise. Everything else stays ordered, notably
+#: ``apply_command_response`` (an AppendEntries overtaking it would apply the
+#: entry first and fail the caller with UNKNOWN_OUTCOME) and snapshots.
+UNORDERED_KINDS = frozenset({3, 5})
+
 _BY_SHAPE: dict[tuple[str, frozenset[str]], Schema] = {(s.type, s.keys): s for s in SCHEMAS}
 _BY_KIND: dict[int, Schema] = {s.kind: s for s in SCHEMAS}
 _FIXED: dict[int, struct.Struct] = {
