@@ -217,9 +217,12 @@ def encode_fields(
     if len(chunks) > MAX_CHUNKS:
         raise ValueError("too many chunks")
     flags = FORMAT_NIBBLE | (FLAG_ACK if ack is not None else 0)
-    tags = any(c.barrier >= 0 for c in chunks)
-    if tags:
-        flags |= FLAG_TAGS
+    tags = False
+    for c in chunks:
+        if c.barrier >= 0:
+            tags = True
+            flags |= FLAG_TAGS
+            break
     out = bytearray((flags | FLAG_ACK_NOW if ack_now else flags,))
     _put(out, number)
     _put(out, number - floor)

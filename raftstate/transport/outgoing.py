@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from raftstate.transport.frames import MAX_CHUNKS, MAX_VARINT_SIZE, encode_varint, varint_size
+from raftstate.transport.frames import MAX_CHUNKS, encode_varint, varint_size
 
 #: Largest message (with its length prefix) that may be sent unordered; a
 #: larger one goes ordered (it spans datagrams anyway).
@@ -133,11 +133,6 @@ class OutgoingStream:
         self.next_offset += size
         self._unacked.append(chunk)
         return chunk
-
-    @staticmethod
-    def head_room(offset: int) -> int:
-        """Bytes a chunk record at ``offset`` needs besides its data."""
-        return varint_size(offset) + 2 + min(varint_size(offset + 1), MAX_VARINT_SIZE)
 
     def on_frame_acked(self, chunks: list[OutChunk]) -> None:
         """A frame carrying ``chunks`` was acknowledged."""

@@ -62,7 +62,7 @@ MAX_GHOSTS = 1024
 #: Frame fates needed before a loss rate is reported: below this one loss
 #: says more about chance than about the path (1 of 8 would read 12.5 %).
 MIN_LOSS_SAMPLES = 32
-#: Frame fates remembered by number, for the burst (q) estimate.
+#: Frame fates remembered by number (a ring), for the burst (q) estimate.
 FATE_MEMORY = 256
 #: Weight of one (lost, next) pair in the q EWMA: pairs with a lost first
 #: frame are rare (3 % of frames on ``weak``), so q needs a short memory.
@@ -181,8 +181,10 @@ class LossRecovery:
         self.burst_loss = INITIAL_BURST_LOSS
         #: (lost, next) pairs that went into :attr:`burst_loss`.
         self.burst_samples = 0
-        #: Recent fates by frame number (True: lost), oldest first.
-        self._fates: dict[int, bool] = {}
+        #: Recent fates by frame number, a ring: slot n % FATE_MEMORY holds
+        #: frame n's fate (1 acked, 2 lost) if _fate_num there is n.
+        self._fate_num = [-1] * FATE_MEMORY
+        self._fate_val = bytearray(FATE_MEMORY)
 
     def floor(self, next_number: int) -> int:
         """The lowest frame number whose ACK still matters (outstanding, or
@@ -288,8 +290,9 @@ class LossRecovery:
         spurious = [n for n in ghosts if ack.covers(n)]
         for number in spurious:
             del ghosts[number]
-            if number in self._fates:
-                self._fates[number] = False  # it was not lost after all
+            slot = number % FATE_MEMORY
+            if self._fate_num[slot] == number:
+                self._fate_val[slot] = 1  # it was not lost after all
         if spurious:
             self.spurious_losses += len(spurious)
             self.reordering_seen = True
@@ -315,16 +318,17 @@ class LossRecovery:
     def _note_fate(self, lost: float, number: int) -> None:
         self.fates += 1
         self.loss_rate += self._p.loss_ewma_weight * (lost - self.loss_rate)
-        fates = self._fates
-        fate = lost > 0.5
-        before = fates.get(number - 1)
-        if before:  # (lost, this) pair
-            self._note_pair(fate)
-        if fate and fates.get(number + 1) is not None:  # (this lost, next) pair
-            self._note_pair(fates[number + 1])
-        fates[number] = fate
-        if len(fates) > FATE_MEMORY:
-            del fates[next(iter(fates))]
+        nums, vals = self._fate_num, self._fate_val
+        slot = number % FATE_MEMORY
+        prev = (number - 1) % FATE_MEMORY
+        if nums[prev] == number - 1 and vals[prev] == 2:  # (lost, this) pair
+            self._note_pair(lost > 0.5)
+        if lost > 0.5:
+            after = (number + 1) % FATE_MEMORY
+            if nums[after] == number + 1:  # (this lost, next) pair
+                self._note_pair(vals[after] == 2)
+        nums[slot] = number
+        vals[slot] = 2 if lost > 0.5 else 1
 
     def _note_pair(self, second_lost: bool) -> None:
         self.burst_samples += 1

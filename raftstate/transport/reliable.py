@@ -396,9 +396,9 @@ class ReliableLink:
         """Redundant copies per chunk: the fewest (within the configured
         bounds) whose residual loss, for the measured mean loss p and burst
         loss q (:func:`~raftstate.transport.recovery.residual_loss`), is at
-        most ``redundancy_target``. Cached until a new fate is known."""
+        most ``redundancy_target``. Recomputed every 16 fates or new pair."""
         rec, cfg = self._recovery, self.config
-        key = (rec.fates, rec.burst_samples)
+        key = (rec.fates >> 4, rec.burst_samples)  # every 16 fates, or a new pair
         if key == self._copies_key:
             return self._copies_now
         p, q = rec.loss_rate, rec.burst_loss
@@ -486,7 +486,8 @@ class ReliableLink:
         if new_data:
             out = self._out
             while out.pending_bytes and len(chunks) < MAX_CHUNKS:
-                head = out.head_room(out.next_offset)
+                # offset, length and tag: the tag is at most offset + 1
+                head = 2 * varint_size(out.next_offset + 1) + 2
                 size = min(space - head, out.pending_bytes, self._window_left(), self._max_chunk)
                 cut = out.cut(size) if size > 0 else None
                 if cut is None:
