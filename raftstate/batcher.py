@@ -28,13 +28,63 @@ devices: sealing on a timer alone, with no in-flight cap, made ~500 tiny
 entries/s and saturated the leader at ~1,000 heartbeats/s; this policy with
 4 slots and 5 ms gave ~1,500/s at lower latency.) The driver calls :meth:`finished` when a
 proposed batch commits or fails, which frees a slot and may seal the next.
+
+The slot count follows the link (:class:`SlotSizer`): a batch occupies its
+slot for one commit time, so sealing one every ``max_delay`` needs
+``commit / max_delay + 1`` slots. A constant 4 made heartbeats queue for a
+slot on WAN links (60 ms commit: a slot frees every 15 ms, not every 5 ms)
+while LAN links (commit ~1 ms) need fewer than 4; the driver raises
+:attr:`Batcher.max_inflight` from the measured commit time, never below the
+configured floor.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+#: Weight of one batch's commit time in :class:`SlotSizer`'s average.
+COMMIT_EWMA_WEIGHT = 1 / 8
+
+
+def slots_for(commit_s: float, max_delay: float, floor: int, cap: int) -> int:
+    """In-flight batches needed to keep sealing one every ``max_delay``
+    seconds while each stays ``commit_s`` in flight (Little's law):
+    ``ceil(commit_s / max_delay) + 1``, within ``[floor, max(floor, cap)]``.
+    With ``max_delay`` 0 the cap."""
+    if max_delay <= 0:
+        return max(floor, cap)
+    need = math.ceil(max(commit_s, 0.0) / max_delay) + 1
+    return min(max(need, floor), max(floor, cap))
+
+
+class SlotSizer:
+    """In-flight slots sized by the measured commit time (an EWMA of each
+    batch's time from proposal to commit: one node-to-leader-to-quorum
+    round trip plus queueing), so a WAN link gets a bandwidth-delay's worth
+    of slots and a LAN link keeps the floor. Sans-IO: the caller passes the
+    durations it measured."""
+
+    __slots__ = ("cap", "commit_s", "floor", "max_delay")
+
+    def __init__(self, *, floor: int, cap: int, max_delay: float) -> None:
+        if floor < 1 or cap < 1:
+            raise ValueError("slot bounds must be positive")
+        self.floor = floor
+        self.cap = cap
+        self.max_delay = max_delay
+        #: Smoothed commit time, seconds (``None`` before the first).
+        self.commit_s: float | None = None
+
+    def observe(self, seconds: float) -> int:
+        """Fold in one batch's commit time; return the slots to use now."""
+        if self.commit_s is None:
+            self.commit_s = seconds
+        else:
+            self.commit_s += COMMIT_EWMA_WEIGHT * (seconds - self.commit_s)
+        return slots_for(self.commit_s, self.max_delay, self.floor, self.cap)
 
 
 class Batcher(Generic[T]):
