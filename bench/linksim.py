@@ -27,6 +27,7 @@ of AEAD envelope and 28 of IPv4/UDP header), and the CPU seconds the run took
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import random
@@ -111,7 +112,7 @@ def run(profile: str, heartbeats: int, rate: float, seed: int) -> dict[str, Any]
             send(hosts[f"F{site}"], "L", b"C" + i.to_bytes(4, "big") + bytes(195), True)
 
     for i in range(heartbeats):
-        net.call_at(i / rate, lambda i=i: heartbeat(i))
+        net.call_at(i / rate, functools.partial(heartbeat, i))
     cpu = time.process_time()
     net.run_until(heartbeats / rate + 30)
     cpu = time.process_time() - cpu
