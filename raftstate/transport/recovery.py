@@ -89,7 +89,7 @@ def residual_loss(p: float, q: float, copies: int) -> float:
     lam = q - r
     out = p
     for gap in COPY_GAPS[:copies]:
-        out *= p + (1 - p) * lam**gap
+        out *= max(0.0, p + (1 - p) * lam**gap)
     return out
 
 
