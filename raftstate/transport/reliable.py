@@ -14,8 +14,11 @@ session, and both ends start new links.
 
 Guarantee: the peer's :meth:`~ReliableLink.receive` returns the messages given
 to :meth:`~ReliableLink.send` exactly once each, in order, or the link is
-eventually declared dead. The AEAD envelope below authenticates every frame;
-garbage is still counted and dropped here, never raised.
+eventually declared dead. "In order" is relaxed only for messages sent with
+``ordered=False``: such a message may overtake earlier *unordered* ones, never
+an ordered one (:mod:`~raftstate.transport.outgoing`, "barrier"). The AEAD
+envelope below authenticates every frame; garbage is still counted and
+dropped here, never raised.
 
 Steps (after QUIC, RFC 9000/9002; RACK-TLP, RFC 8985; RTP redundancy, RFC 2198):
 
@@ -37,14 +40,15 @@ Steps (after QUIC, RFC 9000/9002; RACK-TLP, RFC 8985; RTP redundancy, RFC 2198):
    ``srtt + 4 rttvar + max_ack_delay`` from the oldest unacked frame. Lost
    chunks are resent lowest offset first (that one blocks delivery); a probe
    resends the oldest unacked chunks and asks for an immediate ACK.
-5. **Redundancy.** Under ordered delivery one lost datagram holds back every
-   later message until it is repaired, so at 1000 frames/s and 3 % loss
-   ~1-RTT repairs alone would delay most messages. Spare room in each data
-   frame therefore carries copies of the most recent chunks (1 to
-   ``redundancy_max`` copies, by measured loss), and a copy of a burst's
-   unacked tail follows ``tail_copy_fraction * srtt`` after it. A single loss
-   is then repaired by the next frame. Full frames (bulk transfer) have no
-   spare room and pay nothing.
+5. **Redundancy.** A loss under repair holds back every later ordered
+   message, so data frames carry copies of recent chunks in their spare room
+   and a burst's unacked tail gets tail frames (``tail_copy_fraction * srtt``,
+   then doubling). The copy count per chunk comes from the measured loss p
+   and burst loss q (:func:`~raftstate.transport.recovery.residual_loss`,
+   target ``redundancy_target``, at most ``redundancy_max``), and the copies
+   are spaced ``COPY_GAPS`` (1, 2, 4) frames apart so that a loss burst does
+   not take them all. Full frames (bulk transfer) have no spare room and pay
+   nothing; a clean path sends no copies.
 6. **Flow.** Data frames (not probes) wait while ``max_inflight_bytes`` or
    ``max_inflight_frames`` are unacked, retransmissions included. New data
    stays within ``receive_window`` bytes of the lowest unacked byte, which
@@ -120,7 +124,7 @@ class ReliableLink:
     ) -> None:
         """``max_payload``: the largest frame the envelope below can seal.
         Raises :class:`ConfigError` for an invalid ``config`` or a
-        ``max_payload`` below 105 bytes."""
+        ``max_payload`` below 113 bytes."""
         config.validate()
         if max_payload < _MIN_MAX_PAYLOAD:
             raise ConfigError(f"max_payload: must be at least {_MIN_MAX_PAYLOAD}")
