@@ -35,18 +35,17 @@ slot for one commit time, so sealing one every ``max_delay`` needs
 slot on WAN links (60 ms commit: a slot frees every 15 ms, not every 5 ms)
 while LAN links (commit ~1 ms) need fewer than 4; the driver raises
 :attr:`Batcher.max_inflight` from the measured commit time, never below the
-configured floor.
+configured floor. It sizes by the lowest recent commit time (the round
+trip), not the average, so CPU queueing cannot feed back into more slots.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-
-#: Weight of one batch's commit time in :class:`SlotSizer`'s average.
-COMMIT_EWMA_WEIGHT = 1 / 8
 
 
 def slots_for(commit_s: float, max_delay: float, floor: int, cap: int) -> int:
@@ -61,30 +60,35 @@ def slots_for(commit_s: float, max_delay: float, floor: int, cap: int) -> int:
 
 
 class SlotSizer:
-    """In-flight slots sized by the measured commit time (an EWMA of each
-    batch's time from proposal to commit: one node-to-leader-to-quorum
-    round trip plus queueing), so a WAN link gets a bandwidth-delay's worth
-    of slots and a LAN link keeps the floor. Sans-IO: the caller passes the
+    """In-flight slots sized by the commit round trip: the *lowest* commit
+    time among the last ``window`` batches (time from proposal to commit:
+    one node-to-leader-to-quorum round trip at best), so a WAN link gets a
+    bandwidth-delay's worth of slots and a LAN link keeps the floor. The
+    minimum, not an average: queueing for CPU also lengthens commits, and
+    more slots would then make more entries and more CPU work (a feedback
+    loop); the minimum follows the network. Sans-IO: the caller passes the
     durations it measured."""
 
-    __slots__ = ("cap", "commit_s", "floor", "max_delay")
+    __slots__ = ("_recent", "cap", "floor", "max_delay", "window")
 
-    def __init__(self, *, floor: int, cap: int, max_delay: float) -> None:
-        if floor < 1 or cap < 1:
+    def __init__(self, *, floor: int, cap: int, max_delay: float, window: int = 64) -> None:
+        if floor < 1 or cap < 1 or window < 1:
             raise ValueError("slot bounds must be positive")
         self.floor = floor
         self.cap = cap
         self.max_delay = max_delay
-        #: Smoothed commit time, seconds (``None`` before the first).
-        self.commit_s: float | None = None
+        self.window = window
+        self._recent: deque[float] = deque(maxlen=window)
+
+    @property
+    def commit_s(self) -> float | None:
+        """The commit round trip slots are sized for (``None``: none yet)."""
+        return min(self._recent) if self._recent else None
 
     def observe(self, seconds: float) -> int:
         """Fold in one batch's commit time; return the slots to use now."""
-        if self.commit_s is None:
-            self.commit_s = seconds
-        else:
-            self.commit_s += COMMIT_EWMA_WEIGHT * (seconds - self.commit_s)
-        return slots_for(self.commit_s, self.max_delay, self.floor, self.cap)
+        self._recent.append(seconds)
+        return slots_for(min(self._recent), self.max_delay, self.floor, self.cap)
 
 
 class Batcher(Generic[T]):

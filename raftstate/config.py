@@ -177,7 +177,7 @@ class NodeConfig:
     #: chunked 'transmission' form (docs/architecture.md, "Entry bound").
     batch_max_bytes: int = 128 * 1024
     #: Batches proposed and not yet committed, per node: at least this many;
-    #: raised with the measured commit time (ceil(commit / batch_max_delay)
+    #: raised with the commit round trip (ceil(commit / batch_max_delay)
     #: + 1, raftstate/batcher.py SlotSizer) up to max_inflight_batches_cap,
     #: so a WAN link does not queue heartbeats for a slot. Cap = floor: fixed.
     max_inflight_batches: int = 4

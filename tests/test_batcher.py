@@ -105,3 +105,15 @@ def test_lan_keeps_the_floor_and_wan_gets_a_bandwidth_delay_worth() -> None:
     assert n_wan == 17  # ceil(80 / 5) + 1
     bad = SlotSizer(floor=4, cap=32, max_delay=0.005)
     assert max(bad.observe(0.4) for _ in range(5)) == 32  # capped
+
+
+def test_slow_commits_from_cpu_queueing_do_not_raise_the_slots() -> None:
+    """Commits stretched by a busy CPU (not the network) leave the slots
+    at what the fastest recent commit, the round trip, needs."""
+    lan = SlotSizer(floor=4, cap=32, max_delay=0.005, window=16)
+    lan.observe(0.001)
+    assert all(lan.observe(0.3) == 4 for _ in range(10))
+    assert lan.commit_s == 0.001
+    for _ in range(16):  # the old fast sample ages out of the window
+        n = lan.observe(0.3)
+    assert n == 32
