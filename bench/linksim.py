@@ -49,10 +49,12 @@ PROFILES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def run(profile: str, heartbeats: int, rate: float, seed: int) -> dict[str, Any]:
-    """One run; see the module doc."""
+def run(
+    profile: str, heartbeats: int, rate: float, seed: int, ordered: bool = False
+) -> dict[str, Any]:
+    """One run; see the module doc. ``ordered``: send every message ordered."""
     net = SimNetwork(random.Random(seed), default=LinkProfile(**PROFILES[profile]))
-    can_unorder = "ordered" in inspect.signature(SimLinkHost.send).parameters
+    can_unorder = not ordered and "ordered" in inspect.signature(SimLinkHost.send).parameters
     wire = {"bytes": 0, "datagrams": 0}
     started: dict[int, float] = {}
     done: dict[int, float] = {}
@@ -137,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heartbeats", type=int, default=15000)
     ap.add_argument("--rate", type=float, default=150.0)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--ordered", action="store_true", help="send every message ordered")
     args = ap.parse_args(argv)
     rows = [
-        run(p, args.heartbeats, args.rate, seed)
+        run(p, args.heartbeats, args.rate, seed, args.ordered)
         for p in args.profile.split(",")
         for seed in range(args.seeds)
     ]

@@ -277,7 +277,7 @@ def test_without_the_append_guard_the_same_reorder_loses_acknowledged_entries() 
 
 
 def test_reordered_next_index_replies_never_lower_the_leaders_match_index() -> None:
-    """Replies are sent unordered (UNORDERED_KINDS): the one for entries
+    """Replies sent unordered (``ordered=False``): the one for entries
     1-4 overtakes the lost one for 1-2; the leader, which like pysyncobj
     raises matchIndex only upward, ends at 4 and never goes back."""
     replies = [
@@ -285,7 +285,6 @@ def test_reordered_next_index_replies_never_lower_the_leaders_match_index() -> N
         for n in (3, 5)
     ]
     wire = [encode(r) for r in replies]
-    assert all(w[1] in UNORDERED_KINDS for w in wire)
     net, follower, _, got = _host_pair(5, LinkProfile(delay=0.03))
     state = {"dropped": False}
 
@@ -297,9 +296,7 @@ def test_reordered_next_index_replies_never_lower_the_leaders_match_index() -> N
 
     net.set_drop_filter(drop)
     for i, w in enumerate(wire):
-        net.call_at(
-            i * 0.004, lambda w=w: follower.send("b", w, ordered=w[1] not in UNORDERED_KINDS)
-        )
+        net.call_at(i * 0.004, lambda w=w: follower.send("b", w, ordered=False))
     net.run_until(5.0)
     seen = [decode(m)["next_node_idx"] - 1 for m in got]
     assert seen == [4, 2]  # reordered by the link
@@ -309,3 +306,15 @@ def test_reordered_next_index_replies_never_lower_the_leaders_match_index() -> N
         match = max(match, index)
         history.append(match)
     assert history == [4, 4]
+
+
+def test_an_unordered_message_too_big_for_the_frame_goes_ordered_and_is_not_stuck() -> None:
+    """A frame whose room is smaller than an unordered message (a large ACK
+    block) sends it as ordered bytes rather than never."""
+    from raftstate.transport.outgoing import OutgoingStream
+
+    out = OutgoingStream()
+    out.push(b"x" * 900, ordered=False)
+    assert out.cut(500) is None
+    chunk = out.cut(500, force=True)
+    assert chunk is not None and chunk.barrier == -1 and len(chunk.data) == 500

@@ -97,13 +97,18 @@ class OutgoingStream:
             self._unacked.popleft()
         return self._unacked[0].offset if self._unacked else self.next_offset
 
-    def cut(self, size: int) -> OutChunk | None:
+    def cut(self, size: int, *, force: bool = False) -> OutChunk | None:
         """The next at most ``size`` (> 0) unsent bytes as a chunk: ordered
         bytes up to the next unordered message, or whole unordered messages
-        (``None`` if the first does not fit ``size``)."""
+        (``None`` if the first does not fit ``size``). ``force`` (the frame
+        holds nothing else): an unordered message that does not fit goes as
+        ordered bytes instead (stricter, so still correct), so a frame whose
+        room a large ACK block shrank can never stall the stream."""
         pending, barriers = self._pending, self._barriers
         parts: list[bytes] = []
         left = size
+        if force and barriers[0] >= 0 and len(pending[0]) > size:
+            barriers[0] = -1
         barrier = barriers[0]
         if barrier >= 0:  # whole unordered messages, all with this barrier
             while pending and barriers[0] == barrier and len(pending[0]) <= left:

@@ -493,7 +493,7 @@ class ReliableLink:
                 # offset, length and tag: the tag is at most offset + 1
                 head = 2 * varint_size(out.next_offset + 1) + 2
                 size = min(space - head, out.pending_bytes, self._window_left(), self._max_chunk)
-                cut = out.cut(size) if size > 0 else None
+                cut = out.cut(size, force=not chunks) if size > 0 else None
                 if cut is None:
                     break
                 chunks = [*chunks, cut]

@@ -134,7 +134,14 @@ SCHEMAS: tuple[Schema, ...] = (
 #: arrives *early* finds no entry at prevLogIdx, is refused and costs a
 #: reset round trip (measured in the lab on ``weak``: p99 1.3 s). Snapshots,
 #: votes and the rest stay ordered too.
-UNORDERED_KINDS = frozenset({5, 6, 7, 8, 9})
+#:
+#: EMPTY FOR NOW: with {5, 6, 7, 8, 9} unordered, 2 of 2 lab runs (a box at
+#: load 6-10) showed heartbeats at the *leader's* site stalling (p99 1.5-4.8
+#: s, DeadlineExceeded) while follower sites, which commit without the
+#: leader's replies, did not; the same tree with the set empty did not show
+#: that signature. The cause is not found (suspect: the leader's commit path
+#: on reordered next_node_idx). The link mechanism stays, tested.
+UNORDERED_KINDS: frozenset[int] = frozenset()
 
 _BY_SHAPE: dict[tuple[str, frozenset[str]], Schema] = {(s.type, s.keys): s for s in SCHEMAS}
 _BY_KIND: dict[int, Schema] = {s.kind: s for s in SCHEMAS}
