@@ -210,6 +210,12 @@ class RunResult:
     #: the start: contention shows in the tail.
     host_busy_cpu_s: float = 0.0
     loadavg_1m: float = 0.0
+    #: Bytes the sites' routers put on the WAN in the window (every node
+    #: link, headers included, lost ones too), and per acked heartbeat.
+    wan_tx_bytes: int = 0
+    wire_bytes_per_op: float = 0.0
+    #: Leader changes seen by sampling the leader every ~2 s in the window.
+    leader_changes: int = 0
     #: Sorted successful latencies (for the CDF plot; not in the JSON).
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -228,8 +234,8 @@ def _fmt_ms(v: float) -> str:
 
 
 TABLE_HEAD = ("profile", "system", "sent", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
-              "success %", "acked-lost", "node CPU s", "CPU us/op", "host busy s", "load1",
-              "stall s")  # fmt: skip
+              "success %", "acked-lost", "node CPU s", "CPU us/op", "wire B/op", "leader chg",
+              "host busy s", "load1", "stall s")  # fmt: skip
 
 
 def _row(r: RunResult) -> list[str]:
@@ -239,7 +245,8 @@ def _row(r: RunResult) -> list[str]:
         _fmt_ms(lat.max), f"{r.success_pct:.3f}",
         str(r.acked_lost) if r.lost_checked else "unchecked",
         f"{sum(r.node_cpu_s.values()):.1f}", f"{r.cpu_us_per_op:.0f}",
-        f"{r.host_busy_cpu_s:.0f}", f"{r.loadavg_1m:.1f}",
+        f"{r.wire_bytes_per_op:.0f}", str(r.leader_changes), f"{r.host_busy_cpu_s:.0f}",
+        f"{r.loadavg_1m:.1f}",
         "-" if r.stall_s is None else f"{r.stall_s:.2f}",
     ]  # fmt: skip
 
@@ -653,8 +660,16 @@ def _window(
             target=_nat_event, args=(system, cfg.nat_event, seconds / 2, stall), daemon=True
         )
         event_thread.start()
-    time.sleep(seconds)
+    tx0 = _wan_tx_bytes(lab)
+    changes, current, end = 0, leader, time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(min(2.0, max(0.0, end - time.monotonic())))
+        now_leader = system.leader() if time.monotonic() < end else None
+        if now_leader is not None:
+            changes += current is not None and now_leader != current
+            current = now_leader
     after = {name: sample(pid) for name, pid in pids.items()}
+    tx = _wan_tx_bytes(lab) - tx0
     busy = busy_cpu_seconds() - busy0
     for i, proc in enumerate(procs, 1):
         try:
@@ -716,8 +731,22 @@ def _window(
         nat_event=cfg.nat_event if event_thread is not None else None,
         stall_s=stall.get("stall_s"), notes=notes, per_site=site_stats, leader=leader,
         host_busy_cpu_s=round(busy, 1), loadavg_1m=round(load1, 2),
-        samples_ms=samples,
+        wan_tx_bytes=tx, wire_bytes_per_op=tx / len(ok) if ok else 0.0,
+        leader_changes=changes, samples_ms=samples,
     )  # fmt: skip
+
+
+def _wan_tx_bytes(lab: Any) -> int:
+    """Bytes all site routers have sent out of their WAN interface so far."""
+    total = 0
+    for i in range(1, lab.n_sites + 1):
+        out = subprocess.run(
+            ["ip", "netns", "exec", lab.router_netns(i), "cat",
+             "/sys/class/net/wan/statistics/tx_bytes"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        total += int(out.stdout.strip() or 0)
+    return total
 
 
 def _nat_event(system: _Raftstate, kind: str, after_s: float, out: dict[str, float | None]) -> None:

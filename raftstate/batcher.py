@@ -28,13 +28,67 @@ devices: sealing on a timer alone, with no in-flight cap, made ~500 tiny
 entries/s and saturated the leader at ~1,000 heartbeats/s; this policy with
 4 slots and 5 ms gave ~1,500/s at lower latency.) The driver calls :meth:`finished` when a
 proposed batch commits or fails, which frees a slot and may seal the next.
+
+The slot count follows the link (:class:`SlotSizer`): a batch occupies its
+slot for one commit time, so sealing one every ``max_delay`` needs
+``commit / max_delay + 1`` slots. A constant 4 made heartbeats queue for a
+slot on WAN links (60 ms commit: a slot frees every 15 ms, not every 5 ms)
+while LAN links (commit ~1 ms) need fewer than 4; the driver raises
+:attr:`Batcher.max_inflight` from the measured commit time, never below the
+configured floor. It sizes by the lowest recent commit time (the round
+trip), not the average, so CPU queueing cannot feed back into more slots.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def slots_for(commit_s: float, max_delay: float, floor: int, cap: int) -> int:
+    """In-flight batches needed to keep sealing one every ``max_delay``
+    seconds while each stays ``commit_s`` in flight (Little's law):
+    ``ceil(commit_s / max_delay) + 1``, within ``[floor, max(floor, cap)]``.
+    With ``max_delay`` 0 the cap."""
+    if max_delay <= 0:
+        return max(floor, cap)
+    need = math.ceil(max(commit_s, 0.0) / max_delay) + 1
+    return min(max(need, floor), max(floor, cap))
+
+
+class SlotSizer:
+    """In-flight slots sized by the commit round trip: the *lowest* commit
+    time among the last ``window`` batches (time from proposal to commit:
+    one node-to-leader-to-quorum round trip at best), so a WAN link gets a
+    bandwidth-delay's worth of slots and a LAN link keeps the floor. The
+    minimum, not an average: queueing for CPU also lengthens commits, and
+    more slots would then make more entries and more CPU work (a feedback
+    loop); the minimum follows the network. Sans-IO: the caller passes the
+    durations it measured."""
+
+    __slots__ = ("_recent", "cap", "floor", "max_delay", "window")
+
+    def __init__(self, *, floor: int, cap: int, max_delay: float, window: int = 64) -> None:
+        if floor < 1 or cap < 1 or window < 1:
+            raise ValueError("slot bounds must be positive")
+        self.floor = floor
+        self.cap = cap
+        self.max_delay = max_delay
+        self.window = window
+        self._recent: deque[float] = deque(maxlen=window)
+
+    @property
+    def commit_s(self) -> float | None:
+        """The commit round trip slots are sized for (``None``: none yet)."""
+        return min(self._recent) if self._recent else None
+
+    def observe(self, seconds: float) -> int:
+        """Fold in one batch's commit time; return the slots to use now."""
+        self._recent.append(seconds)
+        return slots_for(min(self._recent), self.max_delay, self.floor, self.cap)
 
 
 class Batcher(Generic[T]):

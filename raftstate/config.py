@@ -176,8 +176,12 @@ class NodeConfig:
     #: per AppendEntries, so it never splits one entry into its broken
     #: chunked 'transmission' form (docs/architecture.md, "Entry bound").
     batch_max_bytes: int = 128 * 1024
-    #: Batches proposed and not yet committed, per node.
+    #: Batches proposed and not yet committed, per node: at least this many;
+    #: raised with the commit round trip (ceil(commit / batch_max_delay)
+    #: + 1, raftstate/batcher.py SlotSizer) up to max_inflight_batches_cap,
+    #: so a WAN link does not queue heartbeats for a slot. Cap = floor: fixed.
     max_inflight_batches: int = 4
+    max_inflight_batches_cap: int = 32
     #: Three voters only: a follower treats an entry of the leader's term as
     #: committed once it holds it (it and the leader are a majority), so a
     #: heartbeat sent to a follower is acknowledged one round trip sooner;
@@ -448,6 +452,7 @@ class NodeConfig:
             "batch_max_heartbeats",
             "batch_max_bytes",
             "max_inflight_batches",
+            "max_inflight_batches_cap",
             "max_pending_heartbeats",
             "max_concurrent_rpcs",
             "max_streams",

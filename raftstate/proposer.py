@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from raftstate.admission import Quota, quota_error
-from raftstate.batcher import Batcher
+from raftstate.batcher import Batcher, SlotSizer
 from raftstate.config import NodeConfig
 from raftstate.errors import DeadlineExceeded, RaftStateError, ResourceExhausted, Unavailable
 from raftstate.histogram import LATENCY_BUCKETS_S, SIZE_BUCKETS, Histogram
@@ -171,6 +171,11 @@ class Proposer:
             max_bytes=cfg.batch_max_bytes - BATCH_HEADER_BOUND,
             max_inflight=cfg.max_inflight_batches,
         )
+        self._slots = SlotSizer(
+            floor=cfg.max_inflight_batches,
+            cap=cfg.max_inflight_batches_cap,
+            max_delay=cfg.batch_max_delay_ms / 1000,
+        )
         self._max_pending = cfg.max_pending_heartbeats
         self._max_entry = cfg.batch_max_bytes
         #: A heartbeat is retried at most this long: twice the longest a
@@ -270,24 +275,31 @@ class Proposer:
                 )
             self.entries_proposed += 1
             self.batch_sizes.observe(len(live))
-            self._propose(entry, self._callback_for(live))
+            self._propose(entry, self._callback_for(live, self._loop.time()))
         self._arm_timer()
 
-    def _callback_for(self, items: list[_Item]) -> ProposeCallback:
+    def _callback_for(self, items: list[_Item], proposed: float) -> ProposeCallback:
         call = self._loop.call_soon_threadsafe
 
         def on_result(results: list[HeartbeatResult] | None, err: int) -> None:
             # Tick thread: hop to the loop and return at once.
             try:
-                call(self._on_result, items, results, err)
+                call(self._on_result, items, results, err, proposed)
             except RuntimeError:  # loop closed during shutdown
                 pass
 
         return on_result
 
     def _on_result(
-        self, items: list[_Item], results: list[HeartbeatResult] | None, err: int
+        self,
+        items: list[_Item],
+        results: list[HeartbeatResult] | None,
+        err: int,
+        proposed: float | None = None,
     ) -> None:
+        if err == SUCCESS and results is not None and proposed is not None:
+            # In-flight slots follow the measured commit time (batcher.SlotSizer).
+            self._batcher.max_inflight = self._slots.observe(self._loop.time() - proposed)
         if err == SUCCESS and results is not None:
             # An item's ``expires`` is its submit time plus ``_max_age``, so
             # its wait so far is ``horizon - expires``.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from raftstate.batcher import Batcher
+from hypothesis import given
+from hypothesis import strategies as st
+
+from raftstate.batcher import Batcher, SlotSizer, slots_for
 
 
 def make(**kw: int | float) -> Batcher[int]:
@@ -76,3 +79,41 @@ def test_deadline_never_asks_for_a_poll_that_cannot_seal() -> None:
         deadline = b.deadline()
         assert deadline is None or deadline > now
     assert b.finished(10.0) == [["c"]]  # a freed slot seals it
+
+
+# ---------------------------------------------------------------- slots by commit time
+
+
+@given(st.floats(0.0, 2.0), st.floats(0.0005, 0.05), st.integers(1, 16), st.integers(1, 128))
+def test_slots_cover_the_commit_time_within_bounds(
+    commit: float, max_delay: float, floor: int, cap: int
+) -> None:
+    n = slots_for(commit, max_delay, floor, cap)
+    assert floor <= n <= max(floor, cap)
+    if floor < n < max(floor, cap):
+        # enough slots to seal one batch every max_delay while each waits commit
+        assert (n - 1) * max_delay >= commit > (n - 2) * max_delay
+
+
+def test_lan_keeps_the_floor_and_wan_gets_a_bandwidth_delay_worth() -> None:
+    lan = SlotSizer(floor=4, cap=32, max_delay=0.005)
+    wan = SlotSizer(floor=4, cap=32, max_delay=0.005)
+    for _ in range(20):
+        n_lan = lan.observe(0.0015)
+        n_wan = wan.observe(0.080)
+    assert n_lan == 4
+    assert n_wan == 17  # ceil(80 / 5) + 1
+    bad = SlotSizer(floor=4, cap=32, max_delay=0.005)
+    assert max(bad.observe(0.4) for _ in range(5)) == 32  # capped
+
+
+def test_slow_commits_from_cpu_queueing_do_not_raise_the_slots() -> None:
+    """Commits stretched by a busy CPU (not the network) leave the slots
+    at what the fastest recent commit, the round trip, needs."""
+    lan = SlotSizer(floor=4, cap=32, max_delay=0.005, window=16)
+    lan.observe(0.001)
+    assert all(lan.observe(0.3) == 4 for _ in range(10))
+    assert lan.commit_s == 0.001
+    for _ in range(16):  # the old fast sample ages out of the window
+        n = lan.observe(0.3)
+    assert n == 32

@@ -88,6 +88,8 @@ def test_lab_bench_smoke(tmp_path: Path) -> None:
         assert r["leader"] in {"n1", "n2", "n3"}
         assert not any("differ" in note for note in r["notes"]), r["notes"]
         assert not math.isnan(r["cpu_us_per_op"])
+        assert r["wan_tx_bytes"] > 0 and r["wire_bytes_per_op"] > 0, r
+        assert r["leader_changes"] >= 0
     # weak adds a 60 ms RTT to every commit; lan adds none.
     assert rows[("weak", "udp")]["latency_ms"]["p50"] > rows[("lan", "udp")]["latency_ms"]["p50"]
     assert any(t.startswith("target udp on weak") for t in doc["targets"])

@@ -12,10 +12,11 @@ Frame layout, in order::
 
     field          encoding     meaning
     -------------  -----------  ----------------------------------------------
-    flags          u8           0101 00NA: high nibble 0x5 = format 1;
+    flags          u8           0101 0TNA: high nibble 0x5 = format 1;
                                 A (bit 0) = an ACK block follows;
                                 N (bit 1) = ack this frame immediately (probes);
-                                bits 2-3 reserved, must be 0
+                                T (bit 2) = every chunk has a tag (below);
+                                bit 3 reserved, must be 0
     number         varint       frame number; starts at 0, +1 per frame sent,
                                 never reused (a retransmission is a new frame)
     floor_delta    varint       number - floor: the sender no longer needs acks
@@ -33,7 +34,11 @@ Frame layout, in order::
     -- always --
     chunk_count    varint       <= MAX_CHUNKS stream chunks
     chunks         per chunk:   offset varint (stream byte offset),
-                                length varint (1..MAX_CHUNK_LENGTH), data
+                                length varint (1..MAX_CHUNK_LENGTH),
+                                if T: tag varint (0: ordered bytes; t > 0:
+                                whole *unordered* messages, deliverable as
+                                soon as every message before stream offset
+                                ``barrier = offset - (t - 1)`` was), data
     (end)                       the chunks end exactly at the end of the frame
 
 The *stream* that chunks carry is the concatenation of every message the
@@ -55,7 +60,8 @@ MAX_VARINT_SIZE = 8
 FORMAT_NIBBLE = 0x50
 FLAG_ACK = 0x01
 FLAG_ACK_NOW = 0x02
-_KNOWN_FLAGS = FLAG_ACK | FLAG_ACK_NOW
+FLAG_TAGS = 0x04
+_KNOWN_FLAGS = FLAG_ACK | FLAG_ACK_NOW | FLAG_TAGS
 
 #: At most this many SACK ranges per ACK block (keeps range_count one byte).
 MAX_ACK_RANGES = 63
@@ -68,10 +74,10 @@ MAX_ACK_DELAY_US = (1 << 30) - 1
 
 #: Worst-case bytes of a frame around one chunk's data when the frame has an
 #: ACK block with no ranges: flags, number, floor_delta, ack_cum, ack_delay,
-#: range_count, chunk_count, chunk offset and chunk length. A chunk of at most
+#: range_count, chunk_count, chunk offset, chunk length and chunk tag. A chunk of at most
 #: ``max_payload - SINGLE_CHUNK_OVERHEAD`` bytes therefore always fits a frame
 #: of its own, so a retransmission never has to be split.
-SINGLE_CHUNK_OVERHEAD = 1 + 8 + 8 + 8 + 4 + 1 + 1 + 8 + 2
+SINGLE_CHUNK_OVERHEAD = 1 + 8 + 8 + 8 + 4 + 1 + 1 + 8 + 2 + 8  # + tag
 
 
 class FrameError(ValueError):
@@ -101,10 +107,12 @@ class Ack(NamedTuple):
 
 
 class StreamChunk(NamedTuple):
-    """``data`` at stream byte ``offset``."""
+    """``data`` at stream byte ``offset``; ``barrier`` >= 0 marks a chunk of
+    whole unordered messages (see the T flag), -1 ordered bytes."""
 
     offset: int
     data: bytes
+    barrier: int = -1
 
 
 class ChunkLike(Protocol):
@@ -116,6 +124,9 @@ class ChunkLike(Protocol):
 
     @property
     def data(self) -> bytes: ...
+
+    @property
+    def barrier(self) -> int: ...
 
 
 class Frame(NamedTuple):
@@ -206,6 +217,12 @@ def encode_fields(
     if len(chunks) > MAX_CHUNKS:
         raise ValueError("too many chunks")
     flags = FORMAT_NIBBLE | (FLAG_ACK if ack is not None else 0)
+    tags = False
+    for c in chunks:
+        if c.barrier >= 0:
+            tags = True
+            flags |= FLAG_TAGS
+            break
     out = bytearray((flags | FLAG_ACK_NOW if ack_now else flags,))
     _put(out, number)
     _put(out, number - floor)
@@ -234,6 +251,11 @@ def encode_fields(
             out.append(size)
         else:
             out += (size | 0x4000).to_bytes(2, "big")  # <= MAX_CHUNK_LENGTH
+        if tags:
+            barrier = chunk.barrier
+            if barrier > chunk.offset:
+                raise ValueError("barrier past the chunk")
+            _put(out, 0 if barrier < 0 else chunk.offset - barrier + 1)
         out += data
     return bytes(out)
 
@@ -279,6 +301,7 @@ def decode_frame(payload: bytes) -> Frame:
     if count > MAX_CHUNKS:
         raise FrameError("too many chunks")
     total = len(payload)
+    tags = flags & FLAG_TAGS
     chunks: list[StreamChunk] = []
     for _ in range(count):
         offset, pos = decode_varint(payload, pos)
@@ -287,12 +310,18 @@ def decode_frame(payload: bytes) -> Frame:
             pos += 1
         else:
             length, pos = decode_varint(payload, pos)
+        barrier = -1
+        if tags:
+            tag, pos = decode_varint(payload, pos)
+            if tag > offset + 1:
+                raise FrameError("barrier below zero")
+            barrier = offset - tag + 1 if tag else -1
         end = pos + length
         if length == 0 or length > MAX_CHUNK_LENGTH or end > total:
             raise FrameError("bad chunk length")
         if offset + length >= VARINT_LIMIT:
             raise FrameError("chunk past the end of the stream")
-        chunks.append(StreamChunk(offset, bytes(payload[pos:end])))
+        chunks.append(StreamChunk(offset, bytes(payload[pos:end]), barrier))
         pos = end
     if pos != total:
         raise FrameError("trailing bytes")

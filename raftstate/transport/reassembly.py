@@ -5,6 +5,12 @@ The stream is ``varint(len) || message`` repeated (see
 :mod:`raftstate.transport.frames`). Chunks may arrive in any order, any
 number of times and overlapping in any way; only bytes not held yet are
 stored, so memory is bounded by the window the caller enforces.
+
+A chunk of whole *unordered* messages (:meth:`Reassembler.add_unordered`)
+is returned at once when every byte before its barrier was delivered, and
+remembered (``_early``: start -> end), so the in-order pass skips it later;
+a message boundary that does not land on such a start is a protocol
+violation (:class:`StreamOverflow`).
 """
 
 from __future__ import annotations
@@ -25,14 +31,18 @@ class Reassembler:
     bytes beyond it wait in disjoint out-of-order segments."""
 
     __slots__ = (
-        "_buf", "_max_message", "_seg_data", "_seg_starts", "buffered", "contiguous",
-        "duplicate_bytes",
+        "_base", "_buf", "_early", "_max_message", "_seg_data", "_seg_starts", "buffered",
+        "contiguous", "duplicate_bytes",
     )  # fmt: skip
 
     def __init__(self, max_message: int) -> None:
         self._max_message = max_message
         #: Arrived, contiguous bytes not yet returned as messages.
         self._buf = bytearray()
+        #: Stream offset of ``_buf[0]``: every message before it was delivered.
+        self._base = 0
+        #: Unordered chunks delivered ahead of the in-order pass: start -> end.
+        self._early: dict[int, int] = {}
         self._seg_starts: list[int] = []
         self._seg_data: dict[int, bytes] = {}
         self.contiguous = 0
@@ -56,15 +66,51 @@ class Reassembler:
         else:
             self._store(offset, data)
 
+    def add_unordered(self, offset: int, data: bytes, barrier: int) -> list[bytes] | None:
+        """Accept a chunk of whole unordered messages. Returns its messages
+        to deliver now, ``[]`` if it was held already, or ``None`` when it
+        must wait for the in-order pass (its barrier is not delivered yet;
+        the caller then :meth:`add` s it). Raises :class:`StreamOverflow`
+        when ``data`` is not whole messages within the limit."""
+        end = offset + len(data)
+        if end <= self.contiguous or offset in self._early or offset in self._seg_data:
+            self.duplicate_bytes += len(data)
+            return []
+        if offset < self.contiguous or barrier > self._base:
+            return None
+        out: list[bytes] = []
+        pos = 0
+        while pos < len(data):
+            try:
+                size, start = decode_varint(data, pos)
+            except FrameError:
+                raise StreamOverflow("unordered chunk ends inside a length prefix") from None
+            if size > self._max_message or start + size > len(data):
+                raise StreamOverflow("unordered chunk does not hold whole messages")
+            out.append(bytes(data[start : start + size]))
+            pos = start + size
+        self._early[offset] = end
+        self.add(offset, data)
+        return out
+
     def messages(self) -> list[bytes]:
-        """Every complete message now at the head of the stream, in order.
+        """Every complete message now at the head of the stream, in order
+        (unordered ones delivered already are skipped).
 
         Raises :class:`StreamOverflow` when a length prefix exceeds the
-        limit; the stream cannot be resynchronised after that."""
+        limit or crosses an unordered chunk; the stream cannot be
+        resynchronised after that."""
         buf = self._buf
+        early = self._early
+        nxt = min(early) if early else -1
         out: list[bytes] = []
         pos = 0
         while pos < len(buf):
+            at = self._base + pos
+            if at == nxt:
+                pos = early.pop(at) - self._base
+                nxt = min(early) if early else -1
+                continue
             try:
                 size, start = decode_varint(buf, pos)
             except FrameError:
@@ -74,10 +120,13 @@ class Reassembler:
             end = start + size
             if end > len(buf):
                 break
+            if at < nxt < self._base + end:
+                raise StreamOverflow("a message overlaps an unordered chunk")
             out.append(bytes(buf[start:end]))
             pos = end
         if pos:
             del buf[:pos]
+            self._base += pos
         return out
 
     def _pull(self) -> None:

@@ -14,8 +14,11 @@ session, and both ends start new links.
 
 Guarantee: the peer's :meth:`~ReliableLink.receive` returns the messages given
 to :meth:`~ReliableLink.send` exactly once each, in order, or the link is
-eventually declared dead. The AEAD envelope below authenticates every frame;
-garbage is still counted and dropped here, never raised.
+eventually declared dead. "In order" is relaxed only for messages sent with
+``ordered=False``: such a message may overtake earlier *unordered* ones, never
+an ordered one (:mod:`~raftstate.transport.outgoing`, "barrier"). The AEAD
+envelope below authenticates every frame; garbage is still counted and
+dropped here, never raised.
 
 Steps (after QUIC, RFC 9000/9002; RACK-TLP, RFC 8985; RTP redundancy, RFC 2198):
 
@@ -37,14 +40,15 @@ Steps (after QUIC, RFC 9000/9002; RACK-TLP, RFC 8985; RTP redundancy, RFC 2198):
    ``srtt + 4 rttvar + max_ack_delay`` from the oldest unacked frame. Lost
    chunks are resent lowest offset first (that one blocks delivery); a probe
    resends the oldest unacked chunks and asks for an immediate ACK.
-5. **Redundancy.** Under ordered delivery one lost datagram holds back every
-   later message until it is repaired, so at 1000 frames/s and 3 % loss
-   ~1-RTT repairs alone would delay most messages. Spare room in each data
-   frame therefore carries copies of the most recent chunks (1 to
-   ``redundancy_max`` copies, by measured loss), and a copy of a burst's
-   unacked tail follows ``tail_copy_fraction * srtt`` after it. A single loss
-   is then repaired by the next frame. Full frames (bulk transfer) have no
-   spare room and pay nothing.
+5. **Redundancy.** A loss under repair holds back every later ordered
+   message, so data frames carry copies of recent chunks in their spare room
+   and a burst's unacked tail gets tail frames (``tail_copy_fraction * srtt``,
+   then doubling). The copy count per chunk comes from the measured loss p
+   and burst loss q (:func:`~raftstate.transport.recovery.residual_loss`,
+   target ``redundancy_target``, at most ``redundancy_max``), and the copies
+   are spaced ``COPY_GAPS`` (1, 2, 4) frames apart so that a loss burst does
+   not take them all. Full frames (bulk transfer) have no spare room and pay
+   nothing; a clean path sends no copies.
 6. **Flow.** Data frames (not probes) wait while ``max_inflight_bytes`` or
    ``max_inflight_frames`` are unacked, retransmissions included. New data
    stays within ``receive_window`` bytes of the lowest unacked byte, which
@@ -74,6 +78,7 @@ from raftstate.transport.frames import (
     MAX_VARINT_SIZE,
     SINGLE_CHUNK_OVERHEAD,
     FrameError,
+    StreamChunk,
     decode_frame,
     encode_fields,
     varint_size,
@@ -81,10 +86,25 @@ from raftstate.transport.frames import (
 from raftstate.transport.linkconfig import LinkConfig, LinkStats
 from raftstate.transport.outgoing import OutChunk, OutgoingStream, fit
 from raftstate.transport.reassembly import Reassembler, StreamOverflow
-from raftstate.transport.recovery import LossRecovery, SentFrame
+from raftstate.transport.recovery import COPY_GAPS, LossRecovery, SentFrame, residual_loss
 
 _MIN_MAX_PAYLOAD = SINGLE_CHUNK_OVERHEAD + 64
 _DEFAULT_CONFIG = LinkConfig()
+#: Chunks whose redundant copies are tracked at once (oldest forgotten).
+MAX_GUARDED = 32
+
+
+class _Guarded:
+    """A chunk sent as data (new or retransmitted) that is owed ``left``
+    more redundant copies; the next may ride frame ``due`` or later."""
+
+    __slots__ = ("chunk", "due", "left", "sent")
+
+    def __init__(self, chunk: OutChunk, left: int, due: int) -> None:
+        self.chunk = chunk
+        self.left = left
+        self.due = due
+        self.sent = 0  # copies sent so far
 
 
 class MessageTooLarge(TransportError):
@@ -104,7 +124,7 @@ class ReliableLink:
     ) -> None:
         """``max_payload``: the largest frame the envelope below can seal.
         Raises :class:`ConfigError` for an invalid ``config`` or a
-        ``max_payload`` below 105 bytes."""
+        ``max_payload`` below 113 bytes."""
         config.validate()
         if max_payload < _MIN_MAX_PAYLOAD:
             raise ConfigError(f"max_payload: must be at least {_MIN_MAX_PAYLOAD}")
@@ -112,7 +132,7 @@ class ReliableLink:
         self.max_payload = max_payload
         #: A chunk this size fits a frame of its own, whatever the ACK size.
         self._max_chunk = min(max_payload - SINGLE_CHUNK_OVERHEAD, MAX_CHUNK_LENGTH)
-        self._max_record = self._max_chunk + MAX_VARINT_SIZE + 2  # + offset, length
+        self._max_record = self._max_chunk + 2 * MAX_VARINT_SIZE + 2  # + offset, length, tag
         self._recovery = LossRecovery(config.recovery_params())
         self._acks = AckTracker(
             max_ack_delay=config.max_ack_delay,
@@ -122,16 +142,14 @@ class ReliableLink:
         self._stream = Reassembler(config.max_message_bytes)
         self._out = OutgoingStream()
         self._next_number = 0
-        #: Chunks most recently sent as new data or retransmissions: the ones
-        #: redundant copies protect.
-        self._recent: deque[OutChunk] = deque(maxlen=max(config.redundancy_max, 1))
+        #: Chunks recently sent as new data or retransmissions that are owed
+        #: redundant copies, oldest first.
+        self._guard: deque[_Guarded] = deque(maxlen=MAX_GUARDED)
         self._tail_at: float | None = None
-        #: (copies, highest loss rate they suffice for), ascending: see _copies.
-        self._copy_steps = [
-            (c, config.redundancy_target ** (1 / (c + 1)))
-            for c in range(config.redundancy, config.redundancy_max)
-        ]
-        self._tail_left = 0
+        self._tail_gap = 0.0
+        #: (fates, burst samples) the cached copy count was computed for.
+        self._copies_key = (-1, -1)
+        self._copies_now = config.redundancy
         self._progress_time = 0.0
         self._failure: str | None = None
         self._frames_sent = self._ack_frames_sent = self._frames_received = 0
@@ -167,8 +185,11 @@ class ReliableLink:
         """Why the peer broke the protocol (the link is dead), else ``None``."""
         return self._failure
 
-    def send(self, message: bytes, now: float) -> bool:
-        """Queue ``message`` for in-order, exactly-once delivery. Returns
+    def send(self, message: bytes, now: float, *, ordered: bool = True) -> bool:
+        """Queue ``message`` for in-order, exactly-once delivery. With
+        ``ordered=False`` (a small message the application can take out of
+        order) it may overtake earlier *unordered* messages still under
+        repair, never an ordered one. Returns
         ``False`` (queueing nothing) when the send buffer lacks room; retry
         once ACKs drained it. Raises :class:`MessageTooLarge` past
         ``max_message_bytes``."""
@@ -183,7 +204,7 @@ class ReliableLink:
             return False
         if self._out.buffered == 0:
             self._progress_time = now
-        self._out.push(message)
+        self._out.push(message, ordered=ordered)
         self._messages_sent += 1
         return True
 
@@ -223,18 +244,31 @@ class ReliableLink:
                 self._out.on_frame_acked(sent.chunks)
             for sent in lost:
                 self._out.on_frame_lost(sent.chunks)
-        known = self._stream.duplicate_bytes
+        stream = self._stream
+        known = stream.duplicate_bytes
+        unordered: list[StreamChunk] = []
         for chunk in frame.chunks:
-            self._stream.add(chunk.offset, chunk.data)
-        if late and self._stream.duplicate_bytes - known == sum(len(c.data) for c in frame.chunks):
-            self._duplicates += 1  # nothing new: most likely a network duplicate
-        else:
-            self._frames_received += 1
+            if chunk.barrier >= 0:
+                unordered.append(chunk)
+            else:
+                stream.add(chunk.offset, chunk.data)
         try:
-            messages = self._stream.messages()
+            messages = stream.messages()
+            if unordered:
+                for chunk in unordered:
+                    early = stream.add_unordered(chunk.offset, chunk.data, chunk.barrier)
+                    if early is None:
+                        stream.add(chunk.offset, chunk.data)
+                    else:
+                        messages.extend(early)
+                messages.extend(stream.messages())
         except StreamOverflow as exc:
             self._failure = str(exc)
             return []
+        if late and stream.duplicate_bytes - known == sum(len(c.data) for c in frame.chunks):
+            self._duplicates += 1  # nothing new: most likely a network duplicate
+        else:
+            self._frames_received += 1
         self._messages_delivered += len(messages)
         return messages
 
@@ -268,18 +302,18 @@ class ReliableLink:
                 break  # defensive: nothing fitted after all
             sent = True
         if sent and copies:
-            self._tail_left = copies
-            self._tail_at = now + self._tail_delay()
+            self._tail_gap = self._tail_delay()
+            self._tail_at = now + self._tail_gap
         elif self._tail_at is not None and now >= self._tail_at:
             self._tail_at = None
-            tail = fit(list(self._recent)[-max(copies, 1) :][::-1], self._max_record)
+            tail = self._copies_owed(None, self._max_record, ())
             if tail and self._cap_open():
                 self._redundant += len(tail)
                 self._redundant_bytes += sum(c.record_size for c in tail)
                 out.append(self._build(now, tail))
-                self._tail_left -= 1
-                if self._tail_left > 0:
-                    self._tail_at = now + self._tail_delay()
+                if any(g.left > 0 and not g.chunk.acked for g in self._guard):
+                    self._tail_gap *= 2  # spaced like the copies: escape a burst
+                    self._tail_at = now + self._tail_gap
         owed = self._acks.deadline
         if not out and owed is not None and now >= owed:
             out.append(self._build(now, []))
@@ -363,13 +397,53 @@ class ReliableLink:
         )
 
     def _copies(self) -> int:
-        """Redundant copies per chunk for the measured loss rate p: the
-        fewest with p ** (copies + 1) <= target, within the configured bounds."""
-        p = self._recovery.loss_rate
-        for copies, most in self._copy_steps:  # p ** (copies + 1) <= target
-            if p <= most:
-                return copies
-        return self.config.redundancy_max
+        """Redundant copies per chunk: the fewest (within the configured
+        bounds) whose residual loss, for the measured mean loss p and burst
+        loss q (:func:`~raftstate.transport.recovery.residual_loss`), is at
+        most ``redundancy_target``. Recomputed every 16 fates or new pair."""
+        rec, cfg = self._recovery, self.config
+        key = (rec.fates >> 4, rec.burst_samples)  # every 16 fates, or a new pair
+        if key == self._copies_key:
+            return self._copies_now
+        p, q = rec.loss_rate, rec.burst_loss
+        copies = cfg.redundancy
+        while copies < cfg.redundancy_max and residual_loss(p, q, copies) > cfg.redundancy_target:
+            copies += 1
+        self._copies_key, self._copies_now = key, copies
+        return copies
+
+    def _copies_owed(
+        self,
+        number: int | None,
+        room: int,
+        primary: tuple[OutChunk, ...] | list[OutChunk],
+        taken: int = 0,
+    ) -> list[OutChunk]:
+        """Copies for one frame, newest chunk first (its first copy is the
+        one that repairs a single loss within a frame), that fit ``room`` bytes
+        beside ``taken`` chunks: every guarded chunk not acked, not in
+        ``primary``, still owed a copy and (unless ``number`` is ``None``: a
+        tail frame) due by frame ``number``. Each taken copy is counted and
+        its next one scheduled ``COPY_GAPS`` frames later."""
+        guard = self._guard
+        while guard and (guard[0].left <= 0 or guard[0].chunk.acked):
+            guard.popleft()
+        out: list[OutChunk] = []
+        for g in reversed(guard):
+            if taken + len(out) >= MAX_CHUNKS:
+                break
+            chunk = g.chunk
+            if g.left <= 0 or chunk.acked or (number is not None and g.due > number):
+                continue
+            if chunk.record_size > room or chunk in primary or chunk in out:
+                continue
+            out.append(chunk)
+            room -= chunk.record_size
+            g.left -= 1
+            g.sent += 1
+            base = self._next_number if number is None else number
+            g.due = base + COPY_GAPS[min(g.sent, len(COPY_GAPS) - 1)]
+        return out
 
     def _tail_delay(self) -> float:
         cfg = self.config
@@ -415,21 +489,25 @@ class ReliableLink:
         space = room - ack[1] if ack is not None else room
         if new_data:
             out = self._out
-            head = varint_size(out.next_offset) + 2
-            size = min(space - head, out.pending_bytes, self._window_left(), self._max_chunk)
-            if size > 0:
-                cut = out.cut(size)
+            while out.pending_bytes and len(chunks) < MAX_CHUNKS:
+                # offset, length and tag: the tag is at most offset + 1
+                head = 2 * varint_size(out.next_offset + 1) + 2
+                size = min(space - head, out.pending_bytes, self._window_left(), self._max_chunk)
+                cut = out.cut(size, force=not chunks) if size > 0 else None
+                if cut is None:
+                    break
                 chunks = [*chunks, cut]
                 space -= cut.record_size
         if copies:
             primary = chunks
-            recent = [c for c in list(self._recent)[-copies:][::-1] if c not in primary]
-            extra = fit(recent, space, taken=len(chunks)) if recent else recent
+            extra = (
+                self._copies_owed(number, space, primary, taken=len(chunks)) if self._guard else []
+            )
             if extra:
                 self._redundant += len(extra)
                 self._redundant_bytes += sum(c.record_size for c in extra)
                 chunks = primary + extra
-            self._recent.extend(primary)
+            self._guard.extend(_Guarded(c, copies, number + 1) for c in primary)
         payload = encode_fields(number, floor, ack[0] if ack else None, chunks, ack_now)
         self._next_number += 1
         self._frames_sent += 1

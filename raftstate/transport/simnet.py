@@ -294,9 +294,10 @@ class SimLinkHost:
         self._session[peer] = self._session.get(peer, 0) + 1
         self.links.pop(peer, None)
 
-    def send(self, peer: str, message: bytes) -> bool:
-        """Queue ``message`` to ``peer`` and flush. ``False``: buffer full."""
-        ok = self.link(peer).send(message, self.net.now)
+    def send(self, peer: str, message: bytes, *, ordered: bool = True) -> bool:
+        """Queue ``message`` to ``peer`` and flush. ``False``: buffer full.
+        ``ordered``: as :meth:`ReliableLink.send`."""
+        ok = self.link(peer).send(message, self.net.now, ordered=ordered)
         self.flush(peer)
         return ok
 
