@@ -216,6 +216,10 @@ class WatchHub:
         """Add a watcher. ``start_revision`` 0: changes after now; at or
         below the position: catch up from the window first; later: wait.
         Raises ``RevisionCompacted`` when the start is older than the window."""
+        if self._count == 0 and self.window.latest > self.position:
+            # Nobody watched, so :meth:`notify` scheduled nothing: there was
+            # nothing to dispatch and the position catches up here.
+            self.position = self.window.latest
         if self.window.oldest > self.position + 1:
             self._gap(self.window.oldest - 1)  # not this new watcher's loss
         pos = self.position
@@ -230,6 +234,8 @@ class WatchHub:
                 w.catchup_end = pos
         self._index(w, add=True)
         self._count += 1
+        if self.window.latest > self.position:  # appended while we had no watcher
+            self.notify()
         return w
 
     def unregister(self, w: Watcher) -> None:
@@ -475,8 +481,8 @@ class WatchHub:
     def notify(self, latest: int = 0) -> None:
         """The window has new events (any thread; cheap; coalesced)."""
         loop = self._loop
-        if loop is None or self._scheduled:
-            return
+        if loop is None or self._scheduled or not self._count:
+            return  # without watchers the commit path pays nothing for the hub
         self._scheduled = True
         try:
             loop.call_soon_threadsafe(self.run)
