@@ -44,7 +44,12 @@ class AckTracker:
 
     def seen(self, number: int) -> bool:
         """Whether frame ``number`` (at or above :attr:`base`) already arrived."""
-        return any(lo <= number < hi for lo, hi in self.ranges)
+        for lo, hi in reversed(self.ranges):  # new frames are near the top
+            if number >= hi:
+                return False
+            if number >= lo:
+                return True
+        return False
 
     def on_frame(
         self, number: int, floor: int, *, ack_eliciting: bool, ack_now: bool, now: float

@@ -235,10 +235,16 @@ def encode_fields(
         out.append(len(ranges))  # <= 63: one byte
         prev = ack.cum
         for lo, hi in ranges:
-            if lo <= prev or hi <= lo:
+            gap = lo - prev - 1
+            length = hi - lo - 1
+            if gap < 0 or length < 0:
                 raise ValueError("ack ranges must ascend with gaps")
-            _put(out, lo - prev - 1)
-            _put(out, hi - lo - 1)
+            if gap < 0x40 and length < 0x40:  # the usual case: two bytes, no call
+                out.append(gap)
+                out.append(length)
+            else:
+                _put(out, gap)
+                _put(out, length)
             prev = hi
     out.append(len(chunks))  # <= 63: one byte
     for chunk in chunks:
@@ -287,9 +293,16 @@ def decode_frame(payload: bytes) -> Frame:
             raise FrameError("too many ack ranges")
         ranges: list[tuple[int, int]] = []
         prev = cum
+        total = len(payload)
         for _ in range(count):
-            gap, pos = decode_varint(payload, pos)
-            length, pos = decode_varint(payload, pos)
+            # Gaps and lengths are almost always below 64: one byte, no call.
+            if pos + 1 < total and payload[pos] < 0x40 and payload[pos + 1] < 0x40:
+                gap = payload[pos]
+                length = payload[pos + 1]
+                pos += 2
+            else:
+                gap, pos = decode_varint(payload, pos)
+                length, pos = decode_varint(payload, pos)
             lo = prev + gap + 1
             hi = lo + length + 1
             if hi >= VARINT_LIMIT:

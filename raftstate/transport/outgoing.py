@@ -157,6 +157,12 @@ class OutgoingStream:
                 self._seq += 1
                 heapq.heappush(self._retx, (chunk.offset, self._seq, chunk))
 
+    @property
+    def has_retransmits(self) -> bool:
+        """Whether chunks are queued for retransmission (some may turn out
+        acked or carried already when popped)."""
+        return bool(self._retx)
+
     def pop_retransmits(self, room: int) -> list[OutChunk]:
         """Queued chunks for one frame, lowest offset first (it holds back
         delivery), while their records fit ``room`` bytes."""

@@ -287,7 +287,7 @@ class LossRecovery:
         expiry = now - max(self.rtt.srtt, self.rtt.latest)
         while ghosts and (len(ghosts) > MAX_GHOSTS or next(iter(ghosts.values())) < expiry):
             del ghosts[next(iter(ghosts))]
-        spurious = [n for n in ghosts if ack.covers(n)]
+        spurious = _covered(ghosts, ack)
         for number in spurious:
             del ghosts[number]
             slot = number % FATE_MEMORY
@@ -333,3 +333,22 @@ class LossRecovery:
     def _note_pair(self, second_lost: bool) -> None:
         self.burst_samples += 1
         self.burst_loss += BURST_EWMA_WEIGHT * (float(second_lost) - self.burst_loss)
+
+
+def _covered(numbers: dict[int, float], ack: Ack) -> list[int]:
+    """The keys of ``numbers`` (ascending) that ``ack`` covers: one merge
+    pass over both ascending sequences, not a scan of the ranges per key."""
+    out: list[int] = []
+    cum, ranges = ack.cum, ack.ranges
+    ri, count = 0, len(ranges)
+    for n in numbers:
+        if n < cum:
+            out.append(n)
+            continue
+        while ri < count and ranges[ri][1] <= n:
+            ri += 1
+        if ri == count:
+            break
+        if ranges[ri][0] <= n:
+            out.append(n)
+    return out

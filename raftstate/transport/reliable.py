@@ -279,6 +279,8 @@ class ReliableLink:
         ACK if one is owed and nothing else carried it. Afterwards
         :meth:`next_timeout` is ``None`` or later than ``now``."""
         rec = self._recovery
+        if self._idle(now):
+            return []
         out: list[bytes] = []
         if rec.loss_time is not None and now >= rec.loss_time:
             for lost in rec.detect_losses(now):
@@ -388,6 +390,19 @@ class ReliableLink:
         )
 
     # ------------------------------------------------------------ sending
+
+    def _idle(self, now: float) -> bool:
+        """Nothing for :meth:`poll_transmit` to do at ``now``: no data or
+        retransmission queued and no timer due. The common case after a
+        received frame whose ACK may wait; checked first because it is cheap."""
+        out, rec = self._out, self._recovery
+        if out.pending_bytes or out.has_retransmits:
+            return False
+        for t in (self._acks.deadline, rec.loss_time, self._tail_at):
+            if t is not None and now >= t:
+                return False
+        deadline = rec.pto_deadline()
+        return deadline is None or now < deadline
 
     def _cap_open(self) -> bool:
         rec = self._recovery
