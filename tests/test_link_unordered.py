@@ -318,3 +318,101 @@ def test_an_unordered_message_too_big_for_the_frame_goes_ordered_and_is_not_stuc
     assert out.cut(500) is None
     chunk = out.cut(500, force=True)
     assert chunk is not None and chunk.barrier == -1 and len(chunk.data) == 500
+
+
+# ------------------------------------------------------- Raft: a reordered reset reply
+
+
+def _leader_after_replies(monkeypatch: pytest.MonkeyPatch, use_rule: bool) -> tuple[list[str], int]:
+    """A follower answers a gapped AppendEntries with a *reset* (its log ends
+    at 2) and then, once the leader resent, with a *success* through 8. Both
+    go with ``next_node_idx`` unordered; the datagram carrying the reset is
+    lost, so the success can overtake it. ``use_rule``: the transport's rule
+    (:func:`wirecodec.travels_ordered`: resets stay ordered); otherwise every
+    ``next_node_idx`` goes unordered (the rule before). The leader applies
+    them through the real ``RaftNode._filter_next_index`` and pysyncobj's
+    success rule. Returns the order the kinds arrived in and the final
+    matchIndex."""
+    from types import SimpleNamespace
+
+    from raftstate import raftnode
+    from raftstate.nextindex import ResetGuard
+    from raftstate.transport import wirecodec
+
+    monkeypatch.setattr(wirecodec, "UNORDERED_KINDS", frozenset({5, 6, 7, 8, 9}))
+    class _Node:
+        id = "f"
+
+    node = _Node()
+    matches = {node: 0}
+    leader = SimpleNamespace(
+        _isLeader=lambda: True, _SyncObj__raftMatchIndex=matches,
+        _reset_guard=ResetGuard(), raftCurrentTerm=2,
+    )  # fmt: skip
+    leader._forget_lost_entries = raftnode.RaftNode._forget_lost_entries.__get__(leader)
+    arrived: list[str] = []
+
+    def at_leader(_peer: str, data: bytes) -> None:
+        message = raftnode.RaftNode._filter_next_index(leader, node, decode(data))
+        arrived.append("reset" if decode(data)["reset"] else "success")
+        if message["success"] and matches[node] < message["next_node_idx"] - 1:
+            matches[node] = message["next_node_idx"] - 1  # pysyncobj's leader
+
+    net = SimNetwork(random.Random(3), default=LinkProfile(delay=0.03))
+    SimLinkHost(net, "leader", at_leader)
+    follower = SimLinkHost(net, "follower", lambda _p, _m: None)
+    state = {"dropped": False}
+
+    def drop(src: str, dst: str, payload: bytes) -> bool:
+        if src == "follower" and not state["dropped"]:
+            state["dropped"] = True  # the reset's first transmission
+            return True
+        return False
+
+    net.set_drop_filter(drop)
+    replies = [
+        {"type": "next_node_idx", "next_node_idx": 3, "reset": True, "success": False},
+        {"type": "next_node_idx", "next_node_idx": 9, "reset": False, "success": True},
+    ]
+    for i, reply in enumerate(replies):
+        data = encode(reply)
+        ordered = wirecodec.travels_ordered(data) if use_rule else False
+        net.call_at(i * 0.004, lambda d=data, o=ordered: follower.send("leader", d, ordered=o))
+    net.run_until(5.0)
+    assert state["dropped"]
+    return arrived, matches[node]
+
+
+def test_a_reset_reply_is_never_overtaken_so_the_leader_keeps_its_match_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arrived, match = _leader_after_replies(monkeypatch, use_rule=True)
+    assert arrived == ["reset", "success"]
+    assert match == 8
+
+
+def test_an_overtaken_reset_reply_lowers_the_leaders_match_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What stalled the leader's site with unordered replies on: the success
+    overtakes the lost reset, which then reads as "the follower lost entries
+    it had acknowledged" and takes matchIndex from 8 back to 2."""
+    arrived, match = _leader_after_replies(monkeypatch, use_rule=False)
+    assert arrived == ["success", "reset"]
+    assert match == 2
+
+
+def test_only_success_replies_of_the_unordered_kinds_travel_unordered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from raftstate.transport import wirecodec
+
+    monkeypatch.setattr(wirecodec, "UNORDERED_KINDS", frozenset({5}))
+    reset = encode({"type": "next_node_idx", "next_node_idx": 3, "reset": True, "success": False})
+    ok = encode({"type": "next_node_idx", "next_node_idx": 3, "reset": False, "success": True})
+    vote = encode({"type": "request_vote", "term": 3, "last_log_index": 1, "last_log_term": 1})
+    assert wirecodec.travels_ordered(reset)
+    assert not wirecodec.travels_ordered(ok)
+    assert wirecodec.travels_ordered(vote)
+    monkeypatch.setattr(wirecodec, "UNORDERED_KINDS", frozenset())
+    assert wirecodec.travels_ordered(ok)

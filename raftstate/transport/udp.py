@@ -71,7 +71,7 @@ from raftstate.transport.udpconfig import (
     PeerLinkStats,
     UdpSettings,
 )
-from raftstate.transport.wirecodec import UNORDERED_KINDS
+from raftstate.transport.wirecodec import travels_ordered
 
 log = logging.getLogger("raftstate.transport.udp")
 #: ``handler(node, message)`` for messages handled on the loop thread.
@@ -473,7 +473,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         while backlog:
             data = backlog[0]
             try:
-                if not link.send(data, now, ordered=data[1] not in UNORDERED_KINDS):
+                if not link.send(data, now, ordered=travels_ordered(data)):
                     break
             except MessageTooLarge as exc:  # send() refuses these: unreachable
                 log.error("message to %s not sent: %s", peer.id, exc)

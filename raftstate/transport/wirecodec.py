@@ -141,7 +141,35 @@ SCHEMAS: tuple[Schema, ...] = (
 #: leader's replies, did not; the same tree with the set empty did not show
 #: that signature. The cause is not found (suspect: the leader's commit path
 #: on reordered next_node_idx). The link mechanism stays, tested.
+#: Whatever the set, a next_node_idx *reset* travels ordered
+#: (:func:`travels_ordered`). A later lab run with the set on (branch t-cpu)
+#: showed the stall again (the leader's site: every heartbeat failed for
+#: ~15 s, followers' sites fine) with no reset reply and no "lost log
+#: entries" warning at the leader, so that rule alone is not the cause.
 UNORDERED_KINDS: frozenset[int] = frozenset()
+
+#: ``next_node_idx``'s wire kind, and the offset of its ``reset`` byte
+#: (version, kind, next_node_idx:q, then reset:b).
+_NEXT_NODE_IDX = 5
+_RESET_AT = 10
+
+
+def travels_ordered(data: bytes) -> bool:
+    """Whether the encoded message ``data`` must keep its place in the
+    link's order: every kind outside :data:`UNORDERED_KINDS`, and a
+    ``next_node_idx`` *reset* whatever the set. A reset tells the leader
+    "my log ends here"; overtaken by the success reply to a later
+    AppendEntries, it would claim the follower lost entries it had just
+    acknowledged, and the leader (``RaftNode._filter_next_index``) lowers its
+    matchIndex and resends from there: the commits of the leader's own
+    devices, which wait for that matchIndex, stall. Ordered, a reset is
+    delivered after every reply sent before it and before every reply sent
+    after it; only successes (which only ever raise matchIndex) overtake."""
+    kind = data[1]
+    if kind not in UNORDERED_KINDS:
+        return True
+    return kind == _NEXT_NODE_IDX and data[_RESET_AT] != 0
+
 
 _BY_SHAPE: dict[tuple[str, frozenset[str]], Schema] = {(s.type, s.keys): s for s in SCHEMAS}
 _BY_KIND: dict[int, Schema] = {s.kind: s for s in SCHEMAS}
