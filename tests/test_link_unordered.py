@@ -130,6 +130,7 @@ def test_an_unordered_message_never_overtakes_an_earlier_ordered_one() -> None:
 # ------------------------------------------------------------- codec, reassembler
 
 
+@settings(deadline=None)  # one example decodes every prefix: slow on a loaded box
 @given(
     st.lists(
         st.tuples(st.integers(0, 2**40), st.binary(min_size=1, max_size=300), st.booleans()),
