@@ -30,8 +30,8 @@ Theory of operation:
    converged; etcd: every acknowledged key, serializable, on every member).
 4. ``--nat-event flush|remap`` (raftstate systems): halfway through each
    window, site 3's router forgets its conntrack (or remaps its ports); the
-   stall is the time until every node applied past the leader's last log index
-   at the event.
+   stall is the time from the event until every node applied past the leader's
+   last log index read once the router's command returned.
 
 Everything needs root. Not thread-safe.
 """
@@ -757,16 +757,21 @@ def _nat_event(system: _Raftstate, kind: str, after_s: float, out: dict[str, flo
     without any packet getting through)."""
     time.sleep(after_s)
     site = min(3, system.lab.n_sites)
-    commit, _ = system.commit_status()
     t0 = time.monotonic()
     if kind == "remap":
         system.lab.remap(site)
     else:
         system.lab.flush_conntrack(site)
+    # Read only now: entries appended while the remap command ran (tens of
+    # ms) may still have crossed the old mapping, and would hide the stall.
+    commit, _ = system.commit_status()
     out["stall_s"] = None
     while time.monotonic() - t0 < 30:
-        _, applied = system.commit_status()
-        if commit >= 0 and applied and all(a > commit for a in applied):
+        last, applied = system.commit_status()
+        if commit < 0:  # no leader when first read (an election): the first one seen
+            commit = last
+            continue
+        if applied and all(a > commit for a in applied):
             out["stall_s"] = round(time.monotonic() - t0, 3)
             return
         time.sleep(0.02)

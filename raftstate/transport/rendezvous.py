@@ -80,6 +80,10 @@ HANDSHAKE_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 1024
 MAX_PER_SOURCE = 64
 CONNECT_TIMEOUT_S = 10.0
+#: A dial not connected after this long gets a second one racing it (the
+#: first to connect wins): a lost SYN otherwise costs the kernel's 1 s
+#: retransmission, and the reconnect after a NAT remap is on the critical path.
+DIAL_RACE_S = 0.3
 MAX_WRITE_BUFFER = 1 << 20
 REJECT_LOG_INTERVAL_S = 10.0
 CLIENT_LOG_INTERVAL_S = 60.0
@@ -394,6 +398,10 @@ class RendezvousClient:
         self._min_s, self._max_s = reconnect_min_s, reconnect_max_s
         self._outbox: dict[str, bytes] = {}
         self._conn: _Conn | None = None
+        self._redial = False
+        self._wake = asyncio.Event()
+        #: Loop time at which the current session was established (``None``: none).
+        self.connected_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._failures = _Throttle(CLIENT_LOG_INTERVAL_S)
@@ -420,6 +428,19 @@ class RendezvousClient:
         if conn is None or not conn.send(plaintext):
             self._outbox.pop(to, None)
             self._outbox[to] = plaintext
+
+    def reconnect(self) -> None:
+        """Our NAT moved (its mappings, the TCP one included, may be gone):
+        drop the connection and dial again at once, without backoff. What
+        :meth:`send` gets meanwhile waits for the new session. While not
+        connected it cuts a pending backoff short (the next dial goes now)."""
+        conn = self._conn
+        if conn is None:
+            self._wake.set()  # between dials: cut the backoff short
+            return
+        self._conn = self.connected_at = None
+        self._redial = True
+        conn.writer.transport.abort()
 
     @property
     def connected(self) -> bool:
@@ -454,17 +475,25 @@ class RendezvousClient:
                 self._failures.log("io", level, "rendezvous %s unreachable or lost: %r", where, exc)
             except Exception:  # a bug; keep the promise to reconnect until close()
                 log.exception("rendezvous: unexpected error talking to %s", where)
+            self.connected_at = None
+            if self._redial:
+                self._redial, failures = False, 0
+                continue  # reconnect(): dial again at once
             if self._conn is not None:
                 failures = 0
                 self._conn = None
             else:
                 failures += 1
             base = min(self._max_s, self._min_s * 2.0 ** max(0, failures - 1))
-            await asyncio.sleep(min(self._max_s, base * (1.0 + 0.5 * self._rng.random())))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wake.wait(), min(self._max_s, base * (1.0 + 0.5 * self._rng.random()))
+                )
 
     async def _session(self) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            reader, writer = await asyncio.open_connection(self._host, self._port)
+            reader, writer = await self._dial()
         pinger: asyncio.Task[None] | None = None
         try:
             peer = _prepare(writer)
@@ -478,6 +507,7 @@ class RendezvousClient:
                 if welcome is not Control.WELCOME:
                     raise ProtocolError(f"expected a welcome, got {welcome!r}")
             conn = self._conn = _Conn(self.node_id, channel, writer, peer)
+            self.connected_at = asyncio.get_running_loop().time()
             self._failures = _Throttle(CLIENT_LOG_INTERVAL_S)  # log the next failure at once
             log.info("rendezvous: connected to %s as %s", peer, self.node_id)
             outbox, self._outbox = self._outbox, {}
@@ -503,6 +533,33 @@ class RendezvousClient:
             if pinger is not None:
                 pinger.cancel()
             await _close(writer)
+
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a TCP connection to the server, starting a second attempt if
+        the first has not connected within :data:`DIAL_RACE_S`; the first to
+        connect wins and the other is cancelled (or closed, if it connected
+        too). Raises the last ``OSError`` when every attempt failed."""
+        loop = asyncio.get_running_loop()
+        dials = [loop.create_task(asyncio.open_connection(self._host, self._port))]
+        winner: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
+        try:
+            done, _ = await asyncio.wait(dials, timeout=DIAL_RACE_S)
+            if not done:
+                dials.append(loop.create_task(asyncio.open_connection(self._host, self._port)))
+            pending = list(dials)
+            while winner is None:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                winner = next((t for t in done if t.exception() is None), None)
+                pending = [t for t in pending if not t.done()]
+                if winner is None and not pending:
+                    raise next(iter(done)).exception()  # type: ignore[misc]
+            return winner.result()
+        finally:
+            for t in dials:
+                if not t.done():
+                    t.cancel()
+                elif t is not winner and not t.cancelled() and t.exception() is None:
+                    t.result()[1].close()
 
     async def _ping(self, conn: _Conn) -> None:
         while conn.send(_PING):
