@@ -56,6 +56,30 @@ def answer(challenge: Challenge) -> bytes:
 # --- the validator alone ---------------------------------------------------------
 
 
+def test_an_address_the_path_moved_to_by_itself_needs_no_switch() -> None:
+    """ICE may nominate another pair on its own (authenticated checks): the
+    driver adopts that address; a validation of it still in flight then ends
+    without a second move (the transport would count one path twice)."""
+    v = validator()
+    challenge = v.on_authentic(NEW, BIG, 0.0)
+    assert challenge is not None and v.pending == NEW
+    v.adopt(NEW)
+    assert v.current == NEW and v.pending is None
+    assert v.on_response(NEW, answer(challenge), 0.01) is None
+    assert v.on_authentic(NEW, BIG, 0.02) is None  # the current address now
+    assert v.counters.switches == 0
+
+
+def test_adopting_another_address_keeps_the_pending_validation() -> None:
+    v = validator()
+    challenge = v.on_authentic(NEW, BIG, 0.0)
+    assert challenge is not None
+    v.adopt(("198.51.100.7", 30000))
+    assert v.pending == NEW
+    switch = v.on_response(NEW, answer(challenge), 0.01)
+    assert switch == Switch(NEW, ("198.51.100.7", 30000))
+
+
 def test_first_source_is_adopted_without_a_challenge() -> None:
     v = PathValidator(None, random_bytes=nonces())
     assert v.on_authentic(OLD, BIG, 0.0) is None

@@ -127,7 +127,7 @@ def test_a_port_remap_and_a_flush_under_weak_stall_briefly_and_lose_nothing(
         remap_stall, remap_line = _stall(cluster, lambda: lab.remap(3))
         print(f"remap of site 3: stall {remap_stall:.3f} s ({remap_line})")
         rebuilt = {p: m.paths - builds[p] for p, m in _links(cluster).items() if p in builds}
-        print(f"ICE paths rebuilt since the remap: {rebuilt}")
+        print(f"paths replaced (ICE rebuilds + moves) since the remap: {rebuilt}")
         done = w.completed
         wait_until(lambda: w.completed >= done + 50, 30, "traffic after the remap")
         flush_stall, flush_line = _stall(cluster, lambda: lab.flush_conntrack(3))

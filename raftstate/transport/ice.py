@@ -232,6 +232,11 @@ class IceReach:
             foundation=old.foundation, component=old.component, transport=old.transport,
             priority=old.priority, host=str(address[0]), port=int(address[1]), type="prflx",
         )  # fmt: skip
+        peer = self._peers[peer_id]
+        kind, peer.kind = peer.kind, _pair_kind(peer.active)  # type: ignore[arg-type]
+        log.info("path to %s moved: local %s %s:%d, remote %s %s:%d -> prflx %s:%d; %s -> %s",
+                 peer_id, pair.local_candidate.type, *pair.local_addr, old.type, old.host,
+                 old.port, *address, kind, peer.kind)  # fmt: skip
 
     def check_mapping(self, peer_id: str, *, force: bool = False) -> None:
         """Ask the STUN server, from the active path's socket, where our NAT

@@ -203,6 +203,14 @@ class PathValidator:
         self.current = current
         self._pending = None
 
+    def adopt(self, current: Address) -> None:
+        """The path below moved to ``current`` by itself (ICE nominated another
+        pair; its checks are authenticated): take it as validated, and drop a
+        pending validation of that same address (nothing left to prove)."""
+        self.current = current
+        if self._pending is not None and self._pending.address == current:
+            self._pending = None
+
     def on_authentic(self, source: Address, size: int, now: float) -> Challenge | None:
         """An authentic, fresh DATA datagram of ``size`` sealed bytes arrived
         from ``source``. Returns the challenge to send, if one is due."""
@@ -259,6 +267,9 @@ class PathValidator:
             or now >= p.deadline
         ):
             self._count(unmatched_responses=1)
+            return None
+        if p.address == self.current:  # adopted meanwhile: validated, nothing moves
+            self._pending = None
             return None
         previous, self.current, self._pending = self.current, p.address, None
         self._count(switches=1)

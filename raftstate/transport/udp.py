@@ -630,6 +630,16 @@ class UdpTransport(Transport):  # type: ignore[misc]
         whether ``payload`` was a path challenge/response (not for the link)."""
         now = self._loop.time()
         source = self._reach.source_of(peer.id, addr)
+        current = peer.roam.current
+        if source is not None and current is not None and source != current and (
+            source == self._reach.remote(peer.id)
+        ):
+            # The reach itself moved the path here (ICE nominated another pair,
+            # e.g. on the peer's checks from its new mapping; ICE checks are
+            # authenticated): nothing to validate, but it is a new path.
+            log.info("path to %s moved %s -> %s (by ICE)", peer.id, current, source)
+            peer.roam.adopt(source)
+            peer.roamed += 1
         if source is not None:
             challenge = peer.roam.on_authentic(source, size, now)
             if challenge is not None:
@@ -787,7 +797,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 retransmissions=st.retransmissions if st else 0,
                 loss_rate=st.loss_measured if st else None,
                 sessions=peer.sessions,
-                paths=built,
+                paths=built + peer.roamed,
                 link=st,
             )
         return out

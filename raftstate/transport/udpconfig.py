@@ -102,7 +102,9 @@ class PeerLinkStats:
     retransmissions: int
     loss_rate: float | None  # measured fraction lost; None: too few frames yet
     sessions: int  # sessions established with this peer since start
-    paths: int  # paths built to this peer since start (ICE rebuilds add one)
+    #: Paths to this peer since start: each ICE (re)build and each validated
+    #: move to a new address of the peer (roaming) adds one.
+    paths: int
     #: The current session's link counters (reset when a new session starts).
     link: LinkStats | None = None
 
