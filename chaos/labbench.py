@@ -757,11 +757,15 @@ def _nat_event(system: _Raftstate, kind: str, after_s: float, out: dict[str, flo
     without any packet getting through)."""
     time.sleep(after_s)
     site = min(3, system.lab.n_sites)
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     if kind == "remap":
         system.lab.remap(site)
     else:
         system.lab.flush_conntrack(site)
+    # To line the event up with the node logs (their time format).
+    stamp = time.strftime("%H:%M:%S", time.localtime(wall0)) + f",{int(wall0 * 1000) % 1000:03d}"
+    print(f"[{system.name}] {kind} of site {site} at {stamp}, took "
+          f"{time.monotonic() - t0:.3f} s", file=sys.stderr)  # fmt: skip
     # Read only now: entries appended while the remap command ran (tens of
     # ms) may still have crossed the old mapping, and would hide the stall.
     commit, _ = system.commit_status()

@@ -65,6 +65,8 @@ MAPPING_CHECK_TRIES = 3
 MAPPING_CHECK_TRY_S = 0.25
 #: A ``moved`` note is repeated after a rendezvous reconnect for this long.
 MOVED_NOTE_TTL_S = 3.0
+#: The ``moved`` note also goes as a rendezvous datagram, twice, this far apart.
+MOVED_DATAGRAM_GAP_S = 0.03
 
 
 class _DataConnection(aioice.Connection):
@@ -322,7 +324,19 @@ class IceReach:
                 rendezvous.reconnect()  # dialled before the move: its TCP mapping is gone
             note = self._sealer.seal(peer.id, {"t": "moved", "host": mapped[0], "port": mapped[1]})
             peer.moved_note = (note, self._loop.time())
+            # At once over UDP (our TCP session is being redialled: three
+            # round trips), twice against loss; and over the new session.
+            for delay in (0.0, MOVED_DATAGRAM_GAP_S):
+                self._loop.call_later(delay, self._send_moved_datagram, peer, note)
             rendezvous.send(peer.id, note)
+
+    def _send_moved_datagram(self, peer: _Peer, note: dict[str, Any]) -> None:
+        moved = peer.moved_note
+        if self._rendezvous is not None and not self._closed and moved and moved[0] is note:
+            try:
+                self._rendezvous.send_datagram(peer.id, note)
+            except ValueError as exc:  # too large for a datagram: the TCP copy goes
+                log.debug("moved note to %s not sent as a datagram: %r", peer.id, exc)
 
     def _on_moved(self, peer: _Peer, body: Mapping[str, Any]) -> None:
         host, port = body.get("host"), body.get("port")

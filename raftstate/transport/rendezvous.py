@@ -43,6 +43,7 @@ import math
 import os
 import random
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ from raftstate.transport.rendezvous_codec import (
     encode_frame,
     encode_message,
     is_node_id,
+)
+from raftstate.transport.rendezvous_dgram import (
+    NonceCache,
+    open_datagram,
+    seal_datagram,
 )
 
 log = logging.getLogger("raftstate.transport.rendezvous")
@@ -177,6 +183,14 @@ def _split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _DatagramServer(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, Any], None]) -> None:
+        self._on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._on_datagram(data, addr)
+
+
 class RendezvousServer:
     """The rendezvous relay. Use on one asyncio loop; not thread-safe."""
 
@@ -214,6 +228,11 @@ class RendezvousServer:
         self._per_source: dict[str, int] = {}
         #: Connections closed at once for exceeding a cap.
         self.refused = 0
+        self._udp: asyncio.DatagramTransport | None = None
+        self._nonces = NonceCache()
+        #: Relay datagrams (rendezvous_dgram) forwarded / refused.
+        self.datagrams_relayed = 0
+        self.datagrams_refused = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (0: an ephemeral port) and return the bound
@@ -224,7 +243,29 @@ class RendezvousServer:
         self._server = await asyncio.start_server(self._handle, host, port)
         bound = self._server.sockets[0].getsockname()
         log.debug("rendezvous: listening on %s:%s", bound[0], bound[1])
+        try:  # relay datagrams (rendezvous_dgram) on the same port number
+            self._udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _DatagramServer(self._on_datagram), local_addr=(bound[0], bound[1])
+            )
+        except OSError as exc:
+            log.warning("rendezvous: no relay datagrams (UDP %s:%s: %r)", bound[0], bound[1], exc)
         return str(bound[0]), int(bound[1])
+
+    def _on_datagram(self, data: bytes, addr: Any) -> None:
+        """One relay datagram: forward its message to the target's session if
+        it is connected (never held: the sender repeats it over TCP)."""
+        message = open_datagram(self._keys, data, time.time(), self._nonces)
+        msg = None
+        if message is not None:
+            with contextlib.suppress(InvalidMessage, ProtocolError, ValueError):
+                msg = decode_message(message)
+        if message is None or not isinstance(msg, Relay) or msg.to == msg.sender:
+            self.datagrams_refused += 1
+            self._rejections.log("datagram", INFO, "rendezvous: refused a datagram from %s", addr)
+            return
+        target = self._sessions.get(msg.to)
+        if target is not None and target.send(message):
+            self.datagrams_relayed += 1
 
     @property
     def open_connections(self) -> int:
@@ -239,6 +280,9 @@ class RendezvousServer:
         """Stop listening and close every connection. Idempotent."""
         server, self._server = self._server, None
         self._closing = True
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
         if server is not None:
             server.close()
         tasks = list(self._handlers)
@@ -398,6 +442,7 @@ class RendezvousClient:
         self._min_s, self._max_s = reconnect_min_s, reconnect_max_s
         self._outbox: dict[str, bytes] = {}
         self._conn: _Conn | None = None
+        self._udp: socket.socket | None = None
         self._redial = False
         self._wake = asyncio.Event()
         #: Loop time at which the current session was established (``None``: none).
@@ -429,6 +474,28 @@ class RendezvousClient:
             self._outbox.pop(to, None)
             self._outbox[to] = plaintext
 
+    def send_datagram(self, to: str, body: dict[str, Any]) -> None:
+        """Relay ``body`` to ``to`` in one UDP datagram (rendezvous_dgram),
+        without waiting for a session: for what is urgent while the TCP
+        session is being re-established. Best effort (it may be lost, and the
+        server drops it if ``to`` is not connected): send it with
+        :meth:`send` too. Raises like :meth:`send`, and ``ValueError`` for a
+        body too large for a datagram."""
+        if to == self.node_id:
+            raise InvalidMessage("to: a node cannot send to itself")
+        message = encode_message(Relay(to=to, sender=self.node_id, body=body))
+        datagram = seal_datagram(self._keys, message, time.time(), os.urandom(16))
+        try:
+            if self._udp is None:
+                family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                self._udp = sock
+                sock.connect((self._host, self._port))  # a numeric address: no lookup
+            self._udp.send(datagram)
+        except OSError as exc:  # best effort; the TCP copy follows
+            log.debug("rendezvous: datagram to %s not sent: %r", self._host, exc)
+
     def reconnect(self) -> None:
         """Our NAT moved (its mappings, the TCP one included, may be gone):
         drop the connection and dial again at once, without backoff. What
@@ -455,6 +522,9 @@ class RendezvousClient:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._conn = None
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
 
     async def _run(self) -> None:
         where = f"{self._host}:{self._port}"
