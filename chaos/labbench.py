@@ -200,6 +200,9 @@ class RunResult:
     errors: dict[str, int] = field(default_factory=dict)
     nat_event: str | None = None
     stall_s: float | None = None
+    #: How long the NAT command itself took (part of ``stall_s``, which counts
+    #: from its start; the flush that makes the event is its last step).
+    event_cmd_s: float | None = None
     notes: list[str] = field(default_factory=list)
     #: Per site ("s1"...): acked count and latency percentiles, ms.
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -729,7 +732,8 @@ def _window(
         cpu_us_per_op=1e6 * sum(cpu.values()) / sent if sent else 0.0,
         seconds=round(seconds, 2), offered_per_s=cfg.rate, errors=errors,
         nat_event=cfg.nat_event if event_thread is not None else None,
-        stall_s=stall.get("stall_s"), notes=notes, per_site=site_stats, leader=leader,
+        stall_s=stall.get("stall_s"), event_cmd_s=stall.get("event_cmd_s"), notes=notes,
+        per_site=site_stats, leader=leader,
         host_busy_cpu_s=round(busy, 1), loadavg_1m=round(load1, 2),
         wan_tx_bytes=tx, wire_bytes_per_op=tx / len(ok) if ok else 0.0,
         leader_changes=changes, samples_ms=samples,
@@ -762,10 +766,11 @@ def _nat_event(system: _Raftstate, kind: str, after_s: float, out: dict[str, flo
         system.lab.remap(site)
     else:
         system.lab.flush_conntrack(site)
+    out["event_cmd_s"] = round(time.monotonic() - t0, 3)
     # To line the event up with the node logs (their time format).
     stamp = time.strftime("%H:%M:%S", time.localtime(wall0)) + f",{int(wall0 * 1000) % 1000:03d}"
-    print(f"[{system.name}] {kind} of site {site} at {stamp}, took "
-          f"{time.monotonic() - t0:.3f} s", file=sys.stderr)  # fmt: skip
+    print(f"[{system.name}] {kind} of site {site} at {stamp}, took {out['event_cmd_s']:.3f} s",
+          file=sys.stderr)  # fmt: skip
     # Read only now: entries appended while the remap command ran (tens of
     # ms) may still have crossed the old mapping, and would hide the stall.
     commit, _ = system.commit_status()
@@ -812,6 +817,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = print) -> list[RunRe
                          f"p99.9 {_fmt_ms(lat.p999)} max {_fmt_ms(lat.max)} ms, "
                          f"{r.success_pct:.3f} % ok, lost {r.acked_lost}"
                          + ("" if r.stall_s is None else f", stall {r.stall_s:.2f}s")
+                         + ("" if r.event_cmd_s is None else f" (command {r.event_cmd_s:.2f}s)")
                          + (f" ({'; '.join(r.notes)})" if r.notes else ""))  # fmt: skip
                 results.append(r)
         finally:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -478,20 +479,24 @@ class RendezvousClient:
         """Relay ``body`` to ``to`` in one UDP datagram (rendezvous_dgram),
         without waiting for a session: for what is urgent while the TCP
         session is being re-established. Best effort (it may be lost, and the
-        server drops it if ``to`` is not connected): send it with
-        :meth:`send` too. Raises like :meth:`send`, and ``ValueError`` for a
-        body too large for a datagram."""
+        server drops it if ``to`` is not connected; not sent at all when the
+        server's address is a host name): send it with :meth:`send` too.
+        Raises like :meth:`send`, and ``ValueError`` for a body too large for
+        a datagram."""
         if to == self.node_id:
             raise InvalidMessage("to: a node cannot send to itself")
         message = encode_message(Relay(to=to, sender=self.node_id, body=body))
         datagram = seal_datagram(self._keys, message, time.time(), os.urandom(16))
         try:
             if self._udp is None:
-                family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_DGRAM)
+                try:  # a literal address only: a name lookup would block the loop
+                    v6 = ipaddress.ip_address(self._host).version == 6
+                except ValueError:
+                    return  # a host name: the TCP copy goes
+                sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
                 sock.setblocking(False)
                 self._udp = sock
-                sock.connect((self._host, self._port))  # a numeric address: no lookup
+                sock.connect((self._host, self._port))
             self._udp.send(datagram)
         except OSError as exc:  # best effort; the TCP copy follows
             log.debug("rendezvous: datagram to %s not sent: %r", self._host, exc)
