@@ -8,6 +8,7 @@ no clock: ``now`` is an input and nonces come from a seeded source.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from raftstate.errors import ConfigError
 from raftstate.transport.crypto import OVERHEAD, DropReason
 from raftstate.transport.envelope import Delivered, Dropped, HandshakeEvent, SecureChannel
+from raftstate.transport.reach import StaticReach
 from raftstate.transport.roaming import (
     CHALLENGE_SIZE,
     PATH_CHALLENGE,
@@ -323,3 +325,16 @@ def test_an_attacker_relaying_a_fresh_datagram_gets_a_challenge_it_cannot_answer
     a.receive(guess, ATTACKER, 0.05)
     assert a.sent == [] and a.roam.current == OLD
     assert a.roam.poll(5.0) == Failed(ATTACKER)
+
+
+def test_a_static_peer_moved_after_validation_counts_as_a_new_path() -> None:
+    """``Member.paths`` counts moves as well as builds: a static peer's path
+    count starts at one and each validated move adds one."""
+    loop = asyncio.new_event_loop()
+    try:
+        reach = StaticReach(loop, "127.0.0.1:0", {"b": "198.51.100.7:4000"})
+        assert reach.path_info("b") == ("static", 1)
+        reach.move("b", NEW)
+        assert reach.remote("b") == NEW and reach.path_info("b") == ("static", 2)
+    finally:
+        loop.close()

@@ -78,13 +78,17 @@ class _DataConnection(aioice.Connection):
         self._on_data = on_data
         #: ``(protocol, (host, port))`` of the datagram being delivered.
         self.last_source: tuple[Any, tuple[str, int]] | None = None
+        self._tapped: set[int] = set()
 
     def data_received(self, data: bytes, component: int) -> None:
         self._on_data(data, (self, self.last_source))
 
     def tap(self, protocol: Any) -> None:
         """Record the source of every datagram ``protocol`` receives (aioice
-        drops it before :meth:`data_received`)."""
+        drops it before :meth:`data_received`). Idempotent."""
+        if id(protocol) in self._tapped:
+            return
+        self._tapped.add(id(protocol))
         inner = protocol.datagram_received
 
         def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
@@ -101,7 +105,7 @@ class _Peer:
     __slots__ = (
         "active", "active_mode", "attempt", "built", "check_later", "checking", "controlling",
         "failures", "good_mode", "id", "kind", "last_check", "last_restart", "mapped", "mode",
-        "moved_note", "negotiating", "retry", "tasks", "watch",
+        "moved_note", "moves", "negotiating", "retry", "seen", "tasks", "watch",
     )  # fmt: skip
 
     def __init__(self, peer_id: str, controlling: bool) -> None:
@@ -129,6 +133,11 @@ class _Peer:
         #: The last ``moved`` note to the peer and when it was sent (repeated
         #: on a rendezvous reconnect within MOVED_NOTE_TTL_S).
         self.moved_note: tuple[dict[str, Any], float] | None = None
+        #: The nominated pair and its remote candidate last seen (identities),
+        #: and how often they changed under a built path (our validated moves,
+        #: or aioice nominating another pair): each is a new path.
+        self.seen: tuple[Any, Any] | None = None
+        self.moves = 0
 
 
 class IceReach:
@@ -190,7 +199,26 @@ class IceReach:
 
     def path_info(self, peer_id: str) -> tuple[str, int]:
         peer = self._peers[peer_id]
-        return peer.kind, peer.built
+        self._observe(peer)
+        return peer.kind, peer.built + peer.moves
+
+    def _observe(self, peer: _Peer) -> Any:
+        """The active nominated pair (or ``None``); counts a change of it or of
+        its remote since last seen as a move, and taps a new pair's socket."""
+        conn = peer.active
+        pair = _nominated(conn)
+        if pair is None or conn is None:
+            return None
+        seen = peer.seen
+        if seen is None or seen[0] is not pair or seen[1] is not pair.remote_candidate:
+            if seen is not None:
+                peer.moves += 1
+                peer.kind = _pair_kind(conn)
+                log.info("path to %s now %s -> %s:%d", peer.id, pair.local_candidate.type,
+                         *pair.remote_addr)  # fmt: skip
+            peer.seen = (pair, pair.remote_candidate)
+            conn.tap(pair.protocol)
+        return pair
 
     def suspect(self, peer_id: str) -> None:
         peer = self._peers[peer_id]
@@ -209,8 +237,9 @@ class IceReach:
         return None if pair is None else pair.remote_addr
 
     def source_of(self, peer_id: str, source: Any) -> Any | None:
-        conn = self._peers[peer_id].active
-        pair = _nominated(conn)
+        peer = self._peers[peer_id]
+        conn = peer.active
+        pair = self._observe(peer)
         if pair is None or not isinstance(source, tuple) or source[0] is not conn:
             return None
         tapped = source[1]
@@ -234,11 +263,7 @@ class IceReach:
             foundation=old.foundation, component=old.component, transport=old.transport,
             priority=old.priority, host=str(address[0]), port=int(address[1]), type="prflx",
         )  # fmt: skip
-        peer = self._peers[peer_id]
-        kind, peer.kind = peer.kind, _pair_kind(peer.active)  # type: ignore[arg-type]
-        log.info("path to %s moved: local %s %s:%d, remote %s %s:%d -> prflx %s:%d; %s -> %s",
-                 peer_id, pair.local_candidate.type, *pair.local_addr, old.type, old.host,
-                 old.port, *address, kind, peer.kind)  # fmt: skip
+        self._observe(self._peers[peer_id])  # counts the move
 
     def check_mapping(self, peer_id: str, *, force: bool = False) -> None:
         """Ask the STUN server, from the active path's socket, where our NAT
@@ -478,10 +503,11 @@ class IceReach:
         peer.active, peer.active_mode = conn, mode
         peer.kind = _pair_kind(conn)
         pair = conn._nominated.get(1)
-        peer.mapped = None
+        peer.mapped = peer.seen = None
         if pair is not None:
             grow_buffers(pair.protocol.transport)
             conn.tap(pair.protocol)
+            peer.seen = (pair, pair.remote_candidate)
             local = pair.local_candidate
             for c in conn.local_candidates:  # our NAT's mapping of that socket
                 if c.type == "srflx" and (c.related_address, c.related_port) == pair.local_addr:

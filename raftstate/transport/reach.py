@@ -42,7 +42,8 @@ class Reach(Protocol):
 
     def path_info(self, peer_id: str) -> tuple[str, int]:
         """The current path's kind (``static``, ``host``, ``srflx``, ``relay``
-        or ``none``) and how many paths to the peer were built so far."""
+        or ``none``) and how many paths to the peer there were so far: each
+        build, and each move to a new address (roaming), adds one."""
 
     def suspect(self, peer_id: str) -> None:
         """The transport's link to the peer stopped making progress."""
@@ -100,6 +101,7 @@ class StaticReach:
         """``proxied``: peers reached through a per-link proxy, which never roam."""
         self._loop = loop
         self._proxied = proxied
+        self._moves: dict[str, int] = {}
         self._bind = bind
         self._addresses = {pid: split_hostport(a) for pid, a in addresses.items()}
         self._retries = bind_retries
@@ -128,7 +130,7 @@ class StaticReach:
             self._socket.sendto(datagram, self._addresses[peer_id])
 
     def path_info(self, peer_id: str) -> tuple[str, int]:
-        return "static", 1
+        return "static", 1 + self._moves.get(peer_id, 0)
 
     def suspect(self, peer_id: str) -> None:
         pass  # nothing to rebuild: the address is fixed
@@ -149,6 +151,7 @@ class StaticReach:
 
     def move(self, peer_id: str, address: Any) -> None:
         self._addresses[peer_id] = (str(address[0]), int(address[1]))
+        self._moves[peer_id] = self._moves.get(peer_id, 0) + 1
 
     def check_mapping(self, peer_id: str) -> None:
         pass  # no NAT between static peers that we could ask about

@@ -639,7 +639,6 @@ class UdpTransport(Transport):  # type: ignore[misc]
             # authenticated): nothing to validate, but it is a new path.
             log.info("path to %s moved %s -> %s (by ICE)", peer.id, current, source)
             peer.roam.adopt(source)
-            peer.roamed += 1
         if source is not None:
             challenge = peer.roam.on_authentic(source, size, now)
             if challenge is not None:
@@ -797,7 +796,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
                 retransmissions=st.retransmissions if st else 0,
                 loss_rate=st.loss_measured if st else None,
                 sessions=peer.sessions,
-                paths=built + peer.roamed,
+                paths=built,
                 link=st,
             )
         return out
