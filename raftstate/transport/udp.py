@@ -100,8 +100,8 @@ _ROAMING = RoamingConfig(min_trigger_size=CHALLENGE_SIZE + OVERHEAD)
 
 class _Peer:
     __slots__ = (
-        "backlog", "backlog_bytes", "heard", "hello_handle", "hello_interval", "id", "link",
-        "link_buffered", "mapping_checked", "node", "outbox_bytes", "paused", "probe_gap",
+        "backlog", "backlog_bytes", "heard", "hello_handle", "hello_interval", "hinted", "id",
+        "link", "link_buffered", "mapping_checked", "node", "outbox_bytes", "paused", "probe_gap",
         "probe_next", "refused", "reported_up", "roam", "roam_timer", "roamed", "sessions",
         "suspected", "timer", "timer_when",
     )  # fmt: skip
@@ -131,6 +131,9 @@ class _Peer:
         self.sessions = 0
         #: Validates a new source address before the path moves there.
         self.roam = PathValidator(None, _ROAMING)
+        #: The address the peer said (sealed) it moved to, while validating
+        #: it: link datagrams go there too meanwhile (duplicated, not moved).
+        self.hinted: Any = None
         self.roam_timer: asyncio.TimerHandle | None = None
         self.roamed = 0
         #: The reach was asked once, in this stall, whether our mapping moved.
@@ -528,8 +531,14 @@ class UdpTransport(Transport):  # type: ignore[misc]
             self._feed(peer, link)
         now = self._loop.time()
         send, seal = self._reach.send, self._channel.seal
+        hinted = peer.hinted
+        if hinted is not None and peer.roam.pending != hinted:
+            hinted = peer.hinted = None  # validated (now current) or failed
         for payload in link.poll_transmit(now):
-            send(peer.id, seal(peer.id, payload))
+            datagram = seal(peer.id, payload)
+            send(peer.id, datagram)
+            if hinted is not None:
+                self._reach.send_to(peer.id, datagram, hinted)
         peer.link_buffered = link.buffered
         if peer.refused and peer.reported_up and self._drained(peer):
             peer.refused = False
@@ -686,10 +695,21 @@ class UdpTransport(Transport):  # type: ignore[misc]
         peer = self._peers.get(peer_id)
         if peer is None or self._channel.session(peer_id) is None:
             return
-        challenge = peer.roam.hint(address, self._loop.time())
+        now = self._loop.time()
+        challenge = peer.roam.hint(address, now)
         if challenge is not None:
             log.info("%s says its NAT moved it to %s; validating", peer_id, address)
             self._send_path(peer, challenge.payload, challenge.address)
+            # The note is the peer's own word (sealed end to end): while the
+            # challenge is out, send link data there as well as on the old
+            # path, so the validation's round trip is not on the critical
+            # path. Nothing moves until the echo (a replayed note costs
+            # duplicates to an address the peer once had, for at most the
+            # validation timeout, rate-limited with the challenges).
+            peer.hinted = address
+            if peer.link is not None and peer.link.stalled(now) > 0.0:
+                peer.link.path_changed(now)
+                self._transmit_soon(peer)
 
     def _arm_roam(self, peer: _Peer) -> None:
         when = peer.roam.next_timeout()
