@@ -30,8 +30,8 @@ Theory of operation:
    converged; etcd: every acknowledged key, serializable, on every member).
 4. ``--nat-event flush|remap`` (raftstate systems): halfway through each
    window, site 3's router forgets its conntrack (or remaps its ports); the
-   stall is the time until every node applied past the leader's last log index
-   at the event.
+   stall is the time from the event until every node applied past the leader's
+   last log index read once the router's command returned.
 
 Everything needs root. Not thread-safe.
 """
@@ -200,6 +200,9 @@ class RunResult:
     errors: dict[str, int] = field(default_factory=dict)
     nat_event: str | None = None
     stall_s: float | None = None
+    #: How long the NAT command itself took (part of ``stall_s``, which counts
+    #: from its start; the flush that makes the event is its last step).
+    event_cmd_s: float | None = None
     notes: list[str] = field(default_factory=list)
     #: Per site ("s1"...): acked count and latency percentiles, ms.
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -729,7 +732,8 @@ def _window(
         cpu_us_per_op=1e6 * sum(cpu.values()) / sent if sent else 0.0,
         seconds=round(seconds, 2), offered_per_s=cfg.rate, errors=errors,
         nat_event=cfg.nat_event if event_thread is not None else None,
-        stall_s=stall.get("stall_s"), notes=notes, per_site=site_stats, leader=leader,
+        stall_s=stall.get("stall_s"), event_cmd_s=stall.get("event_cmd_s"), notes=notes,
+        per_site=site_stats, leader=leader,
         host_busy_cpu_s=round(busy, 1), loadavg_1m=round(load1, 2),
         wan_tx_bytes=tx, wire_bytes_per_op=tx / len(ok) if ok else 0.0,
         leader_changes=changes, samples_ms=samples,
@@ -757,16 +761,26 @@ def _nat_event(system: _Raftstate, kind: str, after_s: float, out: dict[str, flo
     without any packet getting through)."""
     time.sleep(after_s)
     site = min(3, system.lab.n_sites)
-    commit, _ = system.commit_status()
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     if kind == "remap":
         system.lab.remap(site)
     else:
         system.lab.flush_conntrack(site)
+    out["event_cmd_s"] = round(time.monotonic() - t0, 3)
+    # To line the event up with the node logs (their time format).
+    stamp = time.strftime("%H:%M:%S", time.localtime(wall0)) + f",{int(wall0 * 1000) % 1000:03d}"
+    print(f"[{system.name}] {kind} of site {site} at {stamp}, took {out['event_cmd_s']:.3f} s",
+          file=sys.stderr)  # fmt: skip
+    # Read only now: entries appended while the remap command ran (tens of
+    # ms) may still have crossed the old mapping, and would hide the stall.
+    commit, _ = system.commit_status()
     out["stall_s"] = None
     while time.monotonic() - t0 < 30:
-        _, applied = system.commit_status()
-        if commit >= 0 and applied and all(a > commit for a in applied):
+        last, applied = system.commit_status()
+        if commit < 0:  # no leader when first read (an election): the first one seen
+            commit = last
+            continue
+        if applied and all(a > commit for a in applied):
             out["stall_s"] = round(time.monotonic() - t0, 3)
             return
         time.sleep(0.02)
@@ -803,6 +817,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = print) -> list[RunRe
                          f"p99.9 {_fmt_ms(lat.p999)} max {_fmt_ms(lat.max)} ms, "
                          f"{r.success_pct:.3f} % ok, lost {r.acked_lost}"
                          + ("" if r.stall_s is None else f", stall {r.stall_s:.2f}s")
+                         + ("" if r.event_cmd_s is None else f" (command {r.event_cmd_s:.2f}s)")
                          + (f" ({'; '.join(r.notes)})" if r.notes else ""))  # fmt: skip
                 results.append(r)
         finally:

@@ -319,7 +319,9 @@ class NodeCollector(Collector):
             "raftstate_transport_peer_sessions", "Sessions established with the peer.", labels=peer
         )
         paths = CounterMetricFamily(
-            "raftstate_transport_peer_paths", "Paths built to the peer (ICE).", labels=peer
+            "raftstate_transport_peer_paths",
+            "Paths to the peer: ICE builds plus moves to a new address (roaming).",
+            labels=peer,
         )
         for peer_id, link in sorted(links.items()):
             up.add_metric([peer_id], 1.0 if link.connected else 0.0)

@@ -725,3 +725,58 @@ def test_relayed_offers_open_only_for_their_pair_and_direction() -> None:
     assert b.open("a", {"s": base64.urlsafe_b64encode(bytes(raw)).decode()}) is None
     assert b.open("a", {"t": "offer"}) is None
     assert (a.rejected, b.rejected, c.rejected) == (1, 4, 1)
+
+
+def test_reconnect_redials_at_once_and_delivers_what_was_sent_meanwhile() -> None:
+    """After a NAT remap the client's TCP mapping is gone: ``reconnect()``
+    drops the connection and dials again without the failure backoff (here
+    5 s, far above the deadline), and a message sent right after it arrives
+    over the new session."""
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            server, address = await serve(stack)
+            a = RendezvousClient(address, "a", SECRET, Inbox(), reconnect_min_s=5.0,
+                                 reconnect_max_s=5.0)  # fmt: skip
+            a.start()
+            stack.push_async_callback(a.close)
+            b, b_in = client(stack, address, "b")
+            await eventually(lambda: a.connected and b.connected, "a and b connected")
+            first = a.connected_at
+            assert first is not None
+            a.reconnect()
+            assert not a.connected and a.connected_at is None
+            a.send("b", {"t": "moved", "host": "192.0.2.1", "port": 20001})
+            a.reconnect()  # already redialling: a no-op
+            async with asyncio.timeout(2.0):  # well under the 5 s backoff
+                assert await b_in.until(1) == [("a", {"t": "moved", "host": "192.0.2.1",
+                                                      "port": 20001})]  # fmt: skip
+            assert a.connected and a.connected_at is not None and a.connected_at > first
+
+    run(main)
+
+
+def test_reconnect_between_dials_cuts_the_backoff_short() -> None:
+    """A client backing off (5 s) after its server went away dials again at
+    once when ``reconnect()`` is called (our NAT moved: the old failure says
+    nothing about the new mapping)."""
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            first = RendezvousServer(SECRET)
+            host, port = await first.start("127.0.0.1", 0)
+            a = RendezvousClient(f"{host}:{port}", "a", SECRET, Inbox(), reconnect_min_s=5.0,
+                                 reconnect_max_s=5.0)  # fmt: skip
+            a.start()
+            stack.push_async_callback(a.close)
+            await eventually(lambda: a.connected, "a connected")
+            await first.close()
+            await eventually(lambda: not a.connected, "a disconnected")
+            second = RendezvousServer(SECRET)
+            await second.start(host, port)
+            stack.push_async_callback(second.close)
+            await eventually(lambda: a.connected_at is None, "a in its 5 s backoff")
+            a.reconnect()
+            await eventually(lambda: a.connected, "a reconnected well before 5 s", timeout=2.0)
+
+    run(main)

@@ -46,9 +46,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import aioice
+from aioice import stun
 
 from raftstate.transport.crypto import NodeIdentity
-from raftstate.transport.reach import Deliver, PathUp, grow_buffers
+from raftstate.transport.reach import Deliver, Moved, PathUp, grow_buffers
 from raftstate.transport.rendezvous import RendezvousClient
 from raftstate.transport.signalseal import SignalSealer
 from raftstate.transport.udpconfig import IceSettings, split_hostport
@@ -57,23 +58,54 @@ log = logging.getLogger("raftstate.transport.ice")
 
 DIRECT = "direct"
 RELAY = "relay"
+#: A peer's path asks STUN about our mapping at most this often, in at most
+#: MAPPING_CHECK_TRIES requests of MAPPING_CHECK_TRY_S each.
+MAPPING_CHECK_INTERVAL_S = 0.5
+MAPPING_CHECK_TRIES = 3
+MAPPING_CHECK_TRY_S = 0.25
+#: A ``moved`` note is repeated after a rendezvous reconnect for this long.
+MOVED_NOTE_TTL_S = 3.0
+#: The ``moved`` note also goes as a rendezvous datagram, twice, this far apart.
+MOVED_DATAGRAM_GAP_S = 0.03
 
 
 class _DataConnection(aioice.Connection):
-    """An aioice connection that hands data to a callback instead of a queue."""
+    """An aioice connection that hands data to a callback instead of a queue,
+    with the socket and address each datagram came from (once tapped)."""
 
     def __init__(self, on_data: Deliver, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._on_data = on_data
+        #: ``(protocol, (host, port))`` of the datagram being delivered.
+        self.last_source: tuple[Any, tuple[str, int]] | None = None
+        self._tapped: set[int] = set()
 
     def data_received(self, data: bytes, component: int) -> None:
-        self._on_data(data, self)
+        self._on_data(data, (self, self.last_source))
+
+    def tap(self, protocol: Any) -> None:
+        """Record the source of every datagram ``protocol`` receives (aioice
+        drops it before :meth:`data_received`). Idempotent."""
+        if id(protocol) in self._tapped:
+            return
+        self._tapped.add(id(protocol))
+        inner = protocol.datagram_received
+
+        def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
+            self.last_source = (protocol, (addr[0], addr[1]))
+            try:
+                inner(data, addr)
+            finally:
+                self.last_source = None
+
+        protocol.datagram_received = datagram_received
 
 
 class _Peer:
     __slots__ = (
-        "active", "active_mode", "attempt", "built", "controlling", "failures", "good_mode",
-        "id", "kind", "last_restart", "mode", "negotiating", "retry", "tasks", "watch",
+        "active", "active_mode", "attempt", "built", "check_later", "checking", "controlling",
+        "failures", "good_mode", "id", "kind", "last_check", "last_restart", "mapped", "mode",
+        "moved_note", "moves", "negotiating", "retry", "seen", "tasks", "watch",
     )  # fmt: skip
 
     def __init__(self, peer_id: str, controlling: bool) -> None:
@@ -92,6 +124,20 @@ class _Peer:
         self.last_restart = -1e9
         self.tasks: set[asyncio.Task[None]] = set()
         self.watch: asyncio.Task[None] | None = None
+        #: Our NAT's mapping of the active path's socket, as STUN last saw it.
+        self.mapped: tuple[str, int] | None = None
+        self.checking = False
+        self.last_check = -1e9
+        #: A check asked for within MAPPING_CHECK_INTERVAL_S of the last one runs then.
+        self.check_later: asyncio.TimerHandle | None = None
+        #: The last ``moved`` note to the peer and when it was sent (repeated
+        #: on a rendezvous reconnect within MOVED_NOTE_TTL_S).
+        self.moved_note: tuple[dict[str, Any], float] | None = None
+        #: The nominated pair and its remote candidate last seen (identities),
+        #: and how often they changed under a built path (our validated moves,
+        #: or aioice nominating another pair): each is a new path.
+        self.seen: tuple[Any, Any] | None = None
+        self.moves = 0
 
 
 class IceReach:
@@ -121,13 +167,14 @@ class IceReach:
         self._peers = {pid: _Peer(pid, node_id < pid) for pid in peer_ids}
         self._deliver: Deliver | None = None
         self._path_up: PathUp | None = None
+        self._moved: Moved | None = None
         self._rendezvous: RendezvousClient | None = None
         self._closed = False
 
     # ------------------------------------------------------------ Reach
 
-    async def open(self, deliver: Deliver, path_up: PathUp) -> None:
-        self._deliver, self._path_up = deliver, path_up
+    async def open(self, deliver: Deliver, path_up: PathUp, moved: Moved | None = None) -> None:
+        self._deliver, self._path_up, self._moved = deliver, path_up, moved
         self._rendezvous = RendezvousClient(
             self._settings.rendezvous,
             self._node_id,
@@ -152,7 +199,26 @@ class IceReach:
 
     def path_info(self, peer_id: str) -> tuple[str, int]:
         peer = self._peers[peer_id]
-        return peer.kind, peer.built
+        self._observe(peer)
+        return peer.kind, peer.built + peer.moves
+
+    def _observe(self, peer: _Peer) -> Any:
+        """The active nominated pair (or ``None``); counts a change of it or of
+        its remote since last seen as a move, and taps a new pair's socket."""
+        conn = peer.active
+        pair = _nominated(conn)
+        if pair is None or conn is None:
+            return None
+        seen = peer.seen
+        if seen is None or seen[0] is not pair or seen[1] is not pair.remote_candidate:
+            if seen is not None:
+                peer.moves += 1
+                peer.kind = _pair_kind(conn)
+                log.info("path to %s now %s -> %s:%d", peer.id, pair.local_candidate.type,
+                         *pair.remote_addr)  # fmt: skip
+            peer.seen = (pair, pair.remote_candidate)
+            conn.tap(pair.protocol)
+        return pair
 
     def suspect(self, peer_id: str) -> None:
         peer = self._peers[peer_id]
@@ -164,14 +230,156 @@ class IceReach:
         else:
             self._ask_restart(peer)
 
+    # ------------------------------------------------------------ roaming
+
+    def remote(self, peer_id: str) -> Any | None:
+        pair = _nominated(self._peers[peer_id].active)
+        return None if pair is None else pair.remote_addr
+
+    def source_of(self, peer_id: str, source: Any) -> Any | None:
+        peer = self._peers[peer_id]
+        conn = peer.active
+        pair = self._observe(peer)
+        if pair is None or not isinstance(source, tuple) or source[0] is not conn:
+            return None
+        tapped = source[1]
+        if tapped is None or tapped[0] is not pair.protocol:
+            return None  # another socket of the connection: not the data path
+        return tapped[1]
+
+    def send_to(self, peer_id: str, datagram: bytes, address: Any) -> None:
+        pair = _nominated(self._peers[peer_id].active)
+        if pair is not None:
+            pair.protocol.transport.sendto(datagram, address)
+
+    def move(self, peer_id: str, address: Any) -> None:
+        """Point the nominated pair at ``address`` (a peer-reflexive remote):
+        data and aioice's consent checks go there from now on."""
+        pair = _nominated(self._peers[peer_id].active)
+        if pair is None:
+            return
+        old = pair.remote_candidate
+        pair.remote_candidate = aioice.Candidate(
+            foundation=old.foundation, component=old.component, transport=old.transport,
+            priority=old.priority, host=str(address[0]), port=int(address[1]), type="prflx",
+        )  # fmt: skip
+        self._observe(self._peers[peer_id])  # counts the move
+
+    def check_mapping(self, peer_id: str, *, force: bool = False) -> None:
+        """Ask the STUN server, from the active path's socket, where our NAT
+        maps it now; if that moved, tell the peer through the rendezvous
+        (sealed) so it can validate the new address, and redial the
+        rendezvous (its TCP mapping moved too). At most once per
+        :data:`MAPPING_CHECK_INTERVAL_S` per peer: a check asked for sooner
+        runs when the interval is up (never dropped: the stall that asked
+        may be the one that matters)."""
+        peer = self._peers[peer_id]
+        pair = _nominated(peer.active)
+        now = self._loop.time()
+        if (
+            pair is None or self._closed or not self._settings.stun_server or peer.checking
+            or pair.local_candidate.type == "relay"
+        ):  # fmt: skip
+            return
+        if now - peer.last_check < MAPPING_CHECK_INTERVAL_S and not force:
+            if peer.check_later is None:
+                peer.check_later = self._loop.call_at(
+                    peer.last_check + MAPPING_CHECK_INTERVAL_S, self._deferred_check, peer
+                )
+            return
+        if peer.check_later is not None:
+            peer.check_later.cancel()
+            peer.check_later = None
+        peer.checking, peer.last_check = True, now
+        self._spawn(peer, self._check_mapping(peer, pair))
+
+    def _deferred_check(self, peer: _Peer) -> None:
+        peer.check_later = None
+        self.check_mapping(peer.id)
+
+    async def _check_mapping(self, peer: _Peer, pair: Any) -> None:
+        started = self._loop.time()
+        try:
+            server = split_hostport(self._settings.stun_server)
+            request = stun.Message(
+                message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST
+            )
+            # Our own short tries: a lost request should not cost aioice's 0.5 s RTO.
+            response = None
+            for _ in range(MAPPING_CHECK_TRIES):
+                try:
+                    response, _ = await asyncio.wait_for(
+                        pair.protocol.request(request, server, retransmissions=0),
+                        MAPPING_CHECK_TRY_S,
+                    )
+                    break
+                except (TimeoutError, stun.TransactionError):
+                    request = stun.Message(
+                        message_method=stun.Method.BINDING,
+                        message_class=stun.Class.REQUEST,
+                    )
+            if response is None:
+                return
+            host, port = response.attributes["XOR-MAPPED-ADDRESS"]
+        except (OSError, KeyError, ValueError, stun.TransactionError) as exc:
+            log.debug("mapping check toward %s failed: %r", peer.id, exc)
+            return
+        finally:
+            peer.checking = False
+        mapped = (str(host), int(port))
+        if peer.active is None or _nominated(peer.active) is not pair:
+            return  # the path changed meanwhile
+        previous, peer.mapped = peer.mapped, mapped
+        if previous is None or previous == mapped:
+            return
+        log.info("our NAT moved the path to %s from %s:%d to %s:%d; telling %s",
+                 peer.id, *previous, *mapped, peer.id)  # fmt: skip
+        # Open our NAT toward the peer's address from the new mapping, so its
+        # challenge can come in (a STUN indication: aioice ignores it).
+        indication = stun.Message(
+            message_method=stun.Method.BINDING, message_class=stun.Class.INDICATION
+        )
+        pair.protocol.transport.sendto(bytes(indication), pair.remote_addr)
+        for other in self._peers.values():
+            if other is not peer:
+                self.check_mapping(other.id, force=True)  # the same NAT moved them too
+        rendezvous = self._rendezvous
+        if rendezvous is not None:
+            if rendezvous.connected_at is not None and rendezvous.connected_at < started:
+                rendezvous.reconnect()  # dialled before the move: its TCP mapping is gone
+            note = self._sealer.seal(peer.id, {"t": "moved", "host": mapped[0], "port": mapped[1]})
+            peer.moved_note = (note, self._loop.time())
+            # At once over UDP (our TCP session is being redialled: three
+            # round trips), twice against loss; and over the new session.
+            for delay in (0.0, MOVED_DATAGRAM_GAP_S):
+                self._loop.call_later(delay, self._send_moved_datagram, peer, note)
+            rendezvous.send(peer.id, note)
+
+    def _send_moved_datagram(self, peer: _Peer, note: dict[str, Any]) -> None:
+        moved = peer.moved_note
+        if self._rendezvous is not None and not self._closed and moved and moved[0] is note:
+            try:
+                self._rendezvous.send_datagram(peer.id, note)
+            except ValueError as exc:  # too large for a datagram: the TCP copy goes
+                log.debug("moved note to %s not sent as a datagram: %r", peer.id, exc)
+
+    def _on_moved(self, peer: _Peer, body: Mapping[str, Any]) -> None:
+        host, port = body.get("host"), body.get("port")
+        if not (isinstance(host, str) and isinstance(port, int) and 0 < port < 65536):
+            log.warning("malformed moved from %s ignored", peer.id)
+            return
+        if self._moved is not None and peer.active is not None:
+            self._moved(peer.id, (host, port))
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         conns: list[_DataConnection] = []
         for peer in self._peers.values():
-            if peer.retry is not None:
-                peer.retry.cancel()
+            for handle in (peer.retry, peer.check_later):
+                if handle is not None:
+                    handle.cancel()
             for task in list(peer.tasks) + ([peer.watch] if peer.watch else []):
                 task.cancel()
             conns += [c for c in (peer.active, peer.negotiating) if c is not None]
@@ -295,8 +503,17 @@ class IceReach:
         peer.active, peer.active_mode = conn, mode
         peer.kind = _pair_kind(conn)
         pair = conn._nominated.get(1)
+        peer.mapped = peer.seen = None
         if pair is not None:
             grow_buffers(pair.protocol.transport)
+            conn.tap(pair.protocol)
+            peer.seen = (pair, pair.remote_candidate)
+            local = pair.local_candidate
+            for c in conn.local_candidates:  # our NAT's mapping of that socket
+                if c.type == "srflx" and (c.related_address, c.related_port) == pair.local_addr:
+                    peer.mapped = (c.host, c.port)
+            if local.type == "srflx":
+                peer.mapped = pair.local_addr
         peer.built += 1
         peer.good_mode = peer.mode = mode
         peer.failures = 0
@@ -406,6 +623,9 @@ class IceReach:
             return
         body = opened
         kind = body.get("t")
+        if kind == "moved":
+            self._on_moved(peer, body)
+            return
         if kind == "restart":
             if not peer.controlling:
                 return
@@ -438,7 +658,13 @@ class IceReach:
         nobody answered yet and requests for an offer."""
         if sessions == 1 or self._closed:
             return  # the first connection carries what open() queued
+        now = self._loop.time()
         for peer in self._peers.values():
+            # The client's outbox keeps one message per peer: an ICE restart
+            # request sent meanwhile may have replaced the moved note.
+            if peer.moved_note is not None and now - peer.moved_note[1] < MOVED_NOTE_TTL_S:
+                if self._rendezvous is not None:
+                    self._rendezvous.send(peer.id, peer.moved_note[0])
             conn = peer.negotiating
             if peer.controlling and conn is not None and conn.remote_username is None:
                 if peer.attempt is not None and conn.local_candidates:
@@ -456,6 +682,10 @@ class IceReach:
         task: asyncio.Task[None] = self._loop.create_task(coro)
         peer.tasks.add(task)
         task.add_done_callback(peer.tasks.discard)
+
+
+def _nominated(conn: _DataConnection | None) -> Any:
+    return None if conn is None else conn._nominated.get(1)
 
 
 def _pair_kind(conn: _DataConnection) -> str:

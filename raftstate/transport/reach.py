@@ -28,10 +28,13 @@ from raftstate.transport.udpconfig import split_hostport
 Deliver = Callable[[bytes, Any], None]
 #: ``path_up(peer_id)``: a new path to the peer can carry datagrams.
 PathUp = Callable[[str], None]
+#: ``moved(peer_id, address)``: the peer says (sealed, through the rendezvous)
+#: that its NAT moved it to ``address``; the transport validates it.
+Moved = Callable[[str, Any], None]
 
 
 class Reach(Protocol):
-    async def open(self, deliver: Deliver, path_up: PathUp) -> None:
+    async def open(self, deliver: Deliver, path_up: PathUp, moved: Moved | None = None) -> None:
         """Bind/start; afterwards ``deliver`` receives every datagram."""
 
     def send(self, peer_id: str, datagram: bytes) -> None:
@@ -39,13 +42,36 @@ class Reach(Protocol):
 
     def path_info(self, peer_id: str) -> tuple[str, int]:
         """The current path's kind (``static``, ``host``, ``srflx``, ``relay``
-        or ``none``) and how many paths to the peer were built so far."""
+        or ``none``) and how many paths to the peer there were so far: each
+        build, and each move to a new address (roaming), adds one."""
 
     def suspect(self, peer_id: str) -> None:
         """The transport's link to the peer stopped making progress."""
 
     def close(self) -> None:
         """Stop; idempotent."""
+
+    # Roaming (raftstate.transport.roaming): the transport validates a new
+    # source address of a peer before it moves the peer's path there.
+
+    def remote(self, peer_id: str) -> Any | None:
+        """Where datagrams to the peer go now (``None``: no path)."""
+
+    def source_of(self, peer_id: str, source: Any) -> Any | None:
+        """The address a datagram delivered with ``source`` came from, if it
+        came in over the peer's current path (its socket), else ``None``
+        (then it says nothing about where the peer is now)."""
+
+    def send_to(self, peer_id: str, datagram: bytes, address: Any) -> None:
+        """Send one datagram over the peer's current path socket to
+        ``address`` instead of the path's remote address."""
+
+    def move(self, peer_id: str, address: Any) -> None:
+        """Send to the peer at ``address`` from now on (it was validated)."""
+
+    def check_mapping(self, peer_id: str) -> None:
+        """The link to the peer has stalled briefly: find out (cheaply) whether
+        our own NAT mapping moved, and if so tell the peer where we are now."""
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -70,15 +96,19 @@ class StaticReach:
         *,
         bind_retries: int = 25,
         bind_retry_s: float = 0.2,
+        proxied: frozenset[str] = frozenset(),
     ) -> None:
+        """``proxied``: peers reached through a per-link proxy, which never roam."""
         self._loop = loop
+        self._proxied = proxied
+        self._moves: dict[str, int] = {}
         self._bind = bind
         self._addresses = {pid: split_hostport(a) for pid, a in addresses.items()}
         self._retries = bind_retries
         self._retry_s = bind_retry_s
         self._socket: asyncio.DatagramTransport | None = None
 
-    async def open(self, deliver: Deliver, path_up: PathUp) -> None:
+    async def open(self, deliver: Deliver, path_up: PathUp, moved: Moved | None = None) -> None:
         host, port = split_hostport(self._bind)
         for attempt in range(self._retries):
             try:
@@ -100,10 +130,31 @@ class StaticReach:
             self._socket.sendto(datagram, self._addresses[peer_id])
 
     def path_info(self, peer_id: str) -> tuple[str, int]:
-        return "static", 1
+        return "static", 1 + self._moves.get(peer_id, 0)
 
     def suspect(self, peer_id: str) -> None:
         pass  # nothing to rebuild: the address is fixed
+
+    def remote(self, peer_id: str) -> Any | None:
+        return self._addresses[peer_id]
+
+    def source_of(self, peer_id: str, source: Any) -> Any | None:
+        # A peer behind a per-link proxy (send_to) answers from the proxy's
+        # other socket: its source says nothing about where to send.
+        if peer_id in self._proxied or not isinstance(source, tuple) or len(source) < 2:
+            return None
+        return (source[0], source[1])
+
+    def send_to(self, peer_id: str, datagram: bytes, address: Any) -> None:
+        if self._socket is not None:
+            self._socket.sendto(datagram, address)
+
+    def move(self, peer_id: str, address: Any) -> None:
+        self._addresses[peer_id] = (str(address[0]), int(address[1]))
+        self._moves[peer_id] = self._moves.get(peer_id, 0) + 1
+
+    def check_mapping(self, peer_id: str) -> None:
+        pass  # no NAT between static peers that we could ask about
 
     def close(self) -> None:
         if self._socket is not None:
@@ -111,7 +162,7 @@ class StaticReach:
             self._socket = None
 
 
-__all__ = ["Deliver", "PathUp", "Reach", "StaticReach"]
+__all__ = ["Deliver", "Moved", "PathUp", "Reach", "StaticReach"]
 
 
 #: Socket buffers the transport asks for. A burst of a link's in-flight

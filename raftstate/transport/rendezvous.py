@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import os
 import random
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +72,11 @@ from raftstate.transport.rendezvous_codec import (
     encode_message,
     is_node_id,
 )
+from raftstate.transport.rendezvous_dgram import (
+    NonceCache,
+    open_datagram,
+    seal_datagram,
+)
 
 log = logging.getLogger("raftstate.transport.rendezvous")
 
@@ -80,6 +87,10 @@ HANDSHAKE_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 1024
 MAX_PER_SOURCE = 64
 CONNECT_TIMEOUT_S = 10.0
+#: A dial not connected after this long gets a second one racing it (the
+#: first to connect wins): a lost SYN otherwise costs the kernel's 1 s
+#: retransmission, and the reconnect after a NAT remap is on the critical path.
+DIAL_RACE_S = 0.3
 MAX_WRITE_BUFFER = 1 << 20
 REJECT_LOG_INTERVAL_S = 10.0
 CLIENT_LOG_INTERVAL_S = 60.0
@@ -173,6 +184,14 @@ def _split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _DatagramServer(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, Any], None]) -> None:
+        self._on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._on_datagram(data, addr)
+
+
 class RendezvousServer:
     """The rendezvous relay. Use on one asyncio loop; not thread-safe."""
 
@@ -210,6 +229,11 @@ class RendezvousServer:
         self._per_source: dict[str, int] = {}
         #: Connections closed at once for exceeding a cap.
         self.refused = 0
+        self._udp: asyncio.DatagramTransport | None = None
+        self._nonces = NonceCache()
+        #: Relay datagrams (rendezvous_dgram) forwarded / refused.
+        self.datagrams_relayed = 0
+        self.datagrams_refused = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (0: an ephemeral port) and return the bound
@@ -220,7 +244,29 @@ class RendezvousServer:
         self._server = await asyncio.start_server(self._handle, host, port)
         bound = self._server.sockets[0].getsockname()
         log.debug("rendezvous: listening on %s:%s", bound[0], bound[1])
+        try:  # relay datagrams (rendezvous_dgram) on the same port number
+            self._udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _DatagramServer(self._on_datagram), local_addr=(bound[0], bound[1])
+            )
+        except OSError as exc:
+            log.warning("rendezvous: no relay datagrams (UDP %s:%s: %r)", bound[0], bound[1], exc)
         return str(bound[0]), int(bound[1])
+
+    def _on_datagram(self, data: bytes, addr: Any) -> None:
+        """One relay datagram: forward its message to the target's session if
+        it is connected (never held: the sender repeats it over TCP)."""
+        message = open_datagram(self._keys, data, time.time(), self._nonces)
+        msg = None
+        if message is not None:
+            with contextlib.suppress(InvalidMessage, ProtocolError, ValueError):
+                msg = decode_message(message)
+        if message is None or not isinstance(msg, Relay) or msg.to == msg.sender:
+            self.datagrams_refused += 1
+            self._rejections.log("datagram", INFO, "rendezvous: refused a datagram from %s", addr)
+            return
+        target = self._sessions.get(msg.to)
+        if target is not None and target.send(message):
+            self.datagrams_relayed += 1
 
     @property
     def open_connections(self) -> int:
@@ -235,6 +281,9 @@ class RendezvousServer:
         """Stop listening and close every connection. Idempotent."""
         server, self._server = self._server, None
         self._closing = True
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
         if server is not None:
             server.close()
         tasks = list(self._handlers)
@@ -394,6 +443,11 @@ class RendezvousClient:
         self._min_s, self._max_s = reconnect_min_s, reconnect_max_s
         self._outbox: dict[str, bytes] = {}
         self._conn: _Conn | None = None
+        self._udp: socket.socket | None = None
+        self._redial = False
+        self._wake = asyncio.Event()
+        #: Loop time at which the current session was established (``None``: none).
+        self.connected_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._failures = _Throttle(CLIENT_LOG_INTERVAL_S)
@@ -421,6 +475,45 @@ class RendezvousClient:
             self._outbox.pop(to, None)
             self._outbox[to] = plaintext
 
+    def send_datagram(self, to: str, body: dict[str, Any]) -> None:
+        """Relay ``body`` to ``to`` in one UDP datagram (rendezvous_dgram),
+        without waiting for a session: for what is urgent while the TCP
+        session is being re-established. Best effort (it may be lost, and the
+        server drops it if ``to`` is not connected; not sent at all when the
+        server's address is a host name): send it with :meth:`send` too.
+        Raises like :meth:`send`, and ``ValueError`` for a body too large for
+        a datagram."""
+        if to == self.node_id:
+            raise InvalidMessage("to: a node cannot send to itself")
+        message = encode_message(Relay(to=to, sender=self.node_id, body=body))
+        datagram = seal_datagram(self._keys, message, time.time(), os.urandom(16))
+        try:
+            if self._udp is None:
+                try:  # a literal address only: a name lookup would block the loop
+                    v6 = ipaddress.ip_address(self._host).version == 6
+                except ValueError:
+                    return  # a host name: the TCP copy goes
+                sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                self._udp = sock
+                sock.connect((self._host, self._port))
+            self._udp.send(datagram)
+        except OSError as exc:  # best effort; the TCP copy follows
+            log.debug("rendezvous: datagram to %s not sent: %r", self._host, exc)
+
+    def reconnect(self) -> None:
+        """Our NAT moved (its mappings, the TCP one included, may be gone):
+        drop the connection and dial again at once, without backoff. What
+        :meth:`send` gets meanwhile waits for the new session. While not
+        connected it cuts a pending backoff short (the next dial goes now)."""
+        conn = self._conn
+        if conn is None:
+            self._wake.set()  # between dials: cut the backoff short
+            return
+        self._conn = self.connected_at = None
+        self._redial = True
+        conn.writer.transport.abort()
+
     @property
     def connected(self) -> bool:
         """Whether an authenticated session with the server is open now."""
@@ -434,6 +527,9 @@ class RendezvousClient:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._conn = None
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
 
     async def _run(self) -> None:
         where = f"{self._host}:{self._port}"
@@ -454,17 +550,25 @@ class RendezvousClient:
                 self._failures.log("io", level, "rendezvous %s unreachable or lost: %r", where, exc)
             except Exception:  # a bug; keep the promise to reconnect until close()
                 log.exception("rendezvous: unexpected error talking to %s", where)
+            self.connected_at = None
+            if self._redial:
+                self._redial, failures = False, 0
+                continue  # reconnect(): dial again at once
             if self._conn is not None:
                 failures = 0
                 self._conn = None
             else:
                 failures += 1
             base = min(self._max_s, self._min_s * 2.0 ** max(0, failures - 1))
-            await asyncio.sleep(min(self._max_s, base * (1.0 + 0.5 * self._rng.random())))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wake.wait(), min(self._max_s, base * (1.0 + 0.5 * self._rng.random()))
+                )
 
     async def _session(self) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            reader, writer = await asyncio.open_connection(self._host, self._port)
+            reader, writer = await self._dial()
         pinger: asyncio.Task[None] | None = None
         try:
             peer = _prepare(writer)
@@ -478,6 +582,7 @@ class RendezvousClient:
                 if welcome is not Control.WELCOME:
                     raise ProtocolError(f"expected a welcome, got {welcome!r}")
             conn = self._conn = _Conn(self.node_id, channel, writer, peer)
+            self.connected_at = asyncio.get_running_loop().time()
             self._failures = _Throttle(CLIENT_LOG_INTERVAL_S)  # log the next failure at once
             log.info("rendezvous: connected to %s as %s", peer, self.node_id)
             outbox, self._outbox = self._outbox, {}
@@ -503,6 +608,33 @@ class RendezvousClient:
             if pinger is not None:
                 pinger.cancel()
             await _close(writer)
+
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a TCP connection to the server, starting a second attempt if
+        the first has not connected within :data:`DIAL_RACE_S`; the first to
+        connect wins and the other is cancelled (or closed, if it connected
+        too). Raises the last ``OSError`` when every attempt failed."""
+        loop = asyncio.get_running_loop()
+        dials = [loop.create_task(asyncio.open_connection(self._host, self._port))]
+        winner: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
+        try:
+            done, _ = await asyncio.wait(dials, timeout=DIAL_RACE_S)
+            if not done:
+                dials.append(loop.create_task(asyncio.open_connection(self._host, self._port)))
+            pending = list(dials)
+            while winner is None:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                winner = next((t for t in done if t.exception() is None), None)
+                pending = [t for t in pending if not t.done()]
+                if winner is None and not pending:
+                    raise next(iter(done)).exception()  # type: ignore[misc]
+            return winner.result()
+        finally:
+            for t in dials:
+                if not t.done():
+                    t.cancel()
+                elif t is not winner and not t.cancelled() and t.exception() is None:
+                    t.result()[1].close()
 
     async def _ping(self, conn: _Conn) -> None:
         while conn.send(_PING):

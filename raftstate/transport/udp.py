@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -57,15 +58,31 @@ from pysyncobj.transport import Transport, TransportNotReadyError
 from raftstate.errors import DecodeError
 from raftstate.ratelog import LogThrottle, held_suffix
 from raftstate.transport import wirecodec
-from raftstate.transport.crypto import DropReason
+from raftstate.transport.crypto import OVERHEAD, DropReason
 from raftstate.transport.envelope import Delivered, Dropped, HandshakeEvent, SecureChannel
 from raftstate.transport.reach import Reach, StaticReach
 from raftstate.transport.reliable import MessageTooLarge, ReliableLink
+from raftstate.transport.roaming import (
+    CHALLENGE_SIZE,
+    NONCE_SIZE,
+    Challenge,
+    PathValidator,
+    RoamingConfig,
+    challenge_payload,
+    is_path_payload,
+    response_to,
+)
 from raftstate.transport.udpconfig import (
     DATAGRAM_SIZE,
     DROP_LOG_INTERVAL,
     HELLO_MAX_INTERVAL,
     HELLO_MIN_INTERVAL,
+    MAPPING_CHECK_MIN_S,
+    MAPPING_CHECK_RTTS,
+    SILENCE_MIN_S,
+    SILENCE_PROBE_FOR_S,
+    SILENCE_RTTS,
+    SILENCE_TICK_S,
     SUSPECT_MIN_S,
     SUSPECT_RTTS,
     PeerLinkStats,
@@ -77,13 +94,16 @@ log = logging.getLogger("raftstate.transport.udp")
 #: ``handler(node, message)`` for messages handled on the loop thread.
 LoopHandler = Callable[[Any, dict[str, Any]], None]
 _AUTH_DROPS = (DropReason.BAD_MAC, DropReason.UNKNOWN_PEER, DropReason.STALE_HELLO)
+#: A sealed path challenge's size: smaller authentic datagrams never trigger one.
+_ROAMING = RoamingConfig(min_trigger_size=CHALLENGE_SIZE + OVERHEAD)
 
 
 class _Peer:
     __slots__ = (
-        "backlog", "backlog_bytes", "hello_handle", "hello_interval", "id", "link",
-        "link_buffered", "node", "outbox_bytes", "paused", "refused", "reported_up",
-        "sessions", "suspected", "timer", "timer_when",
+        "backlog", "backlog_bytes", "heard", "hello_handle", "hello_interval", "hinted", "id",
+        "link", "link_buffered", "mapping_checked", "node", "outbox_bytes", "paused", "probe_gap",
+        "probe_next", "refused", "reported_up", "roam", "roam_timer", "roamed", "sessions",
+        "suspected", "timer", "timer_when",
     )  # fmt: skip
 
     def __init__(self, peer_id: str, node: Any) -> None:
@@ -109,6 +129,20 @@ class _Peer:
         self.reported_up = False
         self.suspected = False
         self.sessions = 0
+        #: Validates a new source address before the path moves there.
+        self.roam = PathValidator(None, _ROAMING)
+        #: The address the peer said (sealed) it moved to, while validating
+        #: it: link datagrams go there too meanwhile (duplicated, not moved).
+        self.hinted: Any = None
+        self.roam_timer: asyncio.TimerHandle | None = None
+        self.roamed = 0
+        #: The reach was asked once, in this stall, whether our mapping moved.
+        self.mapping_checked = False
+        #: Loop time of the last authentic link datagram from the peer.
+        self.heard: float | None = None
+        #: Silence probes: when the next may go, and the gap after it.
+        self.probe_next = 0.0
+        self.probe_gap = 0.0
 
 
 class UdpTransport(Transport):  # type: ignore[misc]
@@ -175,6 +209,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         # Loop-side messages (set_loop_receiver): wire kinds and their handler.
         self._loop_kinds: frozenset[int] = frozenset()
         self._loop_handler: LoopHandler | None = None
+        self._silence_timer: asyncio.TimerHandle | None = None
         self._bound = asyncio.run_coroutine_threadsafe(self._open(), loop)
         syncObj.addOnTickCallback(self._on_tick)
 
@@ -409,12 +444,14 @@ class UdpTransport(Transport):  # type: ignore[misc]
     # ------------------------------------------------------- loop thread
 
     async def _open(self) -> None:
-        await self._reach.open(self._on_datagram, self._on_path_up)
+        await self._reach.open(self._on_datagram, self._on_path_up, self._on_peer_moved)
+        self._silence_timer = self._loop.call_later(SILENCE_TICK_S, self._on_silence_tick)
         self._open_done = True
 
     def _on_path_up(self, peer_id: str) -> None:
         """A (new) path to the peer: say HELLO if needed, resend what is due."""
         peer = self._peers[peer_id]
+        peer.roam.reset(self._reach.remote(peer_id))  # the path below proved this address
         if self._channel.handshake(peer_id).needs_hello:
             if peer.hello_handle is not None:
                 peer.hello_handle.cancel()
@@ -428,11 +465,14 @@ class UdpTransport(Transport):  # type: ignore[misc]
 
     def _close(self) -> None:
         for peer in self._peers.values():
-            for handle in (peer.timer, peer.hello_handle):
+            for handle in (peer.timer, peer.hello_handle, peer.roam_timer):
                 if handle is not None:
                     handle.cancel()
-            peer.timer = peer.hello_handle = None
+            peer.timer = peer.hello_handle = peer.roam_timer = None
         self._open_done = False
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
         self._reach.close()
 
     def _wake_tick(self) -> None:
@@ -491,8 +531,14 @@ class UdpTransport(Transport):  # type: ignore[misc]
             self._feed(peer, link)
         now = self._loop.time()
         send, seal = self._reach.send, self._channel.seal
+        hinted = peer.hinted
+        if hinted is not None and peer.roam.pending != hinted:
+            hinted = peer.hinted = None  # validated (now current) or failed
         for payload in link.poll_transmit(now):
-            send(peer.id, seal(peer.id, payload))
+            datagram = seal(peer.id, payload)
+            send(peer.id, datagram)
+            if hinted is not None:
+                self._reach.send_to(peer.id, datagram, hinted)
         peer.link_buffered = link.buffered
         if peer.refused and peer.reported_up and self._drained(peer):
             peer.refused = False
@@ -506,12 +552,23 @@ class UdpTransport(Transport):  # type: ignore[misc]
         elif not dead and not peer.reported_up:
             self._report(peer, True)
         stall = link.stalled(now)
+        check_at: float | None = None
         if stall == 0.0:
-            peer.suspected = False
-        elif not peer.suspected and stall >= max(SUSPECT_MIN_S, SUSPECT_RTTS * (link.srtt or 0)):
-            peer.suspected = True  # once per stall; the reach rebuilds the path
-            self._reach.suspect(peer.id)
+            peer.suspected = peer.mapping_checked = False
+        else:
+            if not peer.suspected and stall >= max(SUSPECT_MIN_S, SUSPECT_RTTS * (link.srtt or 0)):
+                peer.suspected = True  # once per stall; the reach rebuilds the path
+                self._reach.suspect(peer.id)
+            if not peer.mapping_checked:
+                check = max(MAPPING_CHECK_MIN_S, MAPPING_CHECK_RTTS * (link.srtt or 0))
+                if stall >= check:
+                    peer.mapping_checked = True  # once per stall: did our NAT move?
+                    self._reach.check_mapping(peer.id)
+                else:
+                    check_at = now + check - stall
         when = link.next_timeout()
+        if check_at is not None and (when is None or check_at < when):
+            when = check_at
         if when is None or (peer.timer_when is not None and peer.timer_when <= when):
             return  # a timer at least as early is armed; waking early only re-checks
         if peer.timer is not None:
@@ -551,8 +608,11 @@ class UdpTransport(Transport):  # type: ignore[misc]
         event = self._channel.receive(data)
         if isinstance(event, Delivered):
             peer = self._peers[event.peer_id]
+            if self._roam(peer, event.payload, len(data), addr):
+                return
             if peer.link is None:
                 return
+            peer.heard = self._loop.time()
             messages = peer.link.receive(event.payload, self._loop.time())
             if messages and self._loop_kinds:
                 messages = self._divert(peer, messages)
@@ -569,6 +629,137 @@ class UdpTransport(Transport):  # type: ignore[misc]
             self._arm_hello(peer)
         elif isinstance(event, Dropped):
             self._log_drop(event, addr)
+
+    # ------------------------------------------------------- roaming
+
+    def _roam(self, peer: _Peer, payload: bytes, size: int, addr: Any) -> bool:
+        """Loop thread: roaming for one authentic, fresh DATA datagram from
+        ``peer`` (:mod:`~raftstate.transport.roaming`): challenge a new source
+        address, answer a challenge, switch on a valid response. Returns
+        whether ``payload`` was a path challenge/response (not for the link)."""
+        now = self._loop.time()
+        source = self._reach.source_of(peer.id, addr)
+        current = peer.roam.current
+        if source is not None and current is not None and source != current and (
+            source == self._reach.remote(peer.id)
+        ):
+            # The reach itself moved the path here (ICE nominated another pair,
+            # e.g. on the peer's checks from its new mapping; ICE checks are
+            # authenticated): nothing to validate, but it is a new path.
+            log.info("path to %s moved %s -> %s (by ICE)", peer.id, current, source)
+            peer.roam.adopt(source)
+        if source is not None:
+            challenge = peer.roam.on_authentic(source, size, now)
+            if challenge is not None:
+                log.debug("%s sent from a new address %s; validating it", peer.id, source)
+                self._send_path(peer, challenge.payload, challenge.address)
+        if not is_path_payload(payload):
+            return False
+        link = peer.link
+        if link is not None and link.stalled(now) > 0.0:
+            # The peer got through to us: the path works (again); resend now
+            # rather than after the backed-off retransmission timer.
+            link.path_changed(now)
+            self._transmit_soon(peer)
+        reply = response_to(payload)
+        if reply is not None:
+            # To where the challenge came from (the path being validated).
+            if source is not None:
+                self._send_path(peer, reply, source)
+            elif self._open_done:
+                self._reach.send(peer.id, self._channel.seal(peer.id, reply))
+        elif source is not None:
+            switch = peer.roam.on_response(source, payload, now)
+            if switch is not None:
+                self._reach.move(peer.id, switch.address)
+                peer.roamed += 1
+                log.info("path to %s moved %s -> %s (validated)", peer.id,
+                         switch.previous, switch.address)  # fmt: skip
+                if peer.link is not None:
+                    peer.link.path_changed(now)
+                peer.suspected = peer.mapping_checked = False
+                self._transmit_soon(peer)
+        return True
+
+    def _send_path(self, peer: _Peer, payload: bytes, address: Any) -> None:
+        if not self._open_done:
+            return
+        self._reach.send_to(peer.id, self._channel.seal(peer.id, payload), address)
+        self._arm_roam(peer)
+
+    def _on_peer_moved(self, peer_id: str, address: Any) -> None:
+        """Loop thread: the reach heard (through the rendezvous, sealed by the
+        peer) that the peer's NAT moved it to ``address``: challenge it there.
+        Only a valid response moves the path, so a false hint costs one
+        rate-limited challenge."""
+        peer = self._peers.get(peer_id)
+        if peer is None or self._channel.session(peer_id) is None:
+            return
+        now = self._loop.time()
+        challenge = peer.roam.hint(address, now)
+        if challenge is not None:
+            log.info("%s says its NAT moved it to %s; validating", peer_id, address)
+            self._send_path(peer, challenge.payload, challenge.address)
+            # The note is the peer's own word (sealed end to end): while the
+            # challenge is out, send link data there as well as on the old
+            # path, so the validation's round trip is not on the critical
+            # path. Nothing moves until the echo (a replayed note costs
+            # duplicates to an address the peer once had, for at most the
+            # validation timeout, rate-limited with the challenges).
+            peer.hinted = address
+            if peer.link is not None and peer.link.stalled(now) > 0.0:
+                peer.link.path_changed(now)
+                self._transmit_soon(peer)
+
+    def _arm_roam(self, peer: _Peer) -> None:
+        when = peer.roam.next_timeout()
+        if when is None:
+            return
+        if peer.roam_timer is not None:
+            peer.roam_timer.cancel()
+        peer.roam_timer = self._loop.call_at(when + 0.001, self._on_roam_timer, peer)
+
+    def _on_roam_timer(self, peer: _Peer) -> None:
+        peer.roam_timer = None
+        due = peer.roam.poll(self._loop.time())
+        if isinstance(due, Challenge):
+            self._send_path(peer, due.payload, due.address)
+            return  # _send_path re-armed the timer
+        if due is not None:
+            # Rebuild only a path that does not work: a failed validation of
+            # a stray source while the link makes progress changes nothing.
+            link = peer.link
+            if link is not None and link.stalled(self._loop.time()) > 0.0:
+                log.info("no valid answer from %s at %s; rebuilding the path",
+                         peer.id, due.address)  # fmt: skip
+                self._reach.suspect(peer.id)
+        self._arm_roam(peer)
+
+    def _on_silence_tick(self) -> None:
+        """Loop thread, every SILENCE_TICK_S: probe peers that went silent
+        (see ``SILENCE_*`` in :mod:`~raftstate.transport.udpconfig`)."""
+        if not self._open_done:
+            return
+        now = self._loop.time()
+        for peer in self._peers.values():
+            link = peer.link
+            if link is None or peer.heard is None:
+                continue
+            silence = now - peer.heard
+            threshold = max(SILENCE_MIN_S, SILENCE_RTTS * (link.srtt or 0.0))
+            if silence < threshold:
+                peer.probe_gap = 0.0
+                continue
+            if silence > SILENCE_PROBE_FOR_S or now < peer.probe_next:
+                continue
+            first = peer.probe_gap == 0.0
+            peer.probe_gap = threshold if first else 2 * peer.probe_gap
+            peer.probe_next = now + peer.probe_gap
+            payload = challenge_payload(os.urandom(NONCE_SIZE))
+            self._reach.send(peer.id, self._channel.seal(peer.id, payload))
+            if first:
+                self._reach.check_mapping(peer.id)
+        self._silence_timer = self._loop.call_later(SILENCE_TICK_S, self._on_silence_tick)
 
     def _new_session(self, peer: _Peer) -> None:
         if peer.timer is not None:
@@ -649,6 +840,7 @@ def _make_reach(
         {pid: addresses[pid] for pid in peer_ids},
         bind_retries=settings.bind_retries,
         bind_retry_s=settings.bind_retry_s,
+        proxied=frozenset(pid for pid, _ in settings.send_to),
     )
 
 

@@ -16,6 +16,23 @@ HELLO_MAX_INTERVAL = 1.0
 #: well before it is declared dead (``dead_after``) and reported to Raft.
 SUSPECT_MIN_S = 0.6
 SUSPECT_RTTS = 4
+#: A link stalled this long (at least MAPPING_CHECK_MIN_S, or MAPPING_CHECK_RTTS
+#: smoothed RTTs) asks the reach whether our own NAT mapping moved (ICE: one
+#: STUN request); much earlier than a rebuild, since the check costs one
+#: datagram and a false alarm changes nothing.
+MAPPING_CHECK_MIN_S = 0.1
+MAPPING_CHECK_RTTS = 1.5
+#: A peer that sent link data until recently and has been silent this long
+#: (at least SILENCE_MIN_S, or SILENCE_RTTS smoothed RTTs) gets a path
+#: challenge on its current address, again with doubling gaps, until
+#: SILENCE_PROBE_FOR_S of silence (then the link is idle, or dead_after and
+#: ICE take over). The probe re-opens our NAT's mapping towards the peer after
+#: a conntrack flush, and the peer, on an authentic path datagram while its
+#: link to us is stalled, resends at once.
+SILENCE_MIN_S = 0.1
+SILENCE_RTTS = 1.5
+SILENCE_PROBE_FOR_S = 3.0
+SILENCE_TICK_S = 0.05
 #: Wrong-secret (and other authentication) drops are logged at most this often per source.
 DROP_LOG_INTERVAL = 10.0
 
@@ -85,7 +102,9 @@ class PeerLinkStats:
     retransmissions: int
     loss_rate: float | None  # measured fraction lost; None: too few frames yet
     sessions: int  # sessions established with this peer since start
-    paths: int  # paths built to this peer since start (ICE rebuilds add one)
+    #: Paths to this peer since start: each ICE (re)build and each validated
+    #: move to a new address of the peer (roaming) adds one.
+    paths: int
     #: The current session's link counters (reset when a new session starts).
     link: LinkStats | None = None
 
