@@ -60,6 +60,12 @@ class PreVoteGate:
         self.voter = PreVoter(str(raft.selfNode.id), voters, lease=min_timeout)
         self._rng = random.Random()
 
+    def set_min_timeout(self, seconds: float) -> None:
+        """The minimum election timeout changed (raftstate/linktiming.py):
+        it is the lease and sets the pre-vote retry interval."""
+        self._min_timeout = seconds
+        self.voter.lease = seconds
+
     def _local(self) -> LocalState:
         r = self._raft
         return LocalState(
