@@ -200,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="kills per arm and profile")
     ap.add_argument("--arms", default=",".join(ARMS), help="adaptive,fixed (alternated)")
     ap.add_argument("--settle", type=float, default=4.0, help="seconds of traffic before a kill")
-    ap.add_argument("--dir", default=".raftstate/labfailover", help="working directory")
+    ap.add_argument("--dir", default=".raftstate/labfailover",
+                    help="working directory (a fresh subdirectory per run)")
     ap.add_argument("--out", default=".raftstate/labfailover/failover", help="JSON stem")
     args = ap.parse_args(argv)
     from cluster.labcluster import LabCluster
@@ -210,9 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for a in arms:
         if a not in ARMS:
             ap.error(f"--arms: unknown arm {a!r} (choose from {', '.join(ARMS)})")
-    base = Path(args.dir).resolve()
-    lc = LabCluster(base / "lab", ["cone", "cone", "cone"], transport="udp",
-                    prefix="fo" + secrets.token_hex(2), progress=print)  # fmt: skip
+    prefix = "fo" + secrets.token_hex(2)
+    # A fresh directory per run: node certificates name the lab's addresses.
+    base = Path(args.dir).resolve() / prefix
+    lc = LabCluster(base, ["cone", "cone", "cone"], transport="udp", prefix=prefix,
+                    progress=print)  # fmt: skip
     kills: list[Kill] = []
     saved = os.environ.get(_ENV)
     lc.up(timeout_s=90)

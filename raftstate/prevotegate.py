@@ -142,7 +142,7 @@ class PreVoteGate:
                     int(msg["term"]), int(msg["last_log_index"]), int(msg["last_log_term"])
                 )
                 now = time.monotonic()
-                response = self.voter.on_request(request, self._local(), now)
+                response = self.voter.on_request(request, self._local(), now, str(node.id))
                 if response.granted:
                     heard = self.voter.last_leader_contact
                     log.info(

@@ -31,7 +31,16 @@ def _at_floor(cluster: LocalCluster, node_id: str) -> bool:
 def test_loopback_links_set_the_timers_to_the_floor_and_failover_follows(
     make_cluster: Callable[..., LocalCluster],
 ) -> None:
-    cluster = make_cluster(election_timeout_floor_ms=FLOOR_MS)
+    # Configured timers ten times slower than the derived ones: a failover
+    # within the derived bound shows pysyncobj runs on the derived timers.
+    cluster = make_cluster(
+        election_timeout_floor_ms=FLOOR_MS,
+        heartbeat_ms=100,
+        election_timeout_min_ms=3000,
+        election_timeout_max_ms=6000,
+        leader_step_down_ms=4000,
+        connection_timeout_ms=6000,
+    )
     leader = cluster.wait_for_leader()
     for node_id in cluster.nodes:
         wait_until(lambda n=node_id: _at_floor(cluster, n), 20, f"{node_id}'s derived timers")
