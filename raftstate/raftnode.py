@@ -678,7 +678,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         if self._prevote_gate is not None:
             self._prevote_gate.set_min_timeout(new.election_min)
         old, self.timing = self.timing, new
-        if abs(new.election_min - old.election_min) > 0.1 * old.election_min:
+        # Estimates jitter: log big moves only (and the ceiling starting or
+        # stopping to hold the timeout down); Status and /metrics show the rest.
+        if new.capped != old.capped or not 0.5 < new.election_min / old.election_min < 2:
             log.info(
                 "raft timers from the link to %s: heartbeat %.0f ms, election timeout "
                 "%.0f-%.0f ms, check-quorum %.0f ms%s",
