@@ -219,6 +219,16 @@ class RunResult:
     wire_bytes_per_op: float = 0.0
     #: Leader changes seen by sampling the leader every ~2 s in the window.
     leader_changes: int = 0
+    #: Elections started in the window, summed over the nodes (raftstate:
+    #: each node's ``elections`` counter; None for etcd, which has none),
+    #: and how far the highest term rose (every election raises it; with
+    #: PreVote a failed pre-vote does not). -1: not read.
+    elections: int | None = None
+    term_increments: int = -1
+    #: Each node's Raft timers at the window's start (raftstate: Status's
+    #: heartbeat_ms, election_timeout_min_ms/max_ms, leader_step_down_ms,
+    #: timing_source).
+    timers: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Sorted successful latencies (for the CDF plot; not in the JSON).
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -238,7 +248,7 @@ def _fmt_ms(v: float) -> str:
 
 TABLE_HEAD = ("profile", "system", "sent", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
               "success %", "acked-lost", "node CPU s", "CPU us/op", "wire B/op", "leader chg",
-              "host busy s", "load1", "stall s")  # fmt: skip
+              "elections", "term+", "host busy s", "load1", "stall s")  # fmt: skip
 
 
 def _row(r: RunResult) -> list[str]:
@@ -248,7 +258,9 @@ def _row(r: RunResult) -> list[str]:
         _fmt_ms(lat.max), f"{r.success_pct:.3f}",
         str(r.acked_lost) if r.lost_checked else "unchecked",
         f"{sum(r.node_cpu_s.values()):.1f}", f"{r.cpu_us_per_op:.0f}",
-        f"{r.wire_bytes_per_op:.0f}", str(r.leader_changes), f"{r.host_busy_cpu_s:.0f}",
+        f"{r.wire_bytes_per_op:.0f}", str(r.leader_changes),
+        "-" if r.elections is None else str(r.elections),
+        "-" if r.term_increments < 0 else str(r.term_increments), f"{r.host_busy_cpu_s:.0f}",
         f"{r.loadavg_1m:.1f}",
         "-" if r.stall_s is None else f"{r.stall_s:.2f}",
     ]  # fmt: skip
@@ -301,6 +313,15 @@ def target_verdicts(results: Sequence[RunResult]) -> list[str]:
             out.append(f"target bad: udp p99.9 >= {BAD_P999_FACTOR:g}x better than {other}: "
                        f"{'met' if met else 'MISSED'} (udp {_fmt_ms(a)} ms, {other} "
                        f"{_fmt_ms(b)} ms, {ratio:.1f}x)")  # fmt: skip
+    quiet = [r for r in results if r.profile in ("weak", "bad") and r.system != "etcd"
+             and r.nat_event is None]  # fmt: skip
+    if quiet:
+        churn = [r for r in quiet if r.leader_changes or r.elections or r.term_increments > 0]
+        out.append("target no leader change or election on weak/bad without a fault: "
+                   + ("MISSED: " + ", ".join(
+                       f"{r.profile}/{r.system} {r.leader_changes} changes, "
+                       f"{r.elections} elections, term +{r.term_increments}" for r in churn)
+                      if churn else f"met ({plural(len(quiet), 'run')})"))  # fmt: skip
     lost = [r for r in results if r.lost_checked and r.acked_lost]
     unchecked = [r for r in results if not r.lost_checked]
     out.append("target zero acknowledged heartbeats lost: "
@@ -395,6 +416,15 @@ class _System:
     def truncations(self) -> int:
         return 0
 
+    def raft_counters(self) -> tuple[int, int | None] | None:
+        """(highest term, elections started summed over the nodes; None if
+        the system does not count them), or None if a node did not answer."""
+        return None
+
+    def timers(self) -> dict[str, dict[str, Any]]:
+        """Each node's Raft timers, where the system reports them."""
+        return {}
+
 
 class _Raftstate(_System):
     def __init__(self, name: str, base_dir: Path, kinds: list[str], prefix: str,
@@ -446,6 +476,38 @@ class _Raftstate(_System):
             return self.lc.cluster.leader()
         except Exception:  # noqa: BLE001 - informational only
             return None
+
+    def _statuses(self) -> list[Any]:
+        """Every node's ``ClusterService.Status`` (None: no answer in 1 s)."""
+        from raftstate.sdk.credentials import Credentials
+        from raftstate.v1 import cluster_pb2, cluster_pb2_grpc
+
+        creds = Credentials.from_env()  # LabCluster put the admin credentials there
+        out: list[Any] = []
+        for ep in self.lc.endpoints:
+            with creds.channel(ep) as ch:
+                try:
+                    out.append(cluster_pb2_grpc.ClusterServiceStub(ch).Status(
+                        cluster_pb2.StatusRequest(), timeout=1, metadata=creds.metadata()))
+                except grpc.RpcError:
+                    out.append(None)  # fmt: skip
+        return out
+
+    def raft_counters(self) -> tuple[int, int | None] | None:
+        statuses = self._statuses()
+        if any(s is None for s in statuses):
+            return None
+        return max(int(s.term) for s in statuses), sum(int(s.elections) for s in statuses)
+
+    def timers(self) -> dict[str, dict[str, Any]]:
+        return {
+            s.node_id: {"heartbeat_ms": round(s.heartbeat_ms, 1),
+                        "election_timeout_ms": [round(s.election_timeout_min_ms),
+                                                round(s.election_timeout_max_ms)],
+                        "leader_step_down_ms": round(s.leader_step_down_ms),
+                        "timing_source": s.timing_source}
+            for s in self._statuses() if s is not None
+        }  # fmt: skip
 
     def commit_status(self) -> tuple[int, list[int]]:
         """The leader's last log index (every entry proposed so far is at or
@@ -577,6 +639,14 @@ class _Etcd(_System):
     def pids(self) -> dict[str, int]:
         return {f"e{i}": p.pid for i, p in enumerate(self.procs, 1) if p.poll() is None}
 
+    def raft_counters(self) -> tuple[int, int | None] | None:
+        from cluster.etcd import _member_status
+
+        terms = [_member_status(self.root_endpoint(i), 1.0) for i in self._sites()]
+        if any(t is None for t in terms):
+            return None
+        return max(int(t.raftTerm) for t in terms if t is not None), None
+
     def check_lost(self, records: list[dict[str, Any]], tag_prefix: str) -> int:
         from bench.etcdpb import etcd_kv_pb2, etcd_kv_pb2_grpc
 
@@ -664,6 +734,7 @@ def _window(
         )
         event_thread.start()
     tx0 = _wan_tx_bytes(lab)
+    counters0, timers = system.raft_counters(), system.timers()
     changes, current, end = 0, leader, time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(min(2.0, max(0.0, end - time.monotonic())))
@@ -672,6 +743,12 @@ def _window(
             changes += current is not None and now_leader != current
             current = now_leader
     after = {name: sample(pid) for name, pid in pids.items()}
+    counters1 = system.raft_counters()
+    terms, elections = -1, None
+    if counters0 is not None and counters1 is not None:
+        terms = counters1[0] - counters0[0]
+        if counters0[1] is not None and counters1[1] is not None:
+            elections = counters1[1] - counters0[1]
     tx = _wan_tx_bytes(lab) - tx0
     busy = busy_cpu_seconds() - busy0
     for i, proc in enumerate(procs, 1):
@@ -736,7 +813,8 @@ def _window(
         per_site=site_stats, leader=leader,
         host_busy_cpu_s=round(busy, 1), loadavg_1m=round(load1, 2),
         wan_tx_bytes=tx, wire_bytes_per_op=tx / len(ok) if ok else 0.0,
-        leader_changes=changes, samples_ms=samples,
+        leader_changes=changes, elections=elections, term_increments=terms, timers=timers,
+        samples_ms=samples,
     )  # fmt: skip
 
 

@@ -163,6 +163,15 @@ class NodeConfig:
     #: Check-quorum: a leader with no answer from a majority for this long
     #: steps down (pysyncobj leaderFallbackTimeout, 30 s by default there).
     leader_step_down_ms: int = 800
+    #: Derive the four timers above from each link's measured RTT and loss
+    #: (raftstate/linktiming.py; UDP transport only). The values above hold
+    #: until a link has an RTT sample, and always on TCP or when off.
+    adaptive_timing: bool = True
+    #: Bounds of the derived election timeout: the minimum timeout never goes
+    #: below the floor (the host's scheduling needs it; lan failover is about
+    #: floor..2 x floor), the maximum never above the ceiling.
+    election_timeout_floor_ms: int = 300
+    election_timeout_ceiling_ms: int = 5000
     #: Upper bound on the tick thread's sleep (pysyncobj autoTickPeriod).
     tick_ms: int = 20
     #: pysyncobj connection timers.
@@ -282,6 +291,7 @@ class NodeConfig:
             election_timeout_min_ms=400,
             election_timeout_max_ms=800,
             leader_step_down_ms=600,
+            election_timeout_floor_ms=400,
             connection_timeout_ms=1000,
             connection_retry_ms=100,
             allow_insecure_transport=False,
@@ -496,6 +506,15 @@ class NodeConfig:
             raise ConfigError("connection_timeout_ms: must be at least election_timeout_max_ms")
         if self.tick_ms > self.heartbeat_ms:
             raise ConfigError("tick_ms: must not exceed heartbeat_ms")
+        if self.election_timeout_floor_ms < 10 * self.tick_ms:
+            raise ConfigError(
+                "election_timeout_floor_ms: must be at least 10 × tick_ms "
+                "(a derived heartbeat period is a tenth of it)"
+            )
+        if self.election_timeout_ceiling_ms < 2 * self.election_timeout_floor_ms:
+            raise ConfigError(
+                "election_timeout_ceiling_ms: must be at least 2 × election_timeout_floor_ms"
+            )
         if self.compaction_min_entries < 2:
             raise ConfigError("compaction_min_entries: must be at least 2")
         if self.compaction_max_journal_bytes < 4 * self.batch_max_bytes:

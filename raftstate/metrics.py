@@ -190,6 +190,20 @@ class NodeCollector(Collector):
             "Times this node saw a new leader (the first one included).",
             events.leader_changes,
         )
+        timing = raft.timing
+        for name, doc, value in (
+            ("heartbeat", "Leader's idle AppendEntries period in force.", timing.heartbeat),
+            ("election_timeout_min", "Lower end of the election timeout.", timing.election_min),
+            ("election_timeout_max", "Upper end of the election timeout.", timing.election_max),
+            ("step_down", "Check-quorum: a leader unanswered this long steps down.",
+             timing.step_down),
+        ):  # fmt: skip
+            yield _gauge(f"raftstate_raft_{name}_seconds", doc, value)
+        yield _gauge(
+            "raftstate_raft_timing_derived",
+            "1 while the timers are derived from the measured links (raftstate/linktiming.py).",
+            1.0 if timing.source == "links" else 0.0,
+        )
         yield _counter(
             "raftstate_raft_proposals",
             "Log entries (heartbeat batches) this node proposed.",

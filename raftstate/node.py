@@ -139,6 +139,7 @@ class Node:
         #: The TLS certificate reloaders of the listening ports (for tests/metrics).
         self.cert_reloaders: list[CertReloader] = []
         self._health_task: asyncio.Task[None] | None = None
+        self._timing_task: asyncio.Task[None] | None = None
         self._health: HealthService | None = None
         #: ``/metrics`` (None unless ``metrics_listen`` is set).
         self.metrics: MetricsServer | None = None
@@ -179,6 +180,8 @@ class Node:
         await self.server.start()
         self._health = health
         self._health_task = asyncio.create_task(track_health(self.raft, health, SERVICE_NAMES))
+        if self.cfg.adaptive_timing and self.cfg.transport == "udp":
+            self._timing_task = asyncio.create_task(follow_link_timing(self.raft))
         log.info(
             "node %s serving gRPC on %s, raft on %s, data in %s, durability %s",
             self.cfg.node_id,
@@ -254,6 +257,8 @@ class Node:
         """Stop serving and release every resource. Idempotent."""
         if self._health_task is not None:
             self._health_task.cancel()
+        if self._timing_task is not None:
+            self._timing_task.cancel()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self.metrics is not None:
@@ -280,6 +285,22 @@ def _version() -> str:
         return importlib.metadata.version("raftstate")
     except importlib.metadata.PackageNotFoundError:
         return ""
+
+
+#: How often the Raft timers are derived again from the links' estimates.
+TIMING_PERIOD_S = 0.5
+
+
+async def follow_link_timing(raft: RaftNode, period_s: float = TIMING_PERIOD_S) -> None:
+    """Every ``period_s``, derive the Raft timers from the measured links
+    (:meth:`RaftNode.refresh_link_timing`, on this loop, which owns the UDP
+    transport). Runs until cancelled; an error is logged and retried."""
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            raft.refresh_link_timing()
+        except Exception:  # noqa: BLE001 - a bad estimate must not end the task
+            log.exception("deriving the raft timers from the links failed")
 
 
 def _resolve(fut: asyncio.Future[int], status: int) -> None:

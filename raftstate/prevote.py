@@ -31,7 +31,16 @@ its decisions; :mod:`raftstate.prevotegate` feeds it from pysyncobj.
    makes the node a follower at that term) is adopted: the caller sets that
    term with no vote. The node was behind; the next round proposes a term
    the others can grant, and a leader of that term is now followed.
-5. Hearing from a leader of our term or a later one (``append_entries``)
+5. Two pre-candidates at once (both followers' timers fired within one
+   round trip of each other: likely with the short timeouts of a fast link,
+   raftstate/linktiming.py) would grant each other, both elect in the same
+   term, split the vote and wait a whole timeout more. A node with a round of
+   its own for the requested term therefore grants only a candidate that
+   ranks above it (:func:`ranks_above`: a more up-to-date log, or the same
+   log and a lower node id); ranks are total, so exactly one of the two
+   wins, and the other's round fails and is overtaken by the winner's
+   ``request_vote``.
+6. Hearing from a leader of our term or a later one (``append_entries``)
    cancels the round. Hearing from a leader of a **lower** term means this
    node's term is stale-high (a failed election, or a peer without PreVote):
    that leader's messages are ignored by pysyncobj, and the lease makes every
@@ -128,6 +137,14 @@ def in_lease(last_leader_contact: float | None, now: float, lease: float) -> boo
     return last_leader_contact is not None and now - last_leader_contact < lease
 
 
+def ranks_above(request: Request, candidate_id: str, local: LocalState, self_id: str) -> bool:
+    """Between two simultaneous pre-candidates: the candidate's log is more
+    up to date than ours, or equal and its id sorts first."""
+    theirs = (request.last_log_term, request.last_log_index)
+    ours = (local.last_log_term, local.last_log_index)
+    return theirs > ours or (theirs == ours and candidate_id < self_id)
+
+
 def decide(
     request: Request, local: LocalState, last_leader_contact: float | None, now: float, lease: float
 ) -> Response:
@@ -188,8 +205,20 @@ class PreVoter:
         """An ``append_entries`` from a leader at a term below ours."""
         self.last_stale_leader = now
 
-    def on_request(self, request: Request, local: LocalState, now: float) -> Response:
-        """A peer's ``rs_prevote``; see :func:`decide`."""
+    def on_request(
+        self, request: Request, local: LocalState, now: float, sender: str | None = None
+    ) -> Response:
+        """A peer's (``sender``'s) ``rs_prevote``; see :func:`decide`. While
+        this node runs a round for the same term, only a ``sender`` that
+        :func:`ranks_above` it is granted (step 5 of the module doc)."""
+        rnd = self.round
+        if (
+            sender is not None
+            and rnd is not None
+            and rnd.term == request.term
+            and not ranks_above(request, sender, local, self.self_id)
+        ):
+            return Response(term=local.term, granted=False)
         return decide(request, local, self.last_leader_contact, now, self.lease)
 
     # ---- candidate side -------------------------------------------------------

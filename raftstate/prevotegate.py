@@ -60,6 +60,12 @@ class PreVoteGate:
         self.voter = PreVoter(str(raft.selfNode.id), voters, lease=min_timeout)
         self._rng = random.Random()
 
+    def set_min_timeout(self, seconds: float) -> None:
+        """The minimum election timeout changed (raftstate/linktiming.py):
+        it is the lease and sets the pre-vote retry interval."""
+        self._min_timeout = seconds
+        self.voter.lease = seconds
+
     def _local(self) -> LocalState:
         r = self._raft
         return LocalState(
@@ -136,7 +142,7 @@ class PreVoteGate:
                     int(msg["term"]), int(msg["last_log_index"]), int(msg["last_log_term"])
                 )
                 now = time.monotonic()
-                response = self.voter.on_request(request, self._local(), now)
+                response = self.voter.on_request(request, self._local(), now, str(node.id))
                 if response.granted:
                     heard = self.voter.last_leader_contact
                     log.info(

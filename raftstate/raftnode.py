@@ -11,7 +11,8 @@ We extend pysyncobj without modifying it:
 * snapshots through pysyncobj's custom serializer hooks, written as a
   protobuf ``Snapshot`` (never a pickle of our objects);
 * pysyncobj's timers mapped from :class:`~raftstate.config.NodeConfig`,
-  including ``leaderFallbackTimeout`` as check-quorum;
+  including ``leaderFallbackTimeout`` as check-quorum, then derived from the
+  measured links (:mod:`raftstate.linktiming`, :meth:`RaftNode.refresh_link_timing`);
 * always our own journal (``raftstate/journal.py``: a CRC per record, meta
   without pickle, fdatasync per append for ``durability = "fsync"``) and a
   snapshot receiver that verifies a streamed snapshot before it replaces
@@ -56,6 +57,7 @@ from raftstate.journal import (
     compaction_due,
     move_aside,
 )
+from raftstate.linktiming import LinkSample, Timing, TimingBounds, derive
 from raftstate.model import HeartbeatResult
 from raftstate.nextindex import ResetGuard, SendLedger
 from raftstate.nodekeys import load_identity
@@ -128,6 +130,11 @@ class RaftStatus:
     max_tick_s: float = 0.0
     max_tick_cpu_s: float = 0.0
     tick_stalls: int = 0
+    #: Elections started and leader changes seen (raftstate/raftevents.py).
+    elections: int = 0
+    leader_changes: int = 0
+    #: The timers in force (raftstate/linktiming.py), seconds.
+    timing: Timing | None = None
 
 
 def syncobj_conf(
@@ -174,6 +181,42 @@ def syncobj_conf(
         maxBindRetries=25,
         dynamicMembershipChange=False,
     )
+
+
+def configured_timing(cfg: NodeConfig) -> Timing:
+    """The timers as configured (before any link is measured)."""
+    return Timing(
+        heartbeat=cfg.heartbeat_ms / 1000,
+        election_min=cfg.election_timeout_min_ms / 1000,
+        election_max=cfg.election_timeout_max_ms / 1000,
+        step_down=cfg.leader_step_down_ms / 1000,
+    )
+
+
+def timing_bounds(cfg: NodeConfig) -> TimingBounds:
+    """Where :func:`raftstate.linktiming.derive` may put the timers."""
+    return TimingBounds(
+        floor=cfg.election_timeout_floor_ms / 1000,
+        ceiling=cfg.election_timeout_ceiling_ms / 1000,
+        min_heartbeat=cfg.tick_ms / 1000,
+    )
+
+
+def link_samples(links: dict[str, PeerLinkStats]) -> dict[str, LinkSample]:
+    """The connected peers' links that have an RTT sample, keyed by member id."""
+    out = {}
+    for peer, st in links.items():
+        link = st.link
+        if not st.connected or link is None or link.srtt is None or link.rttvar is None:
+            continue
+        out[peer] = LinkSample(
+            srtt=link.srtt,
+            rttvar=link.rttvar,
+            loss=link.loss_rate,
+            burst=link.burst_loss if link.burst_loss is not None else 0.0,
+            copies=link.redundancy,
+        )
+    return out
 
 
 MessageHandler = Callable[[Any, dict[str, Any]], None]
@@ -403,6 +446,11 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             self.journal.set_catch_up(False)
         self._catch_up = CatchUpGate(self.journal.catch_up, self.journal.getRaftCommitIndex())
         self._tick_guard = TickGuard(cfg.tick_failure_limit)
+        #: The timers in force (tick thread writes) and the next ones to
+        #: apply (:meth:`refresh_link_timing` writes, the tick thread takes).
+        self.timing = configured_timing(cfg)
+        self._timing_next: Timing | None = None
+        self._timing_bounds = timing_bounds(cfg)
         #: Work time of every tick (wall time minus the poller wait).
         self.tick_stats = TickStats()
         self._timed_poller: _TimedPoller | None = None
@@ -590,7 +638,59 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             max_tick_s=self.tick_stats.max_s,
             max_tick_cpu_s=self.tick_stats.max_cpu_s,
             tick_stalls=self.tick_stats.stalls,
+            elections=self.raft_events.elections,
+            leader_changes=self.raft_events.leader_changes,
+            timing=self.timing,
         )
+
+    # ---- timers that follow the link (raftstate/linktiming.py) ----------------
+
+    def refresh_link_timing(self) -> Timing | None:
+        """Derive the timers from the links as measured now and hand them to
+        the tick thread, which applies them at its next tick. Call on the
+        event loop that owns the UDP transport (``peer_link_stats`` is then
+        a direct read); a no-op without link samples (TCP, idle links).
+        Returns the timing handed over, or ``None`` if nothing changed."""
+        leader = self.leader_raft_address()
+        member = self._by_raft.get(leader) if leader is not None else None
+        leader_id = member.id if member is not None and member.id != self.cfg.node_id else None
+        links = link_samples(self.peer_link_stats())
+        now = self.timing
+        new = derive(links, leader_id, self._timing_bounds, now)
+        if _same_timing(new, now):
+            return None
+        self._timing_next = new
+        return new
+
+    def _apply_timing(self) -> None:
+        """Tick thread: put :attr:`_timing_next` into pysyncobj's conf (it
+        reads these four fields each time it uses them) and PreVote's lease.
+        An election deadline already armed keeps its value; the next
+        ``append_entries`` re-arms it with the new range."""
+        new, self._timing_next = self._timing_next, None
+        if new is None:
+            return
+        conf = self.conf
+        conf.appendEntriesPeriod = new.heartbeat
+        conf.raftMinTimeout = new.election_min
+        conf.raftMaxTimeout = new.election_max
+        conf.leaderFallbackTimeout = new.step_down
+        if self._prevote_gate is not None:
+            self._prevote_gate.set_min_timeout(new.election_min)
+        old, self.timing = self.timing, new
+        # Estimates jitter: log big moves only (and the ceiling starting or
+        # stopping to hold the timeout down); Status and /metrics show the rest.
+        if new.capped != old.capped or not 0.5 < new.election_min / old.election_min < 2:
+            log.info(
+                "raft timers from the link to %s: heartbeat %.0f ms, election timeout "
+                "%.0f-%.0f ms, check-quorum %.0f ms%s",
+                new.basis or "?",
+                new.heartbeat * 1000,
+                new.election_min * 1000,
+                new.election_max * 1000,
+                new.step_down * 1000,
+                " (held down by election_timeout_ceiling_ms)" if new.capped else "",
+            )
 
     def _SyncObj__sendAppendEntries(self) -> None:  # noqa: N802 - overrides pysyncobj's private
         """Tick thread, leader: pysyncobj's AppendEntries round, skipping peers
@@ -624,6 +724,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         (raftstate/prevotegate.py). Tick thread only."""
         started = time.monotonic()
         cpu = time.thread_time()
+        if self._timing_next is not None:
+            self._apply_timing()
         poller = self._timed_poller
         waited = poller.waited if poller is not None else 0.0
         if self._guarded_tick(timeToWait) and poller is not None:
@@ -904,6 +1006,18 @@ class RaftNode(SyncObj):  # type: ignore[misc]
 
     def is_leader(self) -> bool:
         return bool(self._isLeader())
+
+
+def _same_timing(a: Timing, b: Timing) -> bool:
+    """Within 5 % on every timer (estimates jitter; re-applying costs little
+    but logs and churns), same source."""
+    pairs = (
+        (a.heartbeat, b.heartbeat),
+        (a.election_min, b.election_min),
+        (a.election_max, b.election_max),
+        (a.step_down, b.step_down),
+    )
+    return a.source == b.source and all(abs(x - y) <= 0.05 * max(x, y) for x, y in pairs)
 
 
 def _mono_ms() -> int:

@@ -42,6 +42,7 @@ from raftstate.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from raftstate.linktiming import Timing
 from raftstate.model import (
     DEVICE_ID_MAX,
     DEVICE_ID_RE,
@@ -683,7 +684,24 @@ def status_pb(node: NodeServices) -> cluster_pb2.StatusResponse:
         max_tick_ms=st.max_tick_s * 1000,
         max_tick_cpu_ms=st.max_tick_cpu_s * 1000,
         tick_stalls=st.tick_stalls,
+        elections=st.elections,
+        leader_changes=st.leader_changes,
+        **_timing_fields(st.timing),
     )
+
+
+def _timing_fields(timing: Timing | None) -> dict[str, Any]:
+    """``StatusResponse``'s timer fields (raftstate/linktiming.py)."""
+    if timing is None:
+        return {}
+    source = timing.source if timing.source == "configured" else f"links:{timing.basis}"
+    return {
+        "heartbeat_ms": timing.heartbeat * 1000,
+        "election_timeout_min_ms": timing.election_min * 1000,
+        "election_timeout_max_ms": timing.election_max * 1000,
+        "leader_step_down_ms": timing.step_down * 1000,
+        "timing_source": source,
+    }
 
 
 async def track_health(node: NodeServices, health: Any, period_s: float = 0.2) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,10 @@ def test_verdicts_count_failures_as_slowest() -> None:
     assert lines[0].startswith("target udp on weak: p99 <= 120 ms: met")
     assert "than tcp: met" in lines[1] and "30.0x" in lines[1]
     assert "than etcd: met" in lines[2] and "infx" in lines[2]
-    assert lines[3] == "target zero acknowledged heartbeats lost: met"
+    assert lines[3] == (
+        "target no leader change or election on weak/bad without a fault: met (3 runs)"
+    )
+    assert lines[4] == "target zero acknowledged heartbeats lost: met"
     table = render_table(results)
     assert "p99.9 ms" in table and "3000" in table
     assert render_markdown(results).count("\n") == len(results) + 1
@@ -57,6 +61,22 @@ def test_verdicts_count_failures_as_slowest() -> None:
 def test_verdict_missed() -> None:
     lines = target_verdicts([_result("weak", "udp", [200.0] * 100, 100)])
     assert "MISSED (200.0 ms" in lines[0]
+
+
+def test_an_election_on_bad_misses_the_no_churn_target_and_shows_in_the_table() -> None:
+    r = _result("bad", "udp", [100.0] * 100, 100)
+    r.elections, r.term_increments = 1, 1
+    lines = target_verdicts([r])
+    assert any(
+        line.startswith("target no leader change or election on weak/bad without a fault: MISSED")
+        and "1 elections, term +1" in line
+        for line in lines
+    ), lines
+    header, _rule, row = render_table([r]).splitlines()
+    cells = dict(zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip()),
+                     strict=True))
+    assert "elections" in header and "term+" in header
+    assert cells["elections"] == "1" and cells["term+"] == "1"
 
 
 @pytest.mark.skipif(_REASON is not None, reason=f"WAN lab unavailable: {_REASON}")
@@ -90,6 +110,9 @@ def test_lab_bench_smoke(tmp_path: Path) -> None:
         assert not math.isnan(r["cpu_us_per_op"])
         assert r["wan_tx_bytes"] > 0 and r["wire_bytes_per_op"] > 0, r
         assert r["leader_changes"] >= 0
+        # elections are counted in every row (a clean run starts none)
+        assert r["elections"] == 0 and r["term_increments"] == 0, r
+        assert set(r["timers"]) == {"n1", "n2", "n3"}
     # weak adds a 60 ms RTT to every commit; lan adds none.
     assert rows[("weak", "udp")]["latency_ms"]["p50"] > rows[("lan", "udp")]["latency_ms"]["p50"]
     assert any(t.startswith("target udp on weak") for t in doc["targets"])

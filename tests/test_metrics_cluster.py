@@ -125,6 +125,11 @@ def test_metrics_follow_prometheus_conventions(cluster: LocalCluster) -> None:
         "raftstate_raft_applied_index": "gauge",
         "raftstate_raft_elections": "counter",
         "raftstate_raft_leader_changes": "counter",
+        "raftstate_raft_heartbeat_seconds": "gauge",
+        "raftstate_raft_election_timeout_min_seconds": "gauge",
+        "raftstate_raft_election_timeout_max_seconds": "gauge",
+        "raftstate_raft_step_down_seconds": "gauge",
+        "raftstate_raft_timing_derived": "gauge",
         "raftstate_raft_proposals": "counter",
         "raftstate_raft_batch_heartbeats": "histogram",
         "raftstate_raft_tick_duration_seconds": "histogram",
@@ -186,6 +191,11 @@ def test_metrics_agree_with_cluster_status(cluster: LocalCluster) -> None:
             assert value(families, "raftstate_raft_role", role=role) == 1
         assert value(families, "raftstate_raft_has_leader") == 1
         assert value(families, "raftstate_raft_leader_changes_total") >= 1
+        elections = value(families, "raftstate_raft_elections_total")
+        assert before.elections <= elections <= after.elections
+        lo, hi = sorted((before.election_timeout_min_ms, after.election_timeout_min_ms))
+        assert lo / 1000 <= value(families, "raftstate_raft_election_timeout_min_seconds")
+        assert value(families, "raftstate_raft_election_timeout_min_seconds") <= hi / 1000
         for member in after.members:
             if member.node_id != node_id and member.rtt_ms > 0:
                 rtt = value(families, "raftstate_transport_peer_rtt_seconds", peer=member.node_id)

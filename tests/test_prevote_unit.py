@@ -165,3 +165,42 @@ def test_a_live_leader_of_a_lower_term_bypasses_the_pre_vote_once() -> None:
 def test_a_leadership_transfer_bypasses_the_pre_vote() -> None:
     voter = PreVoter("a", 3, LEASE)
     assert voter.on_deadline(local(), now=10.0, retry_after=0.15, transfer=True).elect
+
+
+# ---- two pre-candidates at once -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a_log", "b_log"),
+    [((10, 5), (10, 5)), ((11, 5), (10, 5)), ((10, 5), (12, 5)), ((30, 4), (10, 5))],
+)
+def test_two_simultaneous_pre_candidates_grant_exactly_one_of_them(
+    a_log: tuple[int, int], b_log: tuple[int, int]
+) -> None:
+    """Both followers' timers fire together after the leader died: each
+    opens a round for term 6 and asks the other. Granting both would let
+    both elect in term 6 and split the vote."""
+    voters = {"n1": PreVoter("n1", 3, LEASE), "n2": PreVoter("n2", 3, LEASE)}
+    logs = {"n1": a_log, "n2": b_log}
+    states = {n: local(index=logs[n][0], log_term=logs[n][1]) for n in voters}
+    requests = {}
+    for n, voter in voters.items():
+        decision = voter.on_deadline(states[n], now=100.0, retry_after=0.1)
+        assert decision.request is not None
+        requests[n] = decision.request
+    a_grants_b = voters["n1"].on_request(requests["n2"], states["n1"], 100.0, "n2").granted
+    b_grants_a = voters["n2"].on_request(requests["n1"], states["n2"], 100.0, "n1").granted
+    assert a_grants_b != b_grants_a
+    winner = "n2" if a_grants_b else "n1"
+    def up_to_date(n: str) -> tuple[int, int]:
+        return logs[n][1], logs[n][0]  # (last log term, last log index)
+
+    assert up_to_date(winner) == max(map(up_to_date, logs))  # never the shorter log
+    if logs["n1"] == logs["n2"]:
+        assert winner == "n1"  # equal logs: the lower id
+
+
+def test_a_pre_candidate_still_grants_a_round_for_another_term() -> None:
+    voter = PreVoter("n2", 3, LEASE)
+    voter.on_deadline(local(), now=100.0, retry_after=0.1)  # round for term 6
+    assert voter.on_request(Request(7, 10, 5), local(), 100.0, "n3").granted

@@ -179,3 +179,5 @@ class LinkStats:
     #: The loss rate measured on this link (the prior taken out), or ``None``
     #: before enough frames' fates are known (an idle link): what to show.
     loss_measured: float | None = None
+    #: P(frame lost | previous frame lost), the burst estimate (recovery.py).
+    burst_loss: float | None = None

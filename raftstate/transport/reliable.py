@@ -387,6 +387,7 @@ class ReliableLink:
             send_rejected=self._send_rejected,
             redundant_bytes=self._redundant_bytes,
             loss_measured=rec.measured_loss_rate(),
+            burst_loss=rec.burst_loss,
         )
 
     # ------------------------------------------------------------ sending

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araftstate/v1/cluster.proto\x12\x0craftstate.v1\"\xa9\x02\n\x06Member\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x05 \x01(\x04\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x13\n\x06rtt_ms\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tloss_rate\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0fretransmissions\x18\t \x01(\x04\x12\x10\n\x08sessions\x18\n \x01(\x04\x12\r\n\x05paths\x18\x0b \x01(\x04\x12\x14\n\x0c\x65ntries_sent\x18\x0c \x01(\x04\x12\x16\n\x0e\x65ntries_resent\x18\r \x01(\x04\x42\t\n\x07_rtt_msB\x0c\n\n_loss_rate\"\x0f\n\rStatusRequest\"\xd7\x04\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.raftstate.v1.Role\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x04 \x01(\x04\x12\x14\n\x0clast_applied\x18\x05 \x01(\x04\x12\x11\n\tleader_id\x18\x06 \x01(\t\x12\x1b\n\x13leader_grpc_address\x18\x07 \x01(\t\x12%\n\x07members\x18\x08 \x03(\x0b\x32\x14.raftstate.v1.Member\x12\x10\n\x08revision\x18\t \x01(\x04\x12\x0f\n\x07\x64\x65vices\x18\n \x01(\x04\x12\x11\n\ttransport\x18\x0b \x01(\t\x12\x12\n\ndurability\x18\x0c \x01(\t\x12I\n\x0ftransport_drops\x18\r \x03(\x0b\x32\x30.raftstate.v1.StatusResponse.TransportDropsEntry\x12\x16\n\x0elast_log_index\x18\x0e \x01(\x04\x12\x15\n\rtick_failures\x18( \x01(\x04\x12\x17\n\x0flast_tick_error\x18) \x01(\t\x12\x13\n\x0b\x63\x61tching_up\x18* \x01(\x08\x12\x15\n\rjournal_bytes\x18+ \x01(\x04\x12\x13\n\x0bmax_tick_ms\x18, \x01(\x01\x12\x13\n\x0btick_stalls\x18- \x01(\x04\x12\x17\n\x0fmax_tick_cpu_ms\x18. \x01(\x01\x1a\x35\n\x13TransportDropsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*T\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rROLE_FOLLOWER\x10\x01\x12\x12\n\x0eROLE_CANDIDATE\x10\x02\x12\x0f\n\x0bROLE_LEADER\x10\x03\x32U\n\x0e\x43lusterService\x12\x43\n\x06Status\x12\x1b.raftstate.v1.StatusRequest\x1a\x1c.raftstate.v1.StatusResponseBu\n\x10\x64\x65v.raftstate.v1B\x0c\x43lusterProtoP\x01Z-raftstate.dev/gen/go/raftstate/v1;raftstatev1\xa2\x02\x03RSX\xaa\x02\x0cRaftState.V1\xca\x02\x0cRaftState\\V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araftstate/v1/cluster.proto\x12\x0craftstate.v1\"\xa9\x02\n\x06Member\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0craft_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x05 \x01(\x04\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x13\n\x06rtt_ms\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tloss_rate\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0fretransmissions\x18\t \x01(\x04\x12\x10\n\x08sessions\x18\n \x01(\x04\x12\r\n\x05paths\x18\x0b \x01(\x04\x12\x14\n\x0c\x65ntries_sent\x18\x0c \x01(\x04\x12\x16\n\x0e\x65ntries_resent\x18\r \x01(\x04\x42\t\n\x07_rtt_msB\x0c\n\n_loss_rate\"\x0f\n\rStatusRequest\"\x8e\x06\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.raftstate.v1.Role\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x04 \x01(\x04\x12\x14\n\x0clast_applied\x18\x05 \x01(\x04\x12\x11\n\tleader_id\x18\x06 \x01(\t\x12\x1b\n\x13leader_grpc_address\x18\x07 \x01(\t\x12%\n\x07members\x18\x08 \x03(\x0b\x32\x14.raftstate.v1.Member\x12\x10\n\x08revision\x18\t \x01(\x04\x12\x0f\n\x07\x64\x65vices\x18\n \x01(\x04\x12\x11\n\ttransport\x18\x0b \x01(\t\x12\x12\n\ndurability\x18\x0c \x01(\t\x12I\n\x0ftransport_drops\x18\r \x03(\x0b\x32\x30.raftstate.v1.StatusResponse.TransportDropsEntry\x12\x16\n\x0elast_log_index\x18\x0e \x01(\x04\x12\x15\n\rtick_failures\x18( \x01(\x04\x12\x17\n\x0flast_tick_error\x18) \x01(\t\x12\x13\n\x0b\x63\x61tching_up\x18* \x01(\x08\x12\x15\n\rjournal_bytes\x18+ \x01(\x04\x12\x13\n\x0bmax_tick_ms\x18, \x01(\x01\x12\x13\n\x0btick_stalls\x18- \x01(\x04\x12\x17\n\x0fmax_tick_cpu_ms\x18. \x01(\x01\x12\x11\n\telections\x18< \x01(\x04\x12\x16\n\x0eleader_changes\x18= \x01(\x04\x12\x14\n\x0cheartbeat_ms\x18> \x01(\x01\x12\x1f\n\x17\x65lection_timeout_min_ms\x18? \x01(\x01\x12\x1f\n\x17\x65lection_timeout_max_ms\x18@ \x01(\x01\x12\x1b\n\x13leader_step_down_ms\x18\x41 \x01(\x01\x12\x15\n\rtiming_source\x18\x42 \x01(\t\x1a\x35\n\x13TransportDropsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*T\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rROLE_FOLLOWER\x10\x01\x12\x12\n\x0eROLE_CANDIDATE\x10\x02\x12\x0f\n\x0bROLE_LEADER\x10\x03\x32U\n\x0e\x43lusterService\x12\x43\n\x06Status\x12\x1b.raftstate.v1.StatusRequest\x1a\x1c.raftstate.v1.StatusResponseBu\n\x10\x64\x65v.raftstate.v1B\x0c\x43lusterProtoP\x01Z-raftstate.dev/gen/go/raftstate/v1;raftstatev1\xa2\x02\x03RSX\xaa\x02\x0cRaftState.V1\xca\x02\x0cRaftState\\V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.raftstate.v1B\014ClusterProtoP\001Z-raftstate.dev/gen/go/raftstate/v1;raftstatev1\242\002\003RSX\252\002\014RaftState.V1\312\002\014RaftState\\V1'
   _globals['_STATUSRESPONSE_TRANSPORTDROPSENTRY']._loaded_options = None
   _globals['_STATUSRESPONSE_TRANSPORTDROPSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=963
-  _globals['_ROLE']._serialized_end=1047
+  _globals['_ROLE']._serialized_start=1146
+  _globals['_ROLE']._serialized_end=1230
   _globals['_MEMBER']._serialized_start=45
   _globals['_MEMBER']._serialized_end=342
   _globals['_STATUSREQUEST']._serialized_start=344
   _globals['_STATUSREQUEST']._serialized_end=359
   _globals['_STATUSRESPONSE']._serialized_start=362
-  _globals['_STATUSRESPONSE']._serialized_end=961
-  _globals['_STATUSRESPONSE_TRANSPORTDROPSENTRY']._serialized_start=908
-  _globals['_STATUSRESPONSE_TRANSPORTDROPSENTRY']._serialized_end=961
-  _globals['_CLUSTERSERVICE']._serialized_start=1049
-  _globals['_CLUSTERSERVICE']._serialized_end=1134
+  _globals['_STATUSRESPONSE']._serialized_end=1144
+  _globals['_STATUSRESPONSE_TRANSPORTDROPSENTRY']._serialized_start=1091
+  _globals['_STATUSRESPONSE_TRANSPORTDROPSENTRY']._serialized_end=1144
+  _globals['_CLUSTERSERVICE']._serialized_start=1232
+  _globals['_CLUSTERSERVICE']._serialized_end=1317
 # @@protoc_insertion_point(module_scope)

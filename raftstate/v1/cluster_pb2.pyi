@@ -53,7 +53,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "role", "term", "commit_index", "last_applied", "leader_id", "leader_grpc_address", "members", "revision", "devices", "transport", "durability", "transport_drops", "last_log_index", "tick_failures", "last_tick_error", "catching_up", "journal_bytes", "max_tick_ms", "tick_stalls", "max_tick_cpu_ms")
+    __slots__ = ("node_id", "role", "term", "commit_index", "last_applied", "leader_id", "leader_grpc_address", "members", "revision", "devices", "transport", "durability", "transport_drops", "last_log_index", "tick_failures", "last_tick_error", "catching_up", "journal_bytes", "max_tick_ms", "tick_stalls", "max_tick_cpu_ms", "elections", "leader_changes", "heartbeat_ms", "election_timeout_min_ms", "election_timeout_max_ms", "leader_step_down_ms", "timing_source")
     class TransportDropsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,13 @@ class StatusResponse(_message.Message):
     MAX_TICK_MS_FIELD_NUMBER: _ClassVar[int]
     TICK_STALLS_FIELD_NUMBER: _ClassVar[int]
     MAX_TICK_CPU_MS_FIELD_NUMBER: _ClassVar[int]
+    ELECTIONS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    ELECTION_TIMEOUT_MIN_MS_FIELD_NUMBER: _ClassVar[int]
+    ELECTION_TIMEOUT_MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_STEP_DOWN_MS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_SOURCE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: Role
     term: int
@@ -103,4 +110,11 @@ class StatusResponse(_message.Message):
     max_tick_ms: float
     tick_stalls: int
     max_tick_cpu_ms: float
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_address: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., revision: _Optional[int] = ..., devices: _Optional[int] = ..., transport: _Optional[str] = ..., durability: _Optional[str] = ..., transport_drops: _Optional[_Mapping[str, int]] = ..., last_log_index: _Optional[int] = ..., tick_failures: _Optional[int] = ..., last_tick_error: _Optional[str] = ..., catching_up: _Optional[bool] = ..., journal_bytes: _Optional[int] = ..., max_tick_ms: _Optional[float] = ..., tick_stalls: _Optional[int] = ..., max_tick_cpu_ms: _Optional[float] = ...) -> None: ...
+    elections: int
+    leader_changes: int
+    heartbeat_ms: float
+    election_timeout_min_ms: float
+    election_timeout_max_ms: float
+    leader_step_down_ms: float
+    timing_source: str
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., last_applied: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_address: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., revision: _Optional[int] = ..., devices: _Optional[int] = ..., transport: _Optional[str] = ..., durability: _Optional[str] = ..., transport_drops: _Optional[_Mapping[str, int]] = ..., last_log_index: _Optional[int] = ..., tick_failures: _Optional[int] = ..., last_tick_error: _Optional[str] = ..., catching_up: _Optional[bool] = ..., journal_bytes: _Optional[int] = ..., max_tick_ms: _Optional[float] = ..., tick_stalls: _Optional[int] = ..., max_tick_cpu_ms: _Optional[float] = ..., elections: _Optional[int] = ..., leader_changes: _Optional[int] = ..., heartbeat_ms: _Optional[float] = ..., election_timeout_min_ms: _Optional[float] = ..., election_timeout_max_ms: _Optional[float] = ..., leader_step_down_ms: _Optional[float] = ..., timing_source: _Optional[str] = ...) -> None: ...
