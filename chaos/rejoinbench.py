@@ -92,6 +92,9 @@ class RejoinResult:
     #: WAN emulator took, and those its bottleneck queue tail-dropped.
     wan_packets_to_follower: int = 0
     wan_queue_drops: int = 0
+    #: "snapshot restored" lines the follower logged after its restart: >= 1
+    #: when the leader sent it a snapshot (the rest came as AppendEntries).
+    snapshot_restores: int = 0
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -178,6 +181,7 @@ def run_one(cfg: RejoinConfig, cc: bool, run_dir: Path,
         follower = f"n{fsite}"
         _, stopped_at = _applied(system, fsite)
         cluster.stop_node(follower)
+        restores0 = dict(cluster.logs()).get(follower, "").count("snapshot restored")
         tag = f"rj-{secrets.token_hex(2)}"
         progress(f"[cc={'on' if cc else 'off'}] leader {leader}, {follower} stopped at "
                  f"{stopped_at}; {cfg.missed} heartbeats at {cfg.rate:g}/s without it")  # fmt: skip
@@ -209,6 +213,8 @@ def run_one(cfg: RejoinConfig, cc: bool, run_dir: Path,
                  f"{catchup if catchup is not None else 'NOT'} s")  # fmt: skip
         during = _finish_load(procs, cfg.window_s + 120, start_at)
         tx1 = _wan_direction(system, lsite, fsite)
+        flog = dict(cluster.logs()).get(follower, "")
+        restores = flog.count("snapshot restored") - restores0
         t_end = t_restart + (catchup if catchup is not None else cfg.window_s)
         win = [r for r in during if t_restart <= r["at"] < t_end]
         ok = sorted(float(r["ms"]) for r in win if r["ok"])
@@ -228,7 +234,7 @@ def run_one(cfg: RejoinConfig, cc: bool, run_dir: Path,
             during_ms=LatencySummary.of(ok),
             phase_ms=LatencySummary.of(sorted(float(r["ms"]) for r in during if r["ok"])),
             acked_lost=lost, lost_checked=checked, wan_packets_to_follower=tx1[0] - tx0[0],
-            wan_queue_drops=tx1[1] - tx0[1], notes=notes,
+            wan_queue_drops=tx1[1] - tx0[1], snapshot_restores=restores, notes=notes,
         )  # fmt: skip
     finally:
         system.down()

@@ -28,9 +28,9 @@ included (the signal of TCP Vegas and of BBR's min-RTT filter).
 
 1. **Loss is congestion only with a queue** (after TCP Veno): a loss of a
    bulk frame reduces ``cwnd`` only if ``queue_delay >= queue_target``
-   (``max(queue_delay_min, queue_delay_fraction * min_rtt)``), or if more
-   than ``heavy_loss`` of the last round's bulk frames were lost (a
-   bottleneck with too small a buffer to show a queue). A random loss on the
+   (``min_rtt / 2`` within [15, 40] ms), or if the recent bulk loss rate
+   (an EWMA over ~16 fates) exceeds ``heavy_loss`` (a bottleneck whose
+   buffer is too shallow to show a queue). A random loss on the
    ``weak`` profile (3 %, bursts of ~1.3) arrives while the queue is short
    and costs a retransmission, not half the window; halving on every one
    would hold NewReno to ~1.2 Mbit/s at 60 ms (Mathis: 1.22 MSS / (RTT
@@ -74,8 +74,8 @@ from raftstate.errors import ConfigError
 #: a queue), or ``ROUND_MAX_RTTS`` srtt at most.
 ROUND_MIN_SAMPLES = 8
 ROUND_MAX_RTTS = 4
-#: Bulk fates a round needs before its loss fraction counts as heavy.
-HEAVY_MIN_FATES = 20
+#: Weight of one bulk frame's fate (1 lost, 0 acked) in the heavy-loss EWMA.
+HEAVY_EWMA_WEIGHT = 1 / 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +94,16 @@ class CongestionParams:
     loss_reduction: float = 0.5
     #: RFC 9002 kPersistentCongestionThreshold.
     persistent_threshold: int = 3
-    #: A loss reduces the window only with at least this much queueing
-    #: delay (or ``queue_delay_fraction`` of min_rtt, whichever is larger).
+    #: A loss reduces the window only with at least ``queue_target`` of
+    #: queueing delay: ``queue_delay_fraction`` of min_rtt, within
+    #: [``queue_delay_min``, ``queue_delay_max``] (above the jitter a round's
+    #: minimum still shows on weak/bad, below a shallow router buffer).
     queue_delay_min: float = 0.015
+    queue_delay_max: float = 0.040
     queue_delay_fraction: float = 0.5
-    #: Bulk-frame loss fraction in one round (of at least HEAVY_MIN_FATES
-    #: fates) read as congestion even without a measurable queue (a tiny
-    #: bottleneck buffer). Far above random loss: on a 10 % path, 7 of 20
-    #: lost happens in 0.2 % of rounds.
+    #: Bulk-frame loss rate (an EWMA over ~16 fates) read as congestion even
+    #: without a measurable queue (a buffer too shallow to show one): three
+    #: times ``bad``'s random loss.
     heavy_loss: float = 0.3
     #: Pacing gains (RFC 9002 §7.7 suggests 1.25) and the bucket depth.
     pacing_gain_slow_start: float = 2.0
@@ -124,6 +126,8 @@ class CongestionParams:
             raise ConfigError("persistent_threshold: must be at least 1")
         if self.queue_delay_min < 0 or self.queue_delay_fraction < 0:
             raise ConfigError("queue_delay_min: must be >= 0 (and queue_delay_fraction too)")
+        if self.queue_delay_max < self.queue_delay_min:
+            raise ConfigError("queue_delay_max: must be at least queue_delay_min")
         if not 0 < self.heavy_loss <= 1:
             raise ConfigError("heavy_loss: must be in (0, 1]")
         if min(self.pacing_gain, self.pacing_gain_slow_start) < 1:
@@ -159,9 +163,8 @@ class NewReno:
     and lost (:meth:`on_lost`); ask :meth:`can_send` and
     :meth:`pacing_delay` before sending a bulk frame."""
 
-    __slots__ = ("_bucket", "_bucket_time", "_lost_round", "_p", "_persistent", "_random",
-                 "_recovery_start", "_reductions", "_round_acked", "_round_end",
-                 "_round_lost", "_round_mins", "_round_samples", "_round_start", "_waits",
+    __slots__ = ("_bucket", "_bucket_time", "_bulk_loss", "_p", "_persistent", "_random",
+                 "_recovery_start", "_reductions", "_round_end", "_round_mins", "_round_samples", "_round_start", "_waits",
                  "cwnd", "min_rtt", "ssthresh", "srtt")  # fmt: skip
 
     def __init__(self, params: CongestionParams, initial_rtt: float) -> None:
@@ -178,8 +181,7 @@ class NewReno:
         self._round_end = float("-inf")
         self._round_start = float("-inf")
         self._round_samples = 0
-        self._round_acked = self._round_lost = 0
-        self._lost_round = 0.0  # bulk loss fraction of the last complete round
+        self._bulk_loss = 0.0  # EWMA of bulk fates (1 lost, 0 acked)
         self._bucket = float(params.pacing_burst_frames * params.max_datagram)
         self._bucket_time = float("-inf")
         self._reductions = self._random = self._persistent = self._waits = 0
@@ -190,7 +192,8 @@ class NewReno:
     def queue_target(self) -> float:
         """Queueing delay (s) above which a loss counts as congestion."""
         base = self.min_rtt if self.min_rtt != float("inf") else self.srtt
-        return max(self._p.queue_delay_min, self._p.queue_delay_fraction * base)
+        p = self._p
+        return min(p.queue_delay_max, max(p.queue_delay_min, p.queue_delay_fraction * base))
 
     @property
     def queue_delay(self) -> float:
@@ -212,9 +215,6 @@ class NewReno:
         self.min_rtt = min(self.min_rtt, sample)
         enough = self._round_samples >= ROUND_MIN_SAMPLES
         if now >= self._round_end and (enough or now >= self._round_start + ROUND_MAX_RTTS * srtt):
-            total = self._round_acked + self._round_lost
-            self._lost_round = self._round_lost / total if total >= HEAVY_MIN_FATES else 0.0
-            self._round_acked = self._round_lost = 0
             self._round_mins.append(sample)
             self._round_samples = 1
             self._round_start = now
@@ -231,7 +231,12 @@ class NewReno:
             and self._round_mins[-1] - self.min_rtt >= self.queue_target
         ):
             # Delay exit from slow start (HyStart: this round's minimum, not
-            # two rounds', since the window doubles every round).
+            # two rounds', since the window doubles every round), down to the
+            # window that the path carries without that queue (Vegas' view:
+            # cwnd * min_rtt / rtt), since the window outgrew it meanwhile.
+            rtt = self._round_mins[-1]
+            floor = self._p.min_window_frames * self._p.max_datagram
+            self.cwnd = max(floor, int(self.cwnd * self.min_rtt / rtt))
             self.ssthresh = self.cwnd
 
     # ------------------------------------------------------------ sending
@@ -279,7 +284,7 @@ class NewReno:
         the queue is above twice the target (congestion avoidance only)."""
         p = self._p
         for f in frames:
-            self._round_acked += 1
+            self._bulk_loss -= HEAVY_EWMA_WEIGHT * self._bulk_loss
             if f.time_sent <= self._recovery_start:
                 continue
             if self.in_slow_start():
@@ -297,7 +302,8 @@ class NewReno:
         if not frames:
             return
         p = self._p
-        self._round_lost += len(frames)
+        for _ in frames:
+            self._bulk_loss += HEAVY_EWMA_WEIGHT * (1.0 - self._bulk_loss)
         first = min(f.time_sent for f in frames)
         last = max(f.time_sent for f in frames)
         if (
@@ -312,9 +318,7 @@ class NewReno:
             return
         if last <= self._recovery_start:
             return  # this recovery period already reacted
-        total = self._round_acked + self._round_lost
-        heavy = max(self._lost_round, self._round_lost / total if total >= HEAVY_MIN_FATES else 0.0)
-        if self.queue_delay < self.queue_target and heavy <= p.heavy_loss:
+        if self.queue_delay < self.queue_target and self._bulk_loss <= p.heavy_loss:
             self._random += len(frames)
             return
         self._congestion(now)
