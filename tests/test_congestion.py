@@ -60,7 +60,7 @@ def test_loss_without_a_queue_is_taken_as_random_and_keeps_the_window() -> None:
     cc = _reno()
     now = _feed_rtts(cc, 0.05, 0.0, 4)
     before = cc.cwnd
-    for i in range(20):  # 1 loss per 10 acked: 10 % random loss, no queue
+    for _ in range(20):  # 1 loss per 10 acked: 10 % random loss, no queue
         cc.on_acked([BulkFate(now, MSS)] * 10)
         now = _feed_rtts(cc, 0.05, now, 1)
         cc.on_lost([BulkFate(now - 0.01, MSS)], now, 0.2, now - 0.02)

@@ -164,8 +164,8 @@ class NewReno:
     :meth:`pacing_delay` before sending a bulk frame."""
 
     __slots__ = ("_bucket", "_bucket_time", "_bulk_loss", "_p", "_persistent", "_random",
-                 "_recovery_start", "_reductions", "_round_end", "_round_mins", "_round_samples", "_round_start", "_waits",
-                 "cwnd", "min_rtt", "ssthresh", "srtt")  # fmt: skip
+                 "_recovery_start", "_reductions", "_round_end", "_round_mins", "_round_samples",
+                 "_round_start", "_waits", "cwnd", "min_rtt", "ssthresh", "srtt")  # fmt: skip
 
     def __init__(self, params: CongestionParams, initial_rtt: float) -> None:
         params.validate()
@@ -262,7 +262,7 @@ class NewReno:
     def pacing_delay(self, now: float) -> float:
         """Seconds until the pacer admits a bulk frame (0: now)."""
         self._refill(now)
-        if self._bucket >= 0:
+        if self._bucket >= -1.0:  # within a byte: float rounding, not debt
             return 0.0
         return -self._bucket / self.pacing_rate()
 
