@@ -87,6 +87,10 @@ class NodeConfig:
     #: the ``rendezvous`` service, STUN first and TURN relay as the fallback;
     #: ``raft`` addresses are then only the members' names for pysyncobj.
     reach: str = "static"
+    #: UDP only: bulk data (catch-up batches, snapshots) under a NewReno
+    #: window with pacing (raftstate/transport/congestion.py); false leaves
+    #: only the in-flight cap (for A/B measurements).
+    udp_congestion_control: bool = True
     #: ICE: the rendezvous service (``raftstate rendezvous``), ``host:port``.
     rendezvous: str = ""
     #: ICE: STUN server ``host:port`` (e.g. coturn).

@@ -375,6 +375,7 @@ def transport_factory(
             send_to=cfg.peer_raft,
             ice=_ice_settings(cfg),
             identity=load_identity(cfg),
+            congestion_control=cfg.udp_congestion_control,
         )
         return functools.partial(RaftstateUdpTransport, settings=settings, loop=loop)
     return RaftstateTCPTransport

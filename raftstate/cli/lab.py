@@ -105,6 +105,26 @@ def add_lab_parser(sub: argparse._SubParsersAction[Any]) -> None:
                        "(default DIR/labbench)")  # fmt: skip
     bench.set_defaults(fn=cmd_lab_bench)
 
+    rejoin = lsub.add_parser(
+        "rejoin", help="a follower catches up over a rate-capped link while devices keep sending"
+    )
+    rejoin.add_argument("--missed", type=COUNT, default=50_000,
+                        help="heartbeats committed while the follower is down")  # fmt: skip
+    rejoin.add_argument("--rate", type=RATE, default=300.0,
+                        help="heartbeats/s from the two live sites' devices")  # fmt: skip
+    rejoin.add_argument("--profile", default="weak", help="WAN profile (default weak)")
+    rejoin.add_argument("--rate-kbit", type=RATE, default=2000.0,
+                        help="leader <-> follower bottleneck, kbit/s (default 2000)")  # fmt: skip
+    rejoin.add_argument("--queue-ms", type=RATE, default=1000.0,
+                        help="the bottleneck's buffer, ms (default 1000)")  # fmt: skip
+    rejoin.add_argument("--window", type=SECONDS, default=60.0,
+                        help="seconds of load after the restart (catch-up must end in it)")
+    rejoin.add_argument("--ab", type=int, default=0, metavar="N",
+                        help="N rounds of congestion control on, then off (alternated)")
+    rejoin.add_argument("--out", default=None,
+                        help="output stem: writes STEM.json (default DIR/rejoin)")
+    rejoin.set_defaults(fn=cmd_lab_rejoin)
+
     probe = lsub.add_parser(
         "probe", help="the WAN emulator's accuracy and capacity, measured with ping and iperf3"
     )
@@ -118,7 +138,7 @@ def add_lab_parser(sub: argparse._SubParsersAction[Any]) -> None:
         p.add_argument("--pub-legs", choices=["split", "full"], default="split",
                        help="site<->pub legs get half the profile (split: a TURN-relayed "
                        "path then matches a direct one) or all of it (full)")  # fmt: skip
-    for p in (up, imp, st, down, bench, probe):
+    for p in (up, imp, st, down, bench, rejoin, probe):
         p.add_argument("--dir", default=DEFAULT_DIR, help=f"state and logs (default {DEFAULT_DIR})")
 
 
@@ -391,6 +411,39 @@ def cmd_lab_bench(args: argparse.Namespace) -> int:
                                                 else [])  # fmt: skip
     for line in write_outputs(results, cfg, stem, command.strip()):
         print(line)
+    return 0
+
+
+def cmd_lab_rejoin(args: argparse.Namespace) -> int:
+    from chaos.profiles import ProfileError, load_profile
+    from chaos.rejoinbench import RejoinConfig, run, write_outputs
+    from cluster.netns import LabError
+
+    problem = _environment_problem()
+    if problem:
+        return _fail("rejoin", problem)
+    try:
+        load_profile(args.profile)
+    except ProfileError as err:
+        return _fail("rejoin", str(err))
+    if args.ab < 0:
+        return _fail("rejoin", f"--ab must be >= 0, got {args.ab}")
+    variants = [True, False] * args.ab if args.ab else [True]
+    cfg = RejoinConfig(
+        missed=args.missed, rate=args.rate, profile=args.profile, rate_kbit=args.rate_kbit,
+        queue_limit_ms=args.queue_ms, window_s=args.window, variants=variants,
+        out_dir=Path(args.dir) / "rejoin",
+    )  # fmt: skip
+    stem = Path(args.out) if args.out else Path(args.dir) / "rejoin"
+    _unwind_on_sigterm()
+    try:
+        results = run(cfg, progress=lambda line: print(line, flush=True))
+    except (LabError, RuntimeError, TimeoutError, OSError) as err:
+        return _fail("rejoin", f"{type(err).__name__}: {err}", 1)
+    command = "raftstate lab rejoin " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["lab", "rejoin"]
+                                                 else [])  # fmt: skip
+    print(write_outputs(results, cfg, stem, command.strip()))
+    print(f"wrote {stem}.json")
     return 0
 
 

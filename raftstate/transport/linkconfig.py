@@ -17,8 +17,8 @@ class LinkConfig:
     Times are seconds. Defaults target WAN paths of 20-300 ms RTT with up to
     ~10 % loss and Raft traffic (many small messages, occasional MBs)."""
 
-    #: Flood guard instead of congestion control: ~110 full datagrams, i.e.
-    #: ~2 MB/s at 60 ms RTT (a 2 MB snapshot in ~1 s). Lower it on thin links.
+    #: Hard flood guard above the congestion window: ~110 full datagrams,
+    #: i.e. ~2 MB/s at 60 ms RTT (a 2 MB snapshot in ~1 s).
     max_inflight_bytes: int = 128 * 1024
     #: Caps datagrams per RTT for small frames: 256 carries a 1 message/ms
     #: flow over a 200 ms RTT without queueing behind the cap.
@@ -86,6 +86,10 @@ class LinkConfig:
     #: (two copies) until it shows otherwise; a clean one decays to one copy
     #: within ~200 frames.
     initial_loss_rate: float = 0.02
+    #: Bulk data (more ready than one frame holds) goes under a NewReno
+    #: window with pacing (raftstate/transport/congestion.py); small frames
+    #: never wait for it. False: only the in-flight caps (A/B, tests).
+    congestion_control: bool = True
 
     @classmethod
     def default(cls) -> LinkConfig:
@@ -176,6 +180,12 @@ class LinkStats:
     messages_delivered: int
     send_rejected: int
     redundant_bytes: int = 0  # bytes of the proactive copies (their records)
+    #: Congestion window (bytes; ``None`` without congestion control), window
+    #: cuts, bulk losses taken as random (window kept), pacer waits.
+    cwnd: int | None = None
+    cc_reductions: int = 0
+    cc_random_losses: int = 0
+    cc_pacing_waits: int = 0
     #: The loss rate measured on this link (the prior taken out), or ``None``
     #: before enough frames' fates are known (an idle link): what to show.
     loss_measured: float | None = None

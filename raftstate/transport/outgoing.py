@@ -50,7 +50,8 @@ class OutgoingStream:
     """The sender's stream state. Not thread-safe."""
 
     __slots__ = ("_barriers", "_head_pos", "_ordered_end", "_pending", "_pushed", "_retx",
-                 "_seq", "_unacked", "buffered", "next_offset", "pending_bytes")  # fmt: skip
+                 "_seq", "_unacked", "buffered", "next_offset", "pending_bytes",
+                 "retx_bytes")  # fmt: skip
 
     def __init__(self) -> None:
         self._pending: deque[bytes] = deque()  # unsent pieces of the stream
@@ -68,6 +69,9 @@ class OutgoingStream:
         self.pending_bytes = 0
         #: Bytes held: not yet cut, or cut and not yet acknowledged.
         self.buffered = 0
+        #: Data bytes of the chunks in the retransmission queue (some may
+        #: have been acked or re-sent meanwhile: an upper bound).
+        self.retx_bytes = 0
 
     def push(self, message: bytes, *, ordered: bool = True) -> int:
         """Append ``message`` to the stream; returns the stream bytes it took.
@@ -154,6 +158,7 @@ class OutgoingStream:
             chunk.in_flight -= 1
             if not chunk.acked and not chunk.queued and chunk.in_flight == 0:
                 chunk.queued = True
+                self.retx_bytes += len(chunk.data)
                 self._seq += 1
                 heapq.heappush(self._retx, (chunk.offset, self._seq, chunk))
 
@@ -172,11 +177,13 @@ class OutgoingStream:
             if chunk.acked or chunk.in_flight:  # done, or a probe or copy carries it
                 heapq.heappop(self._retx)
                 chunk.queued = False
+                self.retx_bytes -= len(chunk.data)
                 continue
             if chunk.record_size > room:
                 break
             heapq.heappop(self._retx)
             chunk.queued = False
+            self.retx_bytes -= len(chunk.data)
             chunks.append(chunk)
             room -= chunk.record_size
         return chunks

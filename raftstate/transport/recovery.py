@@ -126,13 +126,17 @@ class RttEstimator:
 class SentFrame:
     """An ack-eliciting frame in flight."""
 
-    __slots__ = ("chunks", "number", "size", "time_sent")
+    __slots__ = ("bulk", "chunks", "number", "size", "time_sent")
 
-    def __init__(self, number: int, time_sent: float, size: int, chunks: list[OutChunk]) -> None:
+    def __init__(
+        self, number: int, time_sent: float, size: int, chunks: list[OutChunk], bulk: bool = False
+    ) -> None:
         self.number = number
         self.time_sent = time_sent
         self.size = size
         self.chunks = chunks
+        #: Sent under the congestion window (raftstate/transport/congestion.py).
+        self.bulk = bulk
 
 
 @dataclass(frozen=True, slots=True)

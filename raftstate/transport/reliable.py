@@ -50,10 +50,15 @@ Steps (after QUIC, RFC 9000/9002; RACK-TLP, RFC 8985; RTP redundancy, RFC 2198):
    not take them all. Full frames (bulk transfer) have no spare room and pay
    nothing; a clean path sends no copies.
 6. **Flow.** Data frames (not probes) wait while ``max_inflight_bytes`` or
-   ``max_inflight_frames`` are unacked, retransmissions included. New data
-   stays within ``receive_window`` bytes of the lowest unacked byte, which
-   bounds what the receiver buffers. No congestion control: the cap is the
-   flood guard.
+   ``max_inflight_frames`` are unacked, retransmissions included: the hard
+   flood guard. New data stays within ``receive_window`` bytes of the
+   lowest unacked byte, which bounds what the receiver buffers.
+   **Congestion control** (``congestion_control``): a data frame built
+   while more than one frame's worth is ready (new bytes plus queued
+   retransmissions) is *bulk* and also waits for the NewReno window and the
+   pacer (:mod:`~raftstate.transport.congestion`); a frame built with less
+   ready (the trickle of small Raft messages) is sent at once. Only bulk
+   frames' fates move the window.
 7. **Liveness.** :meth:`ReliableLink.dead`: data waited ``dead_after``
    seconds without ACK progress.
 
@@ -71,6 +76,7 @@ import grpc
 
 from raftstate.errors import ConfigError
 from raftstate.transport.acks import AckTracker
+from raftstate.transport.congestion import BulkFate, CongestionParams, NewReno
 from raftstate.transport.crypto import MAX_PAYLOAD, TransportError
 from raftstate.transport.frames import (
     MAX_CHUNK_LENGTH,
@@ -140,6 +146,17 @@ class ReliableLink:
             max_ranges=config.max_ack_ranges,
         )
         self._stream = Reassembler(config.max_message_bytes)
+        self._cc: NewReno | None = None
+        if config.congestion_control:
+            params = CongestionParams(
+                max_datagram=max_payload,
+                max_window=max(config.max_inflight_bytes, 16 * max_payload),
+            )
+            self._cc = NewReno(params, config.initial_rtt)
+        #: When a bulk frame waiting for the pacer may go (``None``: none waits).
+        self._pace_at: float | None = None
+        #: Send time of the latest-sent frame acknowledged so far.
+        self._last_acked_sent = float("-inf")
         self._out = OutgoingStream()
         self._next_number = 0
         #: Chunks recently sent as new data or retransmissions that are owed
@@ -240,10 +257,14 @@ class ReliableLink:
             acked, lost = self._recovery.on_ack(ack, now)
             if acked:
                 self._progress_time = now
+                if self._cc is not None:
+                    self._cc_acked(acked, now)
             for sent in acked:
                 self._out.on_frame_acked(sent.chunks)
             for sent in lost:
                 self._out.on_frame_lost(sent.chunks)
+            if lost and self._cc is not None:
+                self._cc_lost(lost, now)
         stream = self._stream
         known = stream.duplicate_bytes
         unordered: list[StreamChunk] = []
@@ -281,10 +302,14 @@ class ReliableLink:
         rec = self._recovery
         if self._idle(now):
             return []
+        cc = self._cc
         out: list[bytes] = []
         if rec.loss_time is not None and now >= rec.loss_time:
-            for lost in rec.detect_losses(now):
+            lost_frames = rec.detect_losses(now)
+            for lost in lost_frames:
                 self._out.on_frame_lost(lost.chunks)
+            if lost_frames and cc is not None:
+                self._cc_lost(lost_frames, now)
         deadline = rec.pto_deadline()
         if deadline is not None and now >= deadline:
             rec.on_probe(now)
@@ -292,14 +317,25 @@ class ReliableLink:
             out.append(self._build(now, self._probe_chunks(), ack_now=True))
         copies = self._copies()
         sent = False
+        self._pace_at = None
         while self._cap_open():
+            ready = self._out.pending_bytes + self._out.retx_bytes
+            bulk = cc is not None and ready > self._max_chunk
+            if cc is not None and bulk:
+                if not cc.can_send(rec.bytes_in_flight):
+                    break  # an ACK or a loss verdict opens the window
+                wait = cc.pacing_delay(now)
+                if wait > 0:
+                    cc.note_pacing_wait()
+                    self._pace_at = now + max(wait, self.config.granularity)
+                    break
             chunks = self._out.pop_retransmits(self._max_record)
             self._retransmissions += len(chunks)
             new = self._new_data_allowed(chunks)
             if not chunks and not new:
                 break
             in_flight = len(rec.sent)
-            out.append(self._build(now, chunks, new_data=new, copies=copies))
+            out.append(self._build(now, chunks, new_data=new, copies=copies, bulk=bulk))
             if len(rec.sent) == in_flight:
                 break  # defensive: nothing fitted after all
             sent = True
@@ -336,9 +372,9 @@ class ReliableLink:
 
     def next_timeout(self) -> float | None:
         """When :meth:`poll_transmit` must run next even if nothing arrives
-        (ACK timer, loss timer, probe timeout, tail copy), or ``None``."""
+        (ACK timer, loss timer, probe timeout, tail copy, pacer), or ``None``."""
         first = self._recovery.pto_deadline()
-        for t in (self._acks.deadline, self._recovery.loss_time, self._tail_at):
+        for t in (self._acks.deadline, self._recovery.loss_time, self._tail_at, self._pace_at):
             if t is not None and (first is None or t < first):
                 first = t
         return first
@@ -360,6 +396,7 @@ class ReliableLink:
     def stats(self) -> LinkStats:
         """A snapshot of the counters and estimates."""
         rec, rtt = self._recovery, self._recovery.rtt
+        cc = self._cc.stats() if self._cc is not None else None
         return LinkStats(
             srtt=rtt.srtt if rtt.has_sample else None,
             rttvar=rtt.rttvar if rtt.has_sample else None,
@@ -388,7 +425,32 @@ class ReliableLink:
             redundant_bytes=self._redundant_bytes,
             loss_measured=rec.measured_loss_rate(),
             burst_loss=rec.burst_loss,
+            cwnd=cc.cwnd if cc else None,
+            cc_reductions=cc.reductions if cc else 0,
+            cc_random_losses=cc.random_losses if cc else 0,
+            cc_pacing_waits=cc.pacing_waits if cc else 0,
         )
+
+    # ------------------------------------------------------------ congestion
+
+    def _cc_acked(self, acked: list[SentFrame], now: float) -> None:
+        cc, rtt = self._cc, self._recovery.rtt
+        assert cc is not None
+        self._last_acked_sent = max(self._last_acked_sent, max(f.time_sent for f in acked))
+        if rtt.has_sample:
+            cc.on_rtt(rtt.latest, rtt.srtt, now)
+        bulk = [BulkFate(f.time_sent, f.size) for f in acked if f.bulk]
+        if bulk:
+            cc.on_acked(bulk)
+
+    def _cc_lost(self, lost: list[SentFrame], now: float) -> None:
+        bulk = [BulkFate(f.time_sent, f.size) for f in lost if f.bulk]
+        if not bulk:
+            return  # small frames' losses are repaired, not congestion
+        cc, rtt, cfg = self._cc, self._recovery.rtt, self.config
+        assert cc is not None
+        base = rtt.srtt + max(4 * rtt.rttvar, cfg.granularity) + cfg.max_ack_delay
+        cc.on_lost(bulk, now, base, self._last_acked_sent)
 
     # ------------------------------------------------------------ sending
 
@@ -492,6 +554,7 @@ class ReliableLink:
         new_data: bool = False,
         ack_now: bool = False,
         copies: int = 0,
+        bulk: bool = False,
     ) -> bytes:
         """Encode one frame: ``chunks``, then new stream data, then copies of
         recent chunks in the spare room, with the freshest ACK that fits.
@@ -532,7 +595,9 @@ class ReliableLink:
         if chunks or ack_now:
             for c in chunks:
                 c.in_flight += 1
-            self._recovery.on_sent(SentFrame(number, now, len(payload), chunks))
+            self._recovery.on_sent(SentFrame(number, now, len(payload), chunks, bulk))
+            if bulk and self._cc is not None:
+                self._cc.on_sent(len(payload), now)
         else:
             self._ack_frames_sent += 1
         return payload

@@ -51,6 +51,14 @@ class LinkProfile:
       takes its own transit time).
     * ``reorder``: probability a datagram skips the FIFO order and is held an
       extra uniform(0, ``reorder_delay``), so later ones overtake it.
+    * ``rate`` (bytes/s, 0: unlimited): a bottleneck. A datagram that got
+      past the loss draw joins the direction's queue and leaves it after
+      its serialization time ``len / rate``; one that would wait more than
+      ``queue_limit`` seconds is tail-dropped (``queue_drops``), as a router
+      would (and as the lab's WAN emulator does). The delay counts from
+      when it left the queue. Directions whose ``queue`` names agree share
+      one bottleneck (e.g. a site's uplink toward two peers); "" is a queue
+      of the direction's own.
     """
 
     delay: float = 0.0
@@ -61,6 +69,9 @@ class LinkProfile:
     reorder: float = 0.0
     reorder_delay: float = 0.010
     fifo: bool = True
+    rate: float = 0.0
+    queue_limit: float = 1.0
+    queue: str = ""
 
     @classmethod
     def from_rtt(
@@ -73,7 +84,7 @@ class LinkProfile:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
-        for name in ("delay", "jitter", "reorder_delay"):
+        for name in ("delay", "jitter", "reorder_delay", "rate", "queue_limit"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {value}")
@@ -94,14 +105,18 @@ class DirectionStats:
     cut: int = 0  # dropped by a partition
     duplicated: int = 0
     delivered: int = 0
+    queue_drops: int = 0  # tail drops at the bottleneck (``rate``)
+    max_queue: float = 0.0  # longest wait in the bottleneck queue, seconds
+    bytes_sent: int = 0  # bytes that left the bottleneck (or all, without one)
 
 
 class _Direction:
-    __slots__ = ("fifo_time", "last_lost", "profile", "stats")
+    __slots__ = ("busy_until", "fifo_time", "last_lost", "profile", "stats")
 
     def __init__(self, profile: LinkProfile) -> None:
         self.profile = profile
         self.fifo_time = 0.0
+        self.busy_until = 0.0
         self.last_lost = False
         self.stats = DirectionStats()
 
@@ -123,6 +138,8 @@ class SimNetwork:
         self._directions: dict[tuple[str, str], _Direction] = {}
         self._cuts: set[tuple[str, str]] = set()
         self._drop_filter: DropFilter | None = None
+        #: Shared bottleneck queues (LinkProfile.queue): when each is free.
+        self._queues: dict[str, float] = {}
 
     @property
     def now(self) -> float:
@@ -193,11 +210,25 @@ class SimNetwork:
         if d.last_lost:
             d.stats.lost += 1
             return
+        left = self._now
+        if p.rate > 0:
+            busy = self._queues.get(p.queue, 0.0) if p.queue else d.busy_until
+            start = max(self._now, busy)
+            if start - self._now > p.queue_limit:
+                d.stats.queue_drops += 1
+                return
+            d.stats.max_queue = max(d.stats.max_queue, start - self._now)
+            left = start + len(payload) / p.rate
+            if p.queue:
+                self._queues[p.queue] = left
+            else:
+                d.busy_until = left
+        d.stats.bytes_sent += len(payload)
         copies = 2 if p.duplicate and rng.random() < p.duplicate else 1
         d.stats.duplicated += copies - 1
         for _ in range(copies):
             transit = max(0.0, p.delay + (rng.uniform(-p.jitter, p.jitter) if p.jitter else 0.0))
-            at = self._now + transit
+            at = left + transit
             if p.reorder and rng.random() < p.reorder:
                 at += rng.uniform(0.0, p.reorder_delay)
             elif p.fifo:

@@ -125,11 +125,12 @@ def settings_for(
     send_to: Mapping[str, str] | None = None,
     ice: IceSettings | None = None,
     identity: NodeIdentity | None = None,
+    congestion_control: bool = True,
 ) -> UdpSettings:
     """Settings for ``node_id`` among ``members`` (``(id, raft address)``);
     ``send_to``: per-peer send addresses overriding the member address."""
     peers = tuple((mid, addr) for mid, addr in members if mid != node_id)
-    link = LinkConfig(dead_after=dead_after)
+    link = LinkConfig(dead_after=dead_after, congestion_control=congestion_control)
     overrides = tuple(sorted((send_to or {}).items()))
     return UdpSettings(
         node_id, bind, peers, cluster_secret, link=link, send_to=overrides, ice=ice,
