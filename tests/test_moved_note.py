@@ -62,3 +62,17 @@ def test_an_older_or_stale_moved_note_is_ignored() -> None:
         assert hints == [("b", ("192.0.2.7", 40002))]
     finally:
         loop.close()
+
+
+def test_a_moved_note_naming_a_host_name_is_ignored() -> None:
+    """Sending to a name would resolve it with a blocking lookup on the
+    event loop; a NAT mapping is always a literal address."""
+    loop = asyncio.new_event_loop()
+    try:
+        reach, hints = _reach(loop)
+        body = {"t": "moved", "host": "example.invalid", "port": 4000,
+                "ms": int(time.time() * 1000)}  # fmt: skip
+        reach._on_signal("b", SignalSealer(SECRET, "b", ["a"]).seal("a", body))
+        assert hints == []
+    finally:
+        loop.close()

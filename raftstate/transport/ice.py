@@ -40,6 +40,7 @@ only thread that may touch aioice objects.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import time
@@ -376,7 +377,8 @@ class IceReach:
 
     def _on_moved(self, peer: _Peer, body: Mapping[str, Any]) -> None:
         host, port = body.get("host"), body.get("port")
-        if not (isinstance(host, str) and isinstance(port, int) and 0 < port < 65536):
+        if not (isinstance(host, str) and _literal(host) and isinstance(port, int)
+                and 0 < port < 65536):  # fmt: skip
             log.warning("malformed moved from %s ignored", peer.id)
             return
         sent = body.get("ms")
@@ -700,6 +702,15 @@ class IceReach:
         task: asyncio.Task[None] = self._loop.create_task(coro)
         peer.tasks.add(task)
         task.add_done_callback(peer.tasks.discard)
+
+
+def _literal(host: str) -> bool:
+    """Whether ``host`` is an IP address (a name would need a blocking lookup)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _nominated(conn: _DataConnection | None) -> Any:
