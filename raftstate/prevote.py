@@ -39,7 +39,11 @@ its decisions; :mod:`raftstate.prevotegate` feeds it from pysyncobj.
    ranks above it (:func:`ranks_above`: a more up-to-date log, or the same
    log and a lower node id); ranks are total, so exactly one of the two
    wins, and the other's round fails and is overtaken by the winner's
-   ``request_vote``.
+   ``request_vote``. Only a node's *first* round at a term refuses this way:
+   a higher-ranked node that cannot reach a majority (a cut link) renews its
+   round forever, and blocking in every round would leave no node able to
+   win (5 voters, 2 down, the n1-n3 link cut: only n2 can win, and only
+   with n1's grant).
 6. Hearing from a leader of our term or a later one (``append_entries``)
    cancels the round. Hearing from a leader of a **lower** term means this
    node's term is stale-high (a failed election, or a peer without PreVote):
@@ -173,6 +177,10 @@ class Round:
     term: int
     expires: float
     granted_by: frozenset[str]
+    #: The first round at ``term``: only it refuses lower-ranked
+    #: pre-candidates (a node whose round failed may be unable to win at
+    #: all, and blocking others then could keep every node from winning).
+    blocks: bool = True
 
 
 class PreVoter:
@@ -216,6 +224,7 @@ class PreVoter:
             sender is not None
             and rnd is not None
             and rnd.term == request.term
+            and rnd.blocks
             and not ranks_above(request, sender, local, self.self_id)
         ):
             return Response(term=local.term, granted=False)
@@ -249,7 +258,8 @@ class PreVoter:
         if majority(self.voters) <= 1:
             self.round = None
             return self._elect("single voter")
-        self.round = Round(request.term, now + retry_after, frozenset())
+        first = rnd is None or rnd.term != request.term
+        self.round = Round(request.term, now + retry_after, frozenset(), blocks=first)
         return Decision(elect=False, hold_until=now + retry_after, request=request)
 
     def on_response(self, sender: str, response: Response, local: LocalState) -> Reaction:
@@ -266,7 +276,7 @@ class PreVoter:
         if response.term != rnd.term or rnd.term != local.term + 1 or sender == self.self_id:
             return Reaction()
         granted = rnd.granted_by | {sender}
-        self.round = Round(rnd.term, rnd.expires, granted)
+        self.round = Round(rnd.term, rnd.expires, granted, rnd.blocks)
         return Reaction(release=len(granted) + 1 >= majority(self.voters))
 
     def _elect(self, reason: str) -> Decision:

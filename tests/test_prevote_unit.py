@@ -204,3 +204,22 @@ def test_a_pre_candidate_still_grants_a_round_for_another_term() -> None:
     voter = PreVoter("n2", 3, LEASE)
     voter.on_deadline(local(), now=100.0, retry_after=0.1)  # round for term 6
     assert voter.on_request(Request(7, 10, 5), local(), 100.0, "n3").granted
+
+
+def test_a_pre_candidate_whose_round_failed_no_longer_blocks_a_lower_ranked_one() -> None:
+    """5 voters, two of them down, the n1-n3 link cut: n2 reaches n1 and n3
+    and is the only node that can win (it needs both grants). n1 ranks above
+    n2 (equal logs, lower id) but can never gather a majority itself; its
+    rounds renew one after another, so if every round blocked n2, no leader
+    would ever be elected. Only the first round at a term may block."""
+    n1 = PreVoter("n1", 5, LEASE)
+    first = n1.on_deadline(local(), now=100.0, retry_after=0.1)
+    assert first.request is not None
+    # While n1's first round is out, it refuses the lower-ranked n2 (tie-break).
+    assert not n1.on_request(Request(6, 10, 5), local(), 100.05, "n2").granted
+    # The round expires with only n2's grant (2 of 5); n1 starts another.
+    n1.on_response("n2", Response(6, True), local())
+    again = n1.on_deadline(local(), now=100.11, retry_after=0.1)
+    assert not again.elect and again.request is not None
+    # Now n2's pre-vote must be granted, or no node can ever win.
+    assert n1.on_request(Request(6, 10, 5), local(), 100.15, "n2").granted

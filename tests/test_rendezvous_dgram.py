@@ -44,6 +44,25 @@ def test_a_sealed_datagram_opens_once_and_a_replay_is_refused() -> None:
 
 
 @settings(max_examples=200, deadline=None)
+@given(
+    skew=st.floats(min_value=-WINDOW_S, max_value=WINDOW_S),
+    later=st.floats(min_value=0.0, max_value=2 * WINDOW_S),
+)
+def test_a_replay_is_refused_as_long_as_the_datagram_time_is_in_the_window(
+    skew: float, later: float
+) -> None:
+    """A datagram stamped ``skew`` from the server's clock (a sender's clock
+    may be up to WINDOW_S ahead) passes the time check until its stamp plus
+    WINDOW_S: its nonce must be remembered that long, not WINDOW_S from when
+    it arrived, or a recorded copy replays in the gap."""
+    cache = NonceCache()
+    data = seal_datagram(KEYS, MESSAGE, NOW + skew, nonce(9))
+    if open_datagram(KEYS, data, NOW, cache) is None:
+        return  # rounding at the window's edge: refused the first time too
+    assert open_datagram(KEYS, data, NOW + later, cache) is None
+
+
+@settings(max_examples=200, deadline=None)
 @given(position=st.integers(min_value=0), flip=st.integers(min_value=1, max_value=255))
 def test_any_altered_byte_is_refused(position: int, flip: int) -> None:
     data = bytearray(seal_datagram(KEYS, MESSAGE, NOW, nonce(3)))
@@ -64,7 +83,10 @@ def test_another_secret_or_a_stale_or_future_time_is_refused() -> None:
 
 @given(size=st.integers(min_value=0, max_value=2 * MAX_DATAGRAM))
 def test_truncated_or_oversized_input_is_refused_without_raising(size: int) -> None:
-    data = (seal_datagram(KEYS, MESSAGE, NOW, nonce(7)) * 20)[:size]
+    sealed = seal_datagram(KEYS, MESSAGE, NOW, nonce(7))
+    if size == len(sealed):
+        size -= 1  # exactly one whole datagram is valid input
+    data = (sealed * 20)[:size]
     assert open_datagram(KEYS, data, NOW, NonceCache()) is None
 
 

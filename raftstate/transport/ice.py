@@ -40,8 +40,10 @@ only thread that may touch aioice objects.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +53,7 @@ from aioice import stun
 from raftstate.transport.crypto import NodeIdentity
 from raftstate.transport.reach import Deliver, Moved, PathUp, grow_buffers
 from raftstate.transport.rendezvous import RendezvousClient
+from raftstate.transport.roaming import fresh_note
 from raftstate.transport.signalseal import SignalSealer
 from raftstate.transport.udpconfig import IceSettings, split_hostport
 
@@ -65,6 +68,10 @@ MAPPING_CHECK_TRIES = 3
 MAPPING_CHECK_TRY_S = 0.25
 #: A ``moved`` note is repeated after a rendezvous reconnect for this long.
 MOVED_NOTE_TTL_S = 3.0
+#: A ``moved`` note sent further than this from our wall clock is ignored (as
+#: are replays: roaming.fresh_note). Nodes' clocks are already within the
+#: rendezvous datagram window (30 s) of the server's, so within 60 s of ours.
+MOVED_NOTE_WINDOW_S = 60.0
 #: The ``moved`` note also goes as a rendezvous datagram, twice, this far apart.
 MOVED_DATAGRAM_GAP_S = 0.03
 
@@ -105,7 +112,7 @@ class _Peer:
     __slots__ = (
         "active", "active_mode", "attempt", "built", "check_later", "checking", "controlling",
         "failures", "good_mode", "id", "kind", "last_check", "last_restart", "mapped", "mode",
-        "moved_note", "moves", "negotiating", "retry", "seen", "tasks", "watch",
+        "moved_note", "moved_seen", "moves", "negotiating", "retry", "seen", "tasks", "watch",
     )  # fmt: skip
 
     def __init__(self, peer_id: str, controlling: bool) -> None:
@@ -133,6 +140,8 @@ class _Peer:
         #: The last ``moved`` note to the peer and when it was sent (repeated
         #: on a rendezvous reconnect within MOVED_NOTE_TTL_S).
         self.moved_note: tuple[dict[str, Any], float] | None = None
+        #: Send time (the peer's ``ms``) of the last ``moved`` note acted on.
+        self.moved_seen: int | None = None
         #: The nominated pair and its remote candidate last seen (identities),
         #: and how often they changed under a built path (our validated moves,
         #: or aioice nominating another pair): each is a new path.
@@ -347,7 +356,10 @@ class IceReach:
         if rendezvous is not None:
             if rendezvous.connected_at is not None and rendezvous.connected_at < started:
                 rendezvous.reconnect()  # dialled before the move: its TCP mapping is gone
-            note = self._sealer.seal(peer.id, {"t": "moved", "host": mapped[0], "port": mapped[1]})
+            note = self._sealer.seal(
+                peer.id,
+                {"t": "moved", "host": mapped[0], "port": mapped[1], "ms": int(time.time() * 1000)},
+            )
             peer.moved_note = (note, self._loop.time())
             # At once over UDP (our TCP session is being redialled: three
             # round trips), twice against loss; and over the new session.
@@ -365,9 +377,17 @@ class IceReach:
 
     def _on_moved(self, peer: _Peer, body: Mapping[str, Any]) -> None:
         host, port = body.get("host"), body.get("port")
-        if not (isinstance(host, str) and isinstance(port, int) and 0 < port < 65536):
+        if not (isinstance(host, str) and _literal(host) and isinstance(port, int)
+                and 0 < port < 65536):  # fmt: skip
             log.warning("malformed moved from %s ignored", peer.id)
             return
+        sent = body.get("ms")
+        if not fresh_note(
+            sent, peer.moved_seen, int(time.time() * 1000), int(MOVED_NOTE_WINDOW_S * 1000)
+        ):
+            log.debug("stale or replayed moved from %s ignored", peer.id)
+            return
+        peer.moved_seen = sent  # an int: fresh_note checked
         if self._moved is not None and peer.active is not None:
             self._moved(peer.id, (host, port))
 
@@ -682,6 +702,15 @@ class IceReach:
         task: asyncio.Task[None] = self._loop.create_task(coro)
         peer.tasks.add(task)
         task.add_done_callback(peer.tasks.discard)
+
+
+def _literal(host: str) -> bool:
+    """Whether ``host`` is an IP address (a name would need a blocking lookup)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _nominated(conn: _DataConnection | None) -> Any:

@@ -64,21 +64,29 @@ def seal_datagram(keys: RendezvousKeys, message: bytes, now_s: float, nonce: byt
 
 
 class NonceCache:
-    """Nonces seen within the last :data:`WINDOW_S`, at most ``limit``."""
+    """Nonces of datagrams whose time still passes the window, at most ``limit``."""
 
     def __init__(self, limit: int = MAX_NONCES) -> None:
+        #: nonce -> until when it must be remembered (insertion order).
         self._seen: OrderedDict[bytes, float] = OrderedDict()
         self._limit = limit
 
-    def add(self, nonce: bytes, now_s: float) -> bool:
-        """Remember ``nonce``; ``False`` if it was already seen (a replay)."""
-        while self._seen and next(iter(self._seen.values())) <= now_s - WINDOW_S:
-            self._seen.popitem(last=False)
-        if nonce in self._seen:
+    def add(self, nonce: bytes, now_s: float, sent_s: float | None = None) -> bool:
+        """Remember ``nonce``; ``False`` if it was already seen (a replay).
+        ``sent_s``: the datagram's own time. Its time check passes until
+        ``sent_s + WINDOW_S``, which is later than ``now_s + WINDOW_S`` for a
+        sender whose clock is ahead, so the nonce is kept until the later of
+        the two (forgotten earlier only beyond ``limit``)."""
+        seen = self._seen
+        # Front first: an entry behind one that expires later waits for it
+        # (kept longer, never shorter).
+        while seen and next(iter(seen.values())) < now_s:
+            seen.popitem(last=False)
+        if nonce in seen:
             return False
-        if len(self._seen) >= self._limit:
-            self._seen.popitem(last=False)
-        self._seen[nonce] = now_s
+        if len(seen) >= self._limit:
+            seen.popitem(last=False)
+        seen[nonce] = max(now_s, now_s if sent_s is None else sent_s) + WINDOW_S
         return True
 
     def __len__(self) -> int:
@@ -101,7 +109,7 @@ def open_datagram(
         return None
     if abs(now_s - time_ms / 1000.0) > WINDOW_S:
         return None
-    if not nonces.add(nonce, now_s):
+    if not nonces.add(nonce, now_s, time_ms / 1000.0):
         return None
     return head[_HEADER.size :]
 

@@ -164,6 +164,20 @@ def is_path_payload(payload: bytes) -> bool:
     return len(payload) == CHALLENGE_SIZE and payload[0] in (PATH_CHALLENGE, PATH_RESPONSE)
 
 
+def fresh_note(sent_ms: object, last_ms: int | None, now_ms: int, window_ms: int) -> bool:
+    """Whether a sealed ``moved`` note the peer sent at ``sent_ms`` (its wall
+    clock, milliseconds) may be acted on: within ``window_ms`` of ``now_ms``
+    and strictly later than ``last_ms``, the last note of that peer acted on.
+    The seal stops forgery, not replay (the rendezvous may replay what it
+    relays), and every note acted on sends link data to the hinted address
+    until the validation ends: so each note counts once, and old ones never."""
+    if not isinstance(sent_ms, int) or isinstance(sent_ms, bool):
+        return False
+    if abs(now_ms - sent_ms) > window_ms:
+        return False
+    return last_ms is None or sent_ms > last_ms
+
+
 class PathValidator:
     """Path validation with one peer; see the module docstring.
 
@@ -332,6 +346,7 @@ __all__ = [
     "RoamingCounters",
     "Switch",
     "challenge_payload",
+    "fresh_note",
     "is_path_payload",
     "response_to",
 ]

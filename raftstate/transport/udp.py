@@ -703,9 +703,9 @@ class UdpTransport(Transport):  # type: ignore[misc]
             # The note is the peer's own word (sealed end to end): while the
             # challenge is out, send link data there as well as on the old
             # path, so the validation's round trip is not on the critical
-            # path. Nothing moves until the echo (a replayed note costs
-            # duplicates to an address the peer once had, for at most the
-            # validation timeout, rate-limited with the challenges).
+            # path. Nothing moves until the echo (a replayed or old note
+            # never gets here: the reach acts on each note once, while it is
+            # fresh; roaming.fresh_note).
             peer.hinted = address
             if peer.link is not None and peer.link.stalled(now) > 0.0:
                 peer.link.path_changed(now)
