@@ -44,6 +44,35 @@ class Sample:
     oldest_pending: float
 
 
+class Arrivals:
+    """Unary heartbeat calls reaching their handler since the last summary,
+    and the least deadline time they had left on arrival (a call that waited
+    in gRPC before its handler ran arrives with little left)."""
+
+    __slots__ = ("count", "least_left")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.least_left: float | None = None
+
+    def note(self, left: float | None) -> None:
+        """A call reached its handler with ``left`` seconds to its deadline."""
+        self.count += 1
+        if left is not None and (self.least_left is None or left < self.least_left):
+            self.least_left = left
+
+    def take(self) -> tuple[int, float | None]:
+        """The counts so far, then start again."""
+        out = (self.count, self.least_left)
+        self.count, self.least_left = 0, None
+        return out
+
+
+#: Fed by the server's Heartbeat handler (only while the probe runs).
+ARRIVALS = Arrivals()
+ENABLED = bool(os.environ.get(ENV))
+
+
 def stalled(sample: Sample) -> bool:
     """Whether ``sample`` is worth a ``stall:`` line."""
     return (
@@ -102,9 +131,12 @@ async def run(proposer: Any, raft: Any) -> None:
             )  # fmt: skip
         if now >= next_summary:
             next_summary = now + 1.0
+            calls, least = ARRIVALS.take()
             log.warning(
-                "tick: max_lag=%.2f submitted=%d proposed=%d answered=%d failed=%d %s %s",
-                max_lag, proposer.submitted, proposer.entries_proposed,
+                "tick: calls=%d least_left=%s max_lag=%.2f submitted=%d proposed=%d "
+                "answered=%d failed=%d %s %s",
+                calls, "-" if least is None else f"{least:.2f}", max_lag,
+                proposer.submitted, proposer.entries_proposed,
                 proposer.entries_answered, proposer.entries_failed, slots, raft_view(raft),
             )  # fmt: skip
             max_lag = 0.0

@@ -8,7 +8,7 @@ import asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from raftstate.stallprobe import STALL_AGE_S, STALL_LAG_S, Sample, stalled
+from raftstate.stallprobe import STALL_AGE_S, STALL_LAG_S, Arrivals, Sample, stalled
 from tests.test_proposer_many import FakeRaft, hb, make, until
 
 
@@ -49,3 +49,13 @@ def test_a_sample_is_a_stall_exactly_when_one_bound_is_crossed(
 ) -> None:
     crossed = lag > STALL_LAG_S or inflight > STALL_AGE_S or pending > STALL_AGE_S
     assert stalled(Sample(lag, inflight, pending)) == crossed
+
+
+@given(st.lists(st.one_of(st.none(), st.floats(0, 10, allow_nan=False)), max_size=50))
+def test_arrivals_count_every_call_and_keep_the_least_time_left(lefts: list[float | None]) -> None:
+    arrivals = Arrivals()
+    for left in lefts:
+        arrivals.note(left)
+    known = [x for x in lefts if x is not None]
+    assert arrivals.take() == (len(lefts), min(known) if known else None)
+    assert arrivals.take() == (0, None)  # taking starts again
