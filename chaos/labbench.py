@@ -162,6 +162,19 @@ async def _load(args: argparse.Namespace) -> None:
         rec["ms"] = round((clock() - start) * 1000, 3)
         out.write(json.dumps(rec) + "\n")
 
+    async def lag_monitor() -> None:
+        # With RAFTSTATE_STALL_PROBE set (raftstate/stallprobe.py): print when
+        # this load process itself woke late (a starved client looks like a
+        # slow node in the records).
+        while True:
+            asked = clock()
+            await asyncio.sleep(0.1)
+            lag = clock() - asked - 0.1
+            if lag > 0.2:
+                print(f"load lag {lag:.2f} s at t={clock() - t0:.2f}", flush=True)
+
+    probe = os.environ.get("RAFTSTATE_STALL_PROBE")
+    lag_task = asyncio.create_task(lag_monitor()) if probe else None
     for k in range(args.warmup_count + args.count):
         at = t0 + k / args.rate
         wait = at - clock()
@@ -169,6 +182,8 @@ async def _load(args: argparse.Namespace) -> None:
             await asyncio.sleep(wait)
         tasks.append(asyncio.create_task(one(k)))
     await asyncio.gather(*tasks)
+    if lag_task is not None:
+        lag_task.cancel()
     out.close()
     if client is not None:
         await client.close()

@@ -24,6 +24,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from raftstate import stallprobe
 from raftstate.admission import MAX_BATCH_REQUEST_BYTES, MAX_RESPONSE_BYTES
 from raftstate.authn import Authenticator, CertReloader, load_token_keys, server_credentials
 from raftstate.authservice import AuthService
@@ -140,6 +141,7 @@ class Node:
         self.cert_reloaders: list[CertReloader] = []
         self._health_task: asyncio.Task[None] | None = None
         self._timing_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self._health: HealthService | None = None
         #: ``/metrics`` (None unless ``metrics_listen`` is set).
         self.metrics: MetricsServer | None = None
@@ -182,6 +184,7 @@ class Node:
         self._health_task = asyncio.create_task(track_health(self.raft, health, SERVICE_NAMES))
         if self.cfg.adaptive_timing and self.cfg.transport == "udp":
             self._timing_task = asyncio.create_task(follow_link_timing(self.raft))
+        self._probe_task = asyncio.create_task(stallprobe.run(self.proposer, self.raft))
         log.info(
             "node %s serving gRPC on %s, raft on %s, data in %s, durability %s",
             self.cfg.node_id,
@@ -259,6 +262,8 @@ class Node:
             self._health_task.cancel()
         if self._timing_task is not None:
             self._timing_task.cancel()
+        if self._probe_task is not None:
+            self._probe_task.cancel()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self.metrics is not None:

@@ -193,6 +193,14 @@ class Proposer:
         #: submit to commit-and-apply on this node per answered heartbeat.
         self.batch_sizes = Histogram(SIZE_BUCKETS)
         self.ack_latency = Histogram(LATENCY_BUCKETS_S)
+        #: For stall diagnosis (raftstate/stallprobe.py): heartbeats submitted,
+        #: entries whose pysyncobj callback came back (and how many with a
+        #: failure), and the loop time each entry still in flight was proposed
+        #: (by proposal number): an entry whose callback never comes stays here.
+        self.submitted = 0
+        self.entries_answered = 0
+        self.entries_failed = 0
+        self.inflight_since: dict[int, float] = {}
 
     @property
     def waiting(self) -> int:
@@ -214,6 +222,7 @@ class Proposer:
         if self._closed:
             raise Unavailable("node is shutting down", "SHUTTING_DOWN")
         item = _One(hb, self._loop.time() + self._max_age, self._loop.create_future())
+        self.submitted += 1
         self._waiting += 1
         item.future.add_done_callback(self._on_item_done)
         self._send(self._batcher.add(item, item.size, self._loop.time()))
@@ -235,6 +244,7 @@ class Proposer:
             group.future.set_result(group.results)
             return group
         self._waiting += n
+        self.submitted += n
         group.future.add_done_callback(group._on_done)
         now = self._loop.time()
         expires = now + self._max_age
@@ -275,16 +285,18 @@ class Proposer:
                 )
             self.entries_proposed += 1
             self.batch_sizes.observe(len(live))
-            self._propose(entry, self._callback_for(live, self._loop.time()))
+            now = self._loop.time()
+            self.inflight_since[self.entries_proposed] = now
+            self._propose(entry, self._callback_for(live, now, self.entries_proposed))
         self._arm_timer()
 
-    def _callback_for(self, items: list[_Item], proposed: float) -> ProposeCallback:
+    def _callback_for(self, items: list[_Item], proposed: float, number: int) -> ProposeCallback:
         call = self._loop.call_soon_threadsafe
 
         def on_result(results: list[HeartbeatResult] | None, err: int) -> None:
             # Tick thread: hop to the loop and return at once.
             try:
-                call(self._on_result, items, results, err, proposed)
+                call(self._on_result, items, results, err, proposed, number)
             except RuntimeError:  # loop closed during shutdown
                 pass
 
@@ -296,7 +308,12 @@ class Proposer:
         results: list[HeartbeatResult] | None,
         err: int,
         proposed: float | None = None,
+        number: int | None = None,
     ) -> None:
+        if number is not None:
+            self.inflight_since.pop(number, None)
+            self.entries_answered += 1
+            self.entries_failed += err != SUCCESS
         if err == SUCCESS and results is not None and proposed is not None:
             # In-flight slots follow the measured commit time (batcher.SlotSizer).
             self._batcher.max_inflight = self._slots.observe(self._loop.time() - proposed)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from raftstate import richstatus
+from raftstate import richstatus, stallprobe
 from raftstate.admission import (
     BATCH_METHOD,
     LIST_PAGE_BUDGET_BYTES,
@@ -308,6 +308,8 @@ class DeviceStateService(device_pb2_grpc.DeviceStateServiceServicer):
     async def Heartbeat(  # noqa: N802 - gRPC method name
         self, request: device_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.HeartbeatResponse:
+        if stallprobe.ENABLED:
+            stallprobe.ARRIVALS.note(context.time_remaining())
         hb = self.node.validate(request)
         self.node.check_quota(hb)
         fut = self.node.proposer.submit(hb)
