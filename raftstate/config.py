@@ -178,6 +178,12 @@ class NodeConfig:
     election_timeout_ceiling_ms: int = 5000
     #: Upper bound on the tick thread's sleep (pysyncobj autoTickPeriod).
     tick_ms: int = 20
+    #: How long a thread may hold the GIL while another waits for it
+    #: (``sys.setswitchinterval``; CPython's default is 5000). The event loop
+    #: (gRPC calls, the UDP transport) and the Raft tick thread share one
+    #: GIL: with a busy tick thread, every hand-over to the loop cost up to
+    #: the whole interval, and accepting one gRPC call takes several.
+    gil_switch_interval_us: int = 1000
     #: pysyncobj connection timers.
     connection_timeout_ms: int = 1500
     connection_retry_ms: int = 250
@@ -510,6 +516,8 @@ class NodeConfig:
             raise ConfigError("connection_timeout_ms: must be at least election_timeout_max_ms")
         if self.tick_ms > self.heartbeat_ms:
             raise ConfigError("tick_ms: must not exceed heartbeat_ms")
+        if not 100 <= self.gil_switch_interval_us <= 50_000:
+            raise ConfigError("gil_switch_interval_us: must be between 100 and 50000")
         if self.election_timeout_floor_ms < 10 * self.tick_ms:
             raise ConfigError(
                 "election_timeout_floor_ms: must be at least 10 × tick_ms "

@@ -370,6 +370,7 @@ def configure_logging(level: str, node_id: str = "") -> None:
 def run_node(cfg: NodeConfig) -> int:
     """Run one node until signalled. Returns the process exit code."""
     configure_logging(cfg.log_level, cfg.node_id)
+    sys.setswitchinterval(cfg.gil_switch_interval_us / 1e6)
     try:
         return uvloop.run(_serve(cfg))
     except ConfigError as err:

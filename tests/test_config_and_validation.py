@@ -96,6 +96,8 @@ def test_defaults_and_test_timers_validate() -> None:
         ({"transport": "carrier-pigeon"}, "transport"),
         ({"leader_step_down_ms": 60}, "leader_step_down_ms"),
         ({"tick_ms": 500}, "tick_ms"),
+        ({"gil_switch_interval_us": 99}, "gil_switch_interval_us"),
+        ({"gil_switch_interval_us": 50_001}, "gil_switch_interval_us"),
         ({"grpc_listen": "nohost"}, "grpc_listen"),
         ({"transport": "tcp", "peer_raft": {"n2": "127.0.0.1:9002"}}, "peer_raft"),
         ({"transport": "udp", "peer_raft": {"n1": "127.0.0.1:9001"}}, "peer_raft"),
