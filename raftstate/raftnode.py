@@ -203,17 +203,23 @@ def timing_bounds(cfg: NodeConfig) -> TimingBounds:
 
 
 def link_samples(links: dict[str, PeerLinkStats]) -> dict[str, LinkSample]:
-    """The connected peers' links that have an RTT sample, keyed by member id."""
+    """The connected peers' links that have an RTT sample, keyed by member id.
+    Loss and burst are the worse of the two directions: a follower's timer
+    waits on what it *receives* (``rx_loss``), a leader's on what it sends.
+    The copies are this end's own (chosen for its send loss): when the
+    receive direction is the worse one the peer sends at least as many, so
+    counting ours keeps the estimate conservative."""
     out = {}
     for peer, st in links.items():
         link = st.link
         if not st.connected or link is None or link.srtt is None or link.rttvar is None:
             continue
+        burst = link.burst_loss if link.burst_loss is not None else 0.0
         out[peer] = LinkSample(
             srtt=link.srtt,
             rttvar=link.rttvar,
-            loss=link.loss_rate,
-            burst=link.burst_loss if link.burst_loss is not None else 0.0,
+            loss=max(link.loss_rate, link.rx_loss or 0.0),
+            burst=max(burst, link.rx_burst or 0.0),
             copies=link.redundancy,
         )
     return out

@@ -191,3 +191,9 @@ class LinkStats:
     loss_measured: float | None = None
     #: P(frame lost | previous frame lost), the burst estimate (recovery.py).
     burst_loss: float | None = None
+    #: Loss of the frames this end *receives* (the peer's direction), from
+    #: the missing frame numbers (raftstate/transport/rxloss.py): what a
+    #: follower's election timer depends on. ``None`` until measured.
+    rx_loss: float | None = None
+    #: P(received frame lost | previous lost) in that direction.
+    rx_burst: float | None = None

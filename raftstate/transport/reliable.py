@@ -93,6 +93,7 @@ from raftstate.transport.linkconfig import LinkConfig, LinkStats
 from raftstate.transport.outgoing import OutChunk, OutgoingStream, fit
 from raftstate.transport.reassembly import Reassembler, StreamOverflow
 from raftstate.transport.recovery import COPY_GAPS, LossRecovery, SentFrame, residual_loss
+from raftstate.transport.rxloss import RxLossMeter
 
 _MIN_MAX_PAYLOAD = SINGLE_CHUNK_OVERHEAD + 64
 _DEFAULT_CONFIG = LinkConfig()
@@ -145,6 +146,8 @@ class ReliableLink:
             threshold=config.ack_eliciting_threshold,
             max_ranges=config.max_ack_ranges,
         )
+        #: Loss of the frames the peer sends us (its numbers that never came).
+        self._rx_loss = RxLossMeter()
         self._stream = Reassembler(config.max_message_bytes)
         self._cc: NewReno | None = None
         if config.congestion_control:
@@ -253,6 +256,7 @@ class ReliableLink:
             frame.number, frame.floor, ack_eliciting=frame.ack_eliciting,
             ack_now=frame.ack_now, now=now,
         )  # fmt: skip
+        self._rx_loss.on_frame(frame.number)
         if ack is not None:
             acked, lost = self._recovery.on_ack(ack, now)
             if acked:
@@ -425,6 +429,8 @@ class ReliableLink:
             redundant_bytes=self._redundant_bytes,
             loss_measured=rec.measured_loss_rate(),
             burst_loss=rec.burst_loss,
+            rx_loss=self._rx_loss.loss(),
+            rx_burst=self._rx_loss.burst(),
             cwnd=cc.cwnd if cc else None,
             cc_reductions=cc.reductions if cc else 0,
             cc_random_losses=cc.random_losses if cc else 0,
