@@ -156,6 +156,8 @@ class ReliableLink:
                 max_window=max(config.max_inflight_bytes, 16 * max_payload),
             )
             self._cc = NewReno(params, config.initial_rtt)
+        #: A bulk backlog is being sent (see poll_transmit).
+        self._bulk_mode = False
         #: When a bulk frame waiting for the pacer may go (``None``: none waits).
         self._pace_at: float | None = None
         #: Send time of the latest-sent frame acknowledged so far.
@@ -324,7 +326,14 @@ class ReliableLink:
         self._pace_at = None
         while self._cap_open():
             ready = self._out.pending_bytes + self._out.retx_bytes
-            bulk = cc is not None and ready > self._max_chunk
+            # bulk from the moment more than bulk_threshold_bytes are ready
+            # until the backlog is down to one frame (the tail of a catch-up
+            # is paced too); Raft's own traffic never reaches the threshold
+            if ready > max(self._max_chunk, self.config.bulk_threshold_bytes):
+                self._bulk_mode = True
+            elif ready <= self._max_chunk:
+                self._bulk_mode = False
+            bulk = cc is not None and self._bulk_mode
             if cc is not None and bulk:
                 if not cc.can_send(rec.bytes_in_flight):
                     break  # an ACK or a loss verdict opens the window
