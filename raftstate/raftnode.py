@@ -721,6 +721,23 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         finally:
             self._SyncObj__otherNodes = others
 
+    def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 - overrides pysyncobj's private
+        """Tick thread: pysyncobj's apply. With ``appendEntriesUseBatch``
+        off, pysyncobj answers "send an AppendEntries round now" whenever the
+        leader applied something, only to tell the followers the new commit
+        index. Under follower commit (raftstate/fastcommit.py) a follower
+        already committed every entry of the current term it holds when it
+        accepted it, so that round (two AppendEntries, two replies and a
+        tick-thread wake-up per reply at the leader, per commit) carries
+        nothing new in steady state; it is skipped. Anything a follower still
+        lacks (entries of an earlier term, which the leader's no-op of its
+        term commits; an entry whose commit a trimmed AppendEntries could not
+        raise) reaches it with the next proposal's AppendEntries or the next
+        heartbeat round, which pysyncobj still sends every
+        ``appendEntriesPeriod``."""
+        need: bool = SyncObj._SyncObj__applyLogEntries(self)
+        return need and not self._follower_commit
+
     # ---- integrity: tick guard, catch-up, compaction by bytes ------------------
 
     def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 - pysyncobj's names

@@ -127,8 +127,12 @@ class RpcGuard:
         for service, handlers in capture.services.items():
             wrapped = {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
             generic = grpc.method_handlers_generic_handler(service, wrapped)
+            # Generic handlers only, not also ``add_registered_method_handlers``:
+            # grpc.aio's server keeps one pending request-call per registered
+            # method and runs ``asyncio.wait`` over all of them (15 futures
+            # for our services) for every call it accepts; with the generic
+            # handler alone that is one. The generic lookup is a dict hit.
             server.add_generic_rpc_handlers((generic,))
-            server.add_registered_method_handlers(service, wrapped)
 
     # ---- wrapping -------------------------------------------------------------
 

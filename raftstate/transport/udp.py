@@ -210,6 +210,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         self._loop_kinds: frozenset[int] = frozenset()
         self._loop_handler: LoopHandler | None = None
         self._silence_timer: asyncio.TimerHandle | None = None
+        self._ready = False
         self._bound = asyncio.run_coroutine_threadsafe(self._open(), loop)
         syncObj.addOnTickCallback(self._on_tick)
 
@@ -217,7 +218,13 @@ class UdpTransport(Transport):  # type: ignore[misc]
 
     @property
     def ready(self) -> bool:
-        return self._bound.done() and not self._bound.cancelled() and not self._bound.exception()
+        # pysyncobj asks every tick (three times); a bound socket stays bound,
+        # so after the first yes the three locked future checks are skipped.
+        if self._ready:
+            return True
+        bound = self._bound
+        self._ready = bound.done() and not bound.cancelled() and not bound.exception()
+        return self._ready
 
     def tryGetReady(self) -> None:  # noqa: N802
         """Raises ``TransportNotReadyError`` once binding has failed for good."""
