@@ -46,7 +46,21 @@ included (the signal of TCP Vegas and of BBR's min-RTT filter).
    settles near the link rate with a queue of about ``queue_target`` instead
    of filling a deep bottleneck buffer (1 s on the lab's WAN emulator) until
    it drops; a router queue shared with heartbeats stays short.
-3. **Persistent congestion** (RFC 9002 §7.6.2) is kept as is: bulk frames
+3. **The base RTT is recent**: ``min_rtt`` is the least sample of the last
+   ``min_rtt_window`` seconds (kept as per-bucket minima, as BBR's min-RTT
+   filter and LEDBAT's base-delay history do), and a path change (roaming,
+   an ICE rebuild: :meth:`NewReno.on_path_change`) forgets it. A minimum kept
+   forever turns a path whose propagation delay rose (a WAN impairment
+   applied, a route or radio change) into a "standing queue" of that rise:
+   rule 2 then cut the window every round and held it at the minimum
+   (measured in the WAN lab: ``min_rtt`` 10 ms from before the ``weak``
+   profile, 50 ms RTT after it, 158 cuts in 40 s, 25-35 KB queued per
+   follower, 8 KiB heartbeats crawling). A queue of our own making is cut
+   within two rounds and drains, so the window keeps seeing the true base.
+   Cuts made against a base that has since risen by ``queue_target`` or
+   more were not congestion: the window re-enters slow start (as after a
+   path change) instead of climbing back one datagram per round trip.
+4. **Persistent congestion** (RFC 9002 §7.6.2) is kept as is: bulk frames
    lost over more than ``3 * (srtt + max(4 rttvar, granularity) +
    max_ack_delay)`` with no acknowledgement between them (an outage, not
    random loss) collapse ``cwnd`` to the minimum window.
@@ -76,6 +90,42 @@ ROUND_MIN_SAMPLES = 8
 ROUND_MAX_RTTS = 4
 #: Weight of one bulk frame's fate (1 lost, 0 acked) in the heavy-loss EWMA.
 HEAVY_EWMA_WEIGHT = 1 / 16
+#: The min-RTT window is kept as this many buckets' minima.
+MIN_RTT_BUCKETS = 8
+
+
+class WindowedMin:
+    """The least value seen in the last ``window`` seconds, within one
+    bucket's width (``window / MIN_RTT_BUCKETS``): each bucket keeps its
+    minimum, and a bucket that started more than ``window`` ago is dropped.
+    O(1) per sample, except when a bucket is dropped."""
+
+    __slots__ = ("_buckets", "_width", "_window", "value")
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._width = window / MIN_RTT_BUCKETS
+        self._buckets: deque[list[float]] = deque()  # [start, minimum]
+        self.value = float("inf")
+
+    def add(self, sample: float, now: float) -> None:
+        """A sample at ``now`` (seconds, non-decreasing)."""
+        buckets = self._buckets
+        if not buckets or now >= buckets[-1][0] + self._width:
+            buckets.append([now, sample])
+        elif sample < buckets[-1][1]:
+            buckets[-1][1] = sample
+        if now - buckets[0][0] > self._window:
+            while now - buckets[0][0] > self._window:
+                buckets.popleft()
+            self.value = min(b[1] for b in buckets)
+        elif sample < self.value:
+            self.value = sample
+
+    def reset(self) -> None:
+        """Forget every sample."""
+        self._buckets.clear()
+        self.value = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +155,8 @@ class CongestionParams:
     #: without a measurable queue (a buffer too shallow to show one): three
     #: times ``bad``'s random loss.
     heavy_loss: float = 0.3
+    #: ``min_rtt`` is the least RTT sample of this many seconds (rule 3).
+    min_rtt_window: float = 3.0
     #: Pacing gains (RFC 9002 §7.7 suggests 1.25) and the bucket depth.
     pacing_gain_slow_start: float = 2.0
     pacing_gain: float = 1.25
@@ -128,6 +180,8 @@ class CongestionParams:
             raise ConfigError("queue_delay_min: must be >= 0 (and queue_delay_fraction too)")
         if self.queue_delay_max < self.queue_delay_min:
             raise ConfigError("queue_delay_max: must be at least queue_delay_min")
+        if self.min_rtt_window <= 0:
+            raise ConfigError("min_rtt_window: must be positive")
         if not 0 < self.heavy_loss <= 1:
             raise ConfigError("heavy_loss: must be in (0, 1]")
         if min(self.pacing_gain, self.pacing_gain_slow_start) < 1:
@@ -163,9 +217,10 @@ class NewReno:
     and lost (:meth:`on_lost`); ask :meth:`can_send` and
     :meth:`pacing_delay` before sending a bulk frame."""
 
-    __slots__ = ("_bucket", "_bucket_time", "_bulk_loss", "_p", "_persistent", "_random",
-                 "_recovery_start", "_reductions", "_round_end", "_round_mins", "_round_samples",
-                 "_round_start", "_waits", "cwnd", "min_rtt", "ssthresh", "srtt")  # fmt: skip
+    __slots__ = ("_base", "_bucket", "_bucket_time", "_bulk_loss", "_cut_base", "_p",
+                 "_persistent", "_random", "_recovery_start", "_reductions", "_round_end",
+                 "_round_mins", "_round_samples", "_round_start", "_waits", "cwnd", "ssthresh",
+                 "srtt")  # fmt: skip
 
     def __init__(self, params: CongestionParams, initial_rtt: float) -> None:
         params.validate()
@@ -174,7 +229,10 @@ class NewReno:
         self.cwnd = max(self.cwnd, params.min_window_frames * params.max_datagram)
         self.ssthresh: int | None = None  # infinite
         self.srtt = initial_rtt
-        self.min_rtt = float("inf")
+        self._base = WindowedMin(params.min_rtt_window)
+        #: The base RTT when the window was last cut (``None``: not cut since
+        #: the last slow start).
+        self._cut_base: float | None = None
         self._recovery_start = float("-inf")
         #: Minimum RTT of the current round (last entry) and the one before.
         self._round_mins: deque[float] = deque([float("inf")], maxlen=2)
@@ -187,6 +245,28 @@ class NewReno:
         self._reductions = self._random = self._persistent = self._waits = 0
 
     # ------------------------------------------------------------ signals
+
+    @property
+    def min_rtt(self) -> float:
+        """The least RTT sample of the last ``min_rtt_window`` seconds on this
+        path (``inf`` before any)."""
+        return self._base.value
+
+    def on_path_change(self) -> None:
+        """Datagrams now take another path (roaming, an ICE rebuild): its base
+        RTT is unknown, so the old one and the round minima are forgotten,
+        and the window starts again from slow start at no less than the
+        initial window (RFC 9000 §9.4's reset, without dropping a larger
+        window: for a NAT rebinding the bottleneck is usually the same)."""
+        p = self._p
+        self.cwnd = max(self.cwnd, min(p.initial_window_frames * p.max_datagram, 14720))
+        self.ssthresh = None
+        self._cut_base = None
+        self._base.reset()
+        self._round_mins.clear()
+        self._round_mins.append(float("inf"))
+        self._round_end = float("-inf")
+        self._round_samples = 0
 
     @property
     def queue_target(self) -> float:
@@ -212,7 +292,13 @@ class NewReno:
         """An RTT sample (any frame: small ones cross the same queue) and the
         link's smoothed RTT after it."""
         self.srtt = srtt
-        self.min_rtt = min(self.min_rtt, sample)
+        self._base.add(sample, now)
+        cut = self._cut_base
+        if cut is not None and self._base.value - cut >= self.queue_target:
+            # The base the last cuts were judged against has left the window
+            # (the path's delay rose): they were not congestion.
+            self._cut_base = None
+            self.ssthresh = None
         enough = self._round_samples >= ROUND_MIN_SAMPLES
         if now >= self._round_end and (enough or now >= self._round_start + ROUND_MAX_RTTS * srtt):
             self._round_mins.append(sample)
@@ -238,6 +324,7 @@ class NewReno:
             floor = self._p.min_window_frames * self._p.max_datagram
             self.cwnd = max(floor, int(self.cwnd * self.min_rtt / rtt))
             self.ssthresh = self.cwnd
+            self._cut_base = self.min_rtt
 
     # ------------------------------------------------------------ sending
 
@@ -328,6 +415,7 @@ class NewReno:
         p = self._p
         self._reductions += 1
         self._recovery_start = now
+        self._cut_base = self._base.value
         floor = p.min_window_frames * p.max_datagram
         self.cwnd = max(floor, int(self.cwnd * p.loss_reduction))
         self.ssthresh = self.cwnd
@@ -340,4 +428,4 @@ class NewReno:
         )  # fmt: skip
 
 
-__all__ = ["BulkFate", "CongestionParams", "CongestionStats", "NewReno"]
+__all__ = ["BulkFate", "CongestionParams", "CongestionStats", "NewReno", "WindowedMin"]

@@ -377,11 +377,14 @@ class ReliableLink:
         on its own: without that, data that waited on the old path made the
         driver suspect the new one the moment it came up and rebuild it again
         (seen after a NAT remap: ~0.5 s lost). RTT estimates are kept; the
-        next ACKs correct them."""
+        next ACKs correct them; the congestion controller forgets its base
+        RTT (the new path's propagation delay may differ)."""
         rec = self._recovery
         rec.pto_count = 0
         rec.last_probe = float("-inf")
         self._progress_time = now
+        if self._cc is not None:
+            self._cc.on_path_change()
 
     def next_timeout(self) -> float | None:
         """When :meth:`poll_transmit` must run next even if nothing arrives
