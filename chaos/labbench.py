@@ -43,6 +43,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import secrets
 import shutil
 import subprocess
@@ -91,6 +92,8 @@ def _load_main(argv: Sequence[str]) -> int:
     p.add_argument("--start-at", type=float, required=True, help="time.time() to start at")
     p.add_argument("--warmup-count", type=int, default=0,
                    help="ops first sent at the same rate, marked warm (not measured)")  # fmt: skip
+    p.add_argument("--state-bytes", type=int, default=0,
+                   help="reported state of each heartbeat: a field of 0..N bytes")  # fmt: skip
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     try:
@@ -101,6 +104,18 @@ def _load_main(argv: Sequence[str]) -> int:
         pass
     asyncio.run(_load(args))
     return 0
+
+
+def state_of(k: int, state_bytes: int) -> dict[str, str]:
+    """Heartbeat ``k``'s reported state: ``{"k": str(k)}``, plus with
+    ``state_bytes`` > 0 a field ``"p"`` of a size drawn uniformly from
+    0..``state_bytes`` (seeded by ``k``: every system gets the same sizes),
+    of hex digits (nothing on the path compresses them)."""
+    if state_bytes <= 0:
+        return {"k": str(k)}
+    rng = random.Random(k)
+    size = rng.randint(0, state_bytes)
+    return {"k": str(k), "p": rng.randbytes((size + 1) // 2).hex()[:size]}
 
 
 async def _load(args: argparse.Namespace) -> None:
@@ -148,12 +163,14 @@ async def _load(args: argparse.Namespace) -> None:
         rec: dict[str, Any] = {"k": k, "t": round(start - t0, 4), "dev": dev, "seq": seq}
         if k < args.warmup_count:
             rec["warm"] = True
+        reported = state_of(k, args.state_bytes)
         try:
             if client is not None:
-                await client.heartbeat(dev, {"k": str(k)}, seq=seq, deadline_s=args.deadline)
+                await client.heartbeat(dev, reported, seq=seq, deadline_s=args.deadline)
             else:
                 rec["key"] = f"{args.tag}/{k}"
-                put = etcd_kv_pb2.PutRequest(key=rec["key"].encode(), value=str(seq).encode())
+                value = json.dumps({"seq": seq, **reported}).encode()
+                put = etcd_kv_pb2.PutRequest(key=rec["key"].encode(), value=value)
                 await kv.Put(put, timeout=args.deadline)
             rec["ok"] = True
         except Exception as err:  # noqa: BLE001 - every failure is a data point
@@ -701,6 +718,9 @@ class BenchConfig:
     #: Seconds of load at the same rate before the measured window, after
     #: the profile changed (transports adapt; not measured, but checked).
     warmup_s: float = 5.0
+    #: Each heartbeat's reported state carries 0..state_bytes bytes
+    #: (:func:`state_of`); 0: a tiny map.
+    state_bytes: int = 0
     out_dir: Path = Path(".raftstate/labbench")
     prefix: str | None = None
 
@@ -729,8 +749,8 @@ def _window(
                 "--system", system.load_kind(), "--endpoint", system.local_endpoint(i),
                 "--tag", f"{tag}-s{i}", "--count", str(per_site[i - 1]),
                 "--rate", str(rate_site), "--deadline", str(cfg.deadline_s),
-                "--start-at", str(start_at), "--out", str(out),
-                "--warmup-count", str(warm_count)]  # fmt: skip
+                "--start-at", str(start_at), "--out", str(out), "--warmup-count",
+                str(warm_count), "--state-bytes", str(cfg.state_bytes)]  # fmt: skip
         log = open(run_dir / f"{profile}-{system.name}-s{i}.log", "wb")  # noqa: SIM115
         procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                       cwd=REPO_ROOT, stdin=subprocess.DEVNULL))  # fmt: skip
@@ -920,6 +940,10 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = print) -> list[RunRe
     return results
 
 
+def _state_words(state_bytes: int) -> str:
+    return f"0-{state_bytes:,} bytes (uniform)" if state_bytes > 0 else "a tiny map"
+
+
 def write_outputs(results: Sequence[RunResult], cfg: BenchConfig, stem: Path,
                   command: str) -> list[str]:  # fmt: skip
     """``stem``.json, .md and .png; returns the lines to print."""
@@ -929,6 +953,7 @@ def write_outputs(results: Sequence[RunResult], cfg: BenchConfig, stem: Path,
         "command": command, "heartbeats": cfg.heartbeats, "rate_per_s": cfg.rate,
         "deadline_s": cfg.deadline_s, "sites": cfg.sites, "symmetric_sites": cfg.symmetric,
         "nat_event": cfg.nat_event, "warmup_s": cfg.warmup_s, "cpus": os.cpu_count(),
+        "state_bytes": cfg.state_bytes,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     doc = {"meta": meta, "results": [r.to_json() for r in results], "targets": verdicts}
@@ -937,7 +962,8 @@ def write_outputs(results: Sequence[RunResult], cfg: BenchConfig, stem: Path,
     md = [f"# raftstate lab bench ({meta['finished_utc']})", "", f"`{command}`", "",
           f"{plural(cfg.sites, 'site')} ({nat}), one node each; one load process per site in its "
           f"device namespace, open loop, "
-          f"{cfg.rate:g} heartbeats/s in total, deadline {cfg.deadline_s:g} s, to the site's "
+          f"{cfg.rate:g} heartbeats/s in total, deadline {cfg.deadline_s:g} s, "
+          f"reported state {_state_words(cfg.state_bytes)}, to the site's "
           f"local node (followers forward to the leader). Latency over acked ops; "
           f"node CPU summed over the three nodes in the window. Host: {os.cpu_count()} CPUs.",
           "", render_markdown(results), "", *[f"- {v}" for v in verdicts], ""]  # fmt: skip

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from bench.stats import LatencySummary
-from chaos.labbench import RunResult, render_markdown, render_table, target_verdicts
+from chaos.labbench import RunResult, render_markdown, render_table, state_of, target_verdicts
 from cluster.natlab import available
+from raftstate.model import REPORTED_MAX_BYTES, validate_heartbeat
 
 REPO = Path(__file__).resolve().parent.parent
 _REASON = available() if os.geteuid() == 0 else "needs root"
@@ -80,6 +81,19 @@ def test_an_election_on_bad_misses_the_no_churn_target_and_shows_in_the_table() 
 
 
 @pytest.mark.skipif(_REASON is not None, reason=f"WAN lab unavailable: {_REASON}")
+def test_bench_states_span_the_size_range_and_are_valid_heartbeats() -> None:
+    """``--state-bytes N``: sizes uniform over 0..N (both ends reached), the
+    same for every system (seeded by the op number), each a valid report up
+    to the largest the CLI allows."""
+    for n in (1, 100, REPORTED_MAX_BYTES - 64):
+        sizes = [len(state_of(k, n)["p"]) for k in range(3000)]
+        assert min(sizes) <= n // 50 and max(sizes) >= n - max(1, n // 50), (n, min(sizes))
+        assert [len(state_of(k, n)["p"]) for k in range(50)] == sizes[:50]
+        for k in range(200):
+            validate_heartbeat("d", 1, state_of(k, n), 0)
+    assert state_of(7, 0) == {"k": "7"}
+
+
 def test_lab_bench_smoke(tmp_path: Path) -> None:
     stem = tmp_path / "out"
     prefix_file = tmp_path / "bench"
@@ -88,12 +102,14 @@ def test_lab_bench_smoke(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "raftstate", "lab", "bench", "--profile", "lan,weak",
          "--systems", "udp", "--heartbeats", "300", "--rate", "100",
+         "--state-bytes", str(REPORTED_MAX_BYTES - 64),
          "--dir", str(prefix_file), "--out", str(stem)],
         capture_output=True, text=True, cwd=REPO, timeout=85,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     doc = json.loads(stem.with_suffix(".json").read_text())
     assert doc["meta"]["heartbeats"] == 300
+    assert doc["meta"]["state_bytes"] == REPORTED_MAX_BYTES - 64
     rows = {(r["profile"], r["system"]): r for r in doc["results"]}
     assert set(rows) == {("lan", "udp"), ("weak", "udp")}
     for r in rows.values():

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from raftstate.cli.argtypes import COUNT, RATE, SECONDS, SECONDS_OR_ZERO, Integer
 from raftstate.cli.words import plural
+from raftstate.model import REPORTED_MAX_BYTES
 
 if TYPE_CHECKING:
     from cluster.labcluster import LabCluster, LabState
@@ -92,6 +93,9 @@ def add_lab_parser(sub: argparse._SubParsersAction[Any]) -> None:
     bench.add_argument("--warmup", type=SECONDS_OR_ZERO, default=5.0,
                        help="seconds of load after each profile change, not measured "
                        "(default 5)")  # fmt: skip
+    bench.add_argument("--state-bytes", type=Integer(0, REPORTED_MAX_BYTES - 64), default=0,
+                       help="each heartbeat reports a field of 0..N bytes, uniform (default "
+                       "0: a tiny map)")  # fmt: skip
     bench.add_argument("--symmetric", default="", metavar="I[,J...]",
                        help="sites behind symmetric NATs (UDP then relays through "
                        "TURN)")  # fmt: skip
@@ -398,7 +402,7 @@ def cmd_lab_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         profiles=profiles, systems=systems, heartbeats=heartbeats, rate=args.rate,
         deadline_s=args.deadline, warmup_s=max(0.0, args.warmup),
-        symmetric=symmetric, nat_event=args.nat_event,
+        symmetric=symmetric, nat_event=args.nat_event, state_bytes=args.state_bytes,
         out_dir=Path(args.dir) / "bench",
     )  # fmt: skip
     stem = Path(args.out) if args.out else Path(args.dir) / "labbench"
