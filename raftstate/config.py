@@ -88,9 +88,13 @@ class NodeConfig:
     #: ``raft`` addresses are then only the members' names for pysyncobj.
     reach: str = "static"
     #: UDP only: bulk data (catch-up batches, snapshots) under a NewReno
-    #: window with pacing (raftstate/transport/congestion.py); false leaves
-    #: only the in-flight cap (for A/B measurements).
-    udp_congestion_control: bool = True
+    #: window with pacing (raftstate/transport/congestion.py). Off by
+    #: default: with real payloads (0-2 KiB states, 150/s) on ``bad`` the
+    #: steady traffic counts as bulk, the jittery delay signal and 1-datagram
+    #: growth per RTT hold the window under the offered rate, and the cluster
+    #: collapsed (0-3 % of heartbeats ok vs 100 % off); see
+    #: docs/architecture.md. Off leaves the in-flight cap (128 KiB per link).
+    udp_congestion_control: bool = False
     #: ICE: the rendezvous service (``raftstate rendezvous``), ``host:port``.
     rendezvous: str = ""
     #: ICE: STUN server ``host:port`` (e.g. coturn).
