@@ -22,7 +22,8 @@ The controller, :class:`NewReno`, is RFC 9002 §7 (NewReno in bytes: slow
 start, congestion avoidance, one reduction per recovery period, persistent
 congestion) with three changes for lossy radio paths, all driven by one
 queueing signal, ``queue_delay`` = (minimum RTT over the last one or two
-round trips) - (minimum RTT ever seen). Jitter barely raises a round's
+round trips) - (minimum RTT of the last ``min_rtt_window``, rule 3). Jitter
+barely raises a round's
 *minimum*; a standing queue at a bottleneck raises every sample, the minimum
 included (the signal of TCP Vegas and of BBR's min-RTT filter).
 
@@ -55,8 +56,13 @@ included (the signal of TCP Vegas and of BBR's min-RTT filter).
    rule 2 then cut the window every round and held it at the minimum
    (measured in the WAN lab: ``min_rtt`` 10 ms from before the ``weak``
    profile, 50 ms RTT after it, 158 cuts in 40 s, 25-35 KB queued per
-   follower, 8 KiB heartbeats crawling). A queue of our own making is cut
-   within two rounds and drains, so the window keeps seeing the true base.
+   follower, 8 KiB heartbeats crawling). The cost: a queue that stands
+   longer than the window (a deep buffer our own cuts do not drain, or a
+   sibling link's or another flow's traffic) becomes the base, and losses
+   behind it then read as random. A review measured that on simnet (two
+   links sharing an uplink: base 54-156 ms for a 50 ms path). A ProbeRTT
+   step (hold the minimum window briefly before the base may rise) would
+   close it; the controller is off by default meanwhile.
    Cuts made against a base that has since risen by ``queue_target`` or
    more were not congestion: the window re-enters slow start (as after a
    path change) instead of climbing back one datagram per round trip.
@@ -252,13 +258,19 @@ class NewReno:
         path (``inf`` before any)."""
         return self._base.value
 
-    def on_path_change(self) -> None:
-        """Datagrams now take another path (roaming, an ICE rebuild): its base
-        RTT is unknown, so the old one and the round minima are forgotten,
-        and the window starts again from slow start at no less than the
-        initial window (RFC 9000 §9.4's reset, without dropping a larger
-        window: for a NAT rebinding the bottleneck is usually the same)."""
+    def on_path_change(self, now: float) -> None:
+        """Datagrams now take another path (a validated roaming move, an ICE
+        rebuild) from ``now``: its base RTT is unknown, so the old one and the
+        round minima are forgotten, and the window starts again from slow
+        start at no less than the initial window (RFC 9000 §9.4's reset,
+        without dropping a larger window: for a NAT rebinding the bottleneck
+        is usually the same). Frames sent before ``now`` that are declared
+        lost later were lost on the old path: they start a new recovery
+        period (``now``) and the heavy-loss estimate starts again, so they
+        cannot cut the new path's window."""
         p = self._p
+        self._recovery_start = now
+        self._bulk_loss = 0.0
         self.cwnd = max(self.cwnd, min(p.initial_window_frames * p.max_datagram, 14720))
         self.ssthresh = None
         self._cut_base = None
@@ -278,7 +290,7 @@ class NewReno:
     @property
     def queue_delay(self) -> float:
         """Estimated standing queue (s): the least RTT of the last one or two
-        round trips above the least ever seen; 0 before any sample."""
+        round trips above the base (:attr:`min_rtt`); 0 before any sample."""
         recent = min(self._round_mins)
         if recent == float("inf") or self.min_rtt == float("inf"):
             return 0.0

@@ -370,21 +370,23 @@ class ReliableLink:
             out.append(self._build(now, []))
         return out
 
-    def path_changed(self, now: float) -> None:
+    def path_changed(self, now: float, *, new_path: bool = True) -> None:
         """Datagrams now take a new path (an ICE rebuild): forget the probe
         backoff so the next probe goes out at once, and restart the stall and
         dead clocks (:meth:`stalled`, :meth:`dead`) so the new path is judged
         on its own: without that, data that waited on the old path made the
         driver suspect the new one the moment it came up and rebuild it again
         (seen after a NAT remap: ~0.5 s lost). RTT estimates are kept; the
-        next ACKs correct them; the congestion controller forgets its base
-        RTT (the new path's propagation delay may differ)."""
+        next ACKs correct them. With ``new_path`` (a validated move or an ICE
+        rebuild, not merely the peer getting through again) the congestion
+        controller also starts over on the new path
+        (:meth:`NewReno.on_path_change`)."""
         rec = self._recovery
         rec.pto_count = 0
         rec.last_probe = float("-inf")
         self._progress_time = now
-        if self._cc is not None:
-            self._cc.on_path_change()
+        if new_path and self._cc is not None:
+            self._cc.on_path_change(now)
 
     def next_timeout(self) -> float | None:
         """When :meth:`poll_transmit` must run next even if nothing arrives

@@ -666,7 +666,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
         if link is not None and link.stalled(now) > 0.0:
             # The peer got through to us: the path works (again); resend now
             # rather than after the backed-off retransmission timer.
-            link.path_changed(now)
+            link.path_changed(now, new_path=False)
             self._transmit_soon(peer)
         reply = response_to(payload)
         if reply is not None:
@@ -715,7 +715,7 @@ class UdpTransport(Transport):  # type: ignore[misc]
             # fresh; roaming.fresh_note).
             peer.hinted = address
             if peer.link is not None and peer.link.stalled(now) > 0.0:
-                peer.link.path_changed(now)
+                peer.link.path_changed(now, new_path=False)
                 self._transmit_soon(peer)
 
     def _arm_roam(self, peer: _Peer) -> None:
