@@ -21,7 +21,10 @@ main and a branch: ``PYTHONPATH=<tree> python -m bench.linksim``. Reported:
 latency percentiles (one node-link round trip is the floor for a follower's
 device), datagrams and wire bytes per heartbeat (each datagram plus 34 bytes
 of AEAD envelope and 28 of IPv4/UDP header), and the CPU seconds the run took
-(link code plus the simulator: a relative figure only).
+(link code plus the simulator: a relative figure only). ``--state-bytes``
+adds each heartbeat's reported state to its forward and AppendEntries (the
+lab bench's draw), so the tail of multi-frame messages shows here too. JSON
+on stdout, a table of medians over the seeds on stderr.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import functools
 import inspect
 import json
 import random
+import statistics
 import sys
 import time
 from typing import Any
@@ -49,10 +53,20 @@ PROFILES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+def state_size(i: int, state_bytes: int) -> int:
+    """Heartbeat ``i``'s reported-state size: 0 without ``state_bytes``, else
+    uniform over 0..``state_bytes``, seeded by ``i`` (the same draw as
+    ``raftstate lab bench --state-bytes``, chaos.labbench.state_of)."""
+    return random.Random(i).randint(0, state_bytes) if state_bytes > 0 else 0
+
+
 def run(
-    profile: str, heartbeats: int, rate: float, seed: int, ordered: bool = False
-) -> dict[str, Any]:
-    """One run; see the module doc. ``ordered``: send every message ordered."""
+    profile: str, heartbeats: int, rate: float, seed: int, ordered: bool = False,
+    state_bytes: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """One run; see the module doc. ``ordered``: send every message ordered.
+    ``state_bytes``: each heartbeat's forward and AppendEntries also carry
+    its reported state, 0..``state_bytes`` bytes (:func:`state_size`)."""
     net = SimNetwork(random.Random(seed), default=LinkProfile(**PROFILES[profile]))
     can_unorder = not ordered and "ordered" in inspect.signature(SimLinkHost.send).parameters
     wire = {"bytes": 0, "datagrams": 0}
@@ -89,8 +103,9 @@ def run(
         return handler
 
     def append(i: int) -> None:
+        body = b"A" + i.to_bytes(4, "big") + bytes(245 + state_size(i, state_bytes))
         for f in ("F1", "F2"):
-            send(hosts["L"], f, b"A" + i.to_bytes(4, "big") + bytes(245), False)
+            send(hosts["L"], f, body, False)
 
     hosts = {
         "L": SimLinkHost(net, "L", at_leader),
@@ -111,7 +126,8 @@ def run(
         if site == 0:
             append(i)
         else:
-            send(hosts[f"F{site}"], "L", b"C" + i.to_bytes(4, "big") + bytes(195), True)
+            extra = state_size(i, state_bytes)
+            send(hosts[f"F{site}"], "L", b"C" + i.to_bytes(4, "big") + bytes(195 + extra), True)
 
     for i in range(heartbeats):
         net.call_at(i / rate, functools.partial(heartbeat, i))
@@ -125,6 +141,7 @@ def run(
 
     return {
         "profile": profile, "rate": rate, "heartbeats": heartbeats, "seed": seed,
+        "state_bytes": state_bytes,
         "unordered": can_unorder, "committed": len(lat),
         "p50_ms": pct(0.5), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": pct(1.0),
         "datagrams_per_hb": round(wire["datagrams"] / heartbeats, 2),
@@ -140,15 +157,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=150.0)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ordered", action="store_true", help="send every message ordered")
+    ap.add_argument("--state-bytes", default="0", metavar="N[,M...]",
+                    help="reported state per heartbeat, 0..N bytes uniform; several: "
+                    "one run set each (default 0: none)")  # fmt: skip
     args = ap.parse_args(argv)
     rows = [
-        run(p, args.heartbeats, args.rate, seed, args.ordered)
+        run(p, args.heartbeats, args.rate, seed, args.ordered, int(n))
+        for n in args.state_bytes.split(",")
         for p in args.profile.split(",")
         for seed in range(args.seeds)
     ]
     json.dump(rows, sys.stdout)
     print()
+    print(table(rows), file=sys.stderr)
     return 0
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """One line per (state size, profile): medians over the seeds."""
+    keys = sorted({(r["state_bytes"], r["profile"]) for r in rows}, key=lambda k: k)
+    cols = ("p50_ms", "p99_ms", "p999_ms", "datagrams_per_hb", "wire_bytes_per_hb")
+    out = [f"{'state B':>8} {'profile':>8} {'seeds':>5} " + " ".join(f"{c:>17}" for c in cols)]
+    for n, p in keys:
+        sel = [r for r in rows if (r["state_bytes"], r["profile"]) == (n, p)]
+        med = [statistics.median(r[c] for r in sel) for c in cols]
+        out.append(f"{n:>8} {p:>8} {len(sel):>5} " + " ".join(f"{m:>17g}" for m in med))
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
