@@ -40,6 +40,7 @@ import time
 from typing import Any
 
 from raftstate.transport import LinkProfile, SimLinkHost, SimNetwork
+from raftstate.transport.linkconfig import LinkConfig
 
 #: Per datagram on the wire besides the link payload: AEAD envelope + IPv4/UDP.
 OVERHEAD = 34 + 28
@@ -62,11 +63,13 @@ def state_size(i: int, state_bytes: int) -> int:
 
 def run(
     profile: str, heartbeats: int, rate: float, seed: int, ordered: bool = False,
-    state_bytes: int = 0,
+    state_bytes: int = 0, congestion_control: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """One run; see the module doc. ``ordered``: send every message ordered.
     ``state_bytes``: each heartbeat's forward and AppendEntries also carry
-    its reported state, 0..``state_bytes`` bytes (:func:`state_size`)."""
+    its reported state, 0..``state_bytes`` bytes (:func:`state_size`).
+    ``congestion_control``: the links' bulk controller (a node's
+    ``udp_congestion_control``, off by default)."""
     net = SimNetwork(random.Random(seed), default=LinkProfile(**PROFILES[profile]))
     can_unorder = not ordered and "ordered" in inspect.signature(SimLinkHost.send).parameters
     wire = {"bytes": 0, "datagrams": 0}
@@ -107,10 +110,11 @@ def run(
         for f in ("F1", "F2"):
             send(hosts["L"], f, body, False)
 
+    cfg = LinkConfig(congestion_control=congestion_control)
     hosts = {
-        "L": SimLinkHost(net, "L", at_leader),
-        "F1": SimLinkHost(net, "F1", at_follower("F1")),
-        "F2": SimLinkHost(net, "F2", at_follower("F2")),
+        "L": SimLinkHost(net, "L", at_leader, config=cfg),
+        "F1": SimLinkHost(net, "F1", at_follower("F1"), config=cfg),
+        "F2": SimLinkHost(net, "F2", at_follower("F2"), config=cfg),
     }
 
     def count(src: str, dst: str, payload: bytes) -> bool:
@@ -141,7 +145,7 @@ def run(
 
     return {
         "profile": profile, "rate": rate, "heartbeats": heartbeats, "seed": seed,
-        "state_bytes": state_bytes,
+        "state_bytes": state_bytes, "congestion_control": congestion_control,
         "unordered": can_unorder, "committed": len(lat),
         "p50_ms": pct(0.5), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": pct(1.0),
         "datagrams_per_hb": round(wire["datagrams"] / heartbeats, 2),
@@ -160,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-bytes", default="0", metavar="N[,M...]",
                     help="reported state per heartbeat, 0..N bytes uniform; several: "
                     "one run set each (default 0: none)")  # fmt: skip
+    ap.add_argument("--congestion-control", action="store_true",
+                    help="the links' bulk congestion controller on (a node's default: off)")
     args = ap.parse_args(argv)
     rows = [
-        run(p, args.heartbeats, args.rate, seed, args.ordered, int(n))
+        run(p, args.heartbeats, args.rate, seed, args.ordered, int(n),
+            args.congestion_control)
         for n in args.state_bytes.split(",")
         for p in args.profile.split(",")
         for seed in range(args.seeds)

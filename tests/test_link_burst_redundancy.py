@@ -140,3 +140,25 @@ def test_a_clean_path_sheds_its_copies() -> None:
         net.call_at(i * 0.005, lambda i=i: a.send("b", b"m%d" % i))
     net.run_until(5.0)
     assert a.links["b"].stats().redundancy == 0
+
+
+@pytest.mark.parametrize("extra", [1, 300, 1000])
+def test_a_lost_full_frame_is_repaired_by_its_copy_frame_without_a_round_trip(extra: int) -> None:
+    """A message of a frame or more fills its first frame, so no later data
+    frame has room for that chunk's copy. With copies owed, the sender adds a
+    frame of them at once: losing the full frame then costs nothing; before,
+    the message waited for loss detection (about an RTT)."""
+    from raftstate.transport.reliable import ReliableLink
+
+    cfg = LinkConfig(redundancy=1)
+    a = ReliableLink(1200, config=cfg)
+    b = ReliableLink(1200, config=cfg)
+    message = random.Random(extra).randbytes(1200 + extra)
+    assert a.send(message, 0.0)
+    frames = a.poll_transmit(0.0)
+    assert len(frames) >= 3, "data frames plus a copy frame"
+    got: list[bytes] = []
+    for payload in frames[1:]:  # the first (full) data frame is lost
+        got.extend(b.receive(payload, 0.01))
+    assert got == [message]
+    assert a.stats().redundant_chunks >= 1
